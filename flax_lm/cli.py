@@ -1,0 +1,50 @@
+"""The `flax-lm` command: one entry point, one subcommand per pipeline step."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from flax_lm.errors import EXIT_USAGE
+
+# name -> (module with a main(argv) -> int, one-line description)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "quickstart": ("flax_lm.quickstart", "run the whole pipeline on a built-in corpus"),
+    "train-tokenizer": ("flax_lm.tokenizer", "train a ByteLevelBPE tokenizer on a corpus"),
+    "create-config": ("flax_lm.config", "save a RoBERTa or GPT-2 config.json"),
+    "run-clm": ("flax_lm.train.cli", "train GPT-2 with causal LM (same flags as run_clm_flax.py)"),
+    "run-mlm": ("flax_lm.train.cli", "train RoBERTa with masked LM (same flags as run_mlm_flax.py)"),
+    "evaluate": ("flax_lm.evaluate", "eval loss, accuracy and perplexity of a saved model"),
+    "generate": ("flax_lm.generate", "generate text with a GPT-2 model"),
+    "fill-mask": ("flax_lm.fill_mask", "predict <mask> tokens with a RoBERTa model"),
+    "plot": ("flax_lm.plot", "plot metrics.jsonl of a training run to a PNG"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: flax-lm COMMAND [ARGS]", "", "commands:"]
+    lines += [f"  {name:<16} {desc}" for name, (_, desc) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else EXIT_USAGE
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(name, COMMANDS, n=2)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        print(f"error: unknown command {name!r}{hint}; run `flax-lm --help`", file=sys.stderr)
+        return EXIT_USAGE
+    module = importlib.import_module(COMMANDS[name][0])
+    if name in ("run-clm", "run-mlm"):
+        return module.main(rest, objective=name.split("-")[1])
+    return module.main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""User-facing errors: bad input is reported as one `error: ...` line and exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import functools
+import sys
+from collections.abc import Callable, Sequence
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class UserError(Exception):
+    """A problem with the user's input; its message is shown as-is, without a traceback."""
+
+
+class ArgParser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit 2) and close-match hints for unknown flags."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UserError(message)
+
+    def parse_args(self, args: Sequence[str] | None = None, namespace=None):  # type: ignore[override]
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            raise UserError(self.unknown_flag_message(unknown))
+        return parsed
+
+    def known_flags(self) -> list[str]:
+        return [flag for action in self._actions for flag in action.option_strings]
+
+    def unknown_flag_message(self, unknown: Sequence[str]) -> str:
+        flag = next((u for u in unknown if u.startswith("-")), unknown[0])
+        name = flag.split("=", 1)[0]
+        close = difflib.get_close_matches(name, self.known_flags(), n=3, cutoff=0.6)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        return f"unrecognized argument {flag!r}{hint}"
+
+
+def report_user_errors(main: Callable[..., object]) -> Callable[..., int]:
+    """Wrap a command's main(): UserError -> `error: ...` on stderr and exit status 2."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs) -> int:
+        try:
+            result = main(*args, **kwargs)
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_USAGE
+        return int(result or 0)
+
+    return wrapper
