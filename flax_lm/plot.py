@@ -1,0 +1,160 @@
+"""`flax-lm plot OUTPUT_DIR`: one PNG with the curves of a training run, from its metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from flax_lm.errors import ArgParser, UserError, report_user_errors
+
+METRICS_FILE = "metrics.jsonl"
+TRAIN_COLOR, EVAL_COLOR = "tab:blue", "tab:orange"
+
+
+def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
+    """Train and eval records of a metrics.jsonl, each sorted by step.
+
+    A resumed run logs again the steps after its checkpoint: the last record of a step wins.
+    """
+    if not path.is_file():
+        raise UserError(f"no {path.name} in {path.parent} (is it a training output_dir?)")
+    train: dict[int, dict] = {}
+    evals: dict[int, dict] = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}:{number} is not valid JSON ({err.msg})") from None
+        if not isinstance(record, dict) or "step" not in record:
+            raise UserError(f"{path}:{number} has no 'step'")
+        if "eval_loss" in record:
+            evals[record["step"]] = record
+        elif "loss" in record:
+            train[record["step"]] = record
+    if not train and not evals:
+        raise UserError(f"{path} holds no train or eval metrics yet")
+    return [train[s] for s in sorted(train)], [evals[s] for s in sorted(evals)]
+
+
+def series(records: list[dict], key: str, transform=None) -> tuple[list[float], list[float]]:
+    """(steps, values) of one metric, skipping records without it and non-finite values."""
+    steps, values = [], []
+    for record in records:
+        value = record.get(key)
+        if value is None:
+            continue
+        value = transform(value) if transform else float(value)
+        if math.isfinite(value):
+            steps.append(record["step"])
+            values.append(value)
+    return steps, values
+
+
+def safe_exp(x: float) -> float:
+    return math.exp(x) if x < 700 else math.inf
+
+
+def fmt(value: float) -> str:
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+
+
+def draw(ax, title: str, ylabel: str, curves: list[tuple[str, str, tuple]], *, log: bool = False,
+         from_zero: bool = False):
+    """One panel: each curve is (label, color, (steps, values)); a note when there is nothing to show."""
+    ax.set_title(title, fontsize=11, fontweight="bold")
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    shown = [(label, color, data) for label, color, data in curves if data[0]]
+    if not shown:
+        ax.text(0.5, 0.5, "not logged", ha="center", va="center", color="gray", transform=ax.transAxes)
+        return
+    for label, color, (steps, values) in shown:
+        marker = "o" if len(steps) < 30 else None
+        ax.plot(steps, values, color=color, label=f"{label}: {fmt(values[-1])}", marker=marker,
+                markersize=3, linewidth=1.5)
+    if log and all(v > 0 for _, _, (_, values) in shown for v in values):
+        ax.set_yscale("log")
+    elif from_zero:
+        ax.set_ylim(bottom=0, top=1.1 * max(max(values) for _, _, (_, values) in shown))
+    ax.legend(frameon=False, title="last value", title_fontsize=8, fontsize=9)
+
+
+def progress(train: list[dict], evals: list[dict]) -> str:
+    """The title's summary: how far the run got."""
+    last_step = max(r["step"] for r in train + evals)
+    parts = [f"step {last_step:,}"]
+    if train and train[-1].get("epoch") is not None:
+        parts.append(f"epoch {train[-1]['epoch']:.2f}")
+    if evals:
+        parts.append(f"eval loss {evals[-1]['eval_loss']:.4f}")
+    return ", ".join(parts)
+
+
+def plot_metrics(output_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Draw loss, perplexity, accuracy, learning rate, grad norm and tokens/s against step to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    output_dir = Path(output_dir)
+    out = Path(out) if out is not None else output_dir / "metrics.png"
+    train, evals = read_metrics(output_dir / METRICS_FILE)
+
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8.5), dpi=100)
+    (loss_ax, ppl_ax, acc_ax), (lr_ax, grad_ax, speed_ax) = axes
+    draw(loss_ax, "Loss", "cross-entropy (nats/token)", [
+        ("train", TRAIN_COLOR, series(train, "loss")),
+        ("eval", EVAL_COLOR, series(evals, "eval_loss")),
+    ])
+    draw(ppl_ax, "Perplexity", "perplexity (log scale)", [
+        ("train (exp loss)", TRAIN_COLOR, series(train, "loss", safe_exp)),
+        ("eval", EVAL_COLOR, series(evals, "perplexity")),
+    ], log=True)
+    draw(acc_ax, "Eval accuracy", "token accuracy", [
+        ("eval", EVAL_COLOR, series(evals, "eval_accuracy")),
+    ])
+    draw(lr_ax, "Learning rate", "learning rate", [
+        ("train", TRAIN_COLOR, series(train, "learning_rate")),
+    ])
+    draw(grad_ax, "Gradient norm", "global L2 norm (before clipping)", [
+        ("train", TRAIN_COLOR, series(train, "grad_norm")),
+    ], from_zero=True)
+    draw(speed_ax, "Throughput", "tokens / second", [
+        ("train", TRAIN_COLOR, series(train, "tokens_per_second")),
+    ], from_zero=True)
+    speed_ax.yaxis.set_major_formatter(matplotlib.ticker.StrMethodFormatter("{x:,.0f}"))
+    lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    fig.suptitle(f"{output_dir.resolve().name}: {progress(train, evals)}", fontsize=14)
+    fig.tight_layout()
+    fig.savefig(out, format="png")
+    plt.close(fig)
+    return out
+
+
+def parse_args(argv: list[str] | None):
+    parser = ArgParser(prog="flax-lm plot", description=__doc__)
+    parser.add_argument("output_dir", help="a training output_dir holding metrics.jsonl")
+    parser.add_argument("--out", help="PNG file to write (default: OUTPUT_DIR/metrics.png)")
+    args = parser.parse_args(argv)
+    if not Path(args.output_dir).is_dir():
+        raise UserError(f"{args.output_dir} is not a directory")
+    if args.out is not None:
+        if Path(args.out).suffix.lower() != ".png":
+            raise UserError(f"--out must be a .png file, got {args.out}")
+        if not Path(args.out).resolve().parent.is_dir():
+            raise UserError(f"the directory of --out {args.out} does not exist")
+    return args
+
+
+@report_user_errors
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = plot_metrics(args.output_dir, args.out)
+    print(f"wrote {out}")
+    return 0
