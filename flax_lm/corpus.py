@@ -1,0 +1,233 @@
+"""Read a text corpus (local files, directories, globs or a hub dataset) as one "text" column.
+
+Shared by tokenizer training and the training scripts, so every step sees the same documents.
+Local files are checked before `datasets` touches them: a bad file is reported by name as a
+UserError instead of surfacing as a traceback halfway through a run.
+"""
+
+from __future__ import annotations
+
+import codecs
+import glob
+import itertools
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import datasets
+
+from flax_lm.errors import UserError
+
+# Extension -> loader. Any other extension (source code, .md, ...) is read as one document per file.
+LOADER_BY_EXTENSION = {
+    ".txt": "text",
+    ".json": "json",
+    ".jsonl": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+}
+DOCUMENT_LOADER = "document"
+TEXT_LOADERS = ("text", DOCUMENT_LOADER)  # loaders whose files must be UTF-8 text
+READ_CHUNK_BYTES = 1 << 20
+
+Corpus = datasets.Dataset | datasets.IterableDataset
+
+
+def resolve_data_files(specs: str | Sequence[str]) -> list[str]:
+    """Expand files, directories (recursively) and globs into a sorted, de-duplicated file list.
+
+    Directories skip hidden entries and __pycache__; empty files found by expanding a directory or
+    glob are skipped (they hold no document), while an empty file named explicitly is kept so that
+    validation can report it.
+    """
+    specs = [specs] if isinstance(specs, str | os.PathLike) else list(specs)
+    if not specs:
+        raise UserError("no data files given")
+    files: set[str] = set()
+    for spec in specs:
+        files.update(_expand_spec(str(spec)))
+    return sorted(files)
+
+
+def _expand_spec(spec: str) -> list[str]:
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return [str(path.resolve())]
+    if path.is_dir():
+        found = _files_under(path)
+        if not found:
+            raise UserError(f"directory {spec!r} holds no non-empty files")
+        return found
+    if not glob.has_magic(spec):
+        raise UserError(f"data file {spec!r} does not exist")
+    found = []
+    for match in map(Path, glob.glob(os.path.expanduser(spec), recursive=True)):
+        if match.is_dir():
+            found += _files_under(match)
+        elif match.is_file() and match.stat().st_size > 0:
+            found.append(str(match.resolve()))
+    if not found:
+        raise UserError(f"{spec!r} matches no non-empty files")
+    return found
+
+
+def _files_under(directory: Path) -> list[str]:
+    found = []
+    for root, dirs, names in os.walk(directory):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d != "__pycache__"]
+        for name in names:
+            path = Path(root, name)
+            if not name.startswith(".") and path.is_file() and path.stat().st_size > 0:
+                found.append(str(path.resolve()))
+    return found
+
+
+def loader_for(files: Sequence[str]) -> str:
+    """The one loader that reads all `files`; mixing loaders in one corpus is an error."""
+    loaders = {LOADER_BY_EXTENSION.get(Path(f).suffix.lower(), DOCUMENT_LOADER) for f in files}
+    if len(loaders) > 1:
+        examples = {
+            LOADER_BY_EXTENSION.get(Path(f).suffix.lower(), DOCUMENT_LOADER): Path(f).name
+            for f in files
+        }
+        listed = ", ".join(f"{loader} ({name})" for loader, name in sorted(examples.items()))
+        raise UserError(f"data files need different loaders, use one kind per corpus: {listed}")
+    return loaders.pop()
+
+
+def check_text_file(path: str) -> None:
+    """UserError unless `path` is a non-empty UTF-8 text file; reads it in chunks."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(READ_CHUNK_BYTES):
+                if b"\0" in chunk:
+                    raise UserError(f"{path} looks binary (it contains NUL bytes), not text")
+                decoder.decode(chunk)
+                offset += len(chunk)
+            decoder.decode(b"", final=True)
+    except UnicodeDecodeError as err:
+        raise UserError(
+            f"{path} is not UTF-8 text (bad byte near offset {offset + err.start})"
+        ) from None
+    except OSError as err:
+        raise UserError(f"cannot read {path}: {err.strerror}") from None
+    if offset == 0:
+        raise UserError(f"{path} is empty")
+
+
+def load_text_dataset(
+    *,
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    split: str = "train",
+    data_files: Sequence[str] | None = None,
+    text_column: str = "text",
+    streaming: bool = False,
+    cache_dir: str | None = None,
+    keep_linebreaks: bool = True,
+    max_samples: int | None = None,
+) -> Corpus:
+    """A corpus with exactly one column, "text", from a hub dataset or local files/dirs/globs.
+
+    `keep_linebreaks` applies to .txt files, read one line per example as in HF's run_clm_flax.
+    With `streaming` nothing is materialised: examples are read lazily as they are iterated.
+    """
+    if (dataset_name is None) == (data_files is None):
+        raise UserError("give either a dataset name or data files, not both or neither")
+    if max_samples is not None and max_samples <= 0:
+        raise UserError(f"max_samples must be positive, got {max_samples}")
+    if dataset_name is not None:
+        dataset = _load_hub_dataset(dataset_name, dataset_config_name, split, streaming, cache_dir)
+    else:
+        dataset = _load_local_files(data_files, streaming, cache_dir, keep_linebreaks)
+    dataset = _only_text_column(dataset, text_column)
+    if max_samples is not None:
+        dataset = _first(dataset, max_samples)
+    _check_has_text(dataset)
+    return dataset
+
+
+def _load_hub_dataset(name, config_name, split, streaming, cache_dir) -> Corpus:
+    try:
+        return datasets.load_dataset(
+            name, config_name, split=split, streaming=streaming, cache_dir=cache_dir
+        )
+    except Exception as err:  # network, auth, unknown name or config: all user-facing
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"cannot load dataset {name!r}: {reason}") from None
+
+
+def _load_local_files(specs, streaming, cache_dir, keep_linebreaks) -> Corpus:
+    files = resolve_data_files(specs)
+    loader = loader_for(files)
+    if loader in TEXT_LOADERS:
+        for path in files:
+            check_text_file(path)
+    elif empty := [f for f in files if os.path.getsize(f) == 0]:
+        raise UserError(f"{empty[0]} is empty")
+    builder, options = {
+        "text": ("text", {"keep_linebreaks": keep_linebreaks}),
+        DOCUMENT_LOADER: ("text", {"sample_by": "document"}),
+    }.get(loader, (loader, {}))
+    try:
+        return datasets.load_dataset(
+            builder,
+            data_files=files,
+            split="train",
+            streaming=streaming,
+            cache_dir=cache_dir,
+            **options,
+        )
+    except datasets.exceptions.DatasetGenerationError as err:
+        cause = err.__cause__ or err
+        raise UserError(f"cannot read the {loader} files ({files[0]}, ...): {cause}") from None
+
+
+def _column_names(dataset: Corpus) -> list[str]:
+    if dataset.column_names is not None:
+        return list(dataset.column_names)
+    first = next(iter(dataset), None)  # streaming without known features: peek one example
+    if first is None:
+        raise UserError("the corpus holds no documents")
+    return list(first)
+
+
+def _only_text_column(dataset: Corpus, column: str) -> Corpus:
+    names = _column_names(dataset)
+    if column not in names:
+        raise UserError(
+            f"text column {column!r} not found; the dataset has columns: {', '.join(names)} "
+            "(choose one with --text_column)"
+        )
+    feature = (dataset.features or {}).get(column)
+    if feature is not None and getattr(feature, "dtype", None) not in ("string", "large_string"):
+        raise UserError(f"text column {column!r} holds {feature}, not strings")
+    dataset = dataset.select_columns([column])
+    return dataset if column == "text" else dataset.rename_column(column, "text")
+
+
+def _first(dataset: Corpus, n: int) -> Corpus:
+    if isinstance(dataset, datasets.IterableDataset):
+        return dataset.take(n)
+    return dataset.select(range(min(n, len(dataset))))
+
+
+def _check_has_text(dataset: Corpus) -> None:
+    """UserError when no document has any non-whitespace text; stops at the first that does."""
+    for batch in iter_text_batches(dataset, batch_size=256):
+        if any(text and not text.isspace() for text in batch):
+            return
+    raise UserError("the corpus holds no non-empty documents")
+
+
+def iter_text_batches(dataset: Corpus, batch_size: int = 1000) -> Iterator[list[str]]:
+    """Lists of up to `batch_size` texts, in order, for a Dataset or a streaming IterableDataset."""
+    for batch in dataset.iter(batch_size=batch_size):
+        yield batch["text"]
+
+
+def iter_texts(dataset: Corpus, batch_size: int = 1000) -> Iterator[str]:
+    """Every text of the corpus, in order, read `batch_size` at a time."""
+    return itertools.chain.from_iterable(iter_text_batches(dataset, batch_size))
