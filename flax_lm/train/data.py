@@ -1,0 +1,456 @@
+"""Training data: raw text splits -> token blocks -> shuffled, resumable global batches.
+
+Map-style datasets are tokenized with `datasets.map` (in parallel, cached next to the data, so a
+second run starts at once); streaming datasets are tokenized lazily while they are read. Every
+array of a batch is int32 [batch, seq].
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from datasets import Dataset, Features, IterableDataset, List, Value
+
+from flax_lm.corpus import load_text_dataset
+from flax_lm.errors import UserError
+
+Split = Dataset | IterableDataset
+Batch = dict[str, np.ndarray]
+
+KEYWORD_SAMPLE_DOCUMENTS = 1_000  # streaming: documents read to report what filter_keywords keeps
+STREAM_GROUP_DOCUMENTS = 1_000  # streaming: documents concatenated at a time (remainder dropped)
+SHUFFLE_BUFFER = 10_000  # streaming: examples in the shuffle buffer
+
+
+# ---------------------------------------------------------------------------- raw text splits
+
+
+def load_raw_splits(cfg) -> dict[str, Split]:
+    """{"train", "validation"} documents with one "text" column, split as HF's run_*_flax do.
+
+    Validation comes from `validation_file`, else the hub dataset's "validation" split, else the
+    first `validation_split_percentage` % of train (streaming: the first `max_eval_samples`
+    documents). `filter_keywords` is applied before the split, `max_*_samples` after it.
+    """
+    if not cfg.dataset_name and not cfg.train_file:
+        raise UserError("give a hub dataset (--dataset_name) or training files (--train_file)")
+    train = _keep_documents_with_keywords(_load(cfg, "train", cfg.train_file), cfg, "train")
+    validation = _load_validation(cfg)
+    if validation is None:
+        train, validation = _hold_out_validation(train, cfg)
+    else:
+        validation = _keep_documents_with_keywords(validation, cfg, "validation")
+    train = _first(train, cfg.max_train_samples)
+    validation = _first(validation, cfg.max_eval_samples)
+    if isinstance(validation, Dataset) and len(validation) == 0:
+        raise UserError(
+            "the validation split is empty: give --validation_file, more text or a larger "
+            f"--validation_split_percentage (now {cfg.validation_split_percentage})"
+        )
+    return {"train": train, "validation": validation}
+
+
+def _load(cfg, split: str, data_files: list[str] | None) -> Split:
+    return load_text_dataset(
+        dataset_name=None if data_files else cfg.dataset_name,
+        dataset_config_name=None if data_files else cfg.dataset_config_name,
+        split=split,
+        data_files=data_files or None,
+        text_column=cfg.text_column,
+        streaming=cfg.streaming,
+        cache_dir=cfg.cache_dir,
+        keep_linebreaks=cfg.keep_linebreaks,
+    )
+
+
+def _load_validation(cfg) -> Split | None:
+    if cfg.validation_file:
+        return _load(cfg, "train", cfg.validation_file)
+    if cfg.dataset_name and not cfg.train_file and _hub_has_validation_split(cfg):
+        return _load(cfg, "validation", None)
+    return None
+
+
+def _hub_has_validation_split(cfg) -> bool:
+    try:
+        names = datasets.get_dataset_split_names(cfg.dataset_name, cfg.dataset_config_name)
+    except Exception as err:  # network or hub trouble, reported like corpus loading errors
+        raise UserError(f"cannot list the splits of dataset {cfg.dataset_name!r}: {err}") from None
+    return "validation" in names
+
+
+def _hold_out_validation(train: Split, cfg) -> tuple[Split, Split]:
+    """(rest, validation): validation is the head of train, like HF's train[:p%] / train[p%:]."""
+    if isinstance(train, IterableDataset):
+        if not cfg.max_eval_samples:
+            raise UserError(
+                "a streamed dataset without a validation split needs --validation_file or "
+                "--max_eval_samples (that many leading documents are held out for evaluation)"
+            )
+        return train.skip(cfg.max_eval_samples), train.take(cfg.max_eval_samples)
+    held_out = round(cfg.validation_split_percentage * len(train) / 100)  # HF's "closest" rounding
+    return train.select(range(held_out, len(train))), train.select(range(held_out))
+
+
+def _first(split: Split, n: int | None) -> Split:
+    if n is None:
+        return split
+    if n <= 0:
+        raise UserError(f"max_train_samples / max_eval_samples must be positive, got {n}")
+    if isinstance(split, IterableDataset):
+        return split.take(n)
+    return split.select(range(min(n, len(split))))
+
+
+def _contains_any_keyword(batch: dict[str, list], keywords: tuple[str, ...]) -> list[bool]:
+    return [any(keyword in text for keyword in keywords) for text in batch["text"]]
+
+
+def _keep_documents_with_keywords(split: Split, cfg, name: str) -> Split:
+    """Only the documents containing any of `cfg.filter_keywords`; prints the fraction kept."""
+    if not cfg.filter_keywords:
+        return split
+    keywords = tuple(cfg.filter_keywords)
+    kept = _map(split, cfg, _contains_any_keyword, fn_kwargs={"keywords": keywords}, filter=True)
+    if isinstance(split, Dataset):
+        seen, matched = len(split), len(kept)
+        scope = f"{seen} {name} documents"
+    else:  # a stream has no length: report the head of it
+        head = list(itertools.chain.from_iterable(
+            _contains_any_keyword(batch, keywords)
+            for batch in split.take(KEYWORD_SAMPLE_DOCUMENTS).iter(batch_size=256)
+        ))
+        seen, matched = len(head), sum(head)
+        scope = f"the first {seen} {name} documents"
+    print(f"filter_keywords: kept {matched} of {scope} ({100 * matched / max(seen, 1):.1f}%)")
+    return kept
+
+
+def _map(split: Split, cfg, function: Callable, *, filter: bool = False, **kwargs) -> Split:
+    """Batched `map`/`filter`: parallel and cached for a Dataset, lazy for a stream."""
+    if isinstance(split, Dataset):
+        kwargs.update(
+            num_proc=cfg.preprocessing_num_workers,
+            load_from_cache_file=not cfg.overwrite_cache,
+        )
+    else:
+        kwargs.pop("desc", None)
+    apply = split.filter if filter else split.map
+    return apply(function, batched=True, **kwargs)
+
+
+# ------------------------------------------------------------------------------- tokenization
+
+
+def tokenize_splits(raw: dict[str, Split], tokenizer, cfg, objective: str) -> dict[str, Split]:
+    """Token examples per split, fixed length (block_size for CLM, max_seq_length for MLM).
+
+    CLM: "input_ids" blocks cut from the concatenated documents. MLM: "input_ids" and
+    "special_tokens_mask" blocks, or with `line_by_line` one padded example per non-empty line
+    ("input_ids", "attention_mask", "special_tokens_mask"). A map-style dataset is concatenated
+    whole, so blocks only lose the final remainder; a stream drops a remainder per
+    STREAM_GROUP_DOCUMENTS documents, like HF's streaming example.
+    """
+    if objective not in ("clm", "mlm"):
+        raise ValueError(f"unknown objective {objective!r}")
+    line_by_line = objective == "mlm" and bool(cfg.line_by_line)
+    length, flag = (
+        (cfg.block_size, "block_size") if objective == "clm" else (cfg.max_seq_length, "max_seq_length")
+    )
+    tokenize, fn_kwargs, columns = _tokenizer_function(objective, line_by_line, tokenizer, cfg)
+    token_features = Features(
+        {name: List(Value("int32"), length=length if line_by_line else -1) for name in columns}
+    )
+    splits = {}
+    for name, split in raw.items():
+        tokens = _map(
+            split, cfg, tokenize, fn_kwargs=fn_kwargs, remove_columns=["text"],
+            features=token_features, desc=f"tokenizing {name}",
+        )
+        examples = tokens if line_by_line else _group_into_blocks(tokens, length, cfg, name)
+        if isinstance(examples, Dataset) and len(examples) == 0:
+            raise UserError(_too_small_message(name, split, tokens, length, flag, line_by_line))
+        splits[name] = examples
+    return splits
+
+
+def _tokenizer_function(objective: str, line_by_line: bool, tokenizer, cfg):
+    """(function, its fn_kwargs, the columns it returns) for `datasets.map`."""
+    if objective == "clm":
+        eos_id = None
+        if cfg.add_eos_between_documents:
+            eos_id = tokenizer.eos_token_id
+            if eos_id is None:
+                raise UserError("add_eos_between_documents needs a tokenizer with an eos token")
+        return _tokenize_documents, {"tokenizer": tokenizer, "eos_id": eos_id}, ["input_ids"]
+    if line_by_line:
+        if tokenizer.pad_token_id is None:
+            raise UserError("line_by_line needs a tokenizer with a pad token")
+        kwargs = {"tokenizer": tokenizer, "max_length": cfg.max_seq_length}
+        return _tokenize_lines, kwargs, ["input_ids", "attention_mask", "special_tokens_mask"]
+    return _tokenize_with_special_tokens, {"tokenizer": tokenizer}, ["input_ids", "special_tokens_mask"]
+
+
+def _tokenize_documents(batch: dict[str, list], tokenizer, eos_id: int | None) -> dict[str, list]:
+    """CLM: token ids per document; with eos_id every document is followed by it (no other specials)."""
+    texts = batch["text"]
+    if eos_id is None:
+        return {"input_ids": tokenizer(texts, return_attention_mask=False, verbose=False)["input_ids"]}
+    ids = tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)
+    return {"input_ids": [document + [eos_id] for document in ids["input_ids"]]}
+
+
+def _tokenize_with_special_tokens(batch: dict[str, list], tokenizer) -> dict[str, list]:
+    """MLM: each document wrapped in the tokenizer's special tokens, with their mask."""
+    encoded = tokenizer(
+        batch["text"], return_attention_mask=False, return_special_tokens_mask=True, verbose=False
+    )
+    return {"input_ids": encoded["input_ids"], "special_tokens_mask": encoded["special_tokens_mask"]}
+
+
+def _tokenize_lines(batch: dict[str, list], tokenizer, max_length: int) -> dict[str, list]:
+    """MLM line_by_line: every non-empty line, truncated and padded to max_length (static shapes)."""
+    lines = [line for text in batch["text"] for line in text.splitlines() if line.strip()]
+    encoded = tokenizer(
+        lines, padding="max_length", truncation=True, max_length=max_length,
+        return_special_tokens_mask=True, verbose=False,
+    )
+    return {key: encoded[key] for key in ("input_ids", "attention_mask", "special_tokens_mask")}
+
+
+def _concatenate_into_blocks(table: pa.Table, block_size: int) -> pa.Table:
+    """Every column's token lists concatenated and cut into rows of block_size; remainder dropped."""
+    blocks = {}
+    for name in table.column_names:
+        values = pc.list_flatten(table.column(name)).combine_chunks()
+        usable = len(values) // block_size * block_size
+        blocks[name] = pa.FixedSizeListArray.from_arrays(values.slice(0, usable), block_size)
+    return pa.table(blocks)
+
+
+def _group_into_blocks(tokens: Split, block_size: int, cfg, name: str) -> Split:
+    features = Features(
+        {column: List(Value("int32"), length=block_size) for column in tokens.column_names}
+    )
+    as_arrow = tokens.with_format("arrow")
+    kwargs = {"batched": True, "fn_kwargs": {"block_size": block_size}, "features": features}
+    if isinstance(tokens, Dataset):  # the whole split in one batch: one token stream
+        blocks = as_arrow.map(
+            _concatenate_into_blocks, batch_size=None, load_from_cache_file=not cfg.overwrite_cache,
+            desc=f"cutting {name} into blocks of {block_size}", **kwargs,
+        )
+    else:
+        blocks = as_arrow.map(_concatenate_into_blocks, batch_size=STREAM_GROUP_DOCUMENTS, **kwargs)
+    return blocks.with_format(None)
+
+
+def _too_small_message(name: str, raw: Dataset, tokens: Dataset, length: int, flag: str,
+                       line_by_line: bool) -> str:
+    characters = sum(len(text) for text in raw["text"])
+    if line_by_line:
+        return f"the {name} split has no non-empty line ({characters} characters of text)"
+    n_tokens = sum(len(ids) for ids in tokens["input_ids"])
+    return (
+        f"the {name} split is too small: {characters} characters of text make {n_tokens} tokens, "
+        f"and one block of {flag}={length} needs {length}; add text or lower --{flag}"
+    )
+
+
+# ------------------------------------------------------------------------------------ batches
+
+
+def _int32(batch: dict[str, Any]) -> Batch:
+    return {key: np.asarray(value, dtype=np.int32) for key, value in batch.items()}
+
+
+def _num_rows(batch: dict[str, Any]) -> int:
+    return len(next(iter(batch.values())))
+
+
+class TrainBatches:
+    """Global batches of raw examples, shuffled each epoch from the seed; the position is checkpointable.
+
+    A map-style dataset is permuted with np.random.default_rng([seed, epoch]) and rows are fetched
+    in bulk. A stream is shuffled through a seeded buffer (re-seeded per epoch with set_epoch); its
+    position is the number of batches consumed in the epoch and resuming skips that many.
+    Only full batches are produced; `steps_per_epoch` is None for a stream.
+    """
+
+    def __init__(self, dataset: Split, batch_size: int, seed: int, *,
+                 shuffle_buffer: int = SHUFFLE_BUFFER):
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle_buffer = shuffle_buffer
+        self.dataset = dataset.with_format("numpy")
+        self.streaming = isinstance(dataset, IterableDataset)
+        self.steps_per_epoch: int | None = None
+        if not self.streaming:
+            self.steps_per_epoch = len(dataset) // batch_size
+            if self.steps_per_epoch == 0:
+                raise UserError(
+                    f"the training set has {len(dataset)} examples, fewer than one batch of "
+                    f"{batch_size}: add text or lower the batch size or sequence length"
+                )
+        self._epoch = 0
+        self._batch = 0
+
+    def state(self) -> dict[str, int]:
+        """The NEXT batch to produce."""
+        if self.steps_per_epoch is not None and self._batch >= self.steps_per_epoch:
+            return {"epoch": self._epoch + 1, "batch_in_epoch": 0}
+        return {"epoch": self._epoch, "batch_in_epoch": self._batch}
+
+    def load_state(self, state: dict[str, int]) -> None:
+        self._epoch = int(state["epoch"])
+        self._batch = int(state["batch_in_epoch"])
+
+    def __iter__(self) -> Iterator[Batch]:
+        """Endless: epoch after epoch, from the current position."""
+        while True:
+            epoch_batches = self._streamed_epoch if self.streaming else self._permuted_epoch
+            for batch in epoch_batches(self._epoch, self._batch):
+                self._batch += 1
+                yield batch
+            self._epoch, self._batch = self._epoch + 1, 0
+
+    def _permuted_epoch(self, epoch: int, start: int) -> Iterator[Batch]:
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))
+        for step in range(start, self.steps_per_epoch):
+            rows = order[step * self.batch_size:(step + 1) * self.batch_size]
+            yield _int32(self.dataset[rows])
+
+    def _streamed_epoch(self, epoch: int, start: int) -> Iterator[Batch]:
+        stream = self.dataset.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
+        stream.set_epoch(epoch)
+        produced = 0
+        for batch in itertools.islice(stream.iter(batch_size=self.batch_size), start, None):
+            if _num_rows(batch) < self.batch_size:
+                break
+            produced += 1
+            yield _int32(batch)
+        if start == 0 and produced == 0:
+            raise UserError(
+                f"the training stream holds fewer examples than one batch of {self.batch_size}: "
+                "add text or lower the batch size or sequence length"
+            )
+
+
+def eval_batches(dataset: Split, batch_size: int) -> Iterator[Batch]:
+    """Every example exactly once, in order; the last batch is padded up to batch_size.
+
+    Each batch has "example_weight" [batch] float32: 1 for real rows, 0 for padding rows.
+    """
+    dataset = dataset.with_format("numpy")
+    if isinstance(dataset, IterableDataset):
+        batches = dataset.iter(batch_size=batch_size)
+    else:
+        batches = (dataset[start:start + batch_size] for start in range(0, len(dataset), batch_size))
+    produced = 0
+    for batch in batches:
+        produced += 1
+        yield _padded(_int32(batch), batch_size)
+    if produced == 0:
+        raise UserError("the validation split holds no example")
+
+
+def _padded(batch: Batch, batch_size: int) -> Batch:
+    rows = _num_rows(batch)
+    padding = batch_size - rows
+    padded = {
+        key: np.pad(value, [(0, padding)] + [(0, 0)] * (value.ndim - 1))
+        for key, value in batch.items()
+    }
+    padded["example_weight"] = (np.arange(batch_size) < rows).astype(np.float32)
+    return padded
+
+
+# --------------------------------------------------------------------------------- prefetching
+
+_ITEM, _END, _ERROR = "item", "end", "error"
+
+
+class Prefetcher:
+    """Runs an iterator in a background thread, `size` items ahead, applying `put` (e.g. a
+    jax.device_put with a NamedSharding) there, so batch making and host->device copies overlap
+    the step. Exceptions in the thread are re-raised in the consumer; close() stops it.
+
+    `wait_seconds` is the time the consumer spent waiting in __next__ (the input stall). When the
+    source has a `state()` (TrainBatches), `state()` here is the source's position after the last
+    item handed out, which is what a checkpoint must store (the source itself runs ahead).
+    """
+
+    def __init__(self, iterator: Iterable, size: int = 2, put: Callable | None = None):
+        self._source_state = getattr(iterator, "state", None)
+        self._state = self._source_state() if self._source_state else None
+        self._source = iter(iterator)
+        self._put = put
+        self._queue: queue.Queue = queue.Queue(maxsize=size)
+        self._stop = threading.Event()
+        self._finished = False
+        self.wait_seconds = 0.0
+        self._thread = threading.Thread(target=self._produce, name="prefetcher", daemon=True)
+        self._thread.start()
+
+    def _produce(self) -> None:
+        try:
+            for item in self._source:
+                state = self._source_state() if self._source_state else None
+                if self._put is not None:
+                    item = self._put(item)
+                if not self._offer((_ITEM, item, state)):
+                    return
+        except BaseException as err:  # re-raised in the consumer
+            self._offer((_ERROR, err, None))
+            return
+        self._offer((_END, None, None))
+
+    def _offer(self, entry: tuple) -> bool:
+        """Queue `entry` unless close() is called meanwhile; True when queued."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(entry, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def state(self) -> dict[str, int] | None:
+        return self._state
+
+    def __iter__(self) -> Prefetcher:
+        return self
+
+    def __next__(self) -> Any:
+        if self._finished:
+            raise StopIteration
+        started = time.perf_counter()
+        kind, value, state = self._queue.get()
+        self.wait_seconds += time.perf_counter() - started
+        if kind == _ITEM:
+            self._state = state
+            return value
+        self._finished = True
+        if kind == _ERROR:
+            raise value
+        raise StopIteration
+
+    def close(self) -> None:
+        """Stop the thread; items already made are dropped."""
+        self._finished = True
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def __enter__(self) -> Prefetcher:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
