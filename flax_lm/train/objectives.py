@@ -1,0 +1,173 @@
+"""The pretraining objectives: what a batch's targets are and how the loss counts them.
+
+An objective turns examples into model inputs with labels (NumPy, on the host) and reduces logits
+to float32 SUMS (loss, target and correct counts), so that gradient accumulation and any number of
+devices give exactly the global mean. A new objective is a class with `name`, `from_tokenizer`,
+`make_batch` and `loss_terms`, registered in OBJECTIVES; `token_cross_entropy` gives it the
+per-token losses to weight as it needs (e.g. per sequence).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from flax_lm.errors import UserError
+
+IGNORE_INDEX = -100  # label of a position that is not a target
+MASK_FRACTION = 0.8  # of the MLM targets: replaced by <mask>
+RANDOM_FRACTION = 0.1  # replaced by a random token; the remaining 10% stay unchanged
+
+Batch = dict[str, np.ndarray]
+
+
+class Objective(Protocol):
+    name: str
+
+    def make_batch(self, examples: Batch, rng: np.random.Generator) -> Batch:
+        """{"input_ids", "attention_mask", "labels"} int32 [batch, seq] (+ "example_weight")."""
+        ...
+
+    def loss_terms(self, logits: jax.Array, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        """float32 sums over the batch: "loss_sum", "num_targets", "num_correct"."""
+        ...
+
+
+def token_cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, ...]:
+    """(cross-entropy, is_target, is_correct), each [batch, seq]; all 0 where labels == -100.
+
+    Non-targets are dropped with jnp.where on the logits and the loss, so NaN/inf logits in padding
+    rows reach neither the sums nor the logits' gradient.
+    """
+    is_target = labels != IGNORE_INDEX
+    logits = jnp.where(is_target[..., None], logits.astype(jnp.float32), 0.0)
+    safe_labels = jnp.where(is_target, labels, 0)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, safe_labels)
+    is_correct = is_target & (jnp.argmax(logits, axis=-1) == safe_labels)
+    return jnp.where(is_target, losses, 0.0), is_target, is_correct
+
+
+def summed_loss_terms(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
+    losses, is_target, is_correct = token_cross_entropy(logits, labels)
+    return {
+        "loss_sum": losses.sum(),
+        "num_targets": is_target.sum(dtype=jnp.float32),
+        "num_correct": is_correct.sum(dtype=jnp.float32),
+    }
+
+
+def _inputs_and_attention(examples: Batch) -> tuple[np.ndarray, np.ndarray]:
+    """input_ids and attention_mask (all ones when absent), zeroed on eval padding rows."""
+    input_ids = np.asarray(examples["input_ids"], dtype=np.int32)
+    attention_mask = np.asarray(examples.get("attention_mask", np.ones_like(input_ids)), np.int32)
+    if "example_weight" in examples:
+        real_rows = np.asarray(examples["example_weight"]) > 0
+        attention_mask = np.where(real_rows[:, None], attention_mask, 0).astype(np.int32)
+    return input_ids, attention_mask
+
+
+def _with_weight(batch: Batch, examples: Batch) -> Batch:
+    if "example_weight" in examples:
+        batch["example_weight"] = np.asarray(examples["example_weight"], dtype=np.float32)
+    return batch
+
+
+@dataclass(frozen=True)
+class CausalLM:
+    """Next-token prediction (GPT-2): every attended token is the target of the one before it."""
+
+    name: ClassVar[str] = "clm"
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer, cfg) -> CausalLM:
+        return cls()
+
+    def make_batch(self, examples: Batch, rng: np.random.Generator) -> Batch:
+        input_ids, attention_mask = _inputs_and_attention(examples)
+        labels = np.where(attention_mask == 1, input_ids, IGNORE_INDEX).astype(np.int32)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        return _with_weight(batch, examples)
+
+    def loss_terms(self, logits: jax.Array, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        return summed_loss_terms(logits[:, :-1], batch["labels"][:, 1:])
+
+
+def mask_tokens(
+    input_ids: np.ndarray,
+    special_tokens_mask: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    mlm_probability: float,
+    mask_token_id: int,
+    vocab_size: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(masked inputs, labels) with the semantics of HF's DataCollatorForLanguageModeling.
+
+    Each position outside `special_tokens_mask` (pass padding there too) becomes a target with
+    probability mlm_probability; targets are replaced by <mask> 80%, a random token 10%, left
+    unchanged 10% of the time. Labels are the original ids at targets, -100 elsewhere.
+    """
+    input_ids = np.asarray(input_ids, dtype=np.int32)
+    is_target = (rng.random(input_ids.shape) < mlm_probability) & ~np.asarray(special_tokens_mask, bool)
+    labels = np.where(is_target, input_ids, IGNORE_INDEX).astype(np.int32)
+    action = rng.random(input_ids.shape)
+    random_tokens = rng.integers(0, vocab_size, size=input_ids.shape, dtype=np.int32)
+    inputs = np.where(is_target & (action < MASK_FRACTION), mask_token_id, input_ids)
+    is_random = is_target & (action >= MASK_FRACTION) & (action < MASK_FRACTION + RANDOM_FRACTION)
+    inputs = np.where(is_random, random_tokens, inputs)
+    return inputs.astype(np.int32), labels
+
+
+@dataclass(frozen=True)
+class MaskedLM:
+    """Masked-token prediction (RoBERTa): a random mlm_probability share of the tokens is hidden."""
+
+    mask_token_id: int
+    vocab_size: int
+    special_token_ids: tuple[int, ...]
+    mlm_probability: float = 0.15
+    name: ClassVar[str] = "mlm"
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer, cfg) -> MaskedLM:
+        if tokenizer.mask_token_id is None:
+            raise UserError("the tokenizer has no mask token; MLM needs one")
+        if not 0 < cfg.mlm_probability < 1:
+            raise UserError(f"mlm_probability must be between 0 and 1, got {cfg.mlm_probability}")
+        return cls(
+            mask_token_id=tokenizer.mask_token_id,
+            vocab_size=len(tokenizer),
+            special_token_ids=tuple(tokenizer.all_special_ids),
+            mlm_probability=cfg.mlm_probability,
+        )
+
+    def make_batch(self, examples: Batch, rng: np.random.Generator) -> Batch:
+        input_ids, attention_mask = _inputs_and_attention(examples)
+        special = examples.get("special_tokens_mask")
+        if special is None:
+            special = np.isin(input_ids, self.special_token_ids)
+        never_target = np.asarray(special, bool) | (attention_mask == 0)
+        inputs, labels = mask_tokens(
+            input_ids, never_target, rng, mlm_probability=self.mlm_probability,
+            mask_token_id=self.mask_token_id, vocab_size=self.vocab_size,
+        )
+        batch = {"input_ids": inputs, "attention_mask": attention_mask, "labels": labels}
+        return _with_weight(batch, examples)
+
+    def loss_terms(self, logits: jax.Array, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        return summed_loss_terms(logits, batch["labels"])
+
+
+OBJECTIVES: dict[str, type] = {objective.name: objective for objective in (CausalLM, MaskedLM)}
+
+
+def make_objective(name: str, tokenizer, cfg) -> Objective:
+    """The objective called `name` ("clm" or "mlm"), configured from the tokenizer and run config."""
+    if name not in OBJECTIVES:
+        raise UserError(f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}")
+    return OBJECTIVES[name].from_tokenizer(tokenizer, cfg)
