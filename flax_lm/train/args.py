@@ -1,0 +1,280 @@
+"""The run configuration: one `TrainConfig` built from the command line and an optional YAML file.
+
+Flag names and defaults follow Hugging Face's `examples/flax/language-modeling` scripts, so their
+README commands run unchanged. Boolean flags may be given bare (`--do_train`) or with a value
+(`--do_train True`), as HF's TrainingArguments accept both. `--config FILE.yaml` sets any flag;
+the command line wins over it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from flax_lm.errors import ArgParser, UserError
+
+OBJECTIVES = ("clm", "mlm")
+SCRIPT_NAMES = {"clm": "run_clm_flax.py", "mlm": "run_mlm_flax.py"}
+LATEST_CHECKPOINT = "latest"
+DEFAULT_CACHE_DIR = "~/.cache/flax_lm/jax"
+
+
+def opt(default: Any, help: str, *, only: str | None = None, choices: tuple = ()) -> Any:
+    """A TrainConfig field: its flag's help, the objective it belongs to (None: both) and choices."""
+    return field(default=default, metadata={"help": help, "only": only, "choices": choices})
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run; field names are the flag names."""
+
+    # output
+    output_dir: str | None = opt(None, "where checkpoints, metrics and the final model go")
+    overwrite_output_dir: bool = opt(False, "write into an output_dir that already holds files")
+    do_train: bool = opt(False, "train (with neither --do_train nor --do_eval: both)")
+    do_eval: bool = opt(False, "evaluate on the validation split")
+    # model and tokenizer
+    model_type: str | None = opt(None, "model type", choices=("gpt2", "roberta"))
+    config_name: str | None = opt(None, "config.json, a dir holding one, or a name in configs/")
+    tokenizer_name: str | None = opt(
+        None, "tokenizer dir (default: model_name_or_path, config_name)"
+    )
+    model_name_or_path: str | None = opt(None, "dir of a saved model to start from (its weights)")
+    config_overrides: str | None = opt(None, 'config changes, e.g. "n_embd=128,n_layer=2"')
+    dtype: str = opt(
+        "float32", "compute dtype (params stay float32)", choices=("float32", "bfloat16")
+    )
+    scan_layers: bool = opt(
+        True, "scan over stacked layers (fast compile); --no_scan_layers unrolls"
+    )
+    remat: str | None = opt(
+        None, "rematerialise each block to save memory", choices=("full", "dots")
+    )
+    # data
+    dataset_name: str | None = opt(None, "a datasets hub name")
+    dataset_config_name: str | None = opt(None, "its config name")
+    train_file: list[str] | None = opt(None, "training files, dirs or globs")
+    validation_file: list[str] | None = opt(None, "validation files, dirs or globs")
+    validation_split_percentage: int = opt(
+        5, "%% of train held out when there is no validation set"
+    )
+    max_train_samples: int | None = opt(None, "keep the first N training documents")
+    max_eval_samples: int | None = opt(None, "keep the first N validation documents")
+    preprocessing_num_workers: int | None = opt(None, "processes for tokenization")
+    overwrite_cache: bool = opt(False, "ignore cached tokenized datasets")
+    cache_dir: str | None = opt(None, "datasets cache dir")
+    keep_linebreaks: bool = opt(True, "keep line breaks of .txt files (--no_keep_linebreaks)")
+    text_column: str = opt("text", "the column holding the text")
+    streaming: bool = opt(False, "stream the dataset instead of downloading it (needs --max_steps)")
+    filter_keywords: list[str] | None = opt(None, "keep documents containing any of a,b,c")
+    block_size: int | None = opt(None, "tokens per training block", only="clm")
+    add_eos_between_documents: bool = opt(False, "join documents with the eos token", only="clm")
+    max_seq_length: int | None = opt(None, "tokens per example", only="mlm")
+    mlm_probability: float = opt(0.15, "fraction of tokens to predict", only="mlm")
+    pad_to_max_length: bool = opt(False, "pad every example to max_seq_length", only="mlm")
+    line_by_line: bool = opt(False, "one example per non-empty line", only="mlm")
+    # optimisation
+    per_device_train_batch_size: int = opt(8, "training examples per device per microbatch")
+    per_device_eval_batch_size: int = opt(8, "evaluation examples per device")
+    gradient_accumulation_steps: int = opt(1, "microbatches per optimizer step")
+    learning_rate: float = opt(5e-5, "peak learning rate")
+    weight_decay: float = opt(0.0, "decoupled weight decay (not on biases and LayerNorm)")
+    adam_beta1: float = opt(0.9, "AdamW beta1")
+    adam_beta2: float = opt(0.999, "AdamW beta2")
+    adam_epsilon: float = opt(1e-8, "AdamW epsilon")
+    adafactor: bool = opt(False, "use Adafactor instead of AdamW")
+    max_grad_norm: float = opt(1.0, "clip gradients to this global norm (0: no clipping)")
+    lr_scheduler_type: str = opt(
+        "linear", "decay after warmup", choices=("linear", "cosine", "constant")
+    )
+    warmup_steps: int = opt(0, "linear warmup steps from 0 to learning_rate")
+    num_train_epochs: float = opt(3.0, "epochs to train")
+    max_steps: int | None = opt(None, "optimizer steps to train (overrides num_train_epochs)")
+    seed: int = opt(42, "seed of initialisation, shuffling, masking and dropout")
+    # logging and checkpoints
+    logging_steps: int = opt(500, "log train metrics every N steps")
+    eval_steps: int | None = opt(None, "evaluate every N steps (default: logging_steps)")
+    save_steps: int = opt(500, "checkpoint every N steps")
+    save_total_limit: int | None = opt(None, "keep only the last N checkpoints")
+    resume_from_checkpoint: str | None = opt(
+        None, "continue from a checkpoint dir (bare flag: the latest in output_dir)"
+    )
+    report_to: str = opt("tensorboard", "also log to TensorBoard", choices=("tensorboard", "none"))
+    compilation_cache_dir: str = opt(DEFAULT_CACHE_DIR, "JAX compilation cache ('none': off)")
+    # the command itself
+    config: str | None = opt(None, "YAML file setting any of these flags")
+    print_config: bool = opt(False, "print the resolved config as YAML and exit")
+
+
+FIELD_TYPES = typing.get_type_hints(TrainConfig)
+NOT_IN_YAML = ("config", "print_config")
+POSITIVE = (
+    "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+    "learning_rate", "num_train_epochs", "max_steps", "logging_steps", "eval_steps", "save_steps",
+    "save_total_limit", "block_size", "max_seq_length", "max_train_samples", "max_eval_samples",
+    "preprocessing_num_workers", "adam_epsilon",
+)  # fmt: skip
+NON_NEGATIVE = ("weight_decay", "warmup_steps", "max_grad_norm")
+
+
+def fields_for(objective: str) -> list[dataclasses.Field]:
+    """The TrainConfig fields that are flags of this objective's script."""
+    return [f for f in dataclasses.fields(TrainConfig) if f.metadata["only"] in (None, objective)]
+
+
+def parse_bool(text: str | bool) -> bool:
+    if isinstance(text, bool):
+        return text
+    lowered = str(text).lower()
+    if lowered in ("true", "yes", "1", "y"):
+        return True
+    if lowered in ("false", "no", "0", "n"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (True/False), got {text!r}")
+
+
+def parse_comma_list(text: str | list) -> list[str]:
+    items = text if isinstance(text, list) else str(text).split(",")
+    return [str(item).strip() for item in items if str(item).strip()]
+
+
+def converter(f: dataclasses.Field):
+    """The function turning one flag value (a string, or a YAML scalar) into the field's type."""
+    kind = FIELD_TYPES[f.name]
+    if kind is bool:
+        return parse_bool
+    if f.name == "filter_keywords":
+        return parse_comma_list
+    for base in (int, float):
+        if kind is base or kind == base | None:
+            return base
+    return str
+
+
+def build_parser(objective: str) -> ArgParser:
+    script = SCRIPT_NAMES[objective]
+    parser = ArgParser(prog=script, allow_abbrev=False, description=__doc__.split("\n")[0])
+    for f in fields_for(objective):
+        flag, kind, help_text = f"--{f.name}", FIELD_TYPES[f.name], f.metadata["help"]
+        if f.metadata["choices"]:
+            help_text += f" ({'|'.join(f.metadata['choices'])})"
+        if kind is bool:
+            parser.add_argument(flag, nargs="?", const=True, type=parse_bool, help=help_text)
+            if f.default is True:
+                parser.add_argument(f"--no_{f.name}", dest=f.name, action="store_false")
+        elif f.name == "resume_from_checkpoint":
+            parser.add_argument(flag, nargs="?", const=LATEST_CHECKPOINT, help=help_text)
+        elif kind == list[str] | None and f.name != "filter_keywords":
+            parser.add_argument(flag, nargs="+", help=help_text)
+        else:
+            parser.add_argument(flag, type=converter(f), help=help_text)
+    parser.set_defaults(**{f.name: f.default for f in fields_for(objective)})
+    return parser
+
+
+def read_yaml_config(path: str, objective: str) -> dict[str, Any]:
+    """Flag values from a YAML mapping, converted like command-line values."""
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as err:
+        raise UserError(f"cannot read --config {path}: {err.strerror or err}") from None
+    except yaml.YAMLError as err:
+        raise UserError(
+            f"--config {path} is not valid YAML: {' '.join(str(err).split())}"
+        ) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"--config {path} must be a mapping of flag names to values")
+    known = {f.name: f for f in fields_for(objective) if f.name not in NOT_IN_YAML}
+    values = {}
+    for key, value in data.items():
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=3, cutoff=0.6)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise UserError(f"unknown key {key!r} in {path} for {SCRIPT_NAMES[objective]}{hint}")
+        values[key] = convert_yaml_value(known[key], value, path)
+    return values
+
+
+def convert_yaml_value(f: dataclasses.Field, value: Any, path: str) -> Any:
+    if value is None:
+        return None
+    if FIELD_TYPES[f.name] == list[str] | None and f.name != "filter_keywords":
+        return [str(v) for v in value] if isinstance(value, list) else [str(value)]
+    try:
+        return converter(f)(value if isinstance(value, bool | list) else str(value))
+    except (ValueError, argparse.ArgumentTypeError):
+        raise UserError(f"{f.name}: {value!r} in {path} is not a valid value") from None
+
+
+def parse_config(argv: list[str] | None, objective: str) -> TrainConfig:
+    """The resolved, checked TrainConfig of a command line (and its --config YAML file)."""
+    parser = build_parser(objective)
+    pre = ArgParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        parser.set_defaults(**read_yaml_config(known.config, objective))
+    cfg = TrainConfig(**vars(parser.parse_args(argv)))
+    return resolve_defaults(check_config(cfg, objective))
+
+
+def check_config(cfg: TrainConfig, objective: str) -> TrainConfig:
+    """Reject values no run can use, before anything is loaded or written."""
+    for f in dataclasses.fields(cfg):
+        value, choices = getattr(cfg, f.name), f.metadata["choices"]
+        if choices and value is not None and value not in choices:
+            raise UserError(f"--{f.name} must be one of {', '.join(choices)}, got {value!r}")
+    for name in POSITIVE:
+        value = getattr(cfg, name)
+        if value is not None and value <= 0:
+            raise UserError(f"--{name} must be positive, got {value}")
+    for name in NON_NEGATIVE:
+        if getattr(cfg, name) < 0:
+            raise UserError(f"--{name} must not be negative, got {getattr(cfg, name)}")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(cfg, name) < 1:
+            raise UserError(f"--{name} must be in [0, 1), got {getattr(cfg, name)}")
+    if objective == "mlm" and not 0 < cfg.mlm_probability < 1:
+        raise UserError(f"--mlm_probability must be in (0, 1), got {cfg.mlm_probability}")
+    if not 0 <= cfg.validation_split_percentage < 100:
+        raise UserError(
+            f"--validation_split_percentage must be in [0, 100), got {cfg.validation_split_percentage}"
+        )
+    if cfg.print_config:
+        return cfg
+    if not cfg.output_dir:
+        raise UserError("--output_dir is required")
+    if not (cfg.dataset_name or cfg.train_file or cfg.validation_file):
+        raise UserError("no data: give --dataset_name or --train_file (and --validation_file)")
+    trains = cfg.do_train or not cfg.do_eval
+    if cfg.streaming and trains and cfg.max_steps is None:
+        raise UserError("--streaming needs --max_steps: a stream has no known length")
+    return cfg
+
+
+def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
+    """Fill the defaults that depend on other flags."""
+    both = not cfg.do_train and not cfg.do_eval
+    return dataclasses.replace(
+        cfg,
+        do_train=cfg.do_train or both,
+        do_eval=cfg.do_eval or both,
+        eval_steps=cfg.eval_steps or cfg.logging_steps,
+    )
+
+
+def config_yaml(cfg: TrainConfig, objective: str) -> str:
+    """The config as YAML that `--config` reads back (this objective's flags only)."""
+    values = {f.name: getattr(cfg, f.name) for f in fields_for(objective)}
+    return yaml.safe_dump(
+        {k: v for k, v in values.items() if k not in NOT_IN_YAML}, sort_keys=False
+    )

@@ -1,0 +1,127 @@
+"""Where a run's numbers go: `metrics.jsonl`, TensorBoard events and the progress bar.
+
+metrics.jsonl holds one JSON object per line:
+  train: {"step", "epoch", "loss", "learning_rate", "grad_norm", "tokens_per_second", "time"}
+         (loss: token-weighted mean since the previous train line; grad_norm: mean over those
+         steps, before clipping; learning_rate: that of the last step; time: seconds since start)
+  eval:  {"step", "eval_loss", "eval_accuracy", "perplexity", "time"}
+Non-finite numbers are written as null, so every line is strict JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_SUBDIR = "runs"
+MAX_LOG_PERPLEXITY = math.log(sys.float_info.max)
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), inf where that overflows (never an exception)."""
+    return math.exp(loss) if loss <= MAX_LOG_PERPLEXITY else math.inf
+
+
+def strict_json(record: dict[str, Any]) -> str:
+    """One line of JSON; NaN and infinities become null (JSON has no such numbers)."""
+    clean = {
+        k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()
+    }
+    return json.dumps(clean, allow_nan=False)
+
+
+def write_json(path: Path, record: dict[str, Any]) -> None:
+    path.write_text(json.dumps(json.loads(strict_json(record)), indent=2) + "\n", encoding="utf-8")
+
+
+def keep_records_up_to(path: Path, step: int) -> None:
+    """Drop metrics.jsonl lines after `step`: a resumed run logs those steps again."""
+    if not path.exists():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(kept), encoding="utf-8")
+
+
+class RunLog:
+    """Appends train and eval records to metrics.jsonl and TensorBoard, and drives the progress
+    bar. `enabled=False` (processes other than the first) makes every call a no-op."""
+
+    def __init__(
+        self,
+        output_dir: Path,
+        *,
+        total_steps: int,
+        initial_step: int,
+        tensorboard: bool,
+        enabled: bool = True,
+    ):
+        self.enabled = enabled
+        self.start = time.perf_counter()
+        self.jsonl = (output_dir / METRICS_FILE).open("a", encoding="utf-8") if enabled else None
+        self.board = None
+        if enabled and tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self.board = SummaryWriter(logdir=str(output_dir / TENSORBOARD_SUBDIR))
+        self.bar = tqdm(
+            total=total_steps,
+            initial=initial_step,
+            desc="train",
+            unit="step",
+            disable=not enabled,
+            dynamic_ncols=True,
+        )
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def advance(self, steps: int = 1) -> None:
+        self.bar.update(steps)
+
+    def train(self, record: dict[str, Any]) -> None:
+        self.write("train", record)
+        self.bar.set_postfix(
+            loss=f"{record['loss']:.4f}",
+            lr=f"{record['learning_rate']:.2e}",
+            tok_s=f"{record['tokens_per_second']:,.0f}",
+        )
+
+    def eval(self, record: dict[str, Any]) -> None:
+        self.write("eval", record)
+        self.message(
+            f"step {record['step']}: eval_loss {record['eval_loss']:.4f}, "
+            f"eval_accuracy {record['eval_accuracy']:.4f}, perplexity {record['perplexity']:.2f}"
+        )
+
+    def write(self, group: str, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {**record, "time": round(self.elapsed(), 3)}
+        self.jsonl.write(strict_json(record) + "\n")
+        self.jsonl.flush()
+        if self.board is not None:
+            for key, value in record.items():
+                if key not in ("step", "time") and isinstance(value, int | float):
+                    self.board.add_scalar(
+                        f"{group}/{key.removeprefix('eval_')}", value, record["step"]
+                    )
+            self.board.flush()
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            self.bar.write(text)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
+        if self.board is not None:
+            self.board.close()
