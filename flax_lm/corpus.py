@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import codecs
 import glob
-import itertools
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -226,8 +225,3 @@ def iter_text_batches(dataset: Corpus, batch_size: int = 1000) -> Iterator[list[
     """Lists of up to `batch_size` texts, in order, for a Dataset or a streaming IterableDataset."""
     for batch in dataset.iter(batch_size=batch_size):
         yield batch["text"]
-
-
-def iter_texts(dataset: Corpus, batch_size: int = 1000) -> Iterator[str]:
-    """Every text of the corpus, in order, read `batch_size` at a time."""
-    return itertools.chain.from_iterable(iter_text_batches(dataset, batch_size))

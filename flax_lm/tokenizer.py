@@ -1,0 +1,186 @@
+"""Step 1: train a byte-level BPE tokenizer on a corpus and save it for `transformers`.
+
+The tokenizer follows roberta-base's conventions: special tokens `<s>`, `<pad>`, `</s>`, `<unk>`,
+`<mask>` get ids 0-4, the 256 byte symbols are always in the vocabulary (so any text encodes
+and decodes back exactly), no prefix space is added, and `<mask>` absorbs the space before it
+(so `"is <mask>."` masks the word token " Paris" the way MLM training does).
+
+Encoding adds no special tokens around the text (like GPT-2's tokenizer): decode(encode(text))
+is the text itself, and the data pipeline decides where `<s>`/`</s>` go.
+
+    flax-lm train-tokenizer --train_file 'corpus/**/*.txt' --vocab_size 50265 --output_dir tok/
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from tokenizers import AddedToken, ByteLevelBPETokenizer, Tokenizer
+from tqdm.auto import tqdm
+
+from flax_lm.corpus import Corpus, iter_text_batches, load_text_dataset
+from flax_lm.errors import ArgParser, UserError, report_user_errors
+
+SPECIAL_TOKENS = {  # role -> token; list order gives ids 0..4, as in roberta-base
+    "bos_token": "<s>",
+    "pad_token": "<pad>",
+    "eos_token": "</s>",
+    "unk_token": "<unk>",
+    "mask_token": "<mask>",
+}
+BYTE_ALPHABET_SIZE = 256
+MIN_VOCAB_SIZE = BYTE_ALPHABET_SIZE + len(SPECIAL_TOKENS)
+
+
+def special_tokens() -> list[str | AddedToken]:
+    """Special tokens in id order; `<mask>` strips the space to its left, like roberta-base."""
+    tokens: list[str | AddedToken] = list(SPECIAL_TOKENS.values())
+    tokens[-1] = AddedToken(SPECIAL_TOKENS["mask_token"], lstrip=True, special=True)
+    return tokens
+
+
+def check_vocab_size(vocab_size: int) -> None:
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise UserError(
+            f"vocab_size {vocab_size} is too small: the {BYTE_ALPHABET_SIZE} byte symbols and "
+            f"{len(SPECIAL_TOKENS)} special tokens need at least {MIN_VOCAB_SIZE}"
+        )
+
+
+def train_tokenizer(
+    texts_iterator: Iterable[str] | Iterable[list[str]],
+    vocab_size: int,
+    min_frequency: int,
+    output_dir: str | Path,
+) -> Path:
+    """Train byte-level BPE on texts (or batches of texts) and save it to `output_dir`.
+
+    The iterator is consumed once, so a streaming corpus is never held in memory.
+    Writes tokenizer.json and tokenizer_config.json, loadable with AutoTokenizer.
+    """
+    check_vocab_size(vocab_size)
+    bpe = ByteLevelBPETokenizer(add_prefix_space=False, trim_offsets=False)
+    bpe.train_from_iterator(
+        texts_iterator,
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=special_tokens(),
+        show_progress=False,
+    )
+    return save_for_transformers(bpe, output_dir)
+
+
+def save_for_transformers(bpe: ByteLevelBPETokenizer, output_dir: str | Path) -> Path:
+    """Save as a `transformers` tokenizer with every special-token role set.
+
+    tokenizer_config.json names the generic tokenizers backend as its class, so a GPT-2 or
+    RoBERTa config.json saved in the same directory does not make AutoTokenizer rebuild the
+    tokenizer with that model's defaults. Decoding never "cleans up" spaces: it is exact.
+    """
+    from transformers import PreTrainedTokenizerFast  # slow import: only when saving
+
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer,
+        clean_up_tokenization_spaces=False,
+        **SPECIAL_TOKENS,
+    )
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    wrapped.save_pretrained(output_dir)
+    return output_dir
+
+
+def build_parser() -> ArgParser:
+    parser = ArgParser(
+        prog="flax-lm train-tokenizer",
+        description="Train a ByteLevelBPE tokenizer (roberta-base special tokens) on a corpus.",
+    )
+    source = parser.add_argument_group("corpus (give --dataset_name or --train_file)")
+    source.add_argument("--dataset_name", help="a Hugging Face hub dataset")
+    source.add_argument("--dataset_config_name", help="its configuration, e.g. a language")
+    source.add_argument("--dataset_split", default="train", help="hub split (default: train)")
+    source.add_argument("--streaming", action="store_true", help="stream the hub dataset")
+    source.add_argument(
+        "--train_file", nargs="+", help="files, directories (recursive) or globs; read lazily"
+    )
+    source.add_argument("--text_column", default="text", help="column holding the text")
+    source.add_argument("--max_samples", type=int, help="use only the first N documents")
+    source.add_argument("--cache_dir", help="datasets cache directory")
+    parser.add_argument("--vocab_size", type=int, default=50265, help="default: 50265")
+    parser.add_argument("--min_frequency", type=int, default=2, help="default: 2")
+    parser.add_argument("--output_dir", required=True, help="where the tokenizer is saved")
+    parser.add_argument(
+        "--overwrite_output_dir", action="store_true", help="allow a non-empty output_dir"
+    )
+    return parser
+
+
+def check_args(args) -> None:
+    if (args.dataset_name is None) == (args.train_file is None):
+        raise UserError("give exactly one of --dataset_name and --train_file")
+    check_vocab_size(args.vocab_size)
+    if args.min_frequency < 1:
+        raise UserError(f"--min_frequency must be at least 1, got {args.min_frequency}")
+    check_output_dir(Path(args.output_dir), args.overwrite_output_dir)
+
+
+def check_output_dir(output_dir: Path, overwrite: bool) -> None:
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"--output_dir {output_dir} is a file, not a directory")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
+        raise UserError(
+            f"--output_dir {output_dir} already holds files; use --overwrite_output_dir to replace"
+        )
+
+
+def load_corpus(args) -> Corpus:
+    """Local files are always read lazily: one pass, no Arrow copy of the corpus."""
+    return load_text_dataset(
+        dataset_name=args.dataset_name,
+        dataset_config_name=args.dataset_config_name,
+        split=args.dataset_split,
+        data_files=args.train_file,
+        text_column=args.text_column,
+        streaming=args.streaming or args.train_file is not None,
+        cache_dir=args.cache_dir,
+        max_samples=args.max_samples,
+    )
+
+
+class DocumentCounter:
+    """Passes text batches through while counting documents on a tqdm progress bar."""
+
+    def __init__(self, corpus: Corpus):
+        self.corpus = corpus
+        self.documents = 0
+
+    def __iter__(self) -> Iterator[list[str]]:
+        total = getattr(self.corpus, "num_rows", None)
+        with tqdm(total=total, unit=" docs", desc="reading corpus", file=sys.stderr) as bar:
+            for batch in iter_text_batches(self.corpus):
+                self.documents += len(batch)
+                bar.update(len(batch))
+                yield batch
+
+
+@report_user_errors
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    corpus = load_corpus(args)
+    start = time.perf_counter()
+    documents = DocumentCounter(corpus)
+    output_dir = train_tokenizer(documents, args.vocab_size, args.min_frequency, args.output_dir)
+    vocab_size = Tokenizer.from_file(str(output_dir / "tokenizer.json")).get_vocab_size()
+    print(
+        f"trained tokenizer on {documents.documents:,} documents: vocab size {vocab_size:,}, "
+        f"{time.perf_counter() - start:.1f} s, saved to {output_dir}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
