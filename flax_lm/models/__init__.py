@@ -1,0 +1,70 @@
+"""GPT-2 (causal LM) and RoBERTa (masked LM) in Flax NNX, built from transformers configs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+from flax import nnx
+
+from flax_lm.errors import UserError
+from flax_lm.models.gpt2 import GPT2LMHeadModel
+from flax_lm.models.layers import NO_DECAY_KINDS
+from flax_lm.models.roberta import RobertaForMaskedLM
+
+MODEL_CLASSES = {"gpt2": GPT2LMHeadModel, "roberta": RobertaForMaskedLM}
+SUPPORTED_MODEL_TYPES = tuple(MODEL_CLASSES)
+
+Model = GPT2LMHeadModel | RobertaForMaskedLM
+
+__all__ = ["SUPPORTED_MODEL_TYPES", "create_model", "matmul_param_count", "weight_decay_mask"]
+
+
+def model_class(model_type: str | None) -> type[Model]:
+    """Our class for a config's model_type; UserError listing the supported ones otherwise."""
+    if model_type not in MODEL_CLASSES:
+        raise UserError(f"unsupported model_type {model_type!r}; supported: "
+                        f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    return MODEL_CLASSES[model_type]
+
+
+def create_model(config: Any, seed: int = 0, *, dtype: Any = "float32", scan_layers: bool = True,
+                 remat: str | None = None) -> Model:
+    """A freshly initialised model for a GPT2Config or RobertaConfig, as transformers initialises
+    one for training from scratch (normal(initializer_range) weights, zero biases, unit LayerNorm).
+
+    dtype: compute precision, "float32" or "bfloat16" (parameters stay float32; softmax, LayerNorm
+    statistics and logits are float32). scan_layers: run the stacked layers under lax.scan (False:
+    unrolled loop over the same parameters). remat: None, "full" or "dots" (see layers.REMAT_POLICIES).
+    """
+    cls = model_class(getattr(config, "model_type", None))
+    return cls(config, seed, dtype=dtype, scan_layers=scan_layers, remat=remat)
+
+
+def weight_decay_mask(params_state: nnx.State) -> nnx.State:
+    """True for parameters to decay (matmul kernels, embeddings), False for biases and LayerNorm
+    parameters, decided by their variable type. Pass `nnx.state(model, nnx.Param)` (Variables, not
+    plain arrays); the result has its structure with a bool per Variable, usable as optax's mask
+    both for `nnx.Optimizer` and for the plain-array state of `nnx.split`."""
+    return jax.tree.map(lambda v: not isinstance(v, NO_DECAY_KINDS), params_state,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def matmul_param_count(config: Any) -> int:
+    """Parameters multiplied with every token's activations, N in the 6*N FLOPs-per-token estimate.
+
+    Counted: every weight matrix of attention (q, k, v, output) and MLP, RoBERTa's MLM-head dense,
+    and the vocabulary projection once (tied to the word embeddings or not). Not counted: biases,
+    LayerNorm parameters, and the embeddings that are only gathered (position, token type, and the
+    word-embedding lookup itself). Attention's own score/value FLOPs are not parameters.
+    """
+    if model_class(getattr(config, "model_type", None)) is GPT2LMHeadModel:
+        width, layers = config.n_embd, config.n_layer
+        hidden = config.n_inner if config.n_inner is not None else 4 * width
+        head = 0
+    else:
+        width, layers = config.hidden_size, config.num_hidden_layers
+        hidden = config.intermediate_size
+        head = width * width
+    per_layer = 4 * width * width + 2 * width * hidden
+    return layers * per_layer + head + config.vocab_size * width

@@ -1,0 +1,282 @@
+"""Pieces shared by GPT-2 and RoBERTa: parameter kinds, dense/embedding/LayerNorm, attention, MLP,
+dropout, and the scanned layer stack.
+
+Parameters are float32. Every layer computes in the dtype of its input (float32 or bfloat16), so the
+model casts the embeddings once and the parameters are cast where they are used. LayerNorm statistics
+and the attention softmax are computed in float32 whatever the compute dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from flax_lm.errors import UserError
+
+
+class Embedding(nnx.Param):
+    """An embedding table (weight-decayed)."""
+
+
+class Bias(nnx.Param):
+    """An additive bias (not weight-decayed)."""
+
+
+class LayerNormParam(nnx.Param):
+    """A LayerNorm scale or offset (not weight-decayed)."""
+
+
+NO_DECAY_KINDS = (Bias, LayerNormParam)
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_fast": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+}
+
+# "full" recomputes the whole block in the backward pass; "dots" keeps the matmul outputs that
+# have no batch dimension (the projections), recomputing the attention matrices and elementwise ops.
+REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def check_activation(name: str) -> str:
+    if name not in ACTIVATIONS:
+        raise UserError(f"unsupported activation {name!r}; supported: {', '.join(ACTIVATIONS)}")
+    return name
+
+
+def check_remat(remat: str | None) -> str | None:
+    if remat is not None and remat not in REMAT_POLICIES:
+        raise UserError(f"unsupported remat {remat!r}; use None, {', '.join(map(repr, REMAT_POLICIES))}")
+    return remat
+
+
+def normal(key: jax.Array, shape: tuple[int, ...], std: float) -> jax.Array:
+    return std * jax.random.normal(key, shape, jnp.float32)
+
+
+def split_key(key: jax.Array | None, num: int) -> Any:
+    """`num` keys from `key`, or `num` Nones when dropout is off (key None)."""
+    return (None,) * num if key is None else tuple(jax.random.split(key, num))
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    """Inverted dropout; the identity when `key` is None (eval) or the rate is 0."""
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+class Dense(nnx.Module):
+    """y = x @ kernel + bias, with kernel stored [in, out] (transformers' Conv1D layout)."""
+
+    def __init__(self, in_features: int, out_features: int, key: jax.Array, *, std: float,
+                 use_bias: bool = True):
+        self.kernel = nnx.Param(normal(key, (in_features, out_features), std))
+        self.bias = Bias(jnp.zeros((out_features,), jnp.float32)) if use_bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = x @ self.kernel[...].astype(x.dtype)
+        return y if self.bias is None else y + self.bias[...].astype(x.dtype)
+
+
+class Embed(nnx.Module):
+    """A [num, features] table; `padding_idx` starts as a zero row, as in torch.nn.Embedding."""
+
+    def __init__(self, num: int, features: int, key: jax.Array, *, std: float,
+                 padding_idx: int | None = None):
+        table = normal(key, (num, features), std)
+        if padding_idx is not None:
+            table = table.at[padding_idx].set(0.0)
+        self.embedding = Embedding(table)
+
+    def __call__(self, ids: jax.Array, dtype: Any) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0).astype(dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """x @ table.T with float32 accumulation and output: the tied LM head."""
+        table = self.embedding[...].astype(x.dtype)
+        return jnp.einsum("...d,vd->...v", x, table, preferred_element_type=jnp.float32)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm over the last axis (biased variance, as torch), statistics in float32."""
+
+    def __init__(self, features: int, eps: float):
+        self.scale = LayerNormParam(jnp.ones((features,), jnp.float32))
+        self.bias = LayerNormParam(jnp.zeros((features,), jnp.float32))
+        self.eps = float(eps)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
+        return y.astype(x.dtype)
+
+
+def attention_mask_4d(padding_mask: jax.Array | None, query_positions: jax.Array, key_len: int,
+                      *, causal: bool) -> jax.Array | None:
+    """Boolean [batch|1, 1, q, k] mask (True = attend) from a [batch, k] padding mask (1 = keep)
+    and, for causal models, key position <= query position."""
+    mask = None
+    if causal:
+        mask = (jnp.arange(key_len)[None, :] <= query_positions[:, None])[None, None]
+    if padding_mask is not None:
+        keep = padding_mask.astype(bool)[:, None, None, :]
+        mask = keep if mask is None else mask & keep
+    return mask
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, *,
+                          scale: float | jax.Array, dropout_rate: float,
+                          dropout_key: jax.Array | None) -> jax.Array:
+    """Attention over [batch, len, heads, head_dim] inputs with float32 logits and softmax.
+
+    Without attention dropout this is `jax.nn.dot_product_attention`. Masked logits become a large
+    negative number, so a fully masked row (a padding query) attends uniformly instead of giving NaN.
+    """
+    if dropout_key is None or dropout_rate == 0.0:
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
+    logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * scale
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = dropout(jax.nn.softmax(logits, axis=-1), dropout_rate, dropout_key)
+    return jnp.einsum("bnts,bsnh->btnh", probs.astype(v.dtype), v)
+
+
+class SelfAttention(nnx.Module):
+    """Multi-head self-attention with fused q/k/v projection ([d, 3d], q|k|v along the output axis)
+    and output projection. Dropout on the attention probabilities and on the output."""
+
+    def __init__(self, features: int, num_heads: int, key: jax.Array, *, std: float,
+                 out_std: float, attn_dropout: float, out_dropout: float):
+        if features % num_heads:
+            raise UserError(f"hidden size {features} is not divisible by {num_heads} attention heads")
+        qkv_key, out_key = jax.random.split(key)
+        self.qkv = Dense(features, 3 * features, qkv_key, std=std)
+        self.out = Dense(features, features, out_key, std=out_std)
+        self.num_heads = num_heads
+        self.attn_dropout = float(attn_dropout)
+        self.out_dropout = float(out_dropout)
+
+    def __call__(self, x: jax.Array, mask: jax.Array | None, *, scale: float | jax.Array,
+                 dropout_key: jax.Array | None = None, kv_cache: tuple | None = None,
+                 cache_index: jax.Array | None = None) -> tuple[jax.Array, tuple | None]:
+        """Returns (output, updated kv_cache). With `kv_cache` = (keys, values) of shape
+        [batch, max_len, heads, head_dim], this step's keys/values are written at `cache_index`
+        and the queries attend over the whole cache (the mask hides unwritten slots)."""
+        batch, length, features = x.shape
+        heads = (batch, length, self.num_heads, features // self.num_heads)
+        q, k, v = (t.reshape(heads) for t in jnp.split(self.qkv(x), 3, axis=-1))
+        if kv_cache is not None:
+            start = (0, cache_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(kv_cache[0], k.astype(kv_cache[0].dtype), start)
+            v = jax.lax.dynamic_update_slice(kv_cache[1], v.astype(kv_cache[1].dtype), start)
+            kv_cache = (k, v)
+        probs_key, out_key = split_key(dropout_key, 2)
+        y = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, scale=scale,
+                                  dropout_rate=self.attn_dropout, dropout_key=probs_key)
+        y = self.out(y.reshape(batch, length, features))
+        return dropout(y, self.out_dropout, out_key), kv_cache
+
+
+class MLP(nnx.Module):
+    """fc -> activation -> proj -> dropout."""
+
+    def __init__(self, features: int, hidden: int, key: jax.Array, *, activation: str, std: float,
+                 out_std: float, dropout_rate: float):
+        fc_key, proj_key = jax.random.split(key)
+        self.fc = Dense(features, hidden, fc_key, std=std)
+        self.proj = Dense(hidden, features, proj_key, std=out_std)
+        self.activation = check_activation(activation)
+        self.dropout_rate = float(dropout_rate)
+
+    def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+        y = self.proj(ACTIVATIONS[self.activation](self.fc(x)))
+        return dropout(y, self.dropout_rate, dropout_key)
+
+
+def stacked(make_layer: Callable[[jax.Array], nnx.Module], key: jax.Array, num: int) -> nnx.Module:
+    """`num` layers as ONE module whose parameters have a leading [num] axis."""
+    return nnx.vmap(make_layer, in_axes=0, out_axes=0)(jax.random.split(key, num))
+
+
+def run_stacked(layers: nnx.Module, step: Callable, x: jax.Array, xs: Any, *, scan: bool,
+                remat: str | None) -> tuple[jax.Array, Any]:
+    """Apply stacked layers in order: `x, y_i = step(layer_i, x, xs_i)`; returns (x, stacked y).
+
+    `scan=True` traces one layer under `jax.lax.scan` (compile time independent of depth);
+    `scan=False` unrolls a Python loop over the same parameters. `remat` wraps each layer in
+    `jax.checkpoint` with the named policy.
+    """
+    graphdef, params = nnx.split(layers)
+
+    def body(carry, layer):
+        layer_params, layer_xs = layer
+        return step(nnx.merge(graphdef, layer_params), carry, layer_xs)
+
+    if remat is not None:
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=not scan)
+    if scan:
+        return jax.lax.scan(body, x, (params, xs))
+    num = jax.tree.leaves(params)[0].shape[0]
+    ys = []
+    for i in range(num):
+        x, y = body(x, jax.tree.map(lambda a, i=i: a[i], (params, xs)))
+        ys.append(y)
+    return x, jax.tree.map(lambda *a: jnp.stack(a), *ys)
+
+
+class StaticConfig:
+    """A transformers config held as static module data, compared and hashed by its JSON, so a
+    model's graphdef can be a static argument of `jax.jit`."""
+
+    def __init__(self, config: Any):
+        self.config = config
+        self.key = config.to_json_string(use_diff=False)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, StaticConfig) and self.key == other.key
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(dtype: Any) -> Any:
+    name = jnp.dtype(dtype).name if not isinstance(dtype, str) else dtype
+    if name not in COMPUTE_DTYPES:
+        raise UserError(f"unsupported dtype {dtype!r}; use one of {', '.join(COMPUTE_DTYPES)}")
+    return COMPUTE_DTYPES[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class TorchTensor:
+    """Where one of our parameters lives in a PyTorch transformers state dict.
+
+    `path` is the dotted path in `nnx.state(model, nnx.Param)`. A `{i}` in the names marks a
+    stacked layer parameter (leading [n_layer] axis here, one tensor per layer there). Several
+    names are concatenated along the output axis (RoBERTa's query/key/value -> our fused qkv).
+    `linear`: stored [out, in] (torch nn.Linear), i.e. transposed from our [in, out].
+    `copies`: further names written on export with the same value (never read on import).
+    """
+
+    path: str
+    names: tuple[str, ...]
+    linear: bool = False
+    copies: tuple[str, ...] = ()
