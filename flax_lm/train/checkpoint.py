@@ -47,6 +47,15 @@ def restore(
     return restored.state, restored.meta
 
 
+def read_meta(directory: Path, step: int) -> dict[str, Any]:
+    """The JSON part of a checkpoint, without loading its arrays."""
+    manager = open_manager(directory, read_only=True)
+    try:
+        return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    finally:
+        manager.close()
+
+
 def find_checkpoint(spec: str, output_dir: Path) -> tuple[Path, int]:
     """(checkpoints dir, step) named by --resume_from_checkpoint: `latest` (the newest under
     output_dir), a checkpoints dir (its newest), or one step's dir inside it."""

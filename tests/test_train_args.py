@@ -1,0 +1,213 @@
+"""Command line and YAML config of run_clm_flax.py / run_mlm_flax.py (parsing only, no training)."""
+
+from __future__ import annotations
+
+import dataclasses
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flax_lm.train.args import TrainConfig, parse_config
+from flax_lm.train.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The seed commands of Hugging Face's examples/flax/language-modeling README, as written there.
+HF_MLM_COMMAND = """
+--output_dir="./runs" --model_type="roberta" --config_name="${MODEL_DIR}" --tokenizer_name="${MODEL_DIR}"
+--dataset_name="oscar" --dataset_config_name="unshuffled_deduplicated_no" --max_seq_length="128"
+--weight_decay="0.01" --per_device_train_batch_size="128" --per_device_eval_batch_size="128"
+--learning_rate="3e-4" --warmup_steps="1000" --overwrite_output_dir --pad_to_max_length
+--num_train_epochs="18" --adam_beta1="0.9" --adam_beta2="0.98"
+"""
+HF_CLM_COMMAND = """
+--output_dir="${MODEL_DIR}" --model_type="gpt2" --config_name="${MODEL_DIR}"
+--tokenizer_name="${MODEL_DIR}" --dataset_name="oscar" --dataset_config_name="unshuffled_deduplicated_no"
+--do_train --do_eval --block_size="512" --per_device_train_batch_size="64"
+--per_device_eval_batch_size="64" --learning_rate="5e-3" --warmup_steps="1000" --adam_beta1="0.9"
+--adam_beta2="0.98" --weight_decay="0.01" --overwrite_output_dir --num_train_epochs="20"
+--logging_steps="500" --save_steps="2500" --eval_steps="2500"
+"""
+
+
+def shell_words(command: str, model_dir: str = "./norwegian-model") -> list[str]:
+    """The argv a shell passes for `command` with MODEL_DIR set."""
+    return shlex.split(command.replace("${MODEL_DIR}", model_dir))
+
+
+def printed_config(argv: list[str], objective: str, capsys) -> dict:
+    assert main([*argv, "--print_config"], objective=objective) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    return yaml.safe_load(out)
+
+
+def test_hf_mlm_readme_command_is_accepted(capsys):
+    config = printed_config(shell_words(HF_MLM_COMMAND), "mlm", capsys)
+    assert config["output_dir"] == "./runs"
+    assert config["config_name"] == config["tokenizer_name"] == "./norwegian-model"
+    assert config["max_seq_length"] == 128 and config["pad_to_max_length"] is True
+    assert config["learning_rate"] == pytest.approx(3e-4)
+    assert (config["adam_beta1"], config["adam_beta2"]) == (0.9, 0.98)
+    assert config["num_train_epochs"] == 18 and config["warmup_steps"] == 1000
+    assert config["overwrite_output_dir"] is True
+    # neither --do_train nor --do_eval: both; eval_steps defaults to logging_steps (HF default 500)
+    assert config["do_train"] is config["do_eval"] is True
+    assert config["eval_steps"] == config["logging_steps"] == 500
+    assert "block_size" not in config  # a CLM flag
+
+
+def test_hf_clm_readme_command_is_accepted(capsys):
+    config = printed_config(shell_words(HF_CLM_COMMAND), "clm", capsys)
+    assert config["block_size"] == 512 and config["per_device_train_batch_size"] == 64
+    assert config["learning_rate"] == pytest.approx(5e-3)
+    assert config["save_steps"] == config["eval_steps"] == 2500
+    assert config["logging_steps"] == 500
+    assert "max_seq_length" not in config  # an MLM flag
+
+
+def test_hf_defaults():
+    cfg = parse_config(["--output_dir", "o", "--train_file", "a.txt"], "clm")
+    assert (cfg.learning_rate, cfg.weight_decay, cfg.adam_epsilon) == (5e-5, 0.0, 1e-8)
+    assert (cfg.adam_beta1, cfg.adam_beta2, cfg.num_train_epochs) == (0.9, 0.999, 3.0)
+    assert (cfg.per_device_train_batch_size, cfg.per_device_eval_batch_size) == (8, 8)
+    assert (cfg.logging_steps, cfg.save_steps, cfg.eval_steps, cfg.seed) == (500, 500, 500, 42)
+    assert (cfg.max_grad_norm, cfg.lr_scheduler_type, cfg.dtype) == (1.0, "linear", "float32")
+    assert (cfg.validation_split_percentage, cfg.report_to) == (5, "tensorboard")
+    assert parse_config(["--output_dir", "o", "--train_file", "a"], "mlm").mlm_probability == 0.15
+
+
+@pytest.mark.parametrize(
+    ("flags", "do_train", "do_eval"),
+    [
+        (["--do_train"], True, False),
+        (["--do_train", "True", "--do_eval", "false"], True, False),
+        (["--do_eval"], False, True),
+        (["--do_train", "False", "--do_eval"], False, True),
+        ([], True, True),
+    ],
+)
+def test_boolean_flags_bare_or_with_a_value(flags, do_train, do_eval):
+    cfg = parse_config(["--output_dir", "o", "--train_file", "a", *flags], "clm")
+    assert (cfg.do_train, cfg.do_eval) == (do_train, do_eval)
+
+
+def test_list_and_special_flags():
+    cfg = parse_config(
+        ["--output_dir", "o", "--train_file", "a.py", "src/", "lib/**/*.py",
+         "--validation_file", "v.py", "--filter_keywords", "def, class,,import",
+         "--no_scan_layers", "--no_keep_linebreaks", "--resume_from_checkpoint", "--remat", "dots"],
+        "clm",
+    )  # fmt: skip
+    assert cfg.train_file == ["a.py", "src/", "lib/**/*.py"] and cfg.validation_file == ["v.py"]
+    assert cfg.filter_keywords == ["def", "class", "import"]
+    assert cfg.scan_layers is False and cfg.keep_linebreaks is False and cfg.remat == "dots"
+    assert cfg.resume_from_checkpoint == "latest"
+    path = parse_config(["--output_dir", "o", "--train_file", "a", "--resume_from_checkpoint",
+                         "o/checkpoints/40"], "clm").resume_from_checkpoint  # fmt: skip
+    assert path == "o/checkpoints/40"
+
+
+def write_yaml(path: Path, text: str) -> str:
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def test_yaml_config_sets_flags_and_command_line_wins(tmp_path):
+    config = write_yaml(
+        tmp_path / "run.yaml",
+        "output_dir: from-yaml\ntrain_file: data/\nlearning_rate: 3e-4\n"  # 3e-4: a YAML string
+        "per_device_train_batch_size: 4\ndo_train: true\nfilter_keywords: [foo, bar]\n",
+    )
+    cfg = parse_config(["--config", config, "--per_device_train_batch_size", "16"], "clm")
+    assert cfg.output_dir == "from-yaml" and cfg.train_file == ["data/"]
+    assert cfg.learning_rate == pytest.approx(3e-4) and isinstance(cfg.learning_rate, float)
+    assert cfg.per_device_train_batch_size == 16  # the command line wins
+    assert cfg.filter_keywords == ["foo", "bar"]
+    assert (cfg.do_train, cfg.do_eval) == (True, False)
+
+
+def test_print_config_round_trips_through_yaml(tmp_path, capsys):
+    argv = shell_words(HF_CLM_COMMAND) + ["--train_file", "a.txt", "b.txt", "--max_steps", "7"]
+    first = printed_config(argv, "clm", capsys)
+    config = write_yaml(tmp_path / "printed.yaml", yaml.safe_dump(first))
+    assert printed_config(["--config", config], "clm", capsys) == first
+    from_yaml = parse_config(["--config", config], "clm")
+    assert dataclasses.replace(from_yaml, config=None) == parse_config(argv, "clm")
+
+
+@pytest.mark.parametrize("recipe", ["norwegian-roberta-base", "norwegian-gpt2"])
+def test_recipes_load(recipe):
+    objective = "mlm" if "roberta" in recipe else "clm"
+    argv = ["--config", str(REPO / "configs" / f"{recipe}.yaml"), "--config_name", "m",
+            "--tokenizer_name", "m", "--output_dir", "out"]  # fmt: skip
+    cfg = parse_config(argv, objective)
+    assert cfg.dataset_name == "oscar" and cfg.dataset_config_name == "unshuffled_deduplicated_no"
+    assert (cfg.adam_beta1, cfg.adam_beta2, cfg.warmup_steps) == (0.9, 0.98, 1000)
+    assert cfg.weight_decay == 0.01
+    if objective == "mlm":
+        assert (cfg.max_seq_length, cfg.per_device_train_batch_size) == (128, 128)
+        assert (cfg.learning_rate, cfg.num_train_epochs, cfg.pad_to_max_length) == (3e-4, 18, True)
+        assert cfg.model_type == "roberta"
+    else:
+        assert (cfg.block_size, cfg.per_device_train_batch_size) == (512, 64)
+        assert (cfg.learning_rate, cfg.num_train_epochs, cfg.model_type) == (5e-3, 20, "gpt2")
+        assert "resid_pdrop=0.0" in cfg.config_overrides
+
+
+def run_main_error(argv: list[str], capsys, objective: str = "clm") -> str:
+    assert main(argv, objective=objective) == 2
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+BASE = ["--output_dir", "o", "--train_file", "a.txt"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        ([*BASE, "--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be positive"),
+        ([*BASE, "--learning_rate", "-0.001"], "--learning_rate must be positive"),
+        ([*BASE, "--max_steps", "0"], "--max_steps must be positive"),
+        ([*BASE, "--warmup_steps", "-5"], "--warmup_steps must not be negative"),
+        ([*BASE, "--adam_beta2", "1.0"], "--adam_beta2 must be in [0, 1)"),
+        ([*BASE, "--lr_scheduler_type", "step"], "--lr_scheduler_type must be one of"),
+        ([*BASE, "--dtype", "float16"], "--dtype must be one of"),
+        ([*BASE, "--block_size", "abc"], "invalid int value"),
+        ([*BASE, "--do_train", "maybe"], "expected a boolean"),
+        ([*BASE, "--learning_rat", "1e-3"], "did you mean --learning_rate"),
+        ([*BASE, "--max_seq_length", "128"], "unrecognized argument '--max_seq_length'"),
+        (["--train_file", "a.txt"], "--output_dir is required"),
+        (["--output_dir", "o"], "no data"),
+        ([*BASE, "--streaming"], "--streaming needs --max_steps"),
+    ],
+)  # fmt: skip
+def test_bad_flags_are_one_line_errors(argv, expected, capsys):
+    assert expected in run_main_error(argv, capsys)
+
+
+def test_mlm_probability_range(capsys):
+    assert "(0, 1)" in run_main_error([*BASE, "--mlm_probability", "1.5"], capsys, "mlm")
+
+
+def test_yaml_typo_names_the_key_with_close_matches(tmp_path, capsys):
+    config = write_yaml(tmp_path / "typo.yaml", "output_dir: o\nlearning_rte: 1e-3\n")
+    message = run_main_error(["--config", config, "--train_file", "a"], capsys)
+    assert "'learning_rte'" in message and "did you mean learning_rate" in message
+    bad_value = write_yaml(tmp_path / "bad.yaml", "max_steps: lots\n")
+    assert "max_steps: 'lots'" in run_main_error(["--config", bad_value, *BASE], capsys)
+    assert "cannot read --config" in run_main_error(["--config", str(tmp_path / "no.yaml")], capsys)
+
+
+def test_config_dataclass_fields_are_the_flags():
+    """One name for everything: every TrainConfig field is a flag of at least one script."""
+    from flax_lm.train.args import build_parser
+
+    flags = set(build_parser("clm").known_flags()) | set(build_parser("mlm").known_flags())
+    for name in TrainConfig.__dataclass_fields__:
+        assert f"--{name}" in flags
