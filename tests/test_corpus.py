@@ -1,0 +1,212 @@
+"""Reading corpora: file/dir/glob resolution, loaders by extension, validation, streaming."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import datasets
+import pytest
+
+from flax_lm.corpus import iter_text_batches, load_text_dataset, resolve_data_files
+from flax_lm.errors import UserError
+
+
+def write(path: Path, content: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content, encoding="utf-8", newline="")
+    return path
+
+
+def texts(dataset) -> list[str]:
+    return [text for batch in iter_text_batches(dataset, batch_size=64) for text in batch]
+
+
+@pytest.fixture
+def source_tree(tmp_path: Path, stdlib_dir: Path) -> Path:
+    """Real modules in nested directories, plus entries that must be skipped."""
+    root = tmp_path / "src"
+    (root / "pkg").mkdir(parents=True)
+    for name in ("abc.py", "bisect.py", "colorsys.py"):
+        shutil.copyfile(stdlib_dir / name, root / name)
+    shutil.copyfile(stdlib_dir / "json" / "decoder.py", root / "pkg" / "decoder.py")
+    write(root / "pkg" / "__init__.py", "")  # empty: no document
+    write(root / ".hidden" / "secret.py", "x = 1\n")
+    write(root / "pkg" / ".notes.py", "y = 2\n")
+    write(root / "pkg" / "__pycache__" / "decoder.cpython-311.pyc", b"\0\1binary")
+    return root
+
+
+def test_directory_is_recursive_and_skips_hidden_empty_and_pycache(source_tree: Path):
+    found = [Path(f).relative_to(source_tree).as_posix() for f in resolve_data_files(source_tree)]
+    assert found == ["abc.py", "bisect.py", "colorsys.py", "pkg/decoder.py"]
+
+
+def test_files_dirs_and_globs_are_merged_sorted_and_deduplicated(source_tree: Path):
+    specs = [str(source_tree / "pkg"), str(source_tree / "abc.py"), f"{source_tree}/**/*.py"]
+    found = resolve_data_files(specs)
+    assert found == sorted(set(found))
+    assert [Path(f).name for f in found] == ["abc.py", "bisect.py", "colorsys.py", "decoder.py"]
+    assert resolve_data_files(f"{source_tree}/b*.py") == [str(source_tree / "bisect.py")]
+
+
+@pytest.mark.parametrize("spec", ["missing.txt", "nowhere/*.py", "empty_dir"])
+def test_spec_matching_nothing_is_named(tmp_path: Path, spec: str):
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(UserError, match=spec.replace("*", r"\*")):
+        resolve_data_files([str(tmp_path / spec)])
+
+
+def test_txt_is_read_line_by_line_keeping_linebreaks(tmp_path: Path):
+    content = "første linje\n\n  indented line\nlast line without newline"
+    path = write(tmp_path / "lines.txt", content)
+    kept = texts(load_text_dataset(data_files=[str(path)], cache_dir=str(tmp_path / "cache")))
+    assert "".join(kept) == content
+    assert kept[0] == "første linje\n"
+    stripped = load_text_dataset(
+        data_files=[str(path)], keep_linebreaks=False, cache_dir=str(tmp_path / "cache")
+    )
+    assert texts(stripped) == content.split("\n")
+
+
+def test_source_files_are_one_document_each(code_corpus, tmp_path: Path):
+    files = sorted(code_corpus.validation.iterdir())
+    dataset = load_text_dataset(
+        data_files=[str(code_corpus.validation)], cache_dir=str(tmp_path / "cache")
+    )
+    assert isinstance(dataset, datasets.Dataset)
+    assert dataset.column_names == ["text"]
+    assert texts(dataset) == [f.read_text(encoding="utf-8") for f in files]
+
+
+def write_table(path: Path, rows: list[dict]) -> Path:
+    if path.suffix == ".jsonl":
+        write(path, "".join(json.dumps(row) + "\n" for row in rows))
+    elif path.suffix == ".json":
+        write(path, json.dumps(rows))
+    elif path.suffix == ".csv":
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        datasets.Dataset.from_list(rows).to_parquet(str(path))
+    return path
+
+
+TABLE_ROWS = [
+    {"id": 1, "content": "def f(x):\n    return x + 1\n", "lang": "python"},
+    {"id": 2, "content": "Blåbær, æøå: «sitat»", "lang": "no"},
+    {"id": 3, "content": "tabs\there, emoji 🎉", "lang": "en"},
+]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".parquet"])
+def test_tables_keep_only_the_text_column_renamed(tmp_path: Path, suffix: str):
+    path = write_table(tmp_path / f"rows{suffix}", TABLE_ROWS)
+    dataset = load_text_dataset(
+        data_files=[str(path)], text_column="content", cache_dir=str(tmp_path / "cache")
+    )
+    assert dataset.column_names == ["text"]
+    assert texts(dataset) == [row["content"] for row in TABLE_ROWS]
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_missing_text_column_lists_the_columns(tmp_path: Path, streaming: bool):
+    path = write_table(tmp_path / "rows.jsonl", TABLE_ROWS)
+    with pytest.raises(UserError, match=r"'body' not found.*columns: id, content, lang"):
+        load_text_dataset(
+            data_files=[str(path)],
+            text_column="body",
+            streaming=streaming,
+            cache_dir=str(tmp_path / "cache"),
+        )
+
+
+def test_non_string_text_column_is_refused(tmp_path: Path):
+    path = write_table(tmp_path / "rows.jsonl", TABLE_ROWS)
+    with pytest.raises(UserError, match="'id' holds"):
+        load_text_dataset(data_files=[str(path)], text_column="id", cache_dir=str(tmp_path))
+
+
+def test_mixed_loaders_are_refused(tmp_path: Path):
+    lines = write(tmp_path / "a.txt", "a line\n")
+    source = write(tmp_path / "b.py", "x = 1\n")
+    with pytest.raises(UserError, match=r"different loaders.*document \(b\.py\).*text \(a\.txt\)"):
+        load_text_dataset(data_files=[str(lines), str(source)])
+
+
+BAD_FILES = {
+    "empty.txt": (b"", "is empty"),
+    "binary.py": (b"import os\n\0\0\0\x01\x02", "NUL bytes"),
+    "latin1.txt": ("blåbærsyltetøy\n".encode("latin-1"), "not UTF-8"),
+    "utf16.md": ("hei på deg".encode("utf-16"), "not UTF-8|NUL bytes"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_FILES))
+def test_bad_text_files_are_named(tmp_path: Path, name: str):
+    content, reason = BAD_FILES[name]
+    path = write(tmp_path / name, content)
+    good = write(tmp_path / ("good" + path.suffix), "fine text\n")
+    with pytest.raises(UserError, match=f"{name}.*({reason})|({reason}).*{name}") as err:
+        load_text_dataset(data_files=[str(good), str(path)], cache_dir=str(tmp_path / "cache"))
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_corpus_without_any_text_is_refused(tmp_path: Path, streaming: bool):
+    path = write(tmp_path / "blank.txt", "\n   \n\t\n")
+    with pytest.raises(UserError, match="no non-empty documents"):
+        load_text_dataset(data_files=[str(path)], streaming=streaming, cache_dir=str(tmp_path))
+
+
+def test_streaming_reads_lazily_without_writing_arrow_files(code_corpus, tmp_path: Path):
+    cache = tmp_path / "cache"
+    streamed = load_text_dataset(
+        data_files=[str(code_corpus.validation)], streaming=True, cache_dir=str(cache)
+    )
+    assert isinstance(streamed, datasets.IterableDataset)
+    assert not list(cache.rglob("*.arrow"))
+    eager = load_text_dataset(data_files=[str(code_corpus.validation)], cache_dir=str(cache))
+    assert texts(streamed) == texts(eager)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_max_samples_keeps_the_first_documents(tmp_path: Path, streaming: bool):
+    path = write(tmp_path / "lines.txt", "".join(f"line {i}\n" for i in range(50)))
+    dataset = load_text_dataset(
+        data_files=[str(path)], streaming=streaming, max_samples=7, cache_dir=str(tmp_path)
+    )
+    assert texts(dataset) == [f"line {i}\n" for i in range(7)]
+    with pytest.raises(UserError, match="max_samples"):
+        load_text_dataset(data_files=[str(path)], max_samples=0)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_iter_text_batches_sizes_and_order(tmp_path: Path, streaming: bool):
+    path = write(tmp_path / "lines.txt", "".join(f"{i}\n" for i in range(7)))
+    dataset = load_text_dataset(
+        data_files=[str(path)], streaming=streaming, cache_dir=str(tmp_path)
+    )
+    batches = list(iter_text_batches(dataset, batch_size=3))
+    assert [len(b) for b in batches] == [3, 3, 1]
+    assert [t for b in batches for t in b] == [f"{i}\n" for i in range(7)]
+
+
+def test_unreachable_hub_dataset_is_one_line_user_error():
+    with pytest.raises(UserError, match="cannot load dataset 'no-such-user/no-such-corpus'") as err:
+        load_text_dataset(dataset_name="no-such-user/no-such-corpus")
+    assert "\n" not in str(err.value)
+
+
+def test_exactly_one_source_is_required(tmp_path: Path):
+    path = write(tmp_path / "a.txt", "text\n")
+    for kwargs in ({}, {"dataset_name": "x", "data_files": [str(path)]}):
+        with pytest.raises(UserError, match="either a dataset name or data files"):
+            load_text_dataset(**kwargs)
