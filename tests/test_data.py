@@ -1,0 +1,364 @@
+"""The training data pipeline on real text: Python standard library sources."""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import threading
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from tokenizers import ByteLevelBPETokenizer
+from tokenizers.processors import RobertaProcessing
+from transformers import PreTrainedTokenizerFast
+
+from flax_lm.errors import UserError
+from flax_lm.train.data import (
+    Prefetcher,
+    TrainBatches,
+    eval_batches,
+    load_raw_splits,
+    tokenize_splits,
+)
+
+SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+
+
+def make_cfg(**overrides) -> SimpleNamespace:
+    """A run config with HF's defaults for every data flag."""
+    cfg = dict(
+        dataset_name=None, dataset_config_name=None, train_file=None, validation_file=None,
+        validation_split_percentage=5, max_train_samples=None, max_eval_samples=None,
+        preprocessing_num_workers=None, overwrite_cache=False, cache_dir=None,
+        keep_linebreaks=True, block_size=64, max_seq_length=64, mlm_probability=0.15,
+        pad_to_max_length=False, line_by_line=False, streaming=False, seed=0, text_column="text",
+        add_eos_between_documents=False, filter_keywords=None,
+    )
+    cfg.update(overrides)
+    return SimpleNamespace(**cfg)
+
+
+@pytest.fixture(scope="session")
+def code_dir(stdlib_dir, tmp_path_factory):
+    """Eight stdlib modules, one document per file."""
+    directory = tmp_path_factory.mktemp("code")
+    for path in sorted((stdlib_dir / "json").glob("*.py")) + [stdlib_dir / "textwrap.py",
+                                                              stdlib_dir / "shlex.py",
+                                                              stdlib_dir / "bisect.py"]:
+        shutil.copy(path, directory / f"{path.parent.name}_{path.name}")
+    return directory
+
+
+@pytest.fixture(scope="session")
+def lines_file(stdlib_dir, tmp_path_factory):
+    """A .txt file: one document per line (blank lines included, as HF's text loader reads them)."""
+    path = tmp_path_factory.mktemp("lines") / "textwrap.txt"
+    path.write_text((stdlib_dir / "textwrap.py").read_text())
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer(code_dir):
+    """A 500-token ByteLevelBPE tokenizer with RoBERTa's special tokens, trained on code_dir."""
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(
+        (path.read_text() for path in sorted(code_dir.iterdir())), vocab_size=500,
+        special_tokens=SPECIAL_TOKENS, show_progress=False,
+    )
+    bpe.post_processor = RobertaProcessing(("</s>", 2), ("<s>", 0))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer, bos_token="<s>", pad_token="<pad>", eos_token="</s>",
+        unk_token="<unk>", mask_token="<mask>",
+    )
+
+
+@pytest.fixture(scope="session")
+def code_splits(code_dir):
+    return load_raw_splits(make_cfg(train_file=[str(code_dir)], validation_split_percentage=25))
+
+
+@pytest.fixture(scope="session")
+def clm_blocks(code_splits, tokenizer):
+    return tokenize_splits(code_splits, tokenizer, make_cfg(block_size=32), "clm")
+
+
+def flat(rows) -> list[int]:
+    return [token for row in rows for token in row]
+
+
+# ------------------------------------------------------------------------------ raw splits
+
+
+def test_validation_is_the_head_of_train(lines_file):
+    texts = lines_file.read_text().splitlines(keepends=True)
+    splits = load_raw_splits(make_cfg(train_file=[str(lines_file)], validation_split_percentage=10))
+    held_out = round(len(texts) / 10)
+    assert list(splits["validation"]["text"]) == texts[:held_out]
+    assert list(splits["train"]["text"]) == texts[held_out:]
+
+
+def test_validation_file_and_max_samples(code_dir, lines_file):
+    splits = load_raw_splits(make_cfg(
+        train_file=[str(code_dir)], validation_file=[str(lines_file)],
+        max_train_samples=3, max_eval_samples=7,
+    ))
+    assert len(splits["train"]) == 3
+    assert list(splits["validation"]["text"]) == lines_file.read_text().splitlines(keepends=True)[:7]
+
+
+def test_filter_keywords_keeps_matching_documents(code_dir, capsys):
+    texts = [path.read_text() for path in sorted(code_dir.iterdir())]
+    expected = [t for t in texts if "scanner" in t or "dedent" in t]
+    assert 0 < len(expected) < len(texts)
+    splits = load_raw_splits(make_cfg(
+        train_file=[str(code_dir)], filter_keywords=["scanner", "dedent"],
+        validation_split_percentage=0, validation_file=[str(code_dir)],
+    ))
+    assert sorted(splits["train"]["text"]) == sorted(expected)
+    assert f"kept {len(expected)} of {len(texts)} train documents" in capsys.readouterr().out
+
+
+def test_filter_keywords_on_a_stream(lines_file, capsys):
+    lines = lines_file.read_text().splitlines(keepends=True)
+    splits = load_raw_splits(make_cfg(
+        train_file=[str(lines_file)], streaming=True, filter_keywords=["def "], max_eval_samples=5,
+    ))
+    expected = [line for line in lines if "def " in line]
+    assert [row["text"] for row in splits["train"]] == expected[5:]
+    assert [row["text"] for row in splits["validation"]] == expected[:5]
+    assert f"kept {len(expected)} of the first {len(lines)} train documents" in capsys.readouterr().out
+
+
+def test_a_named_dataset_with_a_validation_split_uses_it(tmp_path, stdlib_dir):
+    (tmp_path / "train.txt").write_text((stdlib_dir / "textwrap.py").read_text())
+    (tmp_path / "validation.txt").write_text((stdlib_dir / "shlex.py").read_text())
+    splits = load_raw_splits(make_cfg(dataset_name=str(tmp_path)))
+    assert list(splits["validation"]["text"]) == (stdlib_dir / "shlex.py").read_text().splitlines()
+    assert list(splits["train"]["text"]) == (stdlib_dir / "textwrap.py").read_text().splitlines()
+
+
+def test_empty_validation_split_is_an_error(code_dir):
+    with pytest.raises(UserError, match="validation split is empty"):
+        load_raw_splits(make_cfg(train_file=[str(code_dir)], validation_split_percentage=1))
+
+
+def test_stream_without_validation_needs_max_eval_samples(code_dir):
+    with pytest.raises(UserError, match="max_eval_samples"):
+        load_raw_splits(make_cfg(train_file=[str(code_dir)], streaming=True))
+
+
+# ----------------------------------------------------------------------------- tokenization
+
+
+def test_clm_blocks_are_the_token_stream_cut_into_blocks(code_splits, clm_blocks, tokenizer):
+    for name in ("train", "validation"):
+        stream = flat(tokenizer(list(code_splits[name]["text"]), verbose=False)["input_ids"])
+        blocks = clm_blocks[name]["input_ids"]
+        assert clm_blocks[name].column_names == ["input_ids"]
+        assert {len(block) for block in blocks} == {32}
+        assert len(blocks) == len(stream) // 32
+        assert flat(blocks) == stream[:len(blocks) * 32]
+
+
+def test_eos_between_documents(code_splits, tokenizer):
+    cfg = make_cfg(block_size=32, add_eos_between_documents=True)
+    blocks = tokenize_splits(code_splits, tokenizer, cfg, "clm")["train"]["input_ids"]
+    documents = tokenizer(list(code_splits["train"]["text"]), add_special_tokens=False)["input_ids"]
+    stream = flat(document + [tokenizer.eos_token_id] for document in documents)
+    assert flat(blocks) == stream[:len(blocks) * 32]
+    assert flat(blocks).count(tokenizer.eos_token_id) >= len(documents) - 1
+
+
+def test_mlm_blocks_carry_the_special_tokens_mask(code_splits, tokenizer):
+    blocks = tokenize_splits(code_splits, tokenizer, make_cfg(max_seq_length=48), "mlm")["train"]
+    encoded = tokenizer(list(code_splits["train"]["text"]), return_special_tokens_mask=True)
+    usable = len(blocks) * 48
+    assert blocks.column_names == ["input_ids", "special_tokens_mask"]
+    assert flat(blocks["input_ids"]) == flat(encoded["input_ids"])[:usable]
+    assert flat(blocks["special_tokens_mask"]) == flat(encoded["special_tokens_mask"])[:usable]
+    assert blocks["input_ids"][0][0] == tokenizer.bos_token_id
+
+
+def test_line_by_line_pads_every_line(lines_file, tokenizer):
+    raw = load_raw_splits(make_cfg(train_file=[str(lines_file)], validation_split_percentage=10))
+    cfg = make_cfg(max_seq_length=16, line_by_line=True, pad_to_max_length=True)
+    examples = tokenize_splits(raw, tokenizer, cfg, "mlm")["train"].with_format("numpy")[:]
+    lines = [line for text in raw["train"]["text"] for line in text.splitlines() if line.strip()]
+    assert list(examples) == ["input_ids", "attention_mask", "special_tokens_mask"]
+    assert examples["input_ids"].shape == (len(lines), 16)
+    lengths = [min(len(tokenizer(line)["input_ids"]), 16) for line in lines]
+    assert examples["attention_mask"].sum(axis=1).tolist() == lengths
+    padding = examples["attention_mask"] == 0
+    assert (examples["input_ids"][padding] == tokenizer.pad_token_id).all()
+    assert (examples["special_tokens_mask"][padding] == 1).all()
+
+
+def test_a_stream_is_cut_into_the_same_blocks(lines_file, tokenizer):
+    cfg = make_cfg(train_file=[str(lines_file)], validation_file=[str(lines_file)],
+                   max_train_samples=400, max_eval_samples=40, block_size=32)
+    expected = tokenize_splits(load_raw_splits(cfg), tokenizer, cfg, "clm")
+    cfg.streaming = True
+    streamed = tokenize_splits(load_raw_splits(cfg), tokenizer, cfg, "clm")
+    for name in ("train", "validation"):  # under STREAM_GROUP_DOCUMENTS lines: one token stream
+        assert [row["input_ids"] for row in streamed[name]] == list(expected[name]["input_ids"])
+
+
+def test_too_small_corpus_says_how_much_text_there_is(tmp_path, tokenizer):
+    (tmp_path / "tiny.py").write_text("x = 1\n")
+    raw = load_raw_splits(make_cfg(train_file=[str(tmp_path)], validation_file=[str(tmp_path)]))
+    with pytest.raises(UserError, match=r"6 characters of text make \d+ tokens.*block_size=64"):
+        tokenize_splits(raw, tokenizer, make_cfg(block_size=64), "clm")
+
+
+def test_tokenized_splits_are_cached(code_splits, tokenizer, clm_blocks):
+    again = tokenize_splits(code_splits, tokenizer, make_cfg(block_size=32), "clm")
+    assert again["train"].cache_files == clm_blocks["train"].cache_files
+    assert again["train"].cache_files
+
+
+# ----------------------------------------------------------------------------------- batches
+
+
+def with_row_numbers(dataset):
+    """The dataset with a "row" column: its index, so batches can be traced back to rows."""
+    return dataset.add_column("row", np.arange(len(dataset)))
+
+
+def take(iterator, n: int) -> list[dict[str, np.ndarray]]:
+    return list(itertools.islice(iterator, n))
+
+
+def test_each_epoch_is_a_fresh_permutation(clm_blocks):
+    dataset = with_row_numbers(clm_blocks["train"])
+    blocks = dataset.with_format("numpy")[:]["input_ids"]
+    batches = TrainBatches(dataset, batch_size=8, seed=3)
+    steps = batches.steps_per_epoch
+    assert steps == len(dataset) // 8 and len(dataset) % 8  # the partial batch is dropped
+    epochs = []
+    for _ in range(2):
+        epoch = take(iter(batches), steps)
+        rows = np.concatenate([batch["row"] for batch in epoch])
+        assert len(set(rows.tolist())) == len(rows) == steps * 8
+        np.testing.assert_array_equal(np.concatenate([b["input_ids"] for b in epoch]), blocks[rows])
+        assert all(b["input_ids"].dtype == np.int32 and b["input_ids"].shape == (8, 32) for b in epoch)
+        epochs.append(rows)
+    assert not np.array_equal(epochs[0], epochs[1])
+    assert batches.state() == {"epoch": 2, "batch_in_epoch": 0}
+
+
+@pytest.mark.parametrize("stop_after", ["mid_epoch", "epoch_end"])
+def test_resume_continues_exactly(clm_blocks, stop_after):
+    dataset = clm_blocks["train"]
+    straight = TrainBatches(dataset, batch_size=8, seed=1)
+    steps = straight.steps_per_epoch
+    consumed = steps // 2 if stop_after == "mid_epoch" else steps
+    total = 2 * steps + 3
+    expected = take(iter(straight), total)
+
+    first = TrainBatches(dataset, batch_size=8, seed=1)
+    before = take(iter(first), consumed)
+    resumed = TrainBatches(dataset, batch_size=8, seed=1)
+    resumed.load_state(first.state())
+    after = take(iter(resumed), total - consumed)
+    for got, want in zip(before + after, expected, strict=True):
+        np.testing.assert_array_equal(got["input_ids"], want["input_ids"])
+
+
+@pytest.mark.parametrize("consumed", [7, 23])  # mid-epoch, end of the first epoch
+def test_streamed_batches_resume_exactly(clm_blocks, consumed):
+    dataset = with_row_numbers(clm_blocks["validation"])
+    per_epoch = len(dataset) // 16
+    assert per_epoch == 23
+    stream = dataset.to_iterable_dataset(num_shards=4)
+    straight = TrainBatches(stream, batch_size=16, seed=0, shuffle_buffer=64)
+    assert straight.steps_per_epoch is None
+    expected = take(iter(straight), 2 * per_epoch + 3)
+    epochs = [np.concatenate([b["row"] for b in expected[e * per_epoch:(e + 1) * per_epoch]])
+              for e in range(2)]
+    assert all(len(set(rows.tolist())) == per_epoch * 16 for rows in epochs)
+    assert not np.array_equal(*epochs)
+
+    first = TrainBatches(stream, batch_size=16, seed=0, shuffle_buffer=64)
+    before = take(iter(first), consumed)
+    resumed = TrainBatches(stream, batch_size=16, seed=0, shuffle_buffer=64)
+    resumed.load_state(first.state())
+    after = take(iter(resumed), len(expected) - consumed)
+    for got, want in zip(before + after, expected, strict=True):
+        np.testing.assert_array_equal(got["row"], want["row"])
+        np.testing.assert_array_equal(got["input_ids"], want["input_ids"])
+
+
+def test_fewer_examples_than_one_batch_is_an_error(clm_blocks):
+    with pytest.raises(UserError, match="fewer than one batch"):
+        TrainBatches(clm_blocks["validation"], batch_size=10_000, seed=0)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_eval_batches_cover_every_example_once(clm_blocks, streaming):
+    dataset = clm_blocks["validation"]
+    expected = dataset.with_format("numpy")[:]["input_ids"]
+    assert len(expected) % 10  # a partial last batch to pad
+    source = dataset.to_iterable_dataset(num_shards=2) if streaming else dataset
+    batches = list(eval_batches(source, batch_size=10))
+    assert all(batch["input_ids"].shape == (10, 32) for batch in batches)
+    weights = np.concatenate([batch["example_weight"] for batch in batches])
+    rows = np.concatenate([batch["input_ids"] for batch in batches])
+    assert weights.dtype == np.float32
+    assert weights.sum() == len(expected) and (weights[: len(expected)] == 1).all()
+    np.testing.assert_array_equal(rows[: len(expected)], expected)
+    assert (rows[len(expected):] == 0).all()
+
+
+# -------------------------------------------------------------------------------- prefetcher
+
+
+def test_prefetcher_keeps_order_and_applies_put():
+    with Prefetcher(iter(range(20)), size=3, put=lambda x: x * 10) as items:
+        assert list(items) == [x * 10 for x in range(20)]
+
+
+def test_prefetcher_reraises_the_producers_exception():
+    def failing():
+        yield 1
+        yield 2
+        raise ValueError("broken shard")
+
+    items = Prefetcher(failing())
+    assert [next(items), next(items)] == [1, 2]
+    with pytest.raises(ValueError, match="broken shard"):
+        next(items)
+    with pytest.raises(StopIteration):
+        next(items)
+
+
+def test_prefetcher_close_stops_an_endless_producer():
+    made = itertools.count()
+    items = Prefetcher(made, size=2)
+    assert next(items) == 0
+    items.close()
+    stopped_at = next(made)
+    time.sleep(0.2)
+    assert next(made) == stopped_at + 1  # nothing advanced it after close()
+    assert not any(t.name == "prefetcher" and t.is_alive() for t in threading.enumerate())
+
+
+def test_prefetcher_counts_the_consumers_wait():
+    def slow():
+        for i in range(3):
+            time.sleep(0.05)
+            yield i
+
+    items = Prefetcher(slow(), size=1)
+    assert list(items) == [0, 1, 2]
+    assert items.wait_seconds >= 0.1
+
+
+def test_prefetcher_state_is_the_consumers_position(clm_blocks):
+    batches = TrainBatches(clm_blocks["train"], batch_size=8, seed=0)
+    with Prefetcher(batches, size=4) as items:
+        take(items, 3)
+        time.sleep(0.1)  # the producer runs ahead meanwhile
+        assert batches.state()["batch_in_epoch"] > 3
+        assert items.state() == {"epoch": 0, "batch_in_epoch": 3}
