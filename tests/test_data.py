@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import itertools
-import shutil
 import threading
 import time
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from tokenizers import ByteLevelBPETokenizer
-from tokenizers.processors import RobertaProcessing
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoTokenizer
 
 from flax_lm.errors import UserError
 from flax_lm.train.data import (
@@ -22,8 +19,6 @@ from flax_lm.train.data import (
     load_raw_splits,
     tokenize_splits,
 )
-
-SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
 
 
 def make_cfg(**overrides) -> SimpleNamespace:
@@ -41,17 +36,6 @@ def make_cfg(**overrides) -> SimpleNamespace:
 
 
 @pytest.fixture(scope="session")
-def code_dir(stdlib_dir, tmp_path_factory):
-    """Eight stdlib modules, one document per file."""
-    directory = tmp_path_factory.mktemp("code")
-    for path in sorted((stdlib_dir / "json").glob("*.py")) + [stdlib_dir / "textwrap.py",
-                                                              stdlib_dir / "shlex.py",
-                                                              stdlib_dir / "bisect.py"]:
-        shutil.copy(path, directory / f"{path.parent.name}_{path.name}")
-    return directory
-
-
-@pytest.fixture(scope="session")
 def lines_file(stdlib_dir, tmp_path_factory):
     """A .txt file: one document per line (blank lines included, as HF's text loader reads them)."""
     path = tmp_path_factory.mktemp("lines") / "textwrap.txt"
@@ -60,28 +44,26 @@ def lines_file(stdlib_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tokenizer(code_dir):
-    """A 500-token ByteLevelBPE tokenizer with RoBERTa's special tokens, trained on code_dir."""
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(
-        (path.read_text() for path in sorted(code_dir.iterdir())), vocab_size=500,
-        special_tokens=SPECIAL_TOKENS, show_progress=False,
-    )
-    bpe.post_processor = RobertaProcessing(("</s>", 2), ("<s>", 0))
-    return PreTrainedTokenizerFast(
-        tokenizer_object=bpe._tokenizer, bos_token="<s>", pad_token="<pad>", eos_token="</s>",
-        unk_token="<unk>", mask_token="<mask>",
-    )
+def tokenizer(tiny_tokenizer_dir):
+    return AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
 
 
 @pytest.fixture(scope="session")
-def code_splits(code_dir):
-    return load_raw_splits(make_cfg(train_file=[str(code_dir)], validation_split_percentage=25))
+def code_splits(code_corpus):
+    """Eight training modules and the validation modules, one document per file."""
+    return load_raw_splits(make_cfg(
+        train_file=[str(code_corpus.train)], validation_file=[str(code_corpus.validation)],
+        max_train_samples=8,
+    ))
 
 
 @pytest.fixture(scope="session")
 def clm_blocks(code_splits, tokenizer):
     return tokenize_splits(code_splits, tokenizer, make_cfg(block_size=32), "clm")
+
+
+def encode(tokenizer, texts) -> list[list[int]]:
+    return tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
 
 
 def flat(rows) -> list[int]:
@@ -99,24 +81,25 @@ def test_validation_is_the_head_of_train(lines_file):
     assert list(splits["train"]["text"]) == texts[held_out:]
 
 
-def test_validation_file_and_max_samples(code_dir, lines_file):
+def test_validation_file_and_max_samples(code_corpus, lines_file):
     splits = load_raw_splits(make_cfg(
-        train_file=[str(code_dir)], validation_file=[str(lines_file)],
+        train_file=[str(code_corpus.train)], validation_file=[str(lines_file)],
         max_train_samples=3, max_eval_samples=7,
     ))
     assert len(splits["train"]) == 3
     assert list(splits["validation"]["text"]) == lines_file.read_text().splitlines(keepends=True)[:7]
 
 
-def test_filter_keywords_keeps_matching_documents(code_dir, capsys):
-    texts = [path.read_text() for path in sorted(code_dir.iterdir())]
-    expected = [t for t in texts if "scanner" in t or "dedent" in t]
+def test_filter_keywords_keeps_matching_documents(code_corpus, capsys):
+    texts = [path.read_text() for path in sorted(code_corpus.train.iterdir())]
+    expected = [t for t in texts if "socket" in t or "heapq" in t]
     assert 0 < len(expected) < len(texts)
     splits = load_raw_splits(make_cfg(
-        train_file=[str(code_dir)], filter_keywords=["scanner", "dedent"],
-        validation_split_percentage=0, validation_file=[str(code_dir)],
+        train_file=[str(code_corpus.train)], filter_keywords=["socket", "heapq"],
+        validation_split_percentage=20,
     ))
-    assert sorted(splits["train"]["text"]) == sorted(expected)
+    assert list(splits["validation"]["text"]) == expected[:1]  # 20% of what the filter kept
+    assert list(splits["train"]["text"]) == expected[1:]
     assert f"kept {len(expected)} of {len(texts)} train documents" in capsys.readouterr().out
 
 
@@ -139,14 +122,16 @@ def test_a_named_dataset_with_a_validation_split_uses_it(tmp_path, stdlib_dir):
     assert list(splits["train"]["text"]) == (stdlib_dir / "textwrap.py").read_text().splitlines()
 
 
-def test_empty_validation_split_is_an_error(code_dir):
+def test_empty_validation_split_is_an_error(code_corpus):
+    files = len(list(code_corpus.train.iterdir()))
+    assert round(files / 100) == 0  # 1% of the documents rounds to none
     with pytest.raises(UserError, match="validation split is empty"):
-        load_raw_splits(make_cfg(train_file=[str(code_dir)], validation_split_percentage=1))
+        load_raw_splits(make_cfg(train_file=[str(code_corpus.train)], validation_split_percentage=1))
 
 
-def test_stream_without_validation_needs_max_eval_samples(code_dir):
+def test_stream_without_validation_needs_max_eval_samples(code_corpus):
     with pytest.raises(UserError, match="max_eval_samples"):
-        load_raw_splits(make_cfg(train_file=[str(code_dir)], streaming=True))
+        load_raw_splits(make_cfg(train_file=[str(code_corpus.train)], streaming=True))
 
 
 # ----------------------------------------------------------------------------- tokenization
@@ -154,7 +139,7 @@ def test_stream_without_validation_needs_max_eval_samples(code_dir):
 
 def test_clm_blocks_are_the_token_stream_cut_into_blocks(code_splits, clm_blocks, tokenizer):
     for name in ("train", "validation"):
-        stream = flat(tokenizer(list(code_splits[name]["text"]), verbose=False)["input_ids"])
+        stream = flat(encode(tokenizer, code_splits[name]["text"]))
         blocks = clm_blocks[name]["input_ids"]
         assert clm_blocks[name].column_names == ["input_ids"]
         assert {len(block) for block in blocks} == {32}
@@ -165,34 +150,42 @@ def test_clm_blocks_are_the_token_stream_cut_into_blocks(code_splits, clm_blocks
 def test_eos_between_documents(code_splits, tokenizer):
     cfg = make_cfg(block_size=32, add_eos_between_documents=True)
     blocks = tokenize_splits(code_splits, tokenizer, cfg, "clm")["train"]["input_ids"]
-    documents = tokenizer(list(code_splits["train"]["text"]), add_special_tokens=False)["input_ids"]
+    documents = encode(tokenizer, code_splits["train"]["text"])
     stream = flat(document + [tokenizer.eos_token_id] for document in documents)
     assert flat(blocks) == stream[:len(blocks) * 32]
     assert flat(blocks).count(tokenizer.eos_token_id) >= len(documents) - 1
 
 
-def test_mlm_blocks_carry_the_special_tokens_mask(code_splits, tokenizer):
+def test_mlm_blocks_are_documents_between_s_and_end_s(code_splits, tokenizer):
     blocks = tokenize_splits(code_splits, tokenizer, make_cfg(max_seq_length=48), "mlm")["train"]
-    encoded = tokenizer(list(code_splits["train"]["text"]), return_special_tokens_mask=True)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    stream = flat([bos] + ids + [eos] for ids in encode(tokenizer, code_splits["train"]["text"]))
     usable = len(blocks) * 48
     assert blocks.column_names == ["input_ids", "special_tokens_mask"]
-    assert flat(blocks["input_ids"]) == flat(encoded["input_ids"])[:usable]
-    assert flat(blocks["special_tokens_mask"]) == flat(encoded["special_tokens_mask"])[:usable]
-    assert blocks["input_ids"][0][0] == tokenizer.bos_token_id
+    assert flat(blocks["input_ids"]) == stream[:usable]
+    special = np.isin(stream[:usable], tokenizer.all_special_ids).astype(int).tolist()
+    assert flat(blocks["special_tokens_mask"]) == special
+    assert sum(special) >= 2 * len(code_splits["train"]) - 1  # every <s> and </s> but the cut one
 
 
 def test_line_by_line_pads_every_line(lines_file, tokenizer):
     raw = load_raw_splits(make_cfg(train_file=[str(lines_file)], validation_split_percentage=10))
     cfg = make_cfg(max_seq_length=16, line_by_line=True, pad_to_max_length=True)
-    examples = tokenize_splits(raw, tokenizer, cfg, "mlm")["train"].with_format("numpy")[:]
+    dataset = tokenize_splits(raw, tokenizer, cfg, "mlm")["train"]
+    assert {str(feature) for feature in dataset.features.values()} == {"List(Value('int32'), length=16)"}
+    examples = dataset.with_format("numpy")[:]
     lines = [line for text in raw["train"]["text"] for line in text.splitlines() if line.strip()]
     assert list(examples) == ["input_ids", "attention_mask", "special_tokens_mask"]
     assert examples["input_ids"].shape == (len(lines), 16)
-    lengths = [min(len(tokenizer(line)["input_ids"]), 16) for line in lines]
-    assert examples["attention_mask"].sum(axis=1).tolist() == lengths
-    padding = examples["attention_mask"] == 0
-    assert (examples["input_ids"][padding] == tokenizer.pad_token_id).all()
-    assert (examples["special_tokens_mask"][padding] == 1).all()
+    pad = tokenizer.pad_token_id
+    for row, ids in zip(examples["input_ids"], encode(tokenizer, lines), strict=True):
+        line = [tokenizer.bos_token_id] + ids[:14] + [tokenizer.eos_token_id]
+        assert row.tolist() == line + [pad] * (16 - len(line))
+    assert (examples["input_ids"][examples["attention_mask"] == 0] == pad).all()
+    assert (examples["input_ids"][examples["attention_mask"] == 1] != pad).all()
+    np.testing.assert_array_equal(
+        examples["special_tokens_mask"], np.isin(examples["input_ids"], tokenizer.all_special_ids)
+    )
 
 
 def test_a_stream_is_cut_into_the_same_blocks(lines_file, tokenizer):
@@ -231,16 +224,15 @@ def take(iterator, n: int) -> list[dict[str, np.ndarray]]:
 
 
 def test_each_epoch_is_a_fresh_permutation(clm_blocks):
-    dataset = with_row_numbers(clm_blocks["train"])
+    dataset = with_row_numbers(clm_blocks["train"].select(range(8 * 20 + 5)))
     blocks = dataset.with_format("numpy")[:]["input_ids"]
     batches = TrainBatches(dataset, batch_size=8, seed=3)
-    steps = batches.steps_per_epoch
-    assert steps == len(dataset) // 8 and len(dataset) % 8  # the partial batch is dropped
+    assert batches.steps_per_epoch == 20  # the partial batch is dropped
     epochs = []
     for _ in range(2):
-        epoch = take(iter(batches), steps)
+        epoch = take(iter(batches), 20)
         rows = np.concatenate([batch["row"] for batch in epoch])
-        assert len(set(rows.tolist())) == len(rows) == steps * 8
+        assert len(set(rows.tolist())) == len(rows) == 20 * 8
         np.testing.assert_array_equal(np.concatenate([b["input_ids"] for b in epoch]), blocks[rows])
         assert all(b["input_ids"].dtype == np.int32 and b["input_ids"].shape == (8, 32) for b in epoch)
         epochs.append(rows)
@@ -248,36 +240,28 @@ def test_each_epoch_is_a_fresh_permutation(clm_blocks):
     assert batches.state() == {"epoch": 2, "batch_in_epoch": 0}
 
 
-@pytest.mark.parametrize("stop_after", ["mid_epoch", "epoch_end"])
-def test_resume_continues_exactly(clm_blocks, stop_after):
-    dataset = clm_blocks["train"]
-    straight = TrainBatches(dataset, batch_size=8, seed=1)
-    steps = straight.steps_per_epoch
-    consumed = steps // 2 if stop_after == "mid_epoch" else steps
-    total = 2 * steps + 3
-    expected = take(iter(straight), total)
-
+@pytest.mark.parametrize("consumed", [7, 20])  # mid-epoch, end of the first epoch
+def test_resume_continues_exactly(clm_blocks, consumed):
+    dataset = clm_blocks["train"].select(range(8 * 20 + 5))
+    expected = take(iter(TrainBatches(dataset, batch_size=8, seed=1)), 2 * 20 + 3)
     first = TrainBatches(dataset, batch_size=8, seed=1)
     before = take(iter(first), consumed)
     resumed = TrainBatches(dataset, batch_size=8, seed=1)
     resumed.load_state(first.state())
-    after = take(iter(resumed), total - consumed)
+    after = take(iter(resumed), len(expected) - consumed)
     for got, want in zip(before + after, expected, strict=True):
         np.testing.assert_array_equal(got["input_ids"], want["input_ids"])
 
 
-@pytest.mark.parametrize("consumed", [7, 23])  # mid-epoch, end of the first epoch
+@pytest.mark.parametrize("consumed", [4, 10])  # mid-epoch, end of the first epoch
 def test_streamed_batches_resume_exactly(clm_blocks, consumed):
-    dataset = with_row_numbers(clm_blocks["validation"])
-    per_epoch = len(dataset) // 16
-    assert per_epoch == 23
+    dataset = with_row_numbers(clm_blocks["train"].select(range(16 * 10 + 5)))
     stream = dataset.to_iterable_dataset(num_shards=4)
     straight = TrainBatches(stream, batch_size=16, seed=0, shuffle_buffer=64)
     assert straight.steps_per_epoch is None
-    expected = take(iter(straight), 2 * per_epoch + 3)
-    epochs = [np.concatenate([b["row"] for b in expected[e * per_epoch:(e + 1) * per_epoch]])
-              for e in range(2)]
-    assert all(len(set(rows.tolist())) == per_epoch * 16 for rows in epochs)
+    expected = take(iter(straight), 2 * 10 + 3)
+    epochs = [np.concatenate([b["row"] for b in expected[e * 10:(e + 1) * 10]]) for e in range(2)]
+    assert all(len(set(rows.tolist())) == 10 * 16 for rows in epochs)
     assert not np.array_equal(*epochs)
 
     first = TrainBatches(stream, batch_size=16, seed=0, shuffle_buffer=64)
@@ -297,9 +281,8 @@ def test_fewer_examples_than_one_batch_is_an_error(clm_blocks):
 
 @pytest.mark.parametrize("streaming", [False, True])
 def test_eval_batches_cover_every_example_once(clm_blocks, streaming):
-    dataset = clm_blocks["validation"]
+    dataset = clm_blocks["validation"].select(range(10 * 6 + 4))  # a partial last batch to pad
     expected = dataset.with_format("numpy")[:]["input_ids"]
-    assert len(expected) % 10  # a partial last batch to pad
     source = dataset.to_iterable_dataset(num_shards=2) if streaming else dataset
     batches = list(eval_batches(source, batch_size=10))
     assert all(batch["input_ids"].shape == (10, 32) for batch in batches)

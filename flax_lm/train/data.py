@@ -154,10 +154,12 @@ def _map(split: Split, cfg, function: Callable, *, filter: bool = False, **kwarg
 def tokenize_splits(raw: dict[str, Split], tokenizer, cfg, objective: str) -> dict[str, Split]:
     """Token examples per split, fixed length (block_size for CLM, max_seq_length for MLM).
 
-    CLM: "input_ids" blocks cut from the concatenated documents. MLM: "input_ids" and
-    "special_tokens_mask" blocks, or with `line_by_line` one padded example per non-empty line
-    ("input_ids", "attention_mask", "special_tokens_mask"). A map-style dataset is concatenated
-    whole, so blocks only lose the final remainder; a stream drops a remainder per
+    The pipeline, not the tokenizer, places the special tokens. CLM: "input_ids" blocks cut from
+    the concatenated documents (with add_eos_between_documents, each followed by eos). MLM:
+    "input_ids" and "special_tokens_mask" blocks of documents encoded as `<s> ... </s>`, or with
+    line_by_line one `<s> line </s>` example per non-empty line, truncated and padded
+    ("input_ids", "attention_mask", "special_tokens_mask"). A map-style split is concatenated
+    whole, so it only loses the final remainder; a stream drops a remainder per
     STREAM_GROUP_DOCUMENTS documents, like HF's streaming example.
     """
     if objective not in ("clm", "mlm"):
@@ -166,83 +168,111 @@ def tokenize_splits(raw: dict[str, Split], tokenizer, cfg, objective: str) -> di
     length, flag = (
         (cfg.block_size, "block_size") if objective == "clm" else (cfg.max_seq_length, "max_seq_length")
     )
-    tokenize, fn_kwargs, columns = _tokenizer_function(objective, line_by_line, tokenizer, cfg)
+    if line_by_line:
+        tokenize, fn_kwargs = _tokenize_lines, _line_kwargs(tokenizer, length)
+        columns = ["input_ids", "attention_mask", "special_tokens_mask"]
+    else:
+        tokenize, fn_kwargs = _tokenize_documents, _document_kwargs(tokenizer, cfg, objective)
+        columns = ["input_ids"]
     token_features = Features(
         {name: List(Value("int32"), length=length if line_by_line else -1) for name in columns}
     )
+    special_ids = list(tokenizer.all_special_ids) if objective == "mlm" else None
     splits = {}
     for name, split in raw.items():
         tokens = _map(
             split, cfg, tokenize, fn_kwargs=fn_kwargs, remove_columns=["text"],
             features=token_features, desc=f"tokenizing {name}",
         )
-        examples = tokens if line_by_line else _group_into_blocks(tokens, length, cfg, name)
+        examples = tokens if line_by_line else _group_into_blocks(tokens, length, special_ids, cfg, name)
         if isinstance(examples, Dataset) and len(examples) == 0:
             raise UserError(_too_small_message(name, split, tokens, length, flag, line_by_line))
         splits[name] = examples
     return splits
 
 
-def _tokenizer_function(objective: str, line_by_line: bool, tokenizer, cfg):
-    """(function, its fn_kwargs, the columns it returns) for `datasets.map`."""
-    if objective == "clm":
-        eos_id = None
-        if cfg.add_eos_between_documents:
-            eos_id = tokenizer.eos_token_id
-            if eos_id is None:
-                raise UserError("add_eos_between_documents needs a tokenizer with an eos token")
-        return _tokenize_documents, {"tokenizer": tokenizer, "eos_id": eos_id}, ["input_ids"]
-    if line_by_line:
-        if tokenizer.pad_token_id is None:
-            raise UserError("line_by_line needs a tokenizer with a pad token")
-        kwargs = {"tokenizer": tokenizer, "max_length": cfg.max_seq_length}
-        return _tokenize_lines, kwargs, ["input_ids", "attention_mask", "special_tokens_mask"]
-    return _tokenize_with_special_tokens, {"tokenizer": tokenizer}, ["input_ids", "special_tokens_mask"]
+def _document_markers(tokenizer) -> tuple[int, int]:
+    """The ids that open and close an MLM document: <s> and </s> (bos/eos, else cls/sep)."""
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.cls_token_id
+    end = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    if start is None or end is None:
+        raise UserError("MLM needs a tokenizer with <s> and </s> (bos/eos or cls/sep) tokens")
+    return start, end
 
 
-def _tokenize_documents(batch: dict[str, list], tokenizer, eos_id: int | None) -> dict[str, list]:
-    """CLM: token ids per document; with eos_id every document is followed by it (no other specials)."""
-    texts = batch["text"]
-    if eos_id is None:
-        return {"input_ids": tokenizer(texts, return_attention_mask=False, verbose=False)["input_ids"]}
-    ids = tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)
-    return {"input_ids": [document + [eos_id] for document in ids["input_ids"]]}
+def _document_kwargs(tokenizer, cfg, objective: str) -> dict[str, Any]:
+    if objective == "mlm":
+        start, end = _document_markers(tokenizer)
+        return {"tokenizer": tokenizer, "prefix": [start], "suffix": [end]}
+    if not cfg.add_eos_between_documents:
+        return {"tokenizer": tokenizer, "prefix": [], "suffix": []}
+    if tokenizer.eos_token_id is None:
+        raise UserError("add_eos_between_documents needs a tokenizer with an eos token")
+    return {"tokenizer": tokenizer, "prefix": [], "suffix": [tokenizer.eos_token_id]}
 
 
-def _tokenize_with_special_tokens(batch: dict[str, list], tokenizer) -> dict[str, list]:
-    """MLM: each document wrapped in the tokenizer's special tokens, with their mask."""
-    encoded = tokenizer(
-        batch["text"], return_attention_mask=False, return_special_tokens_mask=True, verbose=False
-    )
-    return {"input_ids": encoded["input_ids"], "special_tokens_mask": encoded["special_tokens_mask"]}
+def _line_kwargs(tokenizer, max_length: int) -> dict[str, Any]:
+    start, end = _document_markers(tokenizer)
+    if tokenizer.pad_token_id is None:
+        raise UserError("line_by_line needs a tokenizer with a pad token")
+    if max_length < 3:
+        raise UserError(f"line_by_line needs max_seq_length >= 3 (<s>, a token, </s>), got {max_length}")
+    return {
+        "tokenizer": tokenizer, "start": start, "end": end, "pad": tokenizer.pad_token_id,
+        "special_ids": list(tokenizer.all_special_ids), "max_length": max_length,
+    }
 
 
-def _tokenize_lines(batch: dict[str, list], tokenizer, max_length: int) -> dict[str, list]:
-    """MLM line_by_line: every non-empty line, truncated and padded to max_length (static shapes)."""
+def _encode(tokenizer, texts: list[str], **kwargs) -> list[list[int]]:
+    """Token ids of each text, without the tokenizer's own special tokens."""
+    return tokenizer(
+        texts, add_special_tokens=False, return_attention_mask=False, verbose=False, **kwargs
+    )["input_ids"]
+
+
+def _tokenize_documents(batch: dict[str, list], tokenizer, prefix: list[int],
+                        suffix: list[int]) -> dict[str, list]:
+    return {"input_ids": [prefix + ids + suffix for ids in _encode(tokenizer, batch["text"])]}
+
+
+def _tokenize_lines(batch: dict[str, list], tokenizer, start: int, end: int, pad: int,
+                    special_ids: list[int], max_length: int) -> dict[str, np.ndarray]:
+    """Every non-empty line as `<s> line </s>`, truncated and padded to max_length (static shapes)."""
     lines = [line for text in batch["text"] for line in text.splitlines() if line.strip()]
-    encoded = tokenizer(
-        lines, padding="max_length", truncation=True, max_length=max_length,
-        return_special_tokens_mask=True, verbose=False,
-    )
-    return {key: encoded[key] for key in ("input_ids", "attention_mask", "special_tokens_mask")}
+    encoded = _encode(tokenizer, lines, truncation=True, max_length=max_length - 2)
+    input_ids = np.full((len(lines), max_length), pad, dtype=np.int32)
+    for row, ids in enumerate(encoded):
+        input_ids[row, :len(ids) + 2] = [start, *ids, end]
+    lengths = np.array([len(ids) + 2 for ids in encoded], dtype=np.int32).reshape(-1, 1)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": (np.arange(max_length) < lengths).astype(np.int32),
+        "special_tokens_mask": np.isin(input_ids, special_ids).astype(np.int32),
+    }
 
 
-def _concatenate_into_blocks(table: pa.Table, block_size: int) -> pa.Table:
-    """Every column's token lists concatenated and cut into rows of block_size; remainder dropped."""
-    blocks = {}
-    for name in table.column_names:
-        values = pc.list_flatten(table.column(name)).combine_chunks()
-        usable = len(values) // block_size * block_size
-        blocks[name] = pa.FixedSizeListArray.from_arrays(values.slice(0, usable), block_size)
+def _concatenate_into_blocks(table: pa.Table, block_size: int,
+                             special_ids: list[int] | None) -> pa.Table:
+    """The token lists concatenated and cut into rows of block_size (remainder dropped), with
+    their "special_tokens_mask" when special_ids are given."""
+    ids = pc.list_flatten(table.column("input_ids")).combine_chunks()
+    ids = ids.slice(0, len(ids) // block_size * block_size)
+    blocks = {"input_ids": pa.FixedSizeListArray.from_arrays(ids, block_size)}
+    if special_ids is not None:
+        special = np.isin(ids.to_numpy(zero_copy_only=False), special_ids).astype(np.int32)
+        blocks["special_tokens_mask"] = pa.FixedSizeListArray.from_arrays(pa.array(special), block_size)
     return pa.table(blocks)
 
 
-def _group_into_blocks(tokens: Split, block_size: int, cfg, name: str) -> Split:
-    features = Features(
-        {column: List(Value("int32"), length=block_size) for column in tokens.column_names}
-    )
+def _group_into_blocks(tokens: Split, block_size: int, special_ids: list[int] | None, cfg,
+                       name: str) -> Split:
+    columns = ["input_ids"] + (["special_tokens_mask"] if special_ids is not None else [])
+    features = Features({column: List(Value("int32"), length=block_size) for column in columns})
+    kwargs = {
+        "batched": True, "features": features,
+        "fn_kwargs": {"block_size": block_size, "special_ids": special_ids},
+    }
     as_arrow = tokens.with_format("arrow")
-    kwargs = {"batched": True, "fn_kwargs": {"block_size": block_size}, "features": features}
     if isinstance(tokens, Dataset):  # the whole split in one batch: one token stream
         blocks = as_arrow.map(
             _concatenate_into_blocks, batch_size=None, load_from_cache_file=not cfg.overwrite_cache,
