@@ -8,8 +8,10 @@ UserError instead of surfacing as a traceback halfway through a run.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import glob
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -148,11 +150,28 @@ def load_text_dataset(
     return dataset
 
 
+@contextlib.contextmanager
+def progress_bars_on_terminal_only():
+    """Show datasets' download/caching progress bars only on a terminal.
+
+    Captured or logged stderr stays clean: a failing command prints exactly its one error line.
+    """
+    hide = not sys.stderr.isatty() and not datasets.are_progress_bars_disabled()
+    if hide:
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if hide:
+            datasets.enable_progress_bars()
+
+
 def _load_hub_dataset(name, config_name, split, streaming, cache_dir) -> Corpus:
     try:
-        return datasets.load_dataset(
-            name, config_name, split=split, streaming=streaming, cache_dir=cache_dir
-        )
+        with progress_bars_on_terminal_only():
+            return datasets.load_dataset(
+                name, config_name, split=split, streaming=streaming, cache_dir=cache_dir
+            )
     except Exception as err:  # network, auth, unknown name or config: all user-facing
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"cannot load dataset {name!r}: {reason}") from None
@@ -171,14 +190,15 @@ def _load_local_files(specs, streaming, cache_dir, keep_linebreaks) -> Corpus:
         DOCUMENT_LOADER: ("text", {"sample_by": "document"}),
     }.get(loader, (loader, {}))
     try:
-        return datasets.load_dataset(
-            builder,
-            data_files=files,
-            split="train",
-            streaming=streaming,
-            cache_dir=cache_dir,
-            **options,
-        )
+        with progress_bars_on_terminal_only():
+            return datasets.load_dataset(
+                builder,
+                data_files=files,
+                split="train",
+                streaming=streaming,
+                cache_dir=cache_dir,
+                **options,
+            )
     except datasets.exceptions.DatasetGenerationError as err:
         cause = err.__cause__ or err
         raise UserError(f"cannot read the {loader} files ({files[0]}, ...): {cause}") from None

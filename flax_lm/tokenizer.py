@@ -102,10 +102,10 @@ def build_parser() -> ArgParser:
     source.add_argument("--dataset_name", help="a Hugging Face hub dataset")
     source.add_argument("--dataset_config_name", help="its configuration, e.g. a language")
     source.add_argument("--dataset_split", default="train", help="hub split (default: train)")
-    source.add_argument("--streaming", action="store_true", help="stream the hub dataset")
     source.add_argument(
-        "--train_file", nargs="+", help="files, directories (recursive) or globs; read lazily"
+        "--streaming", action="store_true", help="read lazily, without a datasets cache"
     )
+    source.add_argument("--train_file", nargs="+", help="files, directories (recursive) or globs")
     source.add_argument("--text_column", default="text", help="column holding the text")
     source.add_argument("--max_samples", type=int, help="use only the first N documents")
     source.add_argument("--cache_dir", help="datasets cache directory")
@@ -137,14 +137,14 @@ def check_output_dir(output_dir: Path, overwrite: bool) -> None:
 
 
 def load_corpus(args) -> Corpus:
-    """Local files are always read lazily: one pass, no Arrow copy of the corpus."""
+    """The corpus as the training scripts will read it (its datasets cache is reused there)."""
     return load_text_dataset(
         dataset_name=args.dataset_name,
         dataset_config_name=args.dataset_config_name,
         split=args.dataset_split,
         data_files=args.train_file,
         text_column=args.text_column,
-        streaming=args.streaming or args.train_file is not None,
+        streaming=args.streaming,
         cache_dir=args.cache_dir,
         max_samples=args.max_samples,
     )
