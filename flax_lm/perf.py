@@ -1,0 +1,64 @@
+"""Model FLOPs per token and MFU (model FLOPs utilisation) of a training run.
+
+The count is the usual "model FLOPs" of a training step (forward + backward, no rematerialisation,
+no optimizer, no elementwise work), so it does not depend on how a step is implemented:
+
+    flops_per_token = 6 * matmul_params + attention_coefficient * n_layer * seq_len * d_model
+
+- 6 * matmul_params: every weight that takes part in a matmul does 2 FLOPs per token forward
+  (multiply + add) and 4 backward (gradient of its input and of itself). `matmul_params` comes from
+  `flax_lm.models.matmul_param_count(config)`: attention, MLP and LM-head weights, the tied
+  word-embedding matrix counted once as the LM head, position/token-type embeddings (only
+  gathered) and biases/LayerNorm excluded.
+- attention: per layer and token, q @ k^T and probs @ v each take 2 * seq_len * d_model FLOPs
+  forward, so 4 forward and 12 forward + backward. Causal attention (GPT-2) needs only the lower
+  triangle, so it is counted at half: coefficient 6 for causal models, 12 for bidirectional ones.
+
+MFU = tokens/s * flops_per_token / peak FLOP/s, with the peak measured on the same machine
+(bench/peak.py), so the figure says how close a run gets to what the hardware can do.
+"""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+FLOPS_FORMULA = (
+    "flops/token = 6 * matmul_params + c * n_layer * seq_len * d_model "
+    "(fwd+bwd; c = 6 causal, 12 bidirectional)"
+)
+CAUSAL_MODEL_TYPES = frozenset({"gpt2"})
+
+
+def attention_flops_per_token(n_layer: int, seq_len: int, d_model: int, *, causal: bool) -> float:
+    """Forward + backward FLOPs of the score and value matmuls, per token."""
+    coefficient = 6 if causal else 12
+    return float(coefficient * n_layer * seq_len * d_model)
+
+
+def matmul_flops_per_token(matmul_params: int) -> float:
+    """Forward (2) + backward (4) FLOPs per token for each weight used in a matmul."""
+    return 6.0 * matmul_params
+
+
+def model_flops_per_token(config: PretrainedConfig, seq_len: int) -> float:
+    """Training FLOPs per token of a GPT-2 or RoBERTa config at sequence length `seq_len`."""
+    from flax_lm.models import matmul_param_count
+
+    attention = attention_flops_per_token(
+        config.num_hidden_layers,
+        seq_len,
+        config.hidden_size,
+        causal=config.model_type in CAUSAL_MODEL_TYPES,
+    )
+    return matmul_flops_per_token(matmul_param_count(config)) + attention
+
+
+def achieved_flops_per_second(tokens_per_second: float, flops_per_token: float) -> float:
+    return tokens_per_second * flops_per_token
+
+
+def mfu(tokens_per_second: float, flops_per_token: float, peak_flops_per_second: float) -> float:
+    """Model FLOPs utilisation: the share (0..1) of the peak that training turns into model FLOPs."""
+    if peak_flops_per_second <= 0:
+        raise ValueError(f"peak FLOP/s must be positive, got {peak_flops_per_second}")
+    return achieved_flops_per_second(tokens_per_second, flops_per_token) / peak_flops_per_second
