@@ -1,0 +1,226 @@
+"""`flax-lm evaluate`: eval loss, accuracy and perplexity of a saved model on text files, as JSON.
+
+The model is a saved directory (config.json + model.safetensors + tokenizer files, e.g. a training
+output_dir) or an orbax checkpoint of a run: `OUTPUT_DIR/checkpoints/STEP`, or an output_dir that
+has checkpoints but no exported model yet (its latest). The text goes through the training
+pipeline (tokenize_splits, eval_batches, the objective's make_batch and loss_terms) and the
+trainer's compiled eval step, so the figures are those a training run reports. GPT-2 is scored as
+a causal LM (next-token loss), RoBERTa as a masked LM with masks drawn from `--seed` exactly as
+the trainer draws its eval masks (same seed and eval batch size: the same masks).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from flax_lm.errors import ArgParser, UserError, report_user_errors
+
+OBJECTIVE_OF_MODEL = {"gpt2": "clm", "roberta": "mlm"}
+SAFETENSORS_FILES = ("model.safetensors", "model.safetensors.index.json")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A model to evaluate: weights from a safetensors dir or a checkpoint step, config and
+    tokenizer from the run's directory unless given."""
+
+    run_dir: Path
+    checkpoint: tuple[Path, int] | None  # (checkpoints dir, step)
+    config: str
+    tokenizer: str
+
+    def describe(self) -> str:
+        if self.checkpoint is None:
+            return str(self.run_dir)
+        directory, step = self.checkpoint
+        return str(directory / str(step))
+
+
+def find_model(model: str, config_name: str | None = None,
+               tokenizer_name: str | None = None) -> ModelSource:
+    """Resolve --model: a saved model dir, a checkpoint step dir, or an output_dir with checkpoints."""
+    from flax_lm.train import checkpoint
+
+    path = Path(model)
+    if not path.is_dir():
+        raise UserError(f"--model {model} is not a directory")
+    if path.name.isdigit() and (path / checkpoint.ITEMS[0]).is_dir():
+        found, run_dir = (path.parent, int(path.name)), path.parent.parent
+    elif any((path / name).is_file() for name in SAFETENSORS_FILES):
+        found, run_dir = None, path
+    elif steps := checkpoint.checkpoint_steps(path / checkpoint.CHECKPOINTS_SUBDIR):
+        found, run_dir = (path / checkpoint.CHECKPOINTS_SUBDIR, steps[-1]), path
+    else:
+        raise UserError(f"--model {model} holds no model.safetensors and no checkpoints: give a "
+                        "saved model directory or a checkpoint (OUTPUT_DIR/checkpoints/STEP)")
+    config = config_name or str(run_dir)
+    if not config_name and not (run_dir / "config.json").is_file():
+        raise UserError(f"no config.json in {run_dir} (the run wrote none yet): pass "
+                        "--config_name and --tokenizer_name of the run")
+    return ModelSource(run_dir, found, config, tokenizer_name or str(run_dir))
+
+
+def restore_params(checkpoint_dir: Path, step: int, abstract_params: nnx.State,
+                   shardings: Any) -> nnx.State:
+    """Only the parameters of a training checkpoint (its optimizer state is not read)."""
+    import orbax.checkpoint as ocp
+
+    target = {"params": jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_params, shardings)}
+    args = ocp.args.PyTreeRestore(item=target, partial_restore=True,
+                                  restore_args=ocp.checkpoint_utils.construct_restore_args(target))
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        try:
+            restored = checkpointer.restore((checkpoint_dir / str(step) / "state").absolute(),
+                                            args=args)
+        except (ValueError, KeyError) as err:
+            raise UserError(f"checkpoint {checkpoint_dir / str(step)} does not fit the model "
+                            f"config: {str(err).splitlines()[0][:300]}") from None
+    return restored["params"]
+
+
+def load_model_and_tokenizer(source: ModelSource, mesh) -> tuple[nnx.GraphDef, nnx.State, Any]:
+    """(graphdef, parameters replicated over the mesh, tokenizer)."""
+    from flax_lm.config import load_base_config, load_tokenizer
+    from flax_lm.models import create_model
+    from flax_lm.models.hf_io import load_model
+    from flax_lm.train.step import state_sharding
+
+    tokenizer = load_tokenizer(source.tokenizer)
+    if source.checkpoint is None:
+        graphdef, params = nnx.split(load_model(source.run_dir), nnx.Param)
+    else:
+        config = load_base_config(source.config)
+        abstract = nnx.eval_shape(lambda: create_model(config))
+        graphdef, params = nnx.split(abstract, nnx.Param)
+        params = restore_params(*source.checkpoint, params, state_sharding(mesh, params))
+    return graphdef, jax.device_put(params, state_sharding(mesh, params)), tokenizer
+
+
+def eval_config(args, model_config, tokenizer, objective: str):
+    """A TrainConfig for the data pipeline, with the sequence length resolved and checked as
+    training resolves it (default: min(1024, tokenizer and model limits))."""
+    from flax_lm.train.args import TrainConfig
+    from flax_lm.train.prepare import resolve_sequence_length
+
+    cfg = TrainConfig(
+        do_eval=True, validation_file=args.validation_file, block_size=args.block_size,
+        max_seq_length=args.max_seq_length, mlm_probability=args.mlm_probability,
+        line_by_line=args.line_by_line, pad_to_max_length=args.line_by_line,
+        add_eos_between_documents=args.add_eos_between_documents, text_column=args.text_column,
+        max_eval_samples=args.max_eval_samples, per_device_eval_batch_size=args.per_device_eval_batch_size,
+        seed=args.seed,
+    )
+    return resolve_sequence_length(cfg, objective, model_config, tokenizer)
+
+
+def evaluate(graphdef: nnx.GraphDef, params: nnx.State, tokenizer, cfg, objective_name: str,
+             mesh) -> dict[str, Any]:
+    """Loss, accuracy, perplexity, examples and targets over every example of cfg.validation_file."""
+    from flax_lm.corpus import load_text_dataset
+    from flax_lm.train.data import Prefetcher, eval_batches, tokenize_splits
+    from flax_lm.train.metrics import perplexity
+    from flax_lm.train.objectives import make_objective
+    from flax_lm.train.step import compile_eval_step, make_eval_step, make_put, process_rows
+    from flax_lm.train.trainer import EVAL_MASK_STREAM, PREFETCH_BATCHES
+
+    objective = make_objective(objective_name, tokenizer, cfg)
+    raw = load_text_dataset(data_files=cfg.validation_file, text_column=cfg.text_column,
+                            max_samples=cfg.max_eval_samples)
+    dataset = tokenize_splits({"validation": raw}, tokenizer, cfg, objective_name)["validation"]
+    rng = np.random.default_rng([cfg.seed, EVAL_MASK_STREAM])
+    batch_size = cfg.per_device_eval_batch_size * mesh.size
+    examples_seen = []
+
+    def model_batches():
+        for examples in eval_batches(dataset, batch_size):
+            examples_seen.append(int(examples["example_weight"].sum()))
+            yield process_rows(objective.make_batch(examples, rng), batch_axis=0)
+
+    eval_step, sums = None, []
+    with Prefetcher(model_batches(), PREFETCH_BATCHES, make_put(mesh, 0)) as batches:
+        for batch in batches:
+            if eval_step is None:
+                eval_step, _ = compile_eval_step(make_eval_step(graphdef, objective), params,
+                                                 batch, mesh)
+            sums.append(eval_step(params, batch))
+    totals = {k: sum(float(s[k]) for s in jax.device_get(sums)) for k in sums[0]}
+    targets = max(totals["num_targets"], 1.0)
+    loss = totals["loss_sum"] / targets
+    return {
+        "eval_loss": loss,
+        "eval_accuracy": totals["num_correct"] / targets,
+        "perplexity": perplexity(loss),
+        "eval_samples": sum(examples_seen),
+        "eval_targets": int(totals["num_targets"]),
+    }
+
+
+def parse_args(argv: list[str] | None):
+    parser = ArgParser(prog="flax-lm evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True,
+                        help="saved model dir, training output_dir, or OUTPUT_DIR/checkpoints/STEP")
+    parser.add_argument("--validation_file", required=True, nargs="+",
+                        help="text files, directories or globs")
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument("--block_size", type=int, help="GPT-2: tokens per block")
+    length.add_argument("--max_seq_length", type=int, help="RoBERTa: tokens per example")
+    parser.add_argument("--per_device_eval_batch_size", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=42, help="RoBERTa: seed of the eval masks")
+    parser.add_argument("--mlm_probability", type=float, default=0.15)
+    parser.add_argument("--line_by_line", action="store_true",
+                        help="RoBERTa: one example per non-empty line (padded)")
+    parser.add_argument("--add_eos_between_documents", action="store_true",
+                        help="GPT-2: join documents with eos, as the run did if it used this flag")
+    parser.add_argument("--max_eval_samples", type=int, help="only the first N documents")
+    parser.add_argument("--text_column", default="text")
+    parser.add_argument("--config_name", help="model config (checkpoints of a run without config.json)")
+    parser.add_argument("--tokenizer_name", help="tokenizer dir (default: the model's dir)")
+    args = parser.parse_args(argv)
+    for name in ("block_size", "max_seq_length", "per_device_eval_batch_size", "max_eval_samples"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name} must be positive, got {value}")
+    if not 0.0 < args.mlm_probability < 1.0:
+        raise UserError(f"--mlm_probability must be in (0, 1), got {args.mlm_probability}")
+    return args
+
+
+def check_length_flag(args, model_type: str) -> None:
+    wrong = {"gpt2": ("max_seq_length", "block_size"), "roberta": ("block_size", "max_seq_length")}
+    flag, right = wrong[model_type]
+    if getattr(args, flag) is not None:
+        raise UserError(f"--{flag} does not apply to a {model_type} model: use --{right}")
+
+
+@report_user_errors
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from flax_lm.config import load_base_config
+    from flax_lm.corpus import resolve_data_files
+    from flax_lm.train.metrics import strict_json
+    from flax_lm.train.step import make_mesh
+
+    resolve_data_files(args.validation_file)  # a missing file is reported before loading a model
+    source = find_model(args.model, args.config_name, args.tokenizer_name)
+    model_config = load_base_config(source.config)
+    if model_config.model_type not in OBJECTIVE_OF_MODEL:
+        raise UserError(f"cannot evaluate a {model_config.model_type} model")
+    check_length_flag(args, model_config.model_type)
+    objective = OBJECTIVE_OF_MODEL[model_config.model_type]
+    mesh = make_mesh()
+    graphdef, params, tokenizer = load_model_and_tokenizer(source, mesh)
+    cfg = eval_config(args, model_config, tokenizer, objective)
+    results = evaluate(graphdef, params, tokenizer, cfg, objective, mesh)
+    seq_len = cfg.block_size if objective == "clm" else cfg.max_seq_length
+    report = {"model": source.describe(), "model_type": model_config.model_type,
+              "objective": objective, "seq_len": seq_len, **results}
+    print(json.dumps(json.loads(strict_json(report)), indent=2))
+    return 0
