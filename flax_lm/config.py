@@ -232,7 +232,7 @@ def build_config(
 
 def describe(config: PretrainedConfig) -> str:
     return (
-        f"{config.model_type}: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+        f"{config.model_type}, {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
         f"{config.num_attention_heads} heads, vocab {config.vocab_size}, "
         f"{config.max_position_embeddings} positions"
     )
@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         args.model_type, args.base, args.tokenizer_name, args.dropout, args.config_overrides
     )
     config.save_pretrained(output_dir)
-    print(f"saved {describe(config)} to {output_dir / 'config.json'}")
+    print(f"saved {output_dir / 'config.json'}: {describe(config)}")
     return 0
 
 

@@ -132,6 +132,7 @@ def load_text_dataset(
 ) -> Corpus:
     """A corpus with exactly one column, "text", from a hub dataset or local files/dirs/globs.
 
+    `split` selects a hub dataset's split; local files form a single split.
     `keep_linebreaks` applies to .txt files, read one line per example as in HF's run_clm_flax.
     With `streaming` nothing is materialised: examples are read lazily as they are iterated.
     """

@@ -135,7 +135,8 @@ def test_cli_writes_a_config_that_autoconfig_reloads(tiny_tokenizer_dir, tmp_pat
         "--config_overrides", "n_embd=64,n_head=4,n_layer=2", "--output_dir", tmp_path,
     )  # fmt: skip
     assert status == 0
-    assert "saved gpt2: 2 layers, hidden 64, 4 heads, vocab 512, 1024 positions" in out
+    summary = "config.json: gpt2, 2 layers, hidden 64, 4 heads, vocab 512, 1024 positions"
+    assert out.strip().endswith(summary)
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["model_type"] == "gpt2" and saved["architectures"] == ["GPT2LMHeadModel"]
     reloaded = AutoConfig.from_pretrained(tmp_path)
