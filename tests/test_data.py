@@ -24,12 +24,27 @@ from flax_lm.train.data import (
 def make_cfg(**overrides) -> SimpleNamespace:
     """A run config with HF's defaults for every data flag."""
     cfg = dict(
-        dataset_name=None, dataset_config_name=None, train_file=None, validation_file=None,
-        validation_split_percentage=5, max_train_samples=None, max_eval_samples=None,
-        preprocessing_num_workers=None, overwrite_cache=False, cache_dir=None,
-        keep_linebreaks=True, block_size=64, max_seq_length=64, mlm_probability=0.15,
-        pad_to_max_length=False, line_by_line=False, streaming=False, seed=0, text_column="text",
-        add_eos_between_documents=False, filter_keywords=None,
+        dataset_name=None,
+        dataset_config_name=None,
+        train_file=None,
+        validation_file=None,
+        validation_split_percentage=5,
+        max_train_samples=None,
+        max_eval_samples=None,
+        preprocessing_num_workers=None,
+        overwrite_cache=False,
+        cache_dir=None,
+        keep_linebreaks=True,
+        block_size=64,
+        max_seq_length=64,
+        mlm_probability=0.15,
+        pad_to_max_length=False,
+        line_by_line=False,
+        streaming=False,
+        seed=0,
+        text_column="text",
+        add_eos_between_documents=False,
+        filter_keywords=None,
     )
     cfg.update(overrides)
     return SimpleNamespace(**cfg)
@@ -51,10 +66,13 @@ def tokenizer(tiny_tokenizer_dir):
 @pytest.fixture(scope="session")
 def code_splits(code_corpus):
     """Eight training modules and the validation modules, one document per file."""
-    return load_raw_splits(make_cfg(
-        train_file=[str(code_corpus.train)], validation_file=[str(code_corpus.validation)],
-        max_train_samples=8,
-    ))
+    return load_raw_splits(
+        make_cfg(
+            train_file=[str(code_corpus.train)],
+            validation_file=[str(code_corpus.validation)],
+            max_train_samples=8,
+        )
+    )
 
 
 @pytest.fixture(scope="session")
@@ -82,22 +100,31 @@ def test_validation_is_the_head_of_train(lines_file):
 
 
 def test_validation_file_and_max_samples(code_corpus, lines_file):
-    splits = load_raw_splits(make_cfg(
-        train_file=[str(code_corpus.train)], validation_file=[str(lines_file)],
-        max_train_samples=3, max_eval_samples=7,
-    ))
+    splits = load_raw_splits(
+        make_cfg(
+            train_file=[str(code_corpus.train)],
+            validation_file=[str(lines_file)],
+            max_train_samples=3,
+            max_eval_samples=7,
+        )
+    )
     assert len(splits["train"]) == 3
-    assert list(splits["validation"]["text"]) == lines_file.read_text().splitlines(keepends=True)[:7]
+    assert (
+        list(splits["validation"]["text"]) == lines_file.read_text().splitlines(keepends=True)[:7]
+    )
 
 
 def test_filter_keywords_keeps_matching_documents(code_corpus, capsys):
     texts = [path.read_text() for path in sorted(code_corpus.train.iterdir())]
     expected = [t for t in texts if "socket" in t or "heapq" in t]
     assert 0 < len(expected) < len(texts)
-    splits = load_raw_splits(make_cfg(
-        train_file=[str(code_corpus.train)], filter_keywords=["socket", "heapq"],
-        validation_split_percentage=20,
-    ))
+    splits = load_raw_splits(
+        make_cfg(
+            train_file=[str(code_corpus.train)],
+            filter_keywords=["socket", "heapq"],
+            validation_split_percentage=20,
+        )
+    )
     assert list(splits["validation"]["text"]) == expected[:1]  # 20% of what the filter kept
     assert list(splits["train"]["text"]) == expected[1:]
     assert f"kept {len(expected)} of {len(texts)} train documents" in capsys.readouterr().out
@@ -105,13 +132,20 @@ def test_filter_keywords_keeps_matching_documents(code_corpus, capsys):
 
 def test_filter_keywords_on_a_stream(lines_file, capsys):
     lines = lines_file.read_text().splitlines(keepends=True)
-    splits = load_raw_splits(make_cfg(
-        train_file=[str(lines_file)], streaming=True, filter_keywords=["def "], max_eval_samples=5,
-    ))
+    splits = load_raw_splits(
+        make_cfg(
+            train_file=[str(lines_file)],
+            streaming=True,
+            filter_keywords=["def "],
+            max_eval_samples=5,
+        )
+    )
     expected = [line for line in lines if "def " in line]
     assert [row["text"] for row in splits["train"]] == expected[5:]
     assert [row["text"] for row in splits["validation"]] == expected[:5]
-    assert f"kept {len(expected)} of the first {len(lines)} train documents" in capsys.readouterr().out
+    assert (
+        f"kept {len(expected)} of the first {len(lines)} train documents" in capsys.readouterr().out
+    )
 
 
 def test_a_named_dataset_with_a_validation_split_uses_it(tmp_path, stdlib_dir):
@@ -126,7 +160,20 @@ def test_empty_validation_split_is_an_error(code_corpus):
     files = len(list(code_corpus.train.iterdir()))
     assert round(files / 100) == 0  # 1% of the documents rounds to none
     with pytest.raises(UserError, match="validation split is empty"):
-        load_raw_splits(make_cfg(train_file=[str(code_corpus.train)], validation_split_percentage=1))
+        load_raw_splits(
+            make_cfg(train_file=[str(code_corpus.train)], validation_split_percentage=1)
+        )
+
+
+def test_evaluation_only_needs_only_a_validation_file(code_corpus):
+    cfg = make_cfg(validation_file=[str(code_corpus.validation)], do_train=False)
+    splits = load_raw_splits(cfg)
+    assert list(splits) == ["validation"]
+    assert len(splits["validation"]) == len(list(code_corpus.validation.iterdir()))
+    with pytest.raises(UserError, match="training needs --train_file"):
+        load_raw_splits(make_cfg(validation_file=[str(code_corpus.validation)]))
+    with pytest.raises(UserError, match="not both"):
+        load_raw_splits(make_cfg(train_file=[str(code_corpus.train)], dataset_name="wikitext"))
 
 
 def test_stream_without_validation_needs_max_eval_samples(code_corpus):
@@ -144,7 +191,7 @@ def test_clm_blocks_are_the_token_stream_cut_into_blocks(code_splits, clm_blocks
         assert clm_blocks[name].column_names == ["input_ids"]
         assert {len(block) for block in blocks} == {32}
         assert len(blocks) == len(stream) // 32
-        assert flat(blocks) == stream[:len(blocks) * 32]
+        assert flat(blocks) == stream[: len(blocks) * 32]
 
 
 def test_eos_between_documents(code_splits, tokenizer):
@@ -152,7 +199,7 @@ def test_eos_between_documents(code_splits, tokenizer):
     blocks = tokenize_splits(code_splits, tokenizer, cfg, "clm")["train"]["input_ids"]
     documents = encode(tokenizer, code_splits["train"]["text"])
     stream = flat(document + [tokenizer.eos_token_id] for document in documents)
-    assert flat(blocks) == stream[:len(blocks) * 32]
+    assert flat(blocks) == stream[: len(blocks) * 32]
     assert flat(blocks).count(tokenizer.eos_token_id) >= len(documents) - 1
 
 
@@ -172,7 +219,9 @@ def test_line_by_line_pads_every_line(lines_file, tokenizer):
     raw = load_raw_splits(make_cfg(train_file=[str(lines_file)], validation_split_percentage=10))
     cfg = make_cfg(max_seq_length=16, line_by_line=True, pad_to_max_length=True)
     dataset = tokenize_splits(raw, tokenizer, cfg, "mlm")["train"]
-    assert {str(feature) for feature in dataset.features.values()} == {"List(Value('int32'), length=16)"}
+    assert {str(feature) for feature in dataset.features.values()} == {
+        "List(Value('int32'), length=16)"
+    }
     examples = dataset.with_format("numpy")[:]
     lines = [line for text in raw["train"]["text"] for line in text.splitlines() if line.strip()]
     assert list(examples) == ["input_ids", "attention_mask", "special_tokens_mask"]
@@ -189,8 +238,13 @@ def test_line_by_line_pads_every_line(lines_file, tokenizer):
 
 
 def test_a_stream_is_cut_into_the_same_blocks(lines_file, tokenizer):
-    cfg = make_cfg(train_file=[str(lines_file)], validation_file=[str(lines_file)],
-                   max_train_samples=400, max_eval_samples=40, block_size=32)
+    cfg = make_cfg(
+        train_file=[str(lines_file)],
+        validation_file=[str(lines_file)],
+        max_train_samples=400,
+        max_eval_samples=40,
+        block_size=32,
+    )
     expected = tokenize_splits(load_raw_splits(cfg), tokenizer, cfg, "clm")
     cfg.streaming = True
     streamed = tokenize_splits(load_raw_splits(cfg), tokenizer, cfg, "clm")
@@ -234,7 +288,9 @@ def test_each_epoch_is_a_fresh_permutation(clm_blocks):
         rows = np.concatenate([batch["row"] for batch in epoch])
         assert len(set(rows.tolist())) == len(rows) == 20 * 8
         np.testing.assert_array_equal(np.concatenate([b["input_ids"] for b in epoch]), blocks[rows])
-        assert all(b["input_ids"].dtype == np.int32 and b["input_ids"].shape == (8, 32) for b in epoch)
+        assert all(
+            b["input_ids"].dtype == np.int32 and b["input_ids"].shape == (8, 32) for b in epoch
+        )
         epochs.append(rows)
     assert not np.array_equal(epochs[0], epochs[1])
     assert batches.state() == {"epoch": 2, "batch_in_epoch": 0}
@@ -260,7 +316,7 @@ def test_streamed_batches_resume_exactly(clm_blocks, consumed):
     straight = TrainBatches(stream, batch_size=16, seed=0, shuffle_buffer=64)
     assert straight.steps_per_epoch is None
     expected = take(iter(straight), 2 * 10 + 3)
-    epochs = [np.concatenate([b["row"] for b in expected[e * 10:(e + 1) * 10]]) for e in range(2)]
+    epochs = [np.concatenate([b["row"] for b in expected[e * 10 : (e + 1) * 10]]) for e in range(2)]
     assert all(len(set(rows.tolist())) == 10 * 16 for rows in epochs)
     assert not np.array_equal(*epochs)
 
@@ -291,7 +347,7 @@ def test_eval_batches_cover_every_example_once(clm_blocks, streaming):
     assert weights.dtype == np.float32
     assert weights.sum() == len(expected) and (weights[: len(expected)] == 1).all()
     np.testing.assert_array_equal(rows[: len(expected)], expected)
-    assert (rows[len(expected):] == 0).all()
+    assert (rows[len(expected) :] == 0).all()
 
 
 # -------------------------------------------------------------------------------- prefetcher

@@ -37,30 +37,38 @@ SHUFFLE_BUFFER = 10_000  # streaming: examples in the shuffle buffer
 def load_raw_splits(cfg) -> dict[str, Split]:
     """{"train", "validation"} documents with one "text" column, split as HF's run_*_flax do.
 
-    Validation comes from `validation_file`, else the hub dataset's "validation" split, else the
-    first `validation_split_percentage` % of train (streaming: the first `max_eval_samples`
-    documents). `filter_keywords` is applied before the split, `max_*_samples` after it.
+    Train comes from `train_file` or `dataset_name`. Validation comes from `validation_file`, else
+    the hub dataset's "validation" split, else the first `validation_split_percentage` % of train
+    (streaming: the first `max_eval_samples` documents). `filter_keywords` applies before that
+    split, `max_*_samples` after it. A split the run does not use (cfg.do_train / cfg.do_eval
+    false) is left out.
     """
-    if not cfg.dataset_name and not cfg.train_file:
-        raise UserError("give a hub dataset (--dataset_name) or training files (--train_file)")
-    train = _keep_documents_with_keywords(_load(cfg, "train", cfg.train_file), cfg, "train")
+    if cfg.dataset_name and cfg.train_file:
+        raise UserError("give --dataset_name or --train_file, not both")
+    train = _load_train(cfg)
     validation = _load_validation(cfg)
     if validation is None:
+        if train is None:
+            raise UserError("no data: give --dataset_name or --train_file")
         train, validation = _hold_out_validation(train, cfg)
-    else:
-        validation = _keep_documents_with_keywords(validation, cfg, "validation")
-    train = _first(train, cfg.max_train_samples)
-    validation = _first(validation, cfg.max_eval_samples)
-    if isinstance(validation, Dataset) and len(validation) == 0:
-        raise UserError(
-            "the validation split is empty: give --validation_file, more text or a larger "
-            f"--validation_split_percentage (now {cfg.validation_split_percentage})"
-        )
-    return {"train": train, "validation": validation}
+    splits = {}
+    if getattr(cfg, "do_train", True):
+        if train is None:
+            raise UserError("training needs --train_file or --dataset_name")
+        splits["train"] = _first(train, cfg.max_train_samples)
+    if getattr(cfg, "do_eval", True):
+        splits["validation"] = _first(validation, cfg.max_eval_samples)
+        if isinstance(splits["validation"], Dataset) and len(splits["validation"]) == 0:
+            raise UserError(
+                "the validation split is empty: give --validation_file, more text or a larger "
+                f"--validation_split_percentage (now {cfg.validation_split_percentage})"
+            )
+    return splits
 
 
-def _load(cfg, split: str, data_files: list[str] | None) -> Split:
-    return load_text_dataset(
+def _load(cfg, split: str, data_files: list[str] | None, name: str) -> Split:
+    """A split from local files or the hub, filtered by cfg.filter_keywords."""
+    documents = load_text_dataset(
         dataset_name=None if data_files else cfg.dataset_name,
         dataset_config_name=None if data_files else cfg.dataset_config_name,
         split=split,
@@ -70,13 +78,20 @@ def _load(cfg, split: str, data_files: list[str] | None) -> Split:
         cache_dir=cfg.cache_dir,
         keep_linebreaks=cfg.keep_linebreaks,
     )
+    return _keep_documents_with_keywords(documents, cfg, name)
+
+
+def _load_train(cfg) -> Split | None:
+    if not (cfg.train_file or cfg.dataset_name):
+        return None
+    return _load(cfg, "train", cfg.train_file, "train")
 
 
 def _load_validation(cfg) -> Split | None:
     if cfg.validation_file:
-        return _load(cfg, "train", cfg.validation_file)
-    if cfg.dataset_name and not cfg.train_file and _hub_has_validation_split(cfg):
-        return _load(cfg, "validation", None)
+        return _load(cfg, "train", cfg.validation_file, "validation")
+    if cfg.dataset_name and _hub_has_validation_split(cfg):
+        return _load(cfg, "validation", None, "validation")
     return None
 
 
@@ -120,23 +135,26 @@ def _keep_documents_with_keywords(split: Split, cfg, name: str) -> Split:
     if not cfg.filter_keywords:
         return split
     keywords = tuple(cfg.filter_keywords)
-    kept = _map(split, cfg, _contains_any_keyword, fn_kwargs={"keywords": keywords}, filter=True)
+    kept = _map(split, cfg, _contains_any_keyword, fn_kwargs={"keywords": keywords}, keep_rows=True)
     if isinstance(split, Dataset):
         seen, matched = len(split), len(kept)
         scope = f"{seen} {name} documents"
     else:  # a stream has no length: report the head of it
-        head = list(itertools.chain.from_iterable(
-            _contains_any_keyword(batch, keywords)
-            for batch in split.take(KEYWORD_SAMPLE_DOCUMENTS).iter(batch_size=256)
-        ))
+        head = list(
+            itertools.chain.from_iterable(
+                _contains_any_keyword(batch, keywords)
+                for batch in split.take(KEYWORD_SAMPLE_DOCUMENTS).iter(batch_size=256)
+            )
+        )
         seen, matched = len(head), sum(head)
         scope = f"the first {seen} {name} documents"
     print(f"filter_keywords: kept {matched} of {scope} ({100 * matched / max(seen, 1):.1f}%)")
     return kept
 
 
-def _map(split: Split, cfg, function: Callable, *, filter: bool = False, **kwargs) -> Split:
-    """Batched `map`/`filter`: parallel and cached for a Dataset, lazy for a stream."""
+def _map(split: Split, cfg, function: Callable, *, keep_rows: bool = False, **kwargs) -> Split:
+    """Batched `map` (`filter` with keep_rows): parallel and cached for a Dataset, lazy for a
+    stream."""
     if isinstance(split, Dataset):
         kwargs.update(
             num_proc=cfg.preprocessing_num_workers,
@@ -144,7 +162,7 @@ def _map(split: Split, cfg, function: Callable, *, filter: bool = False, **kwarg
         )
     else:
         kwargs.pop("desc", None)
-    apply = split.filter if filter else split.map
+    apply = split.filter if keep_rows else split.map
     return apply(function, batched=True, **kwargs)
 
 
@@ -166,7 +184,9 @@ def tokenize_splits(raw: dict[str, Split], tokenizer, cfg, objective: str) -> di
         raise ValueError(f"unknown objective {objective!r}")
     line_by_line = objective == "mlm" and bool(cfg.line_by_line)
     length, flag = (
-        (cfg.block_size, "block_size") if objective == "clm" else (cfg.max_seq_length, "max_seq_length")
+        (cfg.block_size, "block_size")
+        if objective == "clm"
+        else (cfg.max_seq_length, "max_seq_length")
     )
     if line_by_line:
         tokenize, fn_kwargs = _tokenize_lines, _line_kwargs(tokenizer, length)
@@ -181,10 +201,17 @@ def tokenize_splits(raw: dict[str, Split], tokenizer, cfg, objective: str) -> di
     splits = {}
     for name, split in raw.items():
         tokens = _map(
-            split, cfg, tokenize, fn_kwargs=fn_kwargs, remove_columns=["text"],
-            features=token_features, desc=f"tokenizing {name}",
+            split,
+            cfg,
+            tokenize,
+            fn_kwargs=fn_kwargs,
+            remove_columns=["text"],
+            features=token_features,
+            desc=f"tokenizing {name}",
         )
-        examples = tokens if line_by_line else _group_into_blocks(tokens, length, special_ids, cfg, name)
+        examples = (
+            tokens if line_by_line else _group_into_blocks(tokens, length, special_ids, cfg, name)
+        )
         if isinstance(examples, Dataset) and len(examples) == 0:
             raise UserError(_too_small_message(name, split, tokens, length, flag, line_by_line))
         splits[name] = examples
@@ -216,10 +243,16 @@ def _line_kwargs(tokenizer, max_length: int) -> dict[str, Any]:
     if tokenizer.pad_token_id is None:
         raise UserError("line_by_line needs a tokenizer with a pad token")
     if max_length < 3:
-        raise UserError(f"line_by_line needs max_seq_length >= 3 (<s>, a token, </s>), got {max_length}")
+        raise UserError(
+            f"line_by_line needs max_seq_length >= 3 (<s>, a token, </s>), got {max_length}"
+        )
     return {
-        "tokenizer": tokenizer, "start": start, "end": end, "pad": tokenizer.pad_token_id,
-        "special_ids": list(tokenizer.all_special_ids), "max_length": max_length,
+        "tokenizer": tokenizer,
+        "start": start,
+        "end": end,
+        "pad": tokenizer.pad_token_id,
+        "special_ids": list(tokenizer.all_special_ids),
+        "max_length": max_length,
     }
 
 
@@ -230,19 +263,28 @@ def _encode(tokenizer, texts: list[str], **kwargs) -> list[list[int]]:
     )["input_ids"]
 
 
-def _tokenize_documents(batch: dict[str, list], tokenizer, prefix: list[int],
-                        suffix: list[int]) -> dict[str, list]:
+def _tokenize_documents(
+    batch: dict[str, list], tokenizer, prefix: list[int], suffix: list[int]
+) -> dict[str, list]:
     return {"input_ids": [prefix + ids + suffix for ids in _encode(tokenizer, batch["text"])]}
 
 
-def _tokenize_lines(batch: dict[str, list], tokenizer, start: int, end: int, pad: int,
-                    special_ids: list[int], max_length: int) -> dict[str, np.ndarray]:
-    """Every non-empty line as `<s> line </s>`, truncated and padded to max_length (static shapes)."""
+def _tokenize_lines(
+    batch: dict[str, list],
+    tokenizer,
+    start: int,
+    end: int,
+    pad: int,
+    special_ids: list[int],
+    max_length: int,
+) -> dict[str, np.ndarray]:
+    """Every non-empty line as `<s> line </s>`, truncated and padded to max_length: static
+    shapes, so the train step compiles once."""
     lines = [line for text in batch["text"] for line in text.splitlines() if line.strip()]
     encoded = _encode(tokenizer, lines, truncation=True, max_length=max_length - 2)
     input_ids = np.full((len(lines), max_length), pad, dtype=np.int32)
     for row, ids in enumerate(encoded):
-        input_ids[row, :len(ids) + 2] = [start, *ids, end]
+        input_ids[row, : len(ids) + 2] = [start, *ids, end]
     lengths = np.array([len(ids) + 2 for ids in encoded], dtype=np.int32).reshape(-1, 1)
     return {
         "input_ids": input_ids,
@@ -251,8 +293,9 @@ def _tokenize_lines(batch: dict[str, list], tokenizer, start: int, end: int, pad
     }
 
 
-def _concatenate_into_blocks(table: pa.Table, block_size: int,
-                             special_ids: list[int] | None) -> pa.Table:
+def _concatenate_into_blocks(
+    table: pa.Table, block_size: int, special_ids: list[int] | None
+) -> pa.Table:
     """The token lists concatenated and cut into rows of block_size (remainder dropped), with
     their "special_tokens_mask" when special_ids are given."""
     ids = pc.list_flatten(table.column("input_ids")).combine_chunks()
@@ -260,31 +303,39 @@ def _concatenate_into_blocks(table: pa.Table, block_size: int,
     blocks = {"input_ids": pa.FixedSizeListArray.from_arrays(ids, block_size)}
     if special_ids is not None:
         special = np.isin(ids.to_numpy(zero_copy_only=False), special_ids).astype(np.int32)
-        blocks["special_tokens_mask"] = pa.FixedSizeListArray.from_arrays(pa.array(special), block_size)
+        blocks["special_tokens_mask"] = pa.FixedSizeListArray.from_arrays(
+            pa.array(special), block_size
+        )
     return pa.table(blocks)
 
 
-def _group_into_blocks(tokens: Split, block_size: int, special_ids: list[int] | None, cfg,
-                       name: str) -> Split:
+def _group_into_blocks(
+    tokens: Split, block_size: int, special_ids: list[int] | None, cfg, name: str
+) -> Split:
     columns = ["input_ids"] + (["special_tokens_mask"] if special_ids is not None else [])
     features = Features({column: List(Value("int32"), length=block_size) for column in columns})
     kwargs = {
-        "batched": True, "features": features,
+        "batched": True,
+        "features": features,
         "fn_kwargs": {"block_size": block_size, "special_ids": special_ids},
     }
     as_arrow = tokens.with_format("arrow")
     if isinstance(tokens, Dataset):  # the whole split in one batch: one token stream
         blocks = as_arrow.map(
-            _concatenate_into_blocks, batch_size=None, load_from_cache_file=not cfg.overwrite_cache,
-            desc=f"cutting {name} into blocks of {block_size}", **kwargs,
+            _concatenate_into_blocks,
+            batch_size=None,
+            load_from_cache_file=not cfg.overwrite_cache,
+            desc=f"cutting {name} into blocks of {block_size}",
+            **kwargs,
         )
     else:
         blocks = as_arrow.map(_concatenate_into_blocks, batch_size=STREAM_GROUP_DOCUMENTS, **kwargs)
     return blocks.with_format(None)
 
 
-def _too_small_message(name: str, raw: Dataset, tokens: Dataset, length: int, flag: str,
-                       line_by_line: bool) -> str:
+def _too_small_message(
+    name: str, raw: Dataset, tokens: Dataset, length: int, flag: str, line_by_line: bool
+) -> str:
     characters = sum(len(text) for text in raw["text"])
     if line_by_line:
         return f"the {name} split has no non-empty line ({characters} characters of text)"
@@ -307,7 +358,7 @@ def _num_rows(batch: dict[str, Any]) -> int:
 
 
 class TrainBatches:
-    """Global batches of raw examples, shuffled each epoch from the seed; the position is checkpointable.
+    """Global batches of raw examples, shuffled each epoch from the seed; checkpointable position.
 
     A map-style dataset is permuted with np.random.default_rng([seed, epoch]) and rows are fetched
     in bulk. A stream is shuffled through a seeded buffer (re-seeded per epoch with set_epoch); its
@@ -315,8 +366,9 @@ class TrainBatches:
     Only full batches are produced; `steps_per_epoch` is None for a stream.
     """
 
-    def __init__(self, dataset: Split, batch_size: int, seed: int, *,
-                 shuffle_buffer: int = SHUFFLE_BUFFER):
+    def __init__(
+        self, dataset: Split, batch_size: int, seed: int, *, shuffle_buffer: int = SHUFFLE_BUFFER
+    ):
         self.batch_size = batch_size
         self.seed = seed
         self.shuffle_buffer = shuffle_buffer
@@ -355,7 +407,7 @@ class TrainBatches:
     def _permuted_epoch(self, epoch: int, start: int) -> Iterator[Batch]:
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))
         for step in range(start, self.steps_per_epoch):
-            rows = order[step * self.batch_size:(step + 1) * self.batch_size]
+            rows = order[step * self.batch_size : (step + 1) * self.batch_size]
             yield _int32(self.dataset[rows])
 
     def _streamed_epoch(self, epoch: int, start: int) -> Iterator[Batch]:
@@ -383,7 +435,9 @@ def eval_batches(dataset: Split, batch_size: int) -> Iterator[Batch]:
     if isinstance(dataset, IterableDataset):
         batches = dataset.iter(batch_size=batch_size)
     else:
-        batches = (dataset[start:start + batch_size] for start in range(0, len(dataset), batch_size))
+        batches = (
+            dataset[start : start + batch_size] for start in range(0, len(dataset), batch_size)
+        )
     produced = 0
     for batch in batches:
         produced += 1

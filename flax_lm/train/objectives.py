@@ -113,7 +113,9 @@ def mask_tokens(
     unchanged 10% of the time. Labels are the original ids at targets, -100 elsewhere.
     """
     input_ids = np.asarray(input_ids, dtype=np.int32)
-    is_target = (rng.random(input_ids.shape) < mlm_probability) & ~np.asarray(special_tokens_mask, bool)
+    is_target = (rng.random(input_ids.shape) < mlm_probability) & ~np.asarray(
+        special_tokens_mask, bool
+    )
     labels = np.where(is_target, input_ids, IGNORE_INDEX).astype(np.int32)
     action = rng.random(input_ids.shape)
     random_tokens = rng.integers(0, vocab_size, size=input_ids.shape, dtype=np.int32)
@@ -153,8 +155,12 @@ class MaskedLM:
             special = np.isin(input_ids, self.special_token_ids)
         never_target = np.asarray(special, bool) | (attention_mask == 0)
         inputs, labels = mask_tokens(
-            input_ids, never_target, rng, mlm_probability=self.mlm_probability,
-            mask_token_id=self.mask_token_id, vocab_size=self.vocab_size,
+            input_ids,
+            never_target,
+            rng,
+            mlm_probability=self.mlm_probability,
+            mask_token_id=self.mask_token_id,
+            vocab_size=self.vocab_size,
         )
         batch = {"input_ids": inputs, "attention_mask": attention_mask, "labels": labels}
         return _with_weight(batch, examples)
@@ -167,7 +173,7 @@ OBJECTIVES: dict[str, type] = {objective.name: objective for objective in (Causa
 
 
 def make_objective(name: str, tokenizer, cfg) -> Objective:
-    """The objective called `name` ("clm" or "mlm"), configured from the tokenizer and run config."""
+    """The objective `name` ("clm" or "mlm"), configured from the tokenizer and the run config."""
     if name not in OBJECTIVES:
         raise UserError(f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}")
     return OBJECTIVES[name].from_tokenizer(tokenizer, cfg)
