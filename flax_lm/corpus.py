@@ -63,6 +63,8 @@ def _expand_spec(spec: str) -> list[str]:
         raise UserError(f"data file {spec!r} does not exist")
     found = []
     for match in map(Path, glob.glob(os.path.expanduser(spec), recursive=True)):
+        if "__pycache__" in match.parts:
+            continue
         if match.is_dir():
             found += _files_under(match)
         elif match.is_file() and match.stat().st_size > 0:
@@ -85,15 +87,17 @@ def _files_under(directory: Path) -> list[str]:
 
 def loader_for(files: Sequence[str]) -> str:
     """The one loader that reads all `files`; mixing loaders in one corpus is an error."""
-    loaders = {LOADER_BY_EXTENSION.get(Path(f).suffix.lower(), DOCUMENT_LOADER) for f in files}
-    if len(loaders) > 1:
-        examples = {
-            LOADER_BY_EXTENSION.get(Path(f).suffix.lower(), DOCUMENT_LOADER): Path(f).name
-            for f in files
-        }
-        listed = ", ".join(f"{loader} ({name})" for loader, name in sorted(examples.items()))
+    example_by_loader = {_loader(f): Path(f).name for f in files}
+    if len(example_by_loader) > 1:
+        listed = ", ".join(
+            f"{loader} ({name})" for loader, name in sorted(example_by_loader.items())
+        )
         raise UserError(f"data files need different loaders, use one kind per corpus: {listed}")
-    return loaders.pop()
+    return next(iter(example_by_loader))
+
+
+def _loader(path: str) -> str:
+    return LOADER_BY_EXTENSION.get(Path(path).suffix.lower(), DOCUMENT_LOADER)
 
 
 def check_text_file(path: str) -> None:

@@ -53,6 +53,7 @@ def test_files_dirs_and_globs_are_merged_sorted_and_deduplicated(source_tree: Pa
     assert found == sorted(set(found))
     assert [Path(f).name for f in found] == ["abc.py", "bisect.py", "colorsys.py", "decoder.py"]
     assert resolve_data_files(f"{source_tree}/b*.py") == [str(source_tree / "bisect.py")]
+    assert resolve_data_files(f"{source_tree}/**") == resolve_data_files(source_tree)
 
 
 @pytest.mark.parametrize("spec", ["missing.txt", "nowhere/*.py", "empty_dir"])
