@@ -131,7 +131,7 @@ def make_train_step(
         params = optax.apply_updates(state.params, updates)
         metrics = {
             **terms,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "learning_rate": schedule(state.step),
         }
         return TrainState(state.step + 1, params, opt_state, state.rng), metrics

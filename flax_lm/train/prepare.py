@@ -1,0 +1,218 @@
+"""Everything a run needs, loaded and checked before anything is written to output_dir.
+
+A mistake in the flags (wrong model type for the script, a tokenizer larger than the model's
+vocabulary, blocks longer than the model's positions, an output_dir holding another run) becomes
+one UserError here, so a failed start leaves the output directory as it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+
+from flax_lm.config import apply_config_overrides, load_base_config
+from flax_lm.errors import UserError
+from flax_lm.train import checkpoint
+from flax_lm.train.args import SCRIPT_NAMES, TrainConfig
+from flax_lm.train.data import TrainBatches, load_raw_splits, tokenize_splits
+from flax_lm.train.objectives import Objective, make_objective
+
+MODEL_TYPES = {"clm": "gpt2", "mlm": "roberta"}
+BASE_CONFIGS = {"gpt2": "gpt2", "roberta": "roberta-base"}
+MAX_DEFAULT_LENGTH = 1024  # default block_size / max_seq_length cap, as in HF's scripts
+
+
+@dataclass
+class Resume:
+    """The checkpoint a run continues from and what it recorded about its run."""
+
+    directory: Path  # the checkpoints dir holding it
+    step: int
+    meta: dict[str, Any]
+
+
+@dataclass
+class Prepared:
+    """A validated run: config with lengths resolved, model config, tokenizer, data."""
+
+    cfg: TrainConfig
+    objective: Objective
+    model_config: PretrainedConfig
+    tokenizer: PreTrainedTokenizerBase
+    splits: dict[str, Any]
+    seq_len: int
+    num_devices: int
+    train_batches: TrainBatches | None
+    total_steps: int
+    resume: Resume | None
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.cfg.output_dir)
+
+    @property
+    def global_batch_size(self) -> int:
+        cfg = self.cfg
+        return cfg.per_device_train_batch_size * self.num_devices * cfg.gradient_accumulation_steps
+
+
+def prepare(cfg: TrainConfig, objective_name: str, num_devices: int) -> Prepared:
+    """Load and check the model config, tokenizer, data and resume point; write nothing."""
+    output_dir = Path(cfg.output_dir)
+    resume = find_resume(cfg, output_dir)
+    check_output_dir(cfg, output_dir, resuming=resume is not None)
+    model_config = load_model_config(cfg, objective_name)
+    tokenizer = load_tokenizer(cfg)
+    check_vocab(tokenizer, model_config)
+    cfg = resolve_sequence_length(cfg, objective_name, model_config, tokenizer)
+    seq_len = cfg.block_size if objective_name == "clm" else cfg.max_seq_length
+    objective = make_objective(objective_name, tokenizer, cfg)
+    splits = tokenize_splits(load_raw_splits(cfg), tokenizer, cfg, objective_name)
+    prepared = Prepared(
+        cfg, objective, model_config, tokenizer, splits, seq_len, num_devices, None, 0, resume
+    )
+    if cfg.do_train:
+        prepared.train_batches = TrainBatches(splits["train"], prepared.global_batch_size, cfg.seed)
+        prepared.total_steps = total_train_steps(cfg, prepared.train_batches)
+        if resume is not None:
+            check_resume_matches(resume, prepared, objective_name)
+    return prepared
+
+
+def find_resume(cfg: TrainConfig, output_dir: Path) -> Resume | None:
+    if not cfg.resume_from_checkpoint:
+        return None
+    if not cfg.do_train:
+        raise UserError("--resume_from_checkpoint continues training: it needs --do_train")
+    directory, step = checkpoint.find_checkpoint(cfg.resume_from_checkpoint, output_dir)
+    return Resume(directory, step, checkpoint.read_meta(directory, step))
+
+
+def check_output_dir(cfg: TrainConfig, output_dir: Path, *, resuming: bool) -> None:
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"--output_dir {output_dir} exists and is not a directory")
+    has_files = output_dir.is_dir() and any(output_dir.iterdir())
+    if has_files and not (cfg.overwrite_output_dir or resuming):
+        raise UserError(
+            f"--output_dir {output_dir} already holds files: add --overwrite_output_dir to "
+            "write into it, or --resume_from_checkpoint to continue its run"
+        )
+
+
+def load_model_config(cfg: TrainConfig, objective_name: str) -> PretrainedConfig:
+    """The model's config: from --model_name_or_path, --config_name or --model_type, then
+    --config_overrides; its type must be the one this script trains."""
+    expected = MODEL_TYPES[objective_name]
+    if cfg.model_type and cfg.model_type != expected:
+        raise wrong_model_type(objective_name, cfg.model_type)
+    if cfg.model_name_or_path and cfg.config_overrides:
+        raise UserError(
+            "--config_overrides cannot change a pretrained model (--model_name_or_path); "
+            "use --config_name to train a new one"
+        )
+    source = cfg.model_name_or_path or cfg.config_name or BASE_CONFIGS[expected]
+    config = load_base_config(source)
+    if config.model_type != expected:
+        raise wrong_model_type(objective_name, config.model_type)
+    if cfg.config_overrides:
+        config = apply_config_overrides(config, cfg.config_overrides)
+    return config
+
+
+def wrong_model_type(objective_name: str, found: str) -> UserError:
+    other = next(name for name in MODEL_TYPES if name != objective_name)
+    return UserError(
+        f"{SCRIPT_NAMES[objective_name]} trains {MODEL_TYPES[objective_name]} models, "
+        f"but the model is {found}: use {SCRIPT_NAMES[other]} for {MODEL_TYPES[other]}"
+    )
+
+
+def load_tokenizer(cfg: TrainConfig) -> PreTrainedTokenizerBase:
+    name = cfg.tokenizer_name or cfg.model_name_or_path or cfg.config_name
+    if not name:
+        raise UserError(
+            "no tokenizer: give --tokenizer_name (a directory saved by train-tokenizer)"
+        )
+    try:
+        return AutoTokenizer.from_pretrained(name, cache_dir=cfg.cache_dir)
+    except (OSError, ValueError) as err:
+        reason = " ".join(str(err).split())[:300]
+        raise UserError(f"cannot load the tokenizer {name!r}: {reason}") from None
+
+
+def check_vocab(tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig) -> None:
+    if len(tokenizer) > config.vocab_size:
+        raise UserError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+            f"{config.vocab_size}: make the config with --tokenizer_name or pass "
+            f"--config_overrides vocab_size={len(tokenizer)}"
+        )
+
+
+def position_limit(objective_name: str, config: PretrainedConfig) -> tuple[int, str]:
+    """(the longest sequence the model has positions for, how that was computed)."""
+    if objective_name == "clm":
+        return config.n_positions, "n_positions"
+    pad = config.pad_token_id or 0  # RoBERTa positions start after the padding index
+    limit = config.max_position_embeddings - pad - 1
+    return limit, f"max_position_embeddings - pad_token_id - 1 = {limit}"
+
+
+def resolve_sequence_length(
+    cfg: TrainConfig,
+    objective_name: str,
+    config: PretrainedConfig,
+    tokenizer: PreTrainedTokenizerBase,
+) -> TrainConfig:
+    """block_size (CLM) or max_seq_length (MLM): checked against the model's positions; by default
+    min(1024, the tokenizer's model_max_length, the model's limit) like HF's scripts."""
+    flag = "block_size" if objective_name == "clm" else "max_seq_length"
+    limit, limit_text = position_limit(objective_name, config)
+    length = getattr(cfg, flag)
+    if length is None:
+        length = min(MAX_DEFAULT_LENGTH, tokenizer.model_max_length, limit)
+    elif length > limit:
+        raise UserError(f"--{flag} {length} is longer than the model allows ({limit_text})")
+    return dataclasses.replace(cfg, **{flag: length})
+
+
+def total_train_steps(cfg: TrainConfig, batches: TrainBatches) -> int:
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    total = math.floor(batches.steps_per_epoch * cfg.num_train_epochs)
+    if total == 0:
+        raise UserError(
+            f"{cfg.num_train_epochs} epochs of {batches.steps_per_epoch} steps is no step: "
+            "raise --num_train_epochs or give --max_steps"
+        )
+    return total
+
+
+def check_resume_matches(resume: Resume, prepared: Prepared, objective_name: str) -> None:
+    """The checkpoint must come from a run with the same data order and batch layout."""
+    now = run_identity(prepared, objective_name)
+    changed = [
+        f"{key} {resume.meta.get(key)} -> {value}"
+        for key, value in now.items()
+        if resume.meta.get(key) != value
+    ]
+    if changed:
+        raise UserError(
+            f"checkpoint {resume.directory / str(resume.step)} is from a different run setup "
+            f"({'; '.join(changed)}): resume with the same flags"
+        )
+
+
+def run_identity(prepared: Prepared, objective_name: str) -> dict[str, Any]:
+    """What must not change between a run and its resumption (stored in each checkpoint)."""
+    return {
+        "objective": objective_name,
+        "seed": prepared.cfg.seed,
+        "global_batch_size": prepared.global_batch_size,
+        "seq_len": prepared.seq_len,
+    }

@@ -1,0 +1,395 @@
+"""The training loop shared by run_clm_flax.py and run_mlm_flax.py.
+
+prepare() checks everything first; then the loop feeds prefetched, device-placed batches to a
+train step compiled once, keeps metrics on device until a logging step, evaluates every
+eval_steps, checkpoints every save_steps, and at the end exports a model PyTorch transformers loads.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from datasets import Dataset
+from flax import nnx
+
+from flax_lm.models import create_model, weight_decay_mask
+from flax_lm.models.hf_io import load_model, save_model
+from flax_lm.train import checkpoint
+from flax_lm.train.args import TrainConfig
+from flax_lm.train.data import Prefetcher, TrainBatches, eval_batches
+from flax_lm.train.metrics import METRICS_FILE, RunLog, keep_records_up_to, perplexity, write_json
+from flax_lm.train.optim import make_optimizer, make_schedule
+from flax_lm.train.prepare import Prepared, prepare, run_identity
+from flax_lm.train.step import (
+    TrainState,
+    compile_eval_step,
+    compile_train_step,
+    init_state,
+    make_eval_step,
+    make_mesh,
+    make_put,
+    make_train_step,
+    process_rows,
+)
+
+PREFETCH_BATCHES = 2
+EVAL_MASK_STREAM = 2**32  # eval masks come from (seed, this): the same masks at every evaluation
+MULTI_PROCESS_ENV = (
+    "JAX_COORDINATOR_ADDRESS",
+    "JAX_NUM_PROCESSES",
+    "SLURM_NTASKS",
+    "OMPI_COMM_WORLD_SIZE",
+    "TPU_WORKER_HOSTNAMES",
+)
+
+
+def run(cfg: TrainConfig, objective_name: str) -> dict[str, Any]:
+    """Train and/or evaluate as `cfg` says; returns all_results."""
+    setup_jax(cfg)
+    mesh = make_mesh()
+    prepared = prepare(cfg, objective_name, num_devices=mesh.size)
+    if prepared.cfg.do_train and prepared.cfg.warmup_steps > prepared.total_steps:
+        print(
+            f"warning: --warmup_steps {prepared.cfg.warmup_steps} is longer than training "
+            f"({prepared.total_steps} steps): the learning rate never reaches its peak",
+            file=sys.stderr,
+        )
+    return Trainer(prepared, mesh, objective_name).run()
+
+
+def setup_jax(cfg: TrainConfig) -> None:
+    """Join the other processes of a multi-host run; cache compiled steps across runs."""
+    if several_processes() and not jax.distributed.is_initialized():
+        jax.distributed.initialize()
+    if cfg.compilation_cache_dir.lower() != "none":
+        cache = Path(cfg.compilation_cache_dir).expanduser()
+        jax.config.update("jax_compilation_cache_dir", str(cache))
+
+
+def several_processes() -> bool:
+    values = [os.environ.get(name, "") for name in MULTI_PROCESS_ENV]
+    counts = [v for v in values[1:4] if v.isdigit()]
+    return bool(values[0]) or any(int(v) > 1 for v in counts) or "," in values[4]
+
+
+class Throughput:
+    """Training tokens per second, timed between points where the device is known to be idle,
+    leaving out evaluation, checkpointing and (as `steady=False`) the first step."""
+
+    def __init__(self):
+        self.total_tokens, self.total_seconds, self.last_rate = 0, 0.0, 0.0
+        self.restart()
+
+    def restart(self) -> None:
+        self.start, self.tokens = time.perf_counter(), 0
+
+    def add(self, tokens: int) -> None:
+        self.tokens += tokens
+
+    def close(self, steady: bool = True) -> None:
+        seconds = time.perf_counter() - self.start
+        if self.tokens:
+            self.last_rate = self.tokens / seconds
+            if steady:
+                self.total_tokens += self.tokens
+                self.total_seconds += seconds
+        self.restart()
+
+    @property
+    def steady_rate(self) -> float:
+        return self.total_tokens / self.total_seconds if self.total_seconds else self.last_rate
+
+
+class TrainStream:
+    """Model-ready batches [accumulation, microbatch, seq] from `start_step` on; MLM masks come from
+    np.random.default_rng([seed, step]), so a resumed run sees the same ones."""
+
+    def __init__(self, batches: TrainBatches, objective, seed: int, start_step: int, accum: int):
+        self.batches, self.objective, self.seed = batches, objective, seed
+        self.start_step, self.accum = start_step, accum
+
+    def state(self) -> dict[str, int]:
+        return self.batches.state()
+
+    def __iter__(self):
+        for step, examples in enumerate(self.batches, start=self.start_step):
+            batch = self.objective.make_batch(examples, np.random.default_rng([self.seed, step]))
+            micro = {k: v.reshape(self.accum, -1, *v.shape[1:]) for k, v in batch.items()}
+            yield process_rows(micro, batch_axis=1)
+
+
+def eval_host_batches(split, objective, batch_size: int, seed: int):
+    """Model-ready eval batches of the whole split; MLM masks come from (seed, EVAL_MASK_STREAM),
+    so every evaluation of a run (and a re-evaluation in PyTorch) sees the same ones."""
+    rng = np.random.default_rng([seed, EVAL_MASK_STREAM])
+    for examples in eval_batches(split, batch_size):
+        yield objective.make_batch(examples, rng)
+
+
+class Trainer:
+    def __init__(self, prepared: Prepared, mesh: jax.sharding.Mesh, objective_name: str):
+        self.p, self.cfg, self.mesh = prepared, prepared.cfg, mesh
+        self.objective_name = objective_name
+        self.is_main = jax.process_index() == 0
+        self.compile_seconds: dict[str, float] = {}
+        self.eval_step = None
+        self.eval_samples = 0
+
+    def run(self) -> dict[str, Any]:
+        self.start_output_dir()
+        model = self.build_model()
+        graphdef, params = nnx.split(model, nnx.Param)
+        self.graphdef = graphdef
+        log = RunLog(
+            self.p.output_dir,
+            total_steps=self.p.total_steps,
+            initial_step=self.p.resume.step if self.p.resume else 0,
+            tensorboard=self.cfg.report_to == "tensorboard",
+            enabled=self.is_main,
+        )
+        results: dict[str, Any] = {}
+        try:
+            step = 0
+            if self.cfg.do_train:
+                state, train_results, last_eval = self.train(params, log)
+                params, step = state.params, int(state.step)
+                results.update(train_results)
+                self.write_results("train_results.json", train_results)
+                self.save_outputs(params)
+            if self.cfg.do_eval:
+                eval_results = last_eval if self.cfg.do_train else self.evaluate(params, step, log)
+                eval_results = {**eval_results, "eval_samples": self.eval_samples}
+                results.update(eval_results)
+                self.write_results("eval_results.json", eval_results)
+        finally:
+            log.close()
+        self.write_results("all_results.json", results)
+        self.print_summary(results)
+        return results
+
+    # ------------------------------------------------------------------------------ setup
+
+    def start_output_dir(self) -> None:
+        """Create output_dir; a fresh training run replaces an earlier run's checkpoints and
+        metrics, a resumed one drops the metrics logged after its checkpoint."""
+        if not self.is_main:
+            return
+        out = self.p.output_dir
+        out.mkdir(parents=True, exist_ok=True)
+        if self.p.resume is not None:
+            keep_records_up_to(out / METRICS_FILE, self.p.resume.step)
+        elif self.cfg.do_train:
+            shutil.rmtree(out / checkpoint.CHECKPOINTS_SUBDIR, ignore_errors=True)
+            (out / METRICS_FILE).unlink(missing_ok=True)
+
+    def build_model(self) -> nnx.Module:
+        cfg = self.cfg
+        options = {"dtype": cfg.dtype, "scan_layers": cfg.scan_layers, "remat": cfg.remat}
+        if cfg.model_name_or_path:
+            return load_model(cfg.model_name_or_path, **options)
+        return create_model(self.p.model_config, seed=cfg.seed, **options)
+
+    # ------------------------------------------------------------------------------ train
+
+    def train(self, params, log: RunLog) -> tuple[TrainState, dict[str, Any], dict[str, Any]]:
+        """Train to total_steps; returns the final state, train results and the last eval."""
+        cfg, p = self.cfg, self.p
+        started = time.perf_counter()
+        schedule = make_schedule(cfg, p.total_steps)
+        optimizer = make_optimizer(cfg, schedule, weight_decay_mask(params))
+        state = init_state(params, optimizer, cfg.seed, self.mesh)
+        manager = checkpoint.open_manager(
+            p.output_dir / checkpoint.CHECKPOINTS_SUBDIR, max_to_keep=cfg.save_total_limit
+        )
+        try:
+            state = self.maybe_resume(state, manager, log)
+            train_step = make_train_step(self.graphdef, p.objective, optimizer, schedule)
+            state, summary, last_eval = self.loop(state, train_step, manager, log)
+            manager.wait_until_finished()
+        finally:
+            manager.close()
+        results = {
+            "train_loss": summary["loss"],
+            "train_runtime": round(time.perf_counter() - started, 3),
+            "train_samples": self.train_samples(int(state.step)),
+            "train_steps": int(state.step),
+            "train_tokens_per_second": summary["tokens_per_second"],
+            "compile_seconds": round(sum(self.compile_seconds.values()), 3),
+        }
+        return state, results, last_eval
+
+    def train_samples(self, steps: int) -> int:
+        """Examples in the training set (a stream: examples read in all)."""
+        train = self.p.splits["train"]
+        return len(train) if isinstance(train, Dataset) else steps * self.p.global_batch_size
+
+    def maybe_resume(self, state: TrainState, manager, log: RunLog) -> TrainState:
+        resume = self.p.resume
+        if resume is None:
+            return state
+        same_dir = resume.directory.resolve() == Path(manager.directory).resolve()
+        source = manager if same_dir else checkpoint.open_manager(resume.directory, read_only=True)
+        state, meta = checkpoint.restore(source, resume.step, like=state)
+        if not same_dir:
+            source.close()
+        later = [s for s in manager.all_steps() if s > resume.step]
+        for step in later:  # the resumed run replaces what came after its checkpoint
+            manager.delete(step)
+        self.p.train_batches.load_state(meta["data"])
+        dropped = f" (dropped later checkpoints {later})" if later else ""
+        log.message(
+            f"resumed from checkpoint {resume.directory / str(resume.step)} "
+            f"at step {resume.step}{dropped}"
+        )
+        return state
+
+    def loop(self, state: TrainState, train_step, manager, log: RunLog):
+        cfg, p = self.cfg, self.p
+        start, total = int(state.step), p.total_steps
+        last_eval: dict[str, Any] = {}
+        run_sums = {"loss_sum": 0.0, "num_targets": 0.0}
+        throughput = Throughput()
+        if start >= total:
+            log.message(f"the checkpoint is at step {start}: training already reached {total}")
+            if cfg.do_eval:
+                last_eval = self.evaluate(state.params, start, log)
+            return state, {"loss": None, "tokens_per_second": None}, last_eval
+        tokens_per_step = p.global_batch_size * p.seq_len
+        stream = TrainStream(
+            p.train_batches, p.objective, cfg.seed, start, cfg.gradient_accumulation_steps
+        )
+        with Prefetcher(stream, PREFETCH_BATCHES, make_put(self.mesh, batch_axis=1)) as batches:
+            batch = next(batches)
+            train_step, seconds = compile_train_step(train_step, state, batch, self.mesh)
+            self.compile_seconds["train_step"] = seconds
+            log.message(f"compiled the train step in {seconds:.2f} s")
+            pending = []
+            throughput.restart()
+            for step in range(start + 1, total + 1):
+                state, metrics = train_step(state, batch)
+                pending.append(metrics)
+                throughput.add(tokens_per_step)
+                log.advance()
+                if step == start + 1:  # the first step's time is not steady state
+                    jax.block_until_ready(state)
+                    throughput.close(steady=False)
+                if step % cfg.logging_steps == 0 or step == total:
+                    record = self.train_record(step, pending, throughput, batches, run_sums)
+                    log.train(record)
+                    pending = []
+                if cfg.do_eval and (step % cfg.eval_steps == 0 or step == total):
+                    jax.block_until_ready(state)
+                    throughput.close()
+                    last_eval = self.evaluate(state.params, step, log)
+                    throughput.restart()
+                if step % cfg.save_steps == 0 or step == total:
+                    jax.block_until_ready(state)
+                    throughput.close()
+                    meta = {
+                        "step": step,
+                        "data": batches.state(),
+                        **run_identity(p, self.objective_name),
+                    }
+                    checkpoint.save(manager, state, meta)
+                    throughput.restart()
+                if step < total:
+                    batch = next(batches)
+        loss = run_sums["loss_sum"] / max(run_sums["num_targets"], 1.0)
+        return state, {"loss": loss, "tokens_per_second": throughput.steady_rate}, last_eval
+
+    def train_record(
+        self,
+        step: int,
+        pending: list[dict],
+        throughput: Throughput,
+        batches: Prefetcher,
+        run_sums: dict[str, float],
+    ) -> dict[str, Any]:
+        """Fetch the metrics kept on device since the last log (the loop's only sync point)."""
+        fetched = jax.device_get(pending)
+        throughput.close()
+        loss_sum = sum(float(m["loss_sum"]) for m in fetched)
+        num_targets = sum(float(m["num_targets"]) for m in fetched)
+        run_sums["loss_sum"] += loss_sum
+        run_sums["num_targets"] += num_targets
+        steps_per_epoch = self.p.train_batches.steps_per_epoch
+        epoch = step / steps_per_epoch if steps_per_epoch else batches.state()["epoch"]
+        return {
+            "step": step,
+            "epoch": round(epoch, 4),
+            "loss": loss_sum / max(num_targets, 1.0),
+            "learning_rate": float(fetched[-1]["learning_rate"]),
+            "grad_norm": float(np.mean([m["grad_norm"] for m in fetched])),
+            "tokens_per_second": round(throughput.last_rate, 1),
+        }
+
+    # ------------------------------------------------------------------------------- eval
+
+    def eval_stream(self):
+        batch_size = self.cfg.per_device_eval_batch_size * self.mesh.size
+        self.eval_samples = 0
+        for batch in eval_host_batches(
+            self.p.splits["validation"], self.p.objective, batch_size, self.cfg.seed
+        ):
+            self.eval_samples += int(batch["example_weight"].sum())
+            yield process_rows(batch, batch_axis=0)
+
+    def evaluate(self, params, step: int, log: RunLog) -> dict[str, Any]:
+        """Loss, accuracy and perplexity over the whole validation split."""
+        sums = []
+        with Prefetcher(self.eval_stream(), PREFETCH_BATCHES, make_put(self.mesh, 0)) as batches:
+            for batch in batches:
+                if self.eval_step is None:
+                    eval_fn = make_eval_step(self.graphdef, self.p.objective)
+                    self.eval_step, seconds = compile_eval_step(eval_fn, params, batch, self.mesh)
+                    self.compile_seconds["eval_step"] = seconds
+                sums.append(self.eval_step(params, batch))
+        fetched = jax.device_get(sums)
+        total = {k: sum(float(s[k]) for s in fetched) for k in fetched[0]}
+        targets = max(total["num_targets"], 1.0)
+        loss = total["loss_sum"] / targets
+        record = {
+            "step": step,
+            "eval_loss": loss,
+            "eval_accuracy": total["num_correct"] / targets,
+            "perplexity": perplexity(loss),
+        }
+        log.eval(record)
+        return {k: v for k, v in record.items() if k != "step"}
+
+    # ---------------------------------------------------------------------------- outputs
+
+    def save_outputs(self, params) -> None:
+        """config.json, model.safetensors (PyTorch layout) and the tokenizer in output_dir."""
+        if self.is_main:
+            save_model(nnx.merge(self.graphdef, params), self.p.output_dir)
+            self.p.tokenizer.save_pretrained(self.p.output_dir)
+
+    def write_results(self, name: str, results: dict[str, Any]) -> None:
+        if self.is_main:
+            write_json(self.p.output_dir / name, results)
+
+    def print_summary(self, results: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
+        lines = [f"output: {self.p.output_dir}"]
+        if "train_steps" in results and results["train_loss"] is not None:
+            compiled = ", ".join(f"{k} {v:.2f} s" for k, v in self.compile_seconds.items())
+            lines.append(
+                f"train: {results['train_steps']} steps, loss {results['train_loss']:.4f}, "
+                f"{results['train_tokens_per_second']:,.0f} tokens/s (steady state), "
+                f"compile {compiled}, {results['train_runtime']:.1f} s in all"
+            )
+        if "eval_loss" in results:
+            lines.append(
+                f"eval: loss {results['eval_loss']:.4f}, accuracy {results['eval_accuracy']:.4f}, "
+                f"perplexity {results['perplexity']:.3f} on {results['eval_samples']} examples"
+            )
+        print("\n".join(lines))
