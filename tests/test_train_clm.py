@@ -25,8 +25,9 @@ STEPS = 10
 LOSS_TOLERANCE = 1e-5  # float32: same losses whatever the split into devices / microbatches
 
 
-def clm_argv(code_corpus, tokenizer_dir: Path, output_dir: Path, cache_dir: Path,
-             *extra: str) -> list[str]:
+def clm_argv(
+    code_corpus, tokenizer_dir: Path, output_dir: Path, cache_dir: Path, *extra: str
+) -> list[str]:
     """10 steps of a global batch of 8 blocks of 64 tokens; warmup longer than the run (lr
     rises all along; checks the warning too)."""
     return [
@@ -95,7 +96,9 @@ def test_clm_trains_and_writes_every_output(clm_run):
     assert set(results["eval"]) == {"eval_loss", "eval_accuracy", "perplexity", "eval_samples"}
     assert results["all"] == results["train"] | results["eval"]
     assert results["train"]["train_steps"] == STEPS
-    assert results["train"]["compile_seconds"] > 0 and results["train"]["train_tokens_per_second"] > 0
+    assert (
+        results["train"]["compile_seconds"] > 0 and results["train"]["train_tokens_per_second"] > 0
+    )
     assert results["eval"]["eval_loss"] == pytest.approx(evals[-1]["eval_loss"], rel=1e-12)
     train_loss = sum(r["loss"] for r in train) / STEPS  # every block has 63 targets
     assert results["train"]["train_loss"] == pytest.approx(train_loss, rel=1e-6)
@@ -142,7 +145,9 @@ def test_gradient_accumulation_equals_the_full_batch(clm_run, tmp_path):
     out, argv, _ = clm_run
     accumulated = tmp_path / "accumulated"
     argv = [a if a != str(out) else str(accumulated) for a in argv]
-    run_in_process([*argv, "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "4"])
+    run_in_process(
+        [*argv, "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "4"]
+    )
     assert_same_losses(read_metrics(out), read_metrics(accumulated))
 
 
