@@ -175,10 +175,10 @@ def tokenize_splits(raw: dict[str, Split], tokenizer, cfg, objective: str) -> di
     The pipeline, not the tokenizer, places the special tokens. CLM: "input_ids" blocks cut from
     the concatenated documents (with add_eos_between_documents, each followed by eos). MLM:
     "input_ids" and "special_tokens_mask" blocks of documents encoded as `<s> ... </s>`, or with
-    line_by_line one `<s> line </s>` example per non-empty line, truncated and padded
-    ("input_ids", "attention_mask", "special_tokens_mask"). A map-style split is concatenated
-    whole, so it only loses the final remainder; a stream drops a remainder per
-    STREAM_GROUP_DOCUMENTS documents, like HF's streaming example.
+    line_by_line one `<s> line </s>` example per non-empty line, truncated and always padded to
+    max_seq_length, so shapes stay static ("input_ids", "attention_mask", "special_tokens_mask").
+    A map-style split is concatenated whole, so it only loses the final remainder; a stream
+    drops a remainder per STREAM_GROUP_DOCUMENTS documents, like HF's streaming example.
     """
     if objective not in ("clm", "mlm"):
         raise ValueError(f"unknown objective {objective!r}")
@@ -312,6 +312,8 @@ def _concatenate_into_blocks(
 def _group_into_blocks(
     tokens: Split, block_size: int, special_ids: list[int] | None, cfg, name: str
 ) -> Split:
+    """Fixed-length blocks, cached like the tokens. Cutting a map-style split holds its token
+    stream in memory once (4 bytes a token: 1B tokens, 4 GB); stream bigger corpora."""
     columns = ["input_ids"] + (["special_tokens_mask"] if special_ids is not None else [])
     features = Features({column: List(Value("int32"), length=block_size) for column in columns})
     kwargs = {
