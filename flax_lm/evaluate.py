@@ -43,9 +43,10 @@ class ModelSource:
         return str(directory / str(step))
 
 
-def find_model(model: str, config_name: str | None = None,
-               tokenizer_name: str | None = None) -> ModelSource:
-    """Resolve --model: a saved model dir, a checkpoint step dir, or an output_dir with checkpoints."""
+def find_model(
+    model: str, config_name: str | None = None, tokenizer_name: str | None = None
+) -> ModelSource:
+    """Resolve --model: a saved model, a checkpoint step dir, or an output_dir with checkpoints."""
     from flax_lm.train import checkpoint
 
     path = Path(model)
@@ -58,31 +59,47 @@ def find_model(model: str, config_name: str | None = None,
     elif steps := checkpoint.checkpoint_steps(path / checkpoint.CHECKPOINTS_SUBDIR):
         found, run_dir = (path / checkpoint.CHECKPOINTS_SUBDIR, steps[-1]), path
     else:
-        raise UserError(f"--model {model} holds no model.safetensors and no checkpoints: give a "
-                        "saved model directory or a checkpoint (OUTPUT_DIR/checkpoints/STEP)")
+        raise UserError(
+            f"--model {model} holds no model.safetensors and no checkpoints: give a "
+            "saved model directory or a checkpoint (OUTPUT_DIR/checkpoints/STEP)"
+        )
     config = config_name or str(run_dir)
     if not config_name and not (run_dir / "config.json").is_file():
-        raise UserError(f"no config.json in {run_dir} (the run wrote none yet): pass "
-                        "--config_name and --tokenizer_name of the run")
+        raise UserError(
+            f"no config.json in {run_dir} (the run wrote none yet): pass "
+            "--config_name and --tokenizer_name of the run"
+        )
     return ModelSource(run_dir, found, config, tokenizer_name or str(run_dir))
 
 
-def restore_params(checkpoint_dir: Path, step: int, abstract_params: nnx.State,
-                   shardings: Any) -> nnx.State:
+def restore_params(
+    checkpoint_dir: Path, step: int, abstract_params: nnx.State, shardings: Any
+) -> nnx.State:
     """Only the parameters of a training checkpoint (its optimizer state is not read)."""
     import orbax.checkpoint as ocp
 
-    target = {"params": jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_params, shardings)}
-    args = ocp.args.PyTreeRestore(item=target, partial_restore=True,
-                                  restore_args=ocp.checkpoint_utils.construct_restore_args(target))
+    target = {
+        "params": jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            abstract_params,
+            shardings,
+        )
+    }
+    args = ocp.args.PyTreeRestore(
+        item=target,
+        partial_restore=True,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+    )
     with ocp.PyTreeCheckpointer() as checkpointer:
         try:
-            restored = checkpointer.restore((checkpoint_dir / str(step) / "state").absolute(),
-                                            args=args)
+            restored = checkpointer.restore(
+                (checkpoint_dir / str(step) / "state").absolute(), args=args
+            )
         except (ValueError, KeyError) as err:
-            raise UserError(f"checkpoint {checkpoint_dir / str(step)} does not fit the model "
-                            f"config: {str(err).splitlines()[0][:300]}") from None
+            raise UserError(
+                f"checkpoint {checkpoint_dir / str(step)} does not fit the model "
+                f"config: {str(err).splitlines()[0][:300]}"
+            ) from None
     return restored["params"]
 
 
@@ -111,19 +128,26 @@ def eval_config(args, model_config, tokenizer, objective: str):
     from flax_lm.train.prepare import resolve_sequence_length
 
     cfg = TrainConfig(
-        do_eval=True, validation_file=args.validation_file, block_size=args.block_size,
-        max_seq_length=args.max_seq_length, mlm_probability=args.mlm_probability,
-        line_by_line=args.line_by_line, pad_to_max_length=args.line_by_line,
-        add_eos_between_documents=args.add_eos_between_documents, text_column=args.text_column,
-        max_eval_samples=args.max_eval_samples, per_device_eval_batch_size=args.per_device_eval_batch_size,
+        do_eval=True,
+        validation_file=args.validation_file,
+        block_size=args.block_size,
+        max_seq_length=args.max_seq_length,
+        mlm_probability=args.mlm_probability,
+        line_by_line=args.line_by_line,
+        pad_to_max_length=args.line_by_line,
+        add_eos_between_documents=args.add_eos_between_documents,
+        text_column=args.text_column,
+        max_eval_samples=args.max_eval_samples,
+        per_device_eval_batch_size=args.per_device_eval_batch_size,
         seed=args.seed,
     )
     return resolve_sequence_length(cfg, objective, model_config, tokenizer)
 
 
-def evaluate(graphdef: nnx.GraphDef, params: nnx.State, tokenizer, cfg, objective_name: str,
-             mesh) -> dict[str, Any]:
-    """Loss, accuracy, perplexity, examples and targets over every example of cfg.validation_file."""
+def evaluate(
+    graphdef: nnx.GraphDef, params: nnx.State, tokenizer, cfg, objective_name: str, mesh
+) -> dict[str, Any]:
+    """Loss, accuracy, perplexity, examples and targets over all of cfg.validation_file."""
     from flax_lm.corpus import load_text_dataset
     from flax_lm.train.data import Prefetcher, eval_batches, tokenize_splits
     from flax_lm.train.metrics import perplexity
@@ -132,8 +156,11 @@ def evaluate(graphdef: nnx.GraphDef, params: nnx.State, tokenizer, cfg, objectiv
     from flax_lm.train.trainer import EVAL_MASK_STREAM, PREFETCH_BATCHES
 
     objective = make_objective(objective_name, tokenizer, cfg)
-    raw = load_text_dataset(data_files=cfg.validation_file, text_column=cfg.text_column,
-                            max_samples=cfg.max_eval_samples)
+    raw = load_text_dataset(
+        data_files=cfg.validation_file,
+        text_column=cfg.text_column,
+        max_samples=cfg.max_eval_samples,
+    )
     dataset = tokenize_splits({"validation": raw}, tokenizer, cfg, objective_name)["validation"]
     rng = np.random.default_rng([cfg.seed, EVAL_MASK_STREAM])
     batch_size = cfg.per_device_eval_batch_size * mesh.size
@@ -148,8 +175,9 @@ def evaluate(graphdef: nnx.GraphDef, params: nnx.State, tokenizer, cfg, objectiv
     with Prefetcher(model_batches(), PREFETCH_BATCHES, make_put(mesh, 0)) as batches:
         for batch in batches:
             if eval_step is None:
-                eval_step, _ = compile_eval_step(make_eval_step(graphdef, objective), params,
-                                                 batch, mesh)
+                eval_step, _ = compile_eval_step(
+                    make_eval_step(graphdef, objective), params, batch, mesh
+                )
             sums.append(eval_step(params, batch))
     totals = {k: sum(float(s[k]) for s in jax.device_get(sums)) for k in sums[0]}
     targets = max(totals["num_targets"], 1.0)
@@ -165,23 +193,35 @@ def evaluate(graphdef: nnx.GraphDef, params: nnx.State, tokenizer, cfg, objectiv
 
 def parse_args(argv: list[str] | None):
     parser = ArgParser(prog="flax-lm evaluate", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True,
-                        help="saved model dir, training output_dir, or OUTPUT_DIR/checkpoints/STEP")
-    parser.add_argument("--validation_file", required=True, nargs="+",
-                        help="text files, directories or globs")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="saved model dir, training output_dir, or OUTPUT_DIR/checkpoints/STEP",
+    )
+    parser.add_argument(
+        "--validation_file", required=True, nargs="+", help="text files, directories or globs"
+    )
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--block_size", type=int, help="GPT-2: tokens per block")
     length.add_argument("--max_seq_length", type=int, help="RoBERTa: tokens per example")
     parser.add_argument("--per_device_eval_batch_size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=42, help="RoBERTa: seed of the eval masks")
     parser.add_argument("--mlm_probability", type=float, default=0.15)
-    parser.add_argument("--line_by_line", action="store_true",
-                        help="RoBERTa: one example per non-empty line (padded)")
-    parser.add_argument("--add_eos_between_documents", action="store_true",
-                        help="GPT-2: join documents with eos, as the run did if it used this flag")
+    parser.add_argument(
+        "--line_by_line",
+        action="store_true",
+        help="RoBERTa: one example per non-empty line (padded)",
+    )
+    parser.add_argument(
+        "--add_eos_between_documents",
+        action="store_true",
+        help="GPT-2: join documents with eos, as the run did if it used this flag",
+    )
     parser.add_argument("--max_eval_samples", type=int, help="only the first N documents")
     parser.add_argument("--text_column", default="text")
-    parser.add_argument("--config_name", help="model config (checkpoints of a run without config.json)")
+    parser.add_argument(
+        "--config_name", help="model config (checkpoints of a run without config.json)"
+    )
     parser.add_argument("--tokenizer_name", help="tokenizer dir (default: the model's dir)")
     args = parser.parse_args(argv)
     for name in ("block_size", "max_seq_length", "per_device_eval_batch_size", "max_eval_samples"):
@@ -220,7 +260,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg = eval_config(args, model_config, tokenizer, objective)
     results = evaluate(graphdef, params, tokenizer, cfg, objective, mesh)
     seq_len = cfg.block_size if objective == "clm" else cfg.max_seq_length
-    report = {"model": source.describe(), "model_type": model_config.model_type,
-              "objective": objective, "seq_len": seq_len, **results}
+    report = {
+        "model": source.describe(),
+        "model_type": model_config.model_type,
+        "objective": objective,
+        "seq_len": seq_len,
+        **results,
+    }
     print(json.dumps(json.loads(strict_json(report)), indent=2))
     return 0

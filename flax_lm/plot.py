@@ -61,21 +61,37 @@ def fmt(value: float) -> str:
     return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
 
 
-def draw(ax, title: str, ylabel: str, curves: list[tuple[str, str, tuple]], *, log: bool = False,
-         from_zero: bool = False):
-    """One panel: each curve is (label, color, (steps, values)); a note when there is nothing to show."""
+def draw(
+    ax,
+    title: str,
+    ylabel: str,
+    curves: list[tuple[str, str, tuple]],
+    *,
+    log: bool = False,
+    from_zero: bool = False,
+):
+    """One panel of curves (label, color, (steps, values)); a note when none was logged."""
     ax.set_title(title, fontsize=11, fontweight="bold")
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
     shown = [(label, color, data) for label, color, data in curves if data[0]]
     if not shown:
-        ax.text(0.5, 0.5, "not logged", ha="center", va="center", color="gray", transform=ax.transAxes)
+        ax.text(
+            0.5, 0.5, "not logged", ha="center", va="center", color="gray", transform=ax.transAxes
+        )
         return
     for label, color, (steps, values) in shown:
         marker = "o" if len(steps) < 30 else None
-        ax.plot(steps, values, color=color, label=f"{label}: {fmt(values[-1])}", marker=marker,
-                markersize=3, linewidth=1.5)
+        ax.plot(
+            steps,
+            values,
+            color=color,
+            label=f"{label}: {fmt(values[-1])}",
+            marker=marker,
+            markersize=3,
+            linewidth=1.5,
+        )
     if log and all(v > 0 for _, _, (_, values) in shown for v in values):
         ax.set_yscale("log")
     elif from_zero:
@@ -95,7 +111,7 @@ def progress(train: list[dict], evals: list[dict]) -> str:
 
 
 def plot_metrics(output_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Draw loss, perplexity, accuracy, learning rate, grad norm and tokens/s against step to a PNG."""
+    """Loss, perplexity, accuracy, learning rate, grad norm and tokens/s against step, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -108,26 +124,59 @@ def plot_metrics(output_dir: str | Path, out: str | Path | None = None) -> Path:
 
     fig, axes = plt.subplots(2, 3, figsize=(15, 8.5), dpi=100)
     (loss_ax, ppl_ax, acc_ax), (lr_ax, grad_ax, speed_ax) = axes
-    draw(loss_ax, "Loss", "cross-entropy (nats/token)", [
-        ("train", TRAIN_COLOR, series(train, "loss")),
-        ("eval", EVAL_COLOR, series(evals, "eval_loss")),
-    ])
-    draw(ppl_ax, "Perplexity", "perplexity (log scale)", [
-        ("train (exp loss)", TRAIN_COLOR, series(train, "loss", safe_exp)),
-        ("eval", EVAL_COLOR, series(evals, "perplexity")),
-    ], log=True)
-    draw(acc_ax, "Eval accuracy", "token accuracy", [
-        ("eval", EVAL_COLOR, series(evals, "eval_accuracy")),
-    ])
-    draw(lr_ax, "Learning rate", "learning rate", [
-        ("train", TRAIN_COLOR, series(train, "learning_rate")),
-    ])
-    draw(grad_ax, "Gradient norm", "global L2 norm (before clipping)", [
-        ("train", TRAIN_COLOR, series(train, "grad_norm")),
-    ], from_zero=True)
-    draw(speed_ax, "Throughput", "tokens / second", [
-        ("train", TRAIN_COLOR, series(train, "tokens_per_second")),
-    ], from_zero=True)
+    draw(
+        loss_ax,
+        "Loss",
+        "cross-entropy (nats/token)",
+        [
+            ("train", TRAIN_COLOR, series(train, "loss")),
+            ("eval", EVAL_COLOR, series(evals, "eval_loss")),
+        ],
+    )
+    draw(
+        ppl_ax,
+        "Perplexity",
+        "perplexity (log scale)",
+        [
+            ("train (exp loss)", TRAIN_COLOR, series(train, "loss", safe_exp)),
+            ("eval", EVAL_COLOR, series(evals, "perplexity")),
+        ],
+        log=True,
+    )
+    draw(
+        acc_ax,
+        "Eval accuracy",
+        "token accuracy",
+        [
+            ("eval", EVAL_COLOR, series(evals, "eval_accuracy")),
+        ],
+    )
+    draw(
+        lr_ax,
+        "Learning rate",
+        "learning rate",
+        [
+            ("train", TRAIN_COLOR, series(train, "learning_rate")),
+        ],
+    )
+    draw(
+        grad_ax,
+        "Gradient norm",
+        "global L2 norm (before clipping)",
+        [
+            ("train", TRAIN_COLOR, series(train, "grad_norm")),
+        ],
+        from_zero=True,
+    )
+    draw(
+        speed_ax,
+        "Throughput",
+        "tokens / second",
+        [
+            ("train", TRAIN_COLOR, series(train, "tokens_per_second")),
+        ],
+        from_zero=True,
+    )
     speed_ax.yaxis.set_major_formatter(matplotlib.ticker.StrMethodFormatter("{x:,.0f}"))
     lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     fig.suptitle(f"{output_dir.resolve().name}: {progress(train, evals)}", fontsize=14)

@@ -16,8 +16,18 @@ SAME_COMPUTATION = 1e-6  # the same compiled eval step on the same batches: equa
 
 
 def run_evaluate(capsys, run, *extra: str, model: str | None = None) -> dict:
-    argv = ["--model", model or str(run.output_dir), "--validation_file", str(run.validation),
-            *run.flags, "--per_device_eval_batch_size", "16", "--seed", "7", *extra]
+    argv = [
+        "--model",
+        model or str(run.output_dir),
+        "--validation_file",
+        str(run.validation),
+        *run.flags,
+        "--per_device_eval_batch_size",
+        "16",
+        "--seed",
+        "7",
+        *extra,
+    ]
     assert main(argv) == 0
     return json.loads(capsys.readouterr().out)
 
@@ -56,8 +66,15 @@ def test_checkpoint_of_a_run_without_exported_model(tiny_gpt2_run, tmp_path, cap
     shutil.copytree(tiny_gpt2_run.output_dir / "checkpoints", run_dir / "checkpoints")
     assert main(["--model", str(run_dir), "--validation_file", str(tiny_gpt2_run.validation)]) == 2
     assert "pass --config_name" in capsys.readouterr().err
-    got = run_evaluate(capsys, tiny_gpt2_run, "--config_name", str(tiny_gpt2_run.output_dir),
-                       "--tokenizer_name", str(tiny_gpt2_run.output_dir), model=str(run_dir))
+    got = run_evaluate(
+        capsys,
+        tiny_gpt2_run,
+        "--config_name",
+        str(tiny_gpt2_run.output_dir),
+        "--tokenizer_name",
+        str(tiny_gpt2_run.output_dir),
+        model=str(run_dir),
+    )
     assert got["model"] == str(run_dir / "checkpoints" / "30")  # the latest
     expected = json.loads((tiny_gpt2_run.output_dir / "eval_results.json").read_text())
     assert got["eval_loss"] == pytest.approx(expected["eval_loss"], abs=SAME_COMPUTATION)
@@ -76,14 +93,17 @@ def test_roberta_masks_follow_the_seed_like_the_trainer(tiny_roberta_run, capsys
     assert other_seed["eval_targets"] != got["eval_targets"]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--model", "{tmp}/missing"], "is not a directory"),
-    (["--model", "{tmp}"], "holds no model.safetensors and no checkpoints"),
-    (["--model", "{run}", "--max_seq_length", "32"], "does not apply to a gpt2 model"),
-    (["--model", "{run}", "--block_size", "4096"], "longer than the model allows"),
-    (["--model", "{run}", "--per_device_eval_batch_size", "0"], "must be positive"),
-    (["--model", "{run}", "--block_sise", "8"], "did you mean --block_size"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "{tmp}/missing"], "is not a directory"),
+        (["--model", "{tmp}"], "holds no model.safetensors and no checkpoints"),
+        (["--model", "{run}", "--max_seq_length", "32"], "does not apply to a gpt2 model"),
+        (["--model", "{run}", "--block_size", "4096"], "longer than the model allows"),
+        (["--model", "{run}", "--per_device_eval_batch_size", "0"], "must be positive"),
+        (["--model", "{run}", "--block_sise", "8"], "did you mean --block_size"),
+    ],
+)
 def test_bad_input_is_one_line_error(tiny_gpt2_run, tmp_path, capsys, args, message):
     argv = [a.format(tmp=tmp_path, run=tiny_gpt2_run.output_dir) for a in args]
     assert main([*argv, "--validation_file", str(tiny_gpt2_run.validation)]) == 2
@@ -93,6 +113,11 @@ def test_bad_input_is_one_line_error(tiny_gpt2_run, tmp_path, capsys, args, mess
 
 
 def test_missing_validation_file(tiny_gpt2_run, tmp_path, capsys):
-    argv = ["--model", str(tiny_gpt2_run.output_dir), "--validation_file", str(tmp_path / "nope.py")]
+    argv = [
+        "--model",
+        str(tiny_gpt2_run.output_dir),
+        "--validation_file",
+        str(tmp_path / "nope.py"),
+    ]
     assert main(argv) == 2
     assert "nope.py" in capsys.readouterr().err

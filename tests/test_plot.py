@@ -1,4 +1,4 @@
-"""`flax-lm plot`: a real, readable PNG from metrics.jsonl; one-line errors for missing/bad metrics."""
+"""`flax-lm plot`: a real PNG from metrics.jsonl; one-line errors for missing or bad metrics."""
 
 from __future__ import annotations
 
@@ -22,11 +22,27 @@ def write_metrics(run_dir: Path, steps: int = 200) -> Path:
     for step in range(10, steps + 1, 10):
         loss = 6.0 * math.exp(-step / 60) + 2.0
         lr = 1e-3 * min(step / 40, (steps - step) / (steps - 40))
-        lines.append({"step": step, "epoch": step / 100, "loss": loss, "learning_rate": lr,
-                      "grad_norm": 1.0 + 1 / step, "tokens_per_second": 5000.0 + step, "time": step / 10})
+        lines.append(
+            {
+                "step": step,
+                "epoch": step / 100,
+                "loss": loss,
+                "learning_rate": lr,
+                "grad_norm": 1.0 + 1 / step,
+                "tokens_per_second": 5000.0 + step,
+                "time": step / 10,
+            }
+        )
         if step % 50 == 0:
-            lines.append({"step": step, "eval_loss": loss + 0.1, "eval_accuracy": 0.5 - 1 / step,
-                          "perplexity": math.exp(loss + 0.1), "time": step / 10})
+            lines.append(
+                {
+                    "step": step,
+                    "eval_loss": loss + 0.1,
+                    "eval_accuracy": 0.5 - 1 / step,
+                    "perplexity": math.exp(loss + 0.1),
+                    "time": step / 10,
+                }
+            )
     path = run_dir / "metrics.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
     return path
@@ -54,8 +70,20 @@ def test_plot_out_flag_and_resumed_run(tmp_path):
     metrics = write_metrics(tmp_path / "run")
     # A resumed run logs step 100 again: the later record wins.
     with metrics.open("a", encoding="utf-8") as f:
-        f.write(json.dumps({"step": 100, "epoch": 1.0, "loss": 1.5, "learning_rate": 1e-4,
-                            "grad_norm": 1.0, "tokens_per_second": 4000.0, "time": 99.0}) + "\n")
+        f.write(
+            json.dumps(
+                {
+                    "step": 100,
+                    "epoch": 1.0,
+                    "loss": 1.5,
+                    "learning_rate": 1e-4,
+                    "grad_norm": 1.0,
+                    "tokens_per_second": 4000.0,
+                    "time": 99.0,
+                }
+            )
+            + "\n"
+        )
     train, evals = read_metrics(metrics)
     assert [r["step"] for r in train] == list(range(10, 201, 10))
     assert next(r for r in train if r["step"] == 100)["loss"] == 1.5
@@ -70,18 +98,25 @@ def test_plot_eval_only_metrics(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.jsonl").write_text(
-        json.dumps({"step": 0, "eval_loss": 6.2, "eval_accuracy": 0.01, "perplexity": 492.7,
-                    "time": 1.0}) + "\n", encoding="utf-8")
+        json.dumps(
+            {"step": 0, "eval_loss": 6.2, "eval_accuracy": 0.01, "perplexity": 492.7, "time": 1.0}
+        )
+        + "\n",
+        encoding="utf-8",
+    )
     assert main([str(run)]) == 0
     assert_real_png(run / "metrics.png")
 
 
-@pytest.mark.parametrize("content, message", [
-    (None, "no metrics.jsonl"),
-    ("", "holds no train or eval metrics"),
-    ('{"step": 1, "loss": 2.0}\n{"step": 2, "loss"\n', "metrics.jsonl:2 is not valid JSON"),
-    ('{"loss": 2.0}\n', "metrics.jsonl:1 has no 'step'"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "no metrics.jsonl"),
+        ("", "holds no train or eval metrics"),
+        ('{"step": 1, "loss": 2.0}\n{"step": 2, "loss"\n', "metrics.jsonl:2 is not valid JSON"),
+        ('{"loss": 2.0}\n', "metrics.jsonl:1 has no 'step'"),
+    ],
+)
 def test_plot_bad_metrics_is_one_line_error(tmp_path, capsys, content, message):
     run = tmp_path / "run"
     run.mkdir()
@@ -94,12 +129,15 @@ def test_plot_bad_metrics_is_one_line_error(tmp_path, capsys, content, message):
     assert sorted(p.name for p in run.iterdir()) == before
 
 
-@pytest.mark.parametrize("args, message", [
-    (["{missing}"], "is not a directory"),
-    (["{run}", "--out", "{run}/plot.jpg"], "must be a .png"),
-    (["{run}", "--out", "{run}/nowhere/plot.png"], "does not exist"),
-    (["{run}", "--outt", "x.png"], "did you mean --out"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["{missing}"], "is not a directory"),
+        (["{run}", "--out", "{run}/plot.jpg"], "must be a .png"),
+        (["{run}", "--out", "{run}/nowhere/plot.png"], "does not exist"),
+        (["{run}", "--outt", "x.png"], "did you mean --out"),
+    ],
+)
 def test_plot_bad_arguments(tmp_path, capsys, args, message):
     run = tmp_path / "run"
     write_metrics(run)
