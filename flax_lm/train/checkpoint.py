@@ -22,11 +22,9 @@ ITEMS = ("state", "meta")
 
 
 def open_manager(
-    directory: Path, *, max_to_keep: int | None = None, read_only: bool = False
+    directory: Path, *, max_to_keep: int | None = None, create: bool = True
 ) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=not read_only, read_only=read_only
-    )
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create)
     return ocp.CheckpointManager(directory.absolute(), options=options, item_names=ITEMS)
 
 
@@ -49,7 +47,7 @@ def restore(
 
 def read_meta(directory: Path, step: int) -> dict[str, Any]:
     """The JSON part of a checkpoint, without loading its arrays."""
-    manager = open_manager(directory, read_only=True)
+    manager = open_manager(directory, create=False)
     try:
         return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     finally:

@@ -72,15 +72,17 @@ def prepare(cfg: TrainConfig, objective_name: str, num_devices: int) -> Prepared
     cfg = resolve_sequence_length(cfg, objective_name, model_config, tokenizer)
     seq_len = cfg.block_size if objective_name == "clm" else cfg.max_seq_length
     objective = make_objective(objective_name, tokenizer, cfg)
-    splits = tokenize_splits(load_raw_splits(cfg), tokenizer, cfg, objective_name)
     prepared = Prepared(
-        cfg, objective, model_config, tokenizer, splits, seq_len, num_devices, None, 0, resume
+        cfg, objective, model_config, tokenizer, {}, seq_len, num_devices, None, 0, resume
     )
+    if resume is not None:
+        check_resume_matches(resume, prepared, objective_name)
+    prepared.splits = tokenize_splits(load_raw_splits(cfg), tokenizer, cfg, objective_name)
     if cfg.do_train:
-        prepared.train_batches = TrainBatches(splits["train"], prepared.global_batch_size, cfg.seed)
+        prepared.train_batches = TrainBatches(
+            prepared.splits["train"], prepared.global_batch_size, cfg.seed
+        )
         prepared.total_steps = total_train_steps(cfg, prepared.train_batches)
-        if resume is not None:
-            check_resume_matches(resume, prepared, objective_name)
     return prepared
 
 

@@ -235,7 +235,7 @@ class Trainer:
         if resume is None:
             return state
         same_dir = resume.directory.resolve() == Path(manager.directory).resolve()
-        source = manager if same_dir else checkpoint.open_manager(resume.directory, read_only=True)
+        source = manager if same_dir else checkpoint.open_manager(resume.directory, create=False)
         state, meta = checkpoint.restore(source, resume.step, like=state)
         if not same_dir:
             source.close()
