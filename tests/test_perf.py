@@ -1,0 +1,129 @@
+"""FLOPs per token and MFU (flax_lm.perf), and a smoke run of the benchmark (bench/bench.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+from transformers import GPT2Config, RobertaConfig
+
+from flax_lm import perf
+from flax_lm.models import create_model, matmul_param_count
+
+REPO = Path(__file__).resolve().parent.parent
+SEQ = 32
+
+
+def tiny_gpt2(**changes) -> GPT2Config:
+    return GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=500, n_positions=64,
+                      bos_token_id=0, eos_token_id=0, **changes)
+
+
+def tiny_roberta() -> RobertaConfig:
+    return RobertaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=96, vocab_size=500, max_position_embeddings=66)
+
+
+def torch_matmul_weights(config) -> int:
+    """Weights of the PyTorch model's Linear/Conv1D modules, the tied LM head once: an
+    independent count of the parameters that multiply every token."""
+    torch = pytest.importorskip("torch")
+    from transformers import GPT2LMHeadModel, RobertaForMaskedLM
+    from transformers.pytorch_utils import Conv1D
+
+    model_class = GPT2LMHeadModel if config.model_type == "gpt2" else RobertaForMaskedLM
+    model = model_class(config)
+    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, Conv1D))]
+    return sum(m.weight.numel() for m in layers)
+
+
+def test_matmul_params_hand_count():
+    d, layers, vocab = 64, 2, 500
+    gpt2 = layers * (3 * d * d + d * d + d * 4 * d + 4 * d * d) + vocab * d  # qkv, proj, MLP, head
+    roberta = layers * (4 * d * d + 2 * d * 96) + d * d + vocab * d  # + MLM-head dense
+    assert matmul_param_count(tiny_gpt2()) == gpt2 == 130_304
+    assert matmul_param_count(tiny_gpt2(n_inner=100)) == gpt2 - layers * 2 * d * (4 * d - 100)
+    assert matmul_param_count(tiny_roberta()) == roberta == 93_440
+
+
+@pytest.mark.parametrize("config", [tiny_gpt2(), tiny_roberta()], ids=["gpt2", "roberta"])
+def test_matmul_params_equal_pytorch_linear_weights(config):
+    assert matmul_param_count(config) == torch_matmul_weights(config)
+
+
+def test_flops_per_token_formula():
+    gpt2, roberta = tiny_gpt2(), tiny_roberta()
+    # causal attention at half: 6 * n_layer * seq * d; bidirectional: 12 * n_layer * seq * d
+    assert perf.model_flops_per_token(gpt2, SEQ) == 6 * 130_304 + 6 * 2 * SEQ * 64
+    assert perf.model_flops_per_token(roberta, SEQ) == 6 * 93_440 + 12 * 2 * SEQ * 64
+    # GPT-2 small at block 1024: 123.5M matmul weights, ~0.8 GFLOP per token
+    small = GPT2Config()
+    assert matmul_param_count(small) == 12 * 12 * 768**2 + 50257 * 768 == 123_532_032
+    assert perf.model_flops_per_token(small, 1024) == 741_192_192 + 56_623_104
+
+
+@pytest.mark.parametrize("config", [tiny_gpt2(), tiny_roberta()], ids=["gpt2", "roberta"])
+def test_formula_matches_flops_xla_counts(config):
+    """XLA's own FLOP count of a forward+backward pass agrees with the formula within 10%
+    (the rest is elementwise work). XLA computes the whole causal score matrix, so the
+    comparison counts attention in full."""
+    model = create_model(config, scan_layers=False)  # scanned bodies are counted once
+    graphdef, params = nnx.split(model)
+    ids = jnp.ones((2, SEQ), jnp.int32)
+
+    def loss(p):
+        return nnx.merge(graphdef, p)(ids).mean()
+
+    counted = jax.jit(jax.grad(loss)).lower(params).compile().cost_analysis()["flops"]
+    tokens = ids.size
+    attention = perf.attention_flops_per_token(
+        config.num_hidden_layers, SEQ, config.hidden_size, causal=False
+    )
+    formula = (perf.matmul_flops_per_token(matmul_param_count(config)) + attention) * tokens
+    assert counted == pytest.approx(formula, rel=0.10)
+
+
+def test_mfu():
+    assert perf.achieved_flops_per_second(1000.0, 2e6) == 2e9
+    assert perf.mfu(1000.0, 2e6, 4e9) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="positive"):
+        perf.mfu(1000.0, 2e6, 0.0)
+
+
+@pytest.mark.slow
+def test_bench_smoke(tmp_path):
+    """The whole benchmark on a micro model: both sides train on the same batches, the
+    figures are consistent with each other and the table names the config."""
+    pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
+    out = tmp_path / "micro.json"
+    command = [sys.executable, "bench/bench.py", "--configs", "micro-clm", "--repeats", "1",
+               "--steps", "3", "--peak_sizes", "64", "--out", str(out),
+               "--workdir", str(tmp_path / "work")]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    results = json.loads(out.read_text())
+    run = results["configs"]["micro-clm"]
+    ours, peer = run["ours"], run["peer"]
+    assert run["settings"]["vocab_size"] == 8192
+    config = GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=8192)
+    assert run["flops_per_token"] == perf.model_flops_per_token(config, 32)
+    assert run["ratio"] == pytest.approx(ours["tokens_per_second"] / peer["tokens_per_second"])
+    for side in (ours, peer):
+        assert side["tokens_per_second"] > 0 and side["peak_rss_mb"] > 100
+        assert side["mfu"]["float32"] == pytest.approx(
+            side["tokens_per_second"] * run["flops_per_token"] / results["peak"]["jax"]["float32"]
+        )
+        # 3 steps from a random init on the same batches: both near ln(vocab), close together
+        assert abs(side["train_loss"] - math.log(8192)) < 0.5
+    assert abs(ours["train_loss"] - peer["train_loss"]) < 0.1
+    assert abs(ours["eval_loss"] - peer["eval_loss"]) < 0.1
+    assert 0.0 <= ours["input_stall"] < 1.0 and ours["compile_seconds"] > 0
+    assert "| micro-clm | 32×4 |" in results["markdown"]
+    assert "| micro-clm | 32×4 |" in done.stdout
