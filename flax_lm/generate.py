@@ -246,28 +246,21 @@ def generate(
     return [tokenizer.decode(ids, skip_special_tokens=True) for ids in sequences]
 
 
-def load_gpt2(model_dir: str):
-    """(model, tokenizer) from a dir with config.json, model.safetensors and tokenizer files."""
-    from transformers import AutoTokenizer
-
+def load_saved_model(model_dir: str, model_type: str, command: str):
+    """(model, tokenizer) of a saved `model_type` dir (config.json, model.safetensors, tokenizer)."""
+    from flax_lm.config import load_base_config, load_tokenizer
     from flax_lm.models.hf_io import load_model
 
-    path = Path(model_dir)
-    if not (path / "config.json").is_file():
+    if not (Path(model_dir) / "config.json").is_file():
         raise UserError(f"--model {model_dir} has no config.json (give a saved model directory)")
-    model_type = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
-    if model_type != "gpt2":
+    found = load_base_config(model_dir).model_type
+    if found != model_type:
+        other = {"gpt2": "generate", "roberta": "fill-mask"}[found]
         raise UserError(
-            f"generate needs a gpt2 model; {model_dir} holds a {model_type} model "
-            "(use `flax-lm fill-mask` for roberta)"
+            f"{command} needs a {model_type} model; {model_dir} holds a {found} model "
+            f"(use `flax-lm {other}` for {found})"
         )
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError) as err:
-        raise UserError(
-            f"cannot load the tokenizer in {model_dir}: {str(err).splitlines()[0]}"
-        ) from None
-    return load_model(model_dir), tokenizer
+    return load_model(model_dir), load_tokenizer(model_dir)
 
 
 def parse_args(argv: list[str] | None):
@@ -298,7 +291,7 @@ def parse_args(argv: list[str] | None):
 @report_user_errors
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    model, tokenizer = load_gpt2(args.model)
+    model, tokenizer = load_saved_model(args.model, "gpt2", "generate")
     start = time.perf_counter()
     texts = generate(
         model,
