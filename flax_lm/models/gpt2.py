@@ -39,6 +39,8 @@ from flax_lm.models.layers import (
     StaticConfig,
     TorchTensor,
     attention_mask_4d,
+    check_activation,
+    check_heads,
     check_remat,
     compute_dtype,
     dropout,
@@ -51,6 +53,8 @@ from flax_lm.models.layers import (
 def check_config(config: GPT2Config) -> None:
     if config.add_cross_attention:
         raise UserError("add_cross_attention is not supported (GPT-2 here is decoder-only)")
+    check_heads(config.n_embd, config.n_head)
+    check_activation(config.activation_function)
 
 
 class GPT2Block(nnx.Module):

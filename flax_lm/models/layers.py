@@ -50,6 +50,11 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
+def check_heads(features: int, num_heads: int) -> None:
+    if features % num_heads:
+        raise UserError(f"hidden size {features} is not divisible by {num_heads} attention heads")
+
+
 def check_activation(name: str) -> str:
     if name not in ACTIVATIONS:
         raise UserError(f"unsupported activation {name!r}; supported: {', '.join(ACTIVATIONS)}")
@@ -163,8 +168,6 @@ class SelfAttention(nnx.Module):
 
     def __init__(self, features: int, num_heads: int, key: jax.Array, *, std: float,
                  out_std: float, attn_dropout: float, out_dropout: float):
-        if features % num_heads:
-            raise UserError(f"hidden size {features} is not divisible by {num_heads} attention heads")
         qkv_key, out_key = jax.random.split(key)
         self.qkv = Dense(features, 3 * features, qkv_key, std=std)
         self.out = Dense(features, features, out_key, std=out_std)

@@ -30,6 +30,8 @@ from flax_lm.models.layers import (
     StaticConfig,
     TorchTensor,
     attention_mask_4d,
+    check_activation,
+    check_heads,
     check_remat,
     compute_dtype,
     dropout,
@@ -47,6 +49,8 @@ def check_config(config: RobertaConfig) -> None:
         raise UserError(f"position_embedding_type {kind!r} is not supported; use 'absolute'")
     if not isinstance(config.pad_token_id, int):
         raise UserError("RoBERTa needs an integer pad_token_id (positions are counted from it)")
+    check_heads(config.hidden_size, config.num_attention_heads)
+    check_activation(config.hidden_act)
 
 
 def position_ids_from_input_ids(input_ids: jax.Array, padding_idx: int) -> jax.Array:
