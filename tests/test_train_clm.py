@@ -141,6 +141,27 @@ def test_exported_model_gives_the_same_eval_loss_in_pytorch(clm_run):
     assert loss_sum / targets == pytest.approx(eval_results["eval_loss"], abs=1e-4)
 
 
+def test_evaluate_only_a_saved_model(clm_run, code_corpus, jax_cache, tmp_path):
+    """--do_eval alone with --model_name_or_path: the exported weights give the run's eval loss;
+    tokenizer and config come from the model directory, and no model is written."""
+    out, _, _ = clm_run
+    evaluated = tmp_path / "evaluated"
+    run_in_process([
+        "--output_dir", str(evaluated), "--model_name_or_path", str(out), "--do_eval",
+        "--train_file", str(code_corpus.train), "--validation_file", str(code_corpus.validation),
+        "--block_size", "64", "--per_device_eval_batch_size", "16",
+        "--compilation_cache_dir", str(jax_cache),
+    ])  # fmt: skip
+    expected = json.loads((out / "eval_results.json").read_text())
+    actual = json.loads((evaluated / "eval_results.json").read_text())
+    assert actual["eval_loss"] == pytest.approx(expected["eval_loss"], abs=1e-6)
+    assert actual["eval_samples"] == expected["eval_samples"]
+    assert not (evaluated / "model.safetensors").exists()
+    assert not (evaluated / "train_results.json").exists()
+    train, evals = read_metrics(evaluated)
+    assert train == [] and [r["step"] for r in evals] == [0]
+
+
 def test_gradient_accumulation_equals_the_full_batch(clm_run, tmp_path):
     out, argv, _ = clm_run
     accumulated = tmp_path / "accumulated"
@@ -151,6 +172,7 @@ def test_gradient_accumulation_equals_the_full_batch(clm_run, tmp_path):
     assert_same_losses(read_metrics(out), read_metrics(accumulated))
 
 
+@pytest.mark.slow
 def test_eight_devices_equal_one_device_in_a_subprocess(clm_run, tmp_path):
     """./run_clm_flax.py as a real subprocess, on 8 host devices of batch 1 each."""
     out, argv, _ = clm_run

@@ -21,6 +21,7 @@ from flax import nnx
 
 from flax_lm.models import create_model, weight_decay_mask
 from flax_lm.models.hf_io import load_model, save_model
+from flax_lm.perf import FLOPS_FORMULA, achieved_flops_per_second, model_flops_per_token
 from flax_lm.train import checkpoint
 from flax_lm.train.args import TrainConfig
 from flax_lm.train.data import Prefetcher, TrainBatches, eval_batches
@@ -37,6 +38,7 @@ from flax_lm.train.step import (
     make_put,
     make_train_step,
     process_rows,
+    state_sharding,
 )
 
 PREFETCH_BATCHES = 2
@@ -146,6 +148,7 @@ class Trainer:
         self.start_output_dir()
         model = self.build_model()
         graphdef, params = nnx.split(model, nnx.Param)
+        params = jax.device_put(params, state_sharding(self.mesh, params))
         self.graphdef = graphdef
         log = RunLog(
             self.p.output_dir,
@@ -386,6 +389,12 @@ class Trainer:
                 f"train: {results['train_steps']} steps, loss {results['train_loss']:.4f}, "
                 f"{results['train_tokens_per_second']:,.0f} tokens/s (steady state), "
                 f"compile {compiled}, {results['train_runtime']:.1f} s in all"
+            )
+            flops = model_flops_per_token(self.p.model_config, self.p.seq_len)
+            lines.append(
+                f"model FLOPs: {flops / 1e9:.4f} GFLOP/token ({FLOPS_FORMULA}), "
+                f"{achieved_flops_per_second(results['train_tokens_per_second'], flops) / 1e12:.4f}"
+                " TFLOP/s achieved"
             )
         if "eval_loss" in results:
             lines.append(
