@@ -21,7 +21,7 @@ from flax import nnx
 
 from flax_lm.models import create_model, weight_decay_mask
 from flax_lm.models.hf_io import load_model, save_model
-from flax_lm.perf import FLOPS_FORMULA, achieved_flops_per_second, model_flops_per_token
+from flax_lm.perf import achieved_flops_per_second, model_flops_per_token
 from flax_lm.train import checkpoint
 from flax_lm.train.args import TrainConfig
 from flax_lm.train.data import Prefetcher, TrainBatches, eval_batches
@@ -391,10 +391,10 @@ class Trainer:
                 f"compile {compiled}, {results['train_runtime']:.1f} s in all"
             )
             flops = model_flops_per_token(self.p.model_config, self.p.seq_len)
+            achieved = achieved_flops_per_second(results["train_tokens_per_second"], flops)
             lines.append(
-                f"model FLOPs: {flops / 1e9:.4f} GFLOP/token ({FLOPS_FORMULA}), "
-                f"{achieved_flops_per_second(results['train_tokens_per_second'], flops) / 1e12:.4f}"
-                " TFLOP/s achieved"
+                f"model FLOPs: {flops:.4g} per token, {achieved / 1e12:.4g} TFLOP/s achieved "
+                "(MFU: divide by the peak that bench/peak.py measures)"
             )
         if "eval_loss" in results:
             lines.append(
