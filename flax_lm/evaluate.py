@@ -24,6 +24,11 @@ from flax_lm.errors import ArgParser, UserError, report_user_errors
 
 OBJECTIVE_OF_MODEL = {"gpt2": "clm", "roberta": "mlm"}
 SAFETENSORS_FILES = ("model.safetensors", "model.safetensors.index.json")
+PIPELINE_FLAGS = (  # flags shared with the training scripts, passed on to the data pipeline
+    "validation_file", "block_size", "max_seq_length", "mlm_probability", "line_by_line",
+    "add_eos_between_documents", "text_column", "max_eval_samples", "per_device_eval_batch_size",
+    "seed",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -121,26 +126,13 @@ def load_model_and_tokenizer(source: ModelSource, mesh) -> tuple[nnx.GraphDef, n
     return graphdef, jax.device_put(params, state_sharding(mesh, params)), tokenizer
 
 
-def eval_config(args, model_config, tokenizer, objective: str):
-    """A TrainConfig for the data pipeline, with the sequence length resolved and checked as
-    training resolves it (default: min(1024, tokenizer and model limits))."""
+def eval_config(model_config, tokenizer, objective: str, **flags: Any):
+    """A TrainConfig (the data pipeline's settings) from training flags, with the sequence length
+    resolved and checked as training does (default: min(1024, tokenizer and model limits))."""
     from flax_lm.train.args import TrainConfig
     from flax_lm.train.prepare import resolve_sequence_length
 
-    cfg = TrainConfig(
-        do_eval=True,
-        validation_file=args.validation_file,
-        block_size=args.block_size,
-        max_seq_length=args.max_seq_length,
-        mlm_probability=args.mlm_probability,
-        line_by_line=args.line_by_line,
-        pad_to_max_length=args.line_by_line,
-        add_eos_between_documents=args.add_eos_between_documents,
-        text_column=args.text_column,
-        max_eval_samples=args.max_eval_samples,
-        per_device_eval_batch_size=args.per_device_eval_batch_size,
-        seed=args.seed,
-    )
+    cfg = TrainConfig(do_eval=True, pad_to_max_length=flags.get("line_by_line", False), **flags)
     return resolve_sequence_length(cfg, objective, model_config, tokenizer)
 
 
@@ -257,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     objective = OBJECTIVE_OF_MODEL[model_config.model_type]
     mesh = make_mesh()
     graphdef, params, tokenizer = load_model_and_tokenizer(source, mesh)
-    cfg = eval_config(args, model_config, tokenizer, objective)
+    flags = {name: getattr(args, name) for name in PIPELINE_FLAGS}
+    cfg = eval_config(model_config, tokenizer, objective, **flags)
     results = evaluate(graphdef, params, tokenizer, cfg, objective, mesh)
     seq_len = cfg.block_size if objective == "clm" else cfg.max_seq_length
     report = {

@@ -6,6 +6,9 @@ import json
 import math
 from pathlib import Path
 
+import matplotlib
+import matplotlib.ticker
+
 from flax_lm.errors import ArgParser, UserError, report_user_errors
 
 METRICS_FILE = "metrics.jsonl"
@@ -94,6 +97,14 @@ def draw(
         )
     if log and all(v > 0 for _, _, (_, values) in shown for v in values):
         ax.set_yscale("log")
+        # Plain numbers at 1, 2, 5 x 10^k (only 10^k over many decades), not powers of ten.
+        low, high = ax.get_ylim()
+        subs = (1.0,) if high / low > 1e4 else (1.0, 2.0, 5.0)
+        ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=subs))
+        ax.yaxis.set_major_formatter(
+            matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 10 else f"{v:.3g}")
+        )
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     elif from_zero:
         ax.set_ylim(bottom=0, top=1.1 * max(max(values) for _, _, (_, values) in shown))
     ax.legend(frameon=False, title="last value", title_fontsize=8, fontsize=9)
@@ -112,11 +123,8 @@ def progress(train: list[dict], evals: list[dict]) -> str:
 
 def plot_metrics(output_dir: str | Path, out: str | Path | None = None) -> Path:
     """Loss, perplexity, accuracy, learning rate, grad norm and tokens/s against step, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
-    import matplotlib.ticker
 
     output_dir = Path(output_dir)
     out = Path(out) if out is not None else output_dir / "metrics.png"
@@ -179,7 +187,8 @@ def plot_metrics(output_dir: str | Path, out: str | Path | None = None) -> Path:
     )
     speed_ax.yaxis.set_major_formatter(matplotlib.ticker.StrMethodFormatter("{x:,.0f}"))
     lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
-    fig.suptitle(f"{output_dir.resolve().name}: {progress(train, evals)}", fontsize=14)
+    run_name = "/".join(output_dir.resolve().parts[-2:])
+    fig.suptitle(f"{run_name}: {progress(train, evals)}", fontsize=14)
     fig.tight_layout()
     fig.savefig(out, format="png")
     plt.close(fig)
