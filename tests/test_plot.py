@@ -12,6 +12,8 @@ from PIL import Image
 
 from flax_lm.plot import main, read_metrics
 
+pytest_plugins = ["fixtures_models"]
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -64,6 +66,14 @@ def test_plot_writes_png_from_metrics(tmp_path, capsys):
     out = tmp_path / "run" / "metrics.png"
     assert_real_png(out)
     assert str(out) in capsys.readouterr().out
+
+
+def test_plot_of_a_real_training_run(tiny_gpt2_run, tmp_path):
+    train, evals = read_metrics(tiny_gpt2_run.output_dir / "metrics.jsonl")
+    assert [r["step"] for r in evals] == [15, 30] and len(train) == 6
+    out = tmp_path / "run.png"
+    assert main([str(tiny_gpt2_run.output_dir), "--out", str(out)]) == 0
+    assert_real_png(out)
 
 
 def test_plot_out_flag_and_resumed_run(tmp_path):
