@@ -160,17 +160,31 @@ def converter(f: dataclasses.Field):
 
 def build_parser(objective: str) -> ArgParser:
     script = SCRIPT_NAMES[objective]
-    parser = ArgParser(prog=script, allow_abbrev=False, description=__doc__.split("\n")[0])
+    parser = ArgParser(
+        prog=script,
+        allow_abbrev=False,
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     for f in fields_for(objective):
         flag, kind, help_text = f"--{f.name}", FIELD_TYPES[f.name], f.metadata["help"]
         if f.metadata["choices"]:
             help_text += f" ({'|'.join(f.metadata['choices'])})"
         if kind is bool:
-            parser.add_argument(flag, nargs="?", const=True, type=parse_bool, help=help_text)
+            parser.add_argument(
+                flag, nargs="?", const=True, type=parse_bool, metavar="BOOL", help=help_text
+            )
             if f.default is True:
-                parser.add_argument(f"--no_{f.name}", dest=f.name, action="store_false")
+                parser.add_argument(
+                    f"--no_{f.name}",
+                    dest=f.name,
+                    action="store_false",
+                    help=f"same as {flag} False",
+                )
         elif f.name == "resume_from_checkpoint":
-            parser.add_argument(flag, nargs="?", const=LATEST_CHECKPOINT, help=help_text)
+            parser.add_argument(
+                flag, nargs="?", const=LATEST_CHECKPOINT, metavar="PATH", help=help_text
+            )
         elif kind == list[str] | None and f.name != "filter_keywords":
             parser.add_argument(flag, nargs="+", help=help_text)
         else:
