@@ -155,15 +155,14 @@ def read_json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def measure_step_seconds(layout: Layout, flags: list[str]) -> tuple[float, float]:
+def measure_step_seconds(layout: Layout, flags: list[str], block_size: int) -> tuple[float, float]:
     """(seconds per train step at steady state, compile seconds) from a short real run."""
     run_clm([*flags, "--output_dir", str(layout.calibration), "--do_train",
              "--max_steps", str(CALIBRATION_STEPS), "--logging_steps", str(CALIBRATION_STEPS),
              "--save_steps", str(CALIBRATION_STEPS)])  # fmt: skip
     results = read_json(layout.calibration / "train_results.json")
     shutil.rmtree(layout.calibration)
-    tokens_per_step = BATCH_SIZE * int(flags[flags.index("--block_size") + 1])
-    return tokens_per_step / results["train_tokens_per_second"], results["compile_seconds"]
+    return BATCH_SIZE * block_size / results["train_tokens_per_second"], results["compile_seconds"]
 
 
 def steps_in(minutes: float, step_seconds: float) -> int:
@@ -320,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
 
     flags = train_flags(layout, args.block_size, args.seed)
     t = stage(5, f"Measuring the train step (a {CALIBRATION_STEPS}-step run of run-clm)")
-    step_seconds, compile_seconds = measure_step_seconds(layout, flags)
+    step_seconds, compile_seconds = measure_step_seconds(layout, flags, args.block_size)
     steps = steps_in(args.minutes, step_seconds)
     done(
         t,
@@ -331,46 +330,51 @@ def main(argv: list[str] | None = None) -> int:
     t = stage(6, f"Training: run-clm for {steps} steps ({args.minutes:g} min)")
     run_clm([*flags, "--output_dir", str(layout.model), *schedule_flags(steps)])
     results["train"] = read_json(layout.model / "train_results.json")
-    results["trained"] = trained = read_json(layout.model / "eval_results.json")
+    results["trained"] = read_json(layout.model / "eval_results.json")
     done(t, f"model, tokenizer, metrics and checkpoint in {layout.model}")
 
     t = stage(7, "Plot and a completion")
     from flax_lm.plot import plot_metrics
 
     plot = plot_metrics(layout.model)
-    results["completion"] = completion = complete(layout.model, PROMPT, args.seed)
+    results["completion"] = complete(layout.model, PROMPT, args.seed)
     done(t, f"plot: {plot}")
 
     results["wall_seconds"] = round(time.perf_counter() - started, 1)
     layout.results.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    print_summary(layout, results, untrained, trained, completion)
+    print_summary(layout, results)
     return 0
 
 
-def print_summary(layout: Layout, results: dict, untrained: dict, trained: dict,
-                  completion: str) -> None:  # fmt: skip
-    train = results["train"]
-    model = layout.model
+def print_summary(layout: Layout, results: dict) -> None:
+    """What was reached, where it is, and what to run next."""
+    untrained, trained, train = results["untrained"], results["trained"], results["train"]
     minutes, seconds = divmod(results["wall_seconds"], 60)
-    print(f"""
-Quickstart finished in {minutes:.0f} min {seconds:.0f} s.
-  perplexity on held-out modules: {untrained["perplexity"]:,.0f} untrained -> {trained["perplexity"]:,.2f} \
-after {train["train_steps"]} steps (eval loss {untrained["eval_loss"]:.3f} -> \
-{trained["eval_loss"]:.3f}, next-token accuracy {trained["eval_accuracy"]:.1%})
-  training: {train["train_tokens_per_second"]:,.0f} tokens/s (steady state), \
-{train["train_runtime"]:.0f} s, compile {train["compile_seconds"]:.1f} s
+    tokens = train["train_steps"] * BATCH_SIZE * results["block_size"]
+    model, root = layout.model, layout.root
+    print(
+        f"""
+Quickstart finished in {minutes:.0f} min {seconds:.0f} s
+  held-out perplexity  {untrained["perplexity"]:,.0f} untrained -> {trained["perplexity"]:,.1f} \
+after {train["train_steps"]:,} steps ({tokens / 1e6:.2f} M tokens)
+  eval loss            {untrained["eval_loss"]:.3f} -> {trained["eval_loss"]:.3f} \
+(next-token accuracy {trained["eval_accuracy"]:.1%})
+  training speed       {train["train_tokens_per_second"]:,.0f} tokens/s (steady state); \
+{train["train_runtime"]:.0f} s of training, {train["compile_seconds"]:.1f} s of compilation
 
-Where everything is ({layout.root}):
-  data/         train and validation modules      tokenizer/   the tokenizer
-  model/        the trained model (model.safetensors + config.json + tokenizer, loads in
-                PyTorch transformers), metrics.jsonl, metrics.png, checkpoints/
-  quickstart_results.json   the figures above
+Outputs in {root}
+  model/      the trained GPT-2: model.safetensors + config.json + tokenizer (loads in PyTorch
+              transformers), metrics.jsonl, metrics.png (its curves), checkpoints/
+  tokenizer/  the ByteLevelBPE tokenizer      config/  the GPT-2 config it started from
+  data/       the train/ and validation/ modules
+  quickstart_results.json  these figures
 
 {PROMPT!r} continued by the model (temperature {COMPLETION_TEMPERATURE}):
-{completion}
+{results["completion"]}
 
-Next:
+Next
   flax-lm generate --model {model} --prompt "import os" --temperature 0.7
   flax-lm evaluate --model {model} --validation_file {layout.validation} \
 --block_size {results["block_size"]} --add_eos_between_documents
-  flax-lm plot {model}""")
+  flax-lm plot {model}"""
+    )
