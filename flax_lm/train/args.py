@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,6 +92,9 @@ class TrainConfig:
     adam_epsilon: float = opt(1e-8, "AdamW epsilon")
     adafactor: bool = opt(False, "use Adafactor instead of AdamW")
     max_grad_norm: float = opt(1.0, "clip gradients to this global norm (0: no clipping)")
+    skip_nonfinite_steps: int = opt(
+        0, "skip up to N steps whose loss or gradient is not finite (0: stop at the first)"
+    )
     lr_scheduler_type: str = opt(
         "linear", "decay after warmup", choices=("linear", "cosine", "constant")
     )
@@ -121,7 +125,8 @@ POSITIVE = (
     "save_total_limit", "block_size", "max_seq_length", "max_train_samples", "max_eval_samples",
     "preprocessing_num_workers", "adam_epsilon",
 )  # fmt: skip
-NON_NEGATIVE = ("weight_decay", "warmup_steps", "max_grad_norm")
+NON_NEGATIVE = ("weight_decay", "warmup_steps", "max_grad_norm", "skip_nonfinite_steps")
+MAX_SEED = 2**32  # seeds NumPy and JAX both take
 
 
 def fields_for(objective: str) -> list[dataclasses.Field]:
@@ -247,6 +252,8 @@ def check_config(cfg: TrainConfig, objective: str) -> TrainConfig:
         value, choices = getattr(cfg, f.name), f.metadata["choices"]
         if choices and value is not None and value not in choices:
             raise UserError(f"--{f.name} must be one of {', '.join(choices)}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"--{f.name} must be a finite number, got {value}")
     for name in POSITIVE:
         value = getattr(cfg, name)
         if value is not None and value <= 0:
@@ -254,6 +261,8 @@ def check_config(cfg: TrainConfig, objective: str) -> TrainConfig:
     for name in NON_NEGATIVE:
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name} must not be negative, got {getattr(cfg, name)}")
+    if not 0 <= cfg.seed < MAX_SEED:
+        raise UserError(f"--seed must be in [0, 2**32), got {cfg.seed}")
     for name in ("adam_beta1", "adam_beta2"):
         if not 0 <= getattr(cfg, name) < 1:
             raise UserError(f"--{name} must be in [0, 1), got {getattr(cfg, name)}")
