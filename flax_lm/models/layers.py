@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -244,12 +245,17 @@ def run_stacked(layers: nnx.Module, step: Callable, x: jax.Array, xs: Any, *, sc
 
 
 class StaticConfig:
-    """A transformers config held as static module data, compared and hashed by its JSON, so a
-    model's graphdef can be a static argument of `jax.jit`."""
+    """A transformers config held as static module data, compared and hashed by its fields, so a
+    model's graphdef can be a static argument of `jax.jit`. Fields that only record where the
+    config came from are left out: the same model loaded from two directories compiles once."""
+
+    BOOKKEEPING = ("_name_or_path", "_commit_hash", "architectures", "transformers_version",
+                   "dtype", "torch_dtype")
 
     def __init__(self, config: Any):
         self.config = config
-        self.key = config.to_json_string(use_diff=False)
+        fields = {k: v for k, v in config.to_dict().items() if k not in self.BOOKKEEPING}
+        self.key = json.dumps(fields, sort_keys=True, default=str)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, StaticConfig) and self.key == other.key
