@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -228,22 +229,20 @@ def generate(
 
     Prompts are encoded without special tokens, as the training blocks are; the texts are decoded
     without special tokens (eos and padding do not show)."""
+    settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                    top_p=top_p, seed=seed, num_return_sequences=num_return_sequences)  # fmt: skip
+    return complete(model, tokenizer, prompts, **settings)[0]
+
+
+def complete(model, tokenizer, prompts: str | Sequence[str], **settings) -> tuple[list[str], int]:
+    """`generate`'s texts and the number of tokens it generated (for throughput figures)."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     eos, pad = special_ids(model, tokenizer)
-    sequences = generate_ids(
-        model,
-        encoded,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        seed=seed,
-        num_return_sequences=num_return_sequences,
-        eos_token_id=eos,
-        pad_token_id=pad,
-    )
-    return [tokenizer.decode(ids, skip_special_tokens=True) for ids in sequences]
+    sequences = generate_ids(model, encoded, eos_token_id=eos, pad_token_id=pad, **settings)
+    prompt_tokens = sum(len(p) for p in encoded) * settings.get("num_return_sequences", 1)
+    new_tokens = sum(len(s) for s in sequences) - prompt_tokens
+    return [tokenizer.decode(ids, skip_special_tokens=True) for ids in sequences], new_tokens
 
 
 def load_saved_model(model_dir: str, model_type: str, command: str):
@@ -292,25 +291,17 @@ def parse_args(argv: list[str] | None):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     model, tokenizer = load_saved_model(args.model, "gpt2", "generate")
+    settings = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_k", "top_p",
+                                                "seed", "num_return_sequences")}  # fmt: skip
     start = time.perf_counter()
-    texts = generate(
-        model,
-        tokenizer,
-        args.prompt,
-        args.max_new_tokens,
-        args.temperature,
-        args.top_k,
-        args.top_p,
-        args.seed,
-        args.num_return_sequences,
-    )
+    texts, new_tokens = complete(model, tokenizer, args.prompt, **settings)
     seconds = time.perf_counter() - start
     if args.json:
         print(json.dumps(texts, ensure_ascii=False, indent=2))
-        return 0
-    for number, text in enumerate(texts, start=1):
-        if len(texts) > 1:
-            print(f"--- {number} ---")
-        print(text)
-    print(f"[{len(texts)} sequence(s) in {seconds:.2f} s, compilation included]")
+    elif len(texts) == 1:
+        print(texts[0])
+    else:
+        print("\n".join(f"--- {number} ---\n{text}" for number, text in enumerate(texts, 1)))
+    print(f"[{new_tokens} tokens generated in {seconds:.2f} s, {new_tokens / seconds:,.1f} tokens/s "
+          "including compilation]", file=sys.stderr)  # fmt: skip
     return 0
