@@ -83,6 +83,8 @@ def restore_params(
     """Only the parameters of a training checkpoint (its optimizer state is not read)."""
     import orbax.checkpoint as ocp
 
+    from flax_lm.train.checkpoint import ITEMS
+
     target = {
         "params": jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -98,7 +100,7 @@ def restore_params(
     with ocp.PyTreeCheckpointer() as checkpointer:
         try:
             restored = checkpointer.restore(
-                (checkpoint_dir / str(step) / "state").absolute(), args=args
+                (checkpoint_dir / str(step) / ITEMS[0]).absolute(), args=args
             )
         except (ValueError, KeyError) as err:
             raise UserError(
@@ -242,9 +244,7 @@ def main(argv: list[str] | None = None) -> int:
 
     resolve_data_files(args.validation_file)  # a missing file is reported before loading a model
     source = find_model(args.model, args.config_name, args.tokenizer_name)
-    model_config = load_base_config(source.config)
-    if model_config.model_type not in OBJECTIVE_OF_MODEL:
-        raise UserError(f"cannot evaluate a {model_config.model_type} model")
+    model_config = load_base_config(source.config)  # gpt2 or roberta, else a UserError
     check_length_flag(args, model_config.model_type)
     objective = OBJECTIVE_OF_MODEL[model_config.model_type]
     mesh = make_mesh()
