@@ -4,11 +4,12 @@ An objective turns examples into model inputs with labels (NumPy, on the host) a
 to float32 SUMS (loss, target and correct counts), so that gradient accumulation and any number of
 devices give exactly the global mean. A new objective is a class with `name`, `from_tokenizer`,
 `make_batch` and `loss_terms`, registered in OBJECTIVES; `token_cross_entropy` gives it the
-per-token losses to weight as it needs (e.g. per sequence).
+per-token losses to weight as it needs (e.g. per sequence, as KeytokenWeightedCLM does).
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
@@ -97,6 +98,77 @@ class CausalLM:
         return summed_loss_terms(logits[:, :-1], batch["labels"][:, 1:])
 
 
+@dataclass(frozen=True)
+class KeytokenWeightedCLM(CausalLM):
+    """CLM whose training loss favours sequences rich in key tokens (e.g. plt, pd, fit).
+
+    loss = mean over sequences of weight × (mean token cross-entropy of the sequence), where
+    weight = 1 + alpha × (occurrences of key-token ids among the sequence's attended input ids).
+    As sums, the training terms are "loss_sum" = Σ weight × mean CE, "num_targets" = number of
+    sequences with a target and "num_correct" = Σ per-sequence accuracy, so loss_sum / num_targets
+    is the weighted loss and num_correct / num_targets the mean per-sequence accuracy, exactly,
+    however the batch is split into devices and microbatches.
+
+    Only training batches carry the weights ("keytoken_weight", made on the host). Evaluation
+    batches (those with "example_weight") are scored token by token like CausalLM, so eval_loss,
+    eval_accuracy and perplexity compare with any other CLM run and with `flax-lm evaluate`.
+    """
+
+    keytoken_ids: tuple[int, ...] = ()
+    alpha: float = 1.0
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer, cfg) -> KeytokenWeightedCLM:
+        if not cfg.keytokens:
+            raise UserError("--loss keytoken_weighted needs --keytokens (e.g. plt,pd,fit)")
+        if cfg.keytoken_alpha < 0:
+            raise UserError(f"--keytoken_alpha must not be negative, got {cfg.keytoken_alpha}")
+        return cls(keytoken_ids=keytoken_ids(tokenizer, cfg.keytokens), alpha=cfg.keytoken_alpha)
+
+    def make_batch(self, examples: Batch, rng: np.random.Generator) -> Batch:
+        batch = super().make_batch(examples, rng)
+        if "example_weight" not in examples:
+            is_key = np.isin(batch["input_ids"], self.keytoken_ids) & (batch["attention_mask"] == 1)
+            batch["keytoken_weight"] = (1.0 + self.alpha * is_key.sum(axis=1)).astype(np.float32)
+        return batch
+
+    def loss_terms(self, logits: jax.Array, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        if "keytoken_weight" not in batch:
+            return super().loss_terms(logits, batch)
+        losses, is_target, is_correct = token_cross_entropy(logits[:, :-1], batch["labels"][:, 1:])
+        targets = is_target.sum(axis=1, dtype=jnp.float32)
+        per_target = 1.0 / jnp.maximum(targets, 1.0)  # rows without targets add nothing
+        return {
+            "loss_sum": (batch["keytoken_weight"] * losses.sum(axis=1) * per_target).sum(),
+            "num_targets": (targets > 0).sum(dtype=jnp.float32),
+            "num_correct": (is_correct.sum(axis=1, dtype=jnp.float32) * per_target).sum(),
+        }
+
+
+def keytoken_ids(tokenizer, keytokens: list[str]) -> tuple[int, ...]:
+    """The ids of the key tokens that are single tokens, alone or after a space (" plt", which a
+    byte-level BPE spells "Ġplt"); the others are reported on stderr and skipped."""
+    ids, skipped = set(), []
+    for keytoken in keytokens:
+        spellings = {keytoken, " " + keytoken.lstrip()}
+        found = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in spellings]
+        single = {encoded[0] for encoded in found if len(encoded) == 1}
+        if single:
+            ids |= single
+        else:
+            skipped.append(keytoken)
+    if skipped:
+        print(
+            f"skipping key tokens that are not single tokens: {', '.join(skipped)}",
+            file=sys.stderr,
+        )
+    if not ids:
+        raise UserError(
+            f"none of the key tokens {', '.join(keytokens)} is a single token of the tokenizer"
+        )
+    return tuple(sorted(ids))
+
+
 def mask_tokens(
     input_ids: np.ndarray,
     special_tokens_mask: np.ndarray,
@@ -173,7 +245,10 @@ OBJECTIVES: dict[str, type] = {objective.name: objective for objective in (Causa
 
 
 def make_objective(name: str, tokenizer, cfg) -> Objective:
-    """The objective `name` ("clm" or "mlm"), configured from the tokenizer and the run config."""
+    """The objective `name` ("clm" or "mlm"), configured from the tokenizer and the run config;
+    CLM with `cfg.loss == "keytoken_weighted"` is KeytokenWeightedCLM."""
     if name not in OBJECTIVES:
         raise UserError(f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}")
+    if name == "clm" and getattr(cfg, "loss", "cross_entropy") == "keytoken_weighted":
+        return KeytokenWeightedCLM.from_tokenizer(tokenizer, cfg)
     return OBJECTIVES[name].from_tokenizer(tokenizer, cfg)
