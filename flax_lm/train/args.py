@@ -77,6 +77,14 @@ class TrainConfig:
     filter_keywords: list[str] | None = opt(None, "keep documents containing any of a,b,c")
     block_size: int | None = opt(None, "tokens per training block", only="clm")
     add_eos_between_documents: bool = opt(False, "join documents with the eos token", only="clm")
+    loss: str = opt(
+        "cross_entropy",
+        "training loss; keytoken_weighted weighs each sequence by its key tokens",
+        only="clm",
+        choices=("cross_entropy", "keytoken_weighted"),
+    )
+    keytokens: list[str] | None = opt(None, "key tokens of keytoken_weighted, as a,b,c", only="clm")
+    keytoken_alpha: float = opt(1.0, "sequence weight: 1 + alpha x its key tokens", only="clm")
     max_seq_length: int | None = opt(None, "tokens per example", only="mlm")
     mlm_probability: float = opt(0.15, "fraction of tokens to predict", only="mlm")
     pad_to_max_length: bool = opt(False, "pad every example to max_seq_length", only="mlm")
@@ -125,7 +133,10 @@ POSITIVE = (
     "save_total_limit", "block_size", "max_seq_length", "max_train_samples", "max_eval_samples",
     "preprocessing_num_workers", "adam_epsilon",
 )  # fmt: skip
-NON_NEGATIVE = ("weight_decay", "warmup_steps", "max_grad_norm", "skip_nonfinite_steps")
+NON_NEGATIVE = (
+    "weight_decay", "warmup_steps", "max_grad_norm", "skip_nonfinite_steps", "keytoken_alpha",
+)  # fmt: skip
+COMMA_LISTS = ("filter_keywords", "keytokens")  # list flags given as one a,b,c value
 MAX_SEED = 2**32  # seeds NumPy and JAX both take
 
 
@@ -155,7 +166,7 @@ def converter(f: dataclasses.Field):
     kind = FIELD_TYPES[f.name]
     if kind is bool:
         return parse_bool
-    if f.name == "filter_keywords":
+    if f.name in COMMA_LISTS:
         return parse_comma_list
     for base in (int, float):
         if kind is base or kind == base | None:
@@ -190,7 +201,7 @@ def build_parser(objective: str) -> ArgParser:
             parser.add_argument(
                 flag, nargs="?", const=LATEST_CHECKPOINT, metavar="PATH", help=help_text
             )
-        elif kind == list[str] | None and f.name != "filter_keywords":
+        elif kind == list[str] | None and f.name not in COMMA_LISTS:
             parser.add_argument(flag, nargs="+", help=help_text)
         else:
             parser.add_argument(flag, type=converter(f), help=help_text)
@@ -226,7 +237,7 @@ def read_yaml_config(path: str, objective: str) -> dict[str, Any]:
 def convert_yaml_value(f: dataclasses.Field, value: Any, path: str) -> Any:
     if value is None:
         return None
-    if FIELD_TYPES[f.name] == list[str] | None and f.name != "filter_keywords":
+    if FIELD_TYPES[f.name] == list[str] | None and f.name not in COMMA_LISTS:
         return [str(v) for v in value] if isinstance(value, list) else [str(value)]
     try:
         return converter(f)(value if isinstance(value, bool | list) else str(value))
