@@ -15,6 +15,7 @@ from transformers import AutoTokenizer, GPT2Config
 
 from flax_lm.errors import UserError
 from flax_lm.models import create_model
+from flax_lm.train.args import parse_config
 from flax_lm.train.objectives import CausalLM, KeytokenWeightedCLM, make_objective
 from flax_lm.train.step import TrainState, make_train_step
 
@@ -191,7 +192,33 @@ def test_bad_key_token_settings_are_user_errors(tokenizer, capsys):
     assert "skipping key tokens that are not single tokens: plt, pd" in capsys.readouterr().err
     with pytest.raises(UserError, match="needs --keytokens"):
         make_objective("clm", tokenizer, keytoken_cfg(None))
-    with pytest.raises(UserError, match="keytoken_alpha must not be negative"):
-        make_objective("clm", tokenizer, keytoken_cfg(["self"], -1.0))
     plain = SimpleNamespace(loss="cross_entropy", keytokens=["self"], keytoken_alpha=1.0)
     assert type(make_objective("clm", tokenizer, plain)) is CausalLM
+
+
+def test_flags_and_yaml_give_the_key_token_settings(tmp_path):
+    base = ["--output_dir", str(tmp_path / "out"), "--train_file", "corpus"]
+    flags = ["--loss", "keytoken_weighted", "--keytokens", "plt, pd,sk", "--keytoken_alpha", "0.5"]
+    cfg = parse_config([*base, *flags], "clm")
+    assert (cfg.loss, cfg.keytokens, cfg.keytoken_alpha) == (
+        "keytoken_weighted",
+        ["plt", "pd", "sk"],
+        0.5,
+    )
+    yaml_file = tmp_path / "recipe.yaml"
+    yaml_file.write_text("loss: keytoken_weighted\nkeytokens: [plt, fit]\nkeytoken_alpha: 2\n")
+    cfg = parse_config([*base, "--config", str(yaml_file)], "clm")
+    assert (cfg.loss, cfg.keytokens, cfg.keytoken_alpha) == (
+        "keytoken_weighted",
+        ["plt", "fit"],
+        2.0,
+    )
+    assert parse_config(base, "clm").loss == "cross_entropy"
+    for bad, message in (
+        (["--loss", "focal"], "--loss must be one of cross_entropy, keytoken_weighted"),
+        (["--keytoken_alpha", "-1"], "--keytoken_alpha must not be negative"),
+    ):
+        with pytest.raises(UserError, match=message):
+            parse_config([*base, *bad], "clm")
+    with pytest.raises(UserError, match="keytokens"):  # a CLM-only flag
+        parse_config([*base, "--keytokens", "plt"], "mlm")

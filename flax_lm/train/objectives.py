@@ -121,8 +121,6 @@ class KeytokenWeightedCLM(CausalLM):
     def from_tokenizer(cls, tokenizer, cfg) -> KeytokenWeightedCLM:
         if not cfg.keytokens:
             raise UserError("--loss keytoken_weighted needs --keytokens (e.g. plt,pd,fit)")
-        if cfg.keytoken_alpha < 0:
-            raise UserError(f"--keytoken_alpha must not be negative, got {cfg.keytoken_alpha}")
         return cls(keytoken_ids=keytoken_ids(tokenizer, cfg.keytokens), alpha=cfg.keytoken_alpha)
 
     def make_batch(self, examples: Batch, rng: np.random.Generator) -> Batch:
