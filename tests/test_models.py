@@ -65,11 +65,13 @@ def state_dict_numpy(model) -> dict[str, np.ndarray]:
 
 
 def padded_batch(config) -> tuple[np.ndarray, np.ndarray]:
-    """Three sequences of 12 tokens, two right-padded (pad id where the mask is 0)."""
-    ids = np.random.RandomState(1).randint(3, VOCAB, (3, 12))
+    """Four sequences of 12 tokens: full, right-padded twice, and all padding (a row with
+    every key masked must not give NaN). Pad id where the mask is 0."""
+    ids = np.random.RandomState(1).randint(3, VOCAB, (4, 12))
     mask = np.ones_like(ids)
     mask[1, 8:] = 0
     mask[2, 5:] = 0
+    mask[3, :] = 0
     ids[mask == 0] = config.pad_token_id if config.pad_token_id is not None else 0
     return ids, mask
 
@@ -256,7 +258,7 @@ def test_kv_cache_decoding_matches_full_forward(gpt2_pair):
 def test_kv_cache_with_left_padding_matches_transformers(gpt2_pair):
     """Left-padded prompts, positions counted over real tokens, as transformers' generate does."""
     model, reference = gpt2_pair
-    ids = np.random.RandomState(3).randint(0, VOCAB, (3, 12))
+    ids = np.random.RandomState(3).randint(0, VOCAB, (4, 12))
     mask = np.ones_like(ids)
     mask[0, :3] = 0
     mask[2, :7] = 0
@@ -265,6 +267,7 @@ def test_kv_cache_with_left_padding_matches_transformers(gpt2_pair):
         expected = reference(torch.tensor(ids), attention_mask=torch.tensor(mask),
                              position_ids=torch.tensor(positions)).logits.numpy()
     got = decode_in_steps(model, ids, prefill=9, mask=mask, positions=positions)
+    assert np.isfinite(got).all()  # the left padding's queries see no key at all
     assert np.abs(got - expected)[mask == 1].max() <= LOGITS_TOL
 
 
