@@ -35,7 +35,8 @@ def create_model(config: Any, seed: int = 0, *, dtype: Any = "float32", scan_lay
 
     dtype: compute precision, "float32" or "bfloat16" (parameters stay float32; softmax, LayerNorm
     statistics and logits are float32). scan_layers: run the stacked layers under lax.scan (False:
-    unrolled loop over the same parameters). remat: None, "full" or "dots" (see layers.REMAT_POLICIES).
+    unrolled loop over the same parameters). remat: None, "full" or "dots" (see
+    layers.REMAT_POLICIES).
     """
     cls = model_class(getattr(config, "model_type", None))
     return cls(config, seed, dtype=dtype, scan_layers=scan_layers, remat=remat)

@@ -2,6 +2,8 @@
 
 Pre-LayerNorm decoder: x += attn(ln_1(x)); x += mlp(ln_2(x)); logits = ln_f(x) @ wte.T (tied).
 The n_layer blocks are one module with stacked parameters, run under `jax.lax.scan`.
+`reorder_and_upcast_attn` needs nothing here: attention logits are always accumulated and
+softmaxed in float32, whatever the compute dtype.
 
 Incremental decoding (used by generation) is functional, with static shapes:
 
@@ -11,8 +13,8 @@ Incremental decoding (used by generation) is functional, with static shapes:
     logits, cache = model.decode(prompt_ids, cache, attention_mask=mask)   # prefill
     logits, cache = model.decode(next_ids[:, None], cache, attention_mask=mask)   # one step
 
-`decode` writes the chunk's keys/values at `cache["index"]`, attends causally over the cache and
-returns float32 logits [batch, chunk, vocab] and the cache with `index` advanced by the chunk length.
+`decode` writes the chunk's keys/values at `cache["index"]`, attends causally over the cache, and
+returns float32 logits [batch, chunk, vocab] and the cache with `index` advanced by the chunk.
 `attention_mask` is [batch, max_length] over cache slots (1 = real token; for left-padded prompts
 pass the prompt's mask followed by ones). Positions default to index + arange(chunk); left-padded
 prompts should pass `position_ids` (e.g. cumsum(mask) - 1, as transformers' generate does).
@@ -178,8 +180,9 @@ class GPT2LMHeadModel(nnx.Module):
                    TorchTensor("ln_f.bias", ("transformer.ln_f.bias",))]
         for ours, theirs in layer.items():
             weight = "scale" if theirs.startswith("ln") else "kernel"
-            tensors.append(TorchTensor(f"h.{ours}.{weight}", (f"transformer.h.{{i}}.{theirs}.weight",)))
-            tensors.append(TorchTensor(f"h.{ours}.bias", (f"transformer.h.{{i}}.{theirs}.bias",)))
+            torch_name = f"transformer.h.{{i}}.{theirs}"
+            tensors.append(TorchTensor(f"h.{ours}.{weight}", (f"{torch_name}.weight",)))
+            tensors.append(TorchTensor(f"h.{ours}.bias", (f"{torch_name}.bias",)))
         if self.lm_head is not None:
             tensors.append(TorchTensor("lm_head.embedding", ("lm_head.weight",)))
         return tensors

@@ -1,7 +1,8 @@
 """Our models <-> PyTorch transformers checkpoints: config.json + safetensors in the exact names and
 layouts of GPT2LMHeadModel / RobertaForMaskedLM.
 
-Only safetensors are read: a pickle (`pytorch_model.bin`) can run code when loaded, so it is refused.
+Only safetensors are read: a pickle (`pytorch_model.bin`) can run code when loaded, so it is
+refused.
 Each model's `torch_layout()` lists where every parameter lives on the PyTorch side.
 """
 
@@ -14,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from safetensors.numpy import load_file, save_file
@@ -60,7 +62,7 @@ def to_torch_layout(array: np.ndarray, spec: TorchTensor) -> list[np.ndarray]:
 
 
 def export_state_dict(model: Model) -> dict[str, np.ndarray]:
-    """PyTorch transformers names -> float32 arrays in PyTorch layout (tied weights not repeated)."""
+    """PyTorch transformers names -> float32 arrays in PyTorch layout; tied weights once."""
     params = flat_params(model)
     tensors: dict[str, np.ndarray] = {}
     for spec in model.torch_layout():
@@ -92,7 +94,8 @@ def import_state_dict(model: Model, state_dict: Mapping[str, Any]) -> Model:
     for spec in model.torch_layout():
         var = params[spec.path]
         indices = layer_indices(spec, num_layers(model))
-        expected = expected_torch_shape(var.shape[1:] if indices[0] is not None else var.shape, spec)
+        per_layer_shape = var.shape if indices[0] is None else var.shape[1:]
+        expected = expected_torch_shape(per_layer_shape, spec)
         layers = []
         for i in indices:
             parts = []
@@ -122,7 +125,7 @@ def import_state_dict(model: Model, state_dict: Mapping[str, Any]) -> Model:
         logger.warning("ignoring %d tensors the model does not use: %s", len(unused),
                        ", ".join(sorted(unused)))
     for path, value in values.items():
-        params[path].set_value(value)
+        params[path].set_value(jnp.asarray(value))
     return model
 
 
@@ -148,7 +151,8 @@ def weight_files(model_dir: Path) -> list[Path]:
         shards = [model_dir / name for name in sorted(set(weight_map.values()))]
         absent = [shard.name for shard in shards if not shard.is_file()]
         if absent:
-            raise UserError(f"{model_dir / WEIGHTS_INDEX} lists missing shards: {', '.join(absent)}")
+            raise UserError(f"{model_dir / WEIGHTS_INDEX} lists missing shards: "
+                            f"{', '.join(absent)}")
         return shards
     if any((model_dir / name).is_file() for name in PICKLED_WEIGHTS):
         raise UserError(

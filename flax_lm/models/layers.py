@@ -1,9 +1,9 @@
 """Pieces shared by GPT-2 and RoBERTa: parameter kinds, dense/embedding/LayerNorm, attention, MLP,
 dropout, and the scanned layer stack.
 
-Parameters are float32. Every layer computes in the dtype of its input (float32 or bfloat16), so the
-model casts the embeddings once and the parameters are cast where they are used. LayerNorm statistics
-and the attention softmax are computed in float32 whatever the compute dtype.
+Parameters are float32. Every layer computes in the dtype of its input (float32 or bfloat16), so
+the model casts the embeddings once and the parameters are cast where they are used. LayerNorm
+statistics and the attention softmax are computed in float32 whatever the compute dtype.
 """
 
 from __future__ import annotations
@@ -64,7 +64,8 @@ def check_activation(name: str) -> str:
 
 def check_remat(remat: str | None) -> str | None:
     if remat is not None and remat not in REMAT_POLICIES:
-        raise UserError(f"unsupported remat {remat!r}; use None, {', '.join(map(repr, REMAT_POLICIES))}")
+        choices = ", ".join(map(repr, REMAT_POLICIES))
+        raise UserError(f"unsupported remat {remat!r}; use None, {choices}")
     return remat
 
 
@@ -152,7 +153,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     """Attention over [batch, len, heads, head_dim] inputs with float32 logits and softmax.
 
     Without attention dropout this is `jax.nn.dot_product_attention`. Masked logits become a large
-    negative number, so a fully masked row (a padding query) attends uniformly instead of giving NaN.
+    negative number, so a fully masked row (a padding query) attends uniformly, never giving NaN.
     """
     if dropout_key is None or dropout_rate == 0.0:
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
@@ -247,7 +248,8 @@ def run_stacked(layers: nnx.Module, step: Callable, x: jax.Array, xs: Any, *, sc
 class StaticConfig:
     """A transformers config held as static module data, compared and hashed by its fields, so a
     model's graphdef can be a static argument of `jax.jit`. Fields that only record where the
-    config came from are left out: the same model loaded from two directories compiles once."""
+    config came from, or the stored weights' dtype, are left out: the same model loaded from two
+    directories compiles once."""
 
     BOOKKEEPING = ("_name_or_path", "_commit_hash", "architectures", "transformers_version",
                    "dtype", "torch_dtype")
