@@ -43,13 +43,7 @@ from flax_lm.train.step import (
 
 PREFETCH_BATCHES = 2
 EVAL_MASK_STREAM = 2**32  # eval masks come from (seed, this): the same masks at every evaluation
-MULTI_PROCESS_ENV = (
-    "JAX_COORDINATOR_ADDRESS",
-    "JAX_NUM_PROCESSES",
-    "SLURM_NTASKS",
-    "OMPI_COMM_WORLD_SIZE",
-    "TPU_WORKER_HOSTNAMES",
-)
+PROCESS_COUNT_ENV = ("JAX_NUM_PROCESSES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
 
 
 def run(cfg: TrainConfig, objective_name: str) -> dict[str, Any]:
@@ -76,9 +70,13 @@ def setup_jax(cfg: TrainConfig) -> None:
 
 
 def several_processes() -> bool:
-    values = [os.environ.get(name, "") for name in MULTI_PROCESS_ENV]
-    counts = [v for v in values[1:4] if v.isdigit()]
-    return bool(values[0]) or any(int(v) > 1 for v in counts) or "," in values[4]
+    """Whether the environment describes a multi-process (multi-host) launch."""
+    if os.environ.get("JAX_COORDINATOR_ADDRESS") or "," in os.environ.get(
+        "TPU_WORKER_HOSTNAMES", ""
+    ):
+        return True
+    counts = (os.environ.get(name, "") for name in PROCESS_COUNT_ENV)
+    return any(count.isdigit() and int(count) > 1 for count in counts)
 
 
 class Throughput:
