@@ -53,7 +53,7 @@ class BenchConfig:
     """One benchmarked model: base config + overrides, shapes, steps and learning rate."""
 
     objective: str  # "clm" (GPT-2) | "mlm" (RoBERTa)
-    overrides: str  # --config_overrides on the published base config; vocab is added for tiny ones
+    overrides: str  # config overrides on the published base config ("": the full-size model)
     seq_len: int
     batch_size: int
     steps: int
@@ -63,6 +63,10 @@ class BenchConfig:
     @property
     def tokens_per_step(self) -> int:
         return self.seq_len * self.batch_size
+
+    @property
+    def full_size(self) -> bool:
+        return not self.overrides
 
     @property
     def model_type(self) -> str:
@@ -458,7 +462,7 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> dict:
         results["configs"][name] = bench_config(
             name, steps, args.repeats, work / name, inputs, results["peak"]
         )
-    twelve_layer = [n for n in names if not CONFIGS[n].overrides]
+    twelve_layer = [n for n in names if CONFIGS[n].full_size]
     if twelve_layer and not args.no_compile_study:
         results["compile"] = {n: compile_study(n, work / n / "compile", inputs)
                               for n in twelve_layer}
