@@ -1,13 +1,18 @@
 """Training checkpoints with orbax: the TrainState (params, optimizer state, step, RNG key) as
-arrays, and the run's position (data order, step) as JSON. Nothing is pickled.
+arrays, and the run's position (data order, step, sums) and setup as JSON. Nothing is pickled.
 
 Saving is asynchronous but donation-safe: orbax copies every array to host memory before `save`
 returns (its default synchronous device-to-host transfer), so the next train step may donate
 the state buffers while the files are still being written.
+
+A save is atomic: orbax writes `STEP.orbax-checkpoint-tmp-*` and renames it to `STEP` once it
+holds everything, with its commit marker. A crash during a save leaves such a temporary (or
+unmarked) directory behind and never touches the checkpoints before it; resuming skips it.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +24,22 @@ from flax_lm.train.step import TrainState, abstract
 
 CHECKPOINTS_SUBDIR = "checkpoints"
 ITEMS = ("state", "meta")
+COMMIT_MARKER = "commit_success.txt"  # orbax writes it last, into a finished step directory
+RESTORE_ERRORS = (ValueError, OSError, KeyError)  # what orbax raises for damaged files
+STEP_PREFIX = re.compile(r"^(\d+)(\D|$)")
 
 
 def open_manager(
-    directory: Path, *, max_to_keep: int | None = None, create: bool = True
+    directory: Path,
+    *,
+    max_to_keep: int | None = None,
+    create: bool = True,
+    remove_interrupted_saves: bool = False,
 ) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create)
+    """A CheckpointManager; `remove_interrupted_saves` deletes temporary dirs left by a crash."""
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=create, cleanup_tmp_directories=remove_interrupted_saves
+    )
     return ocp.CheckpointManager(directory.absolute(), options=options, item_names=ITEMS)
 
 
@@ -41,7 +56,10 @@ def restore(
     args = ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract(like)), meta=ocp.args.JsonRestore()
     )
-    restored = manager.restore(step, args=args)
+    try:
+        restored = manager.restore(step, args=args)
+    except RESTORE_ERRORS as err:
+        raise cannot_restore(Path(manager.directory) / str(step), err) from None
     return restored.state, restored.meta
 
 
@@ -50,28 +68,63 @@ def read_meta(directory: Path, step: int) -> dict[str, Any]:
     manager = open_manager(directory, create=False)
     try:
         return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    except RESTORE_ERRORS as err:
+        raise cannot_restore(directory / str(step), err) from None
     finally:
         manager.close()
 
 
+def cannot_restore(step_dir: Path, err: Exception) -> UserError:
+    reason = " ".join(str(err).split())[:240] or type(err).__name__
+    return UserError(
+        f"checkpoint {step_dir} cannot be restored (damaged, or saved by another model): "
+        f"{reason}; resume from an earlier checkpoint of the run"
+    )
+
+
 def find_checkpoint(spec: str, output_dir: Path) -> tuple[Path, int]:
-    """(checkpoints dir, step) named by --resume_from_checkpoint: `latest` (the newest under
-    output_dir), a checkpoints dir (its newest), or one step's dir inside it."""
+    """(checkpoints dir, step) named by --resume_from_checkpoint: `latest` (the newest complete one
+    under output_dir), a checkpoints dir (its newest complete one), or one step's dir inside it."""
     path = output_dir / CHECKPOINTS_SUBDIR if spec == LATEST_CHECKPOINT else Path(spec)
     if not path.is_dir():
         raise UserError(f"no checkpoint to resume from: {path} is not a directory")
-    if path.name.isdigit() and (path / ITEMS[0]).is_dir():
+    if STEP_PREFIX.match(path.name) and (path / ITEMS[0]).is_dir():
+        if not is_complete(path):
+            raise UserError(
+                f"checkpoint {path} is incomplete (its save was interrupted): resume from "
+                f"an earlier one in {path.parent}"
+            )
         return path.parent, int(path.name)
     for root in (path, path / CHECKPOINTS_SUBDIR):
         steps = checkpoint_steps(root)
         if steps:
             return root, steps[-1]
-    raise UserError(f"no checkpoint to resume from: {path} holds no saved steps")
+    raise UserError(f"no checkpoint to resume from: {path} holds no complete saved step")
+
+
+def is_complete(step_dir: Path) -> bool:
+    """A finished save: named by its step alone, with its commit marker and every item."""
+    return (
+        step_dir.name.isdigit()
+        and (step_dir / COMMIT_MARKER).is_file()
+        and all((step_dir / item).is_dir() for item in ITEMS)
+    )
 
 
 def checkpoint_steps(root: Path) -> list[int]:
     """Steps saved completely under `root`, in increasing order."""
     if not root.is_dir():
         return []
-    steps = ocp.path.step.checkpoint_steps(root.absolute())
-    return sorted(step for step in steps if (root / str(step) / ITEMS[0]).is_dir())
+    return sorted(int(p.name) for p in root.iterdir() if p.is_dir() and is_complete(p))
+
+
+def interrupted_saves(root: Path, after: int = -1) -> list[Path]:
+    """Step directories under `root` (of steps after `after`) whose save never finished."""
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        match = STEP_PREFIX.match(path.name)
+        if path.is_dir() and match and int(match.group(1)) > after and not is_complete(path):
+            found.append(path)
+    return sorted(found, key=lambda p: (int(STEP_PREFIX.match(p.name).group(1)), p.name))

@@ -1,4 +1,8 @@
-"""`run_clm_flax.py` / `run_mlm_flax.py` (and `flax-lm run-clm` / `run-mlm`): parse, then run."""
+"""`run_clm_flax.py` / `run_mlm_flax.py` (and `flax-lm run-clm` / `run-mlm`): parse, then run.
+
+Exit status: 0 done, 2 bad input (one `error:` line), 1 stopped on a non-finite loss,
+128 + signal when SIGTERM/SIGINT stopped training (after saving a checkpoint to resume from).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,8 @@ import sys
 
 from flax_lm.errors import EXIT_INTERRUPTED, report_user_errors
 from flax_lm.train.args import OBJECTIVES, config_yaml, parse_config
+
+EXIT_NONFINITE = 1
 
 
 @report_user_errors
@@ -17,10 +23,17 @@ def main(argv: list[str] | None = None, objective: str = "clm") -> int:
     if cfg.print_config:
         print(config_yaml(cfg, objective), end="")
         return 0
-    from flax_lm.train.trainer import run  # JAX and the models load only for a real run
+    # JAX and the models load only for a real run
+    from flax_lm.train.trainer import Interrupted, NonFiniteLoss, run
 
     try:
         run(cfg, objective)
+    except Interrupted as stop:
+        print(stop, file=sys.stderr)
+        return stop.exit_status
+    except NonFiniteLoss as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_NONFINITE
     except KeyboardInterrupt:
         print("interrupted: continue with --resume_from_checkpoint", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -8,7 +8,9 @@ one UserError here, so a failed start leaves the output directory as it was.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ from typing import Any
 from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from flax_lm.config import apply_config_overrides, load_base_config
+from flax_lm.corpus import progress_bars_on_terminal_only
 from flax_lm.errors import UserError
 from flax_lm.train import checkpoint
 from flax_lm.train.args import SCRIPT_NAMES, TrainConfig
@@ -34,6 +37,7 @@ class Resume:
     directory: Path  # the checkpoints dir holding it
     step: int
     meta: dict[str, Any]
+    interrupted: list[Path]  # newer step dirs whose save never finished (skipped)
 
 
 @dataclass
@@ -63,6 +67,11 @@ class Prepared:
 
 def prepare(cfg: TrainConfig, objective_name: str, num_devices: int) -> Prepared:
     """Load and check the model config, tokenizer, data and resume point; write nothing."""
+    with progress_bars_on_terminal_only():  # a failing start prints its one error line only
+        return load_and_check(cfg, objective_name, num_devices)
+
+
+def load_and_check(cfg: TrainConfig, objective_name: str, num_devices: int) -> Prepared:
     output_dir = Path(cfg.output_dir)
     resume = find_resume(cfg, output_dir)
     check_output_dir(cfg, output_dir, resuming=resume is not None)
@@ -92,7 +101,8 @@ def find_resume(cfg: TrainConfig, output_dir: Path) -> Resume | None:
     if not cfg.do_train:
         raise UserError("--resume_from_checkpoint continues training: it needs --do_train")
     directory, step = checkpoint.find_checkpoint(cfg.resume_from_checkpoint, output_dir)
-    return Resume(directory, step, checkpoint.read_meta(directory, step))
+    meta = checkpoint.read_meta(directory, step)
+    return Resume(directory, step, meta, checkpoint.interrupted_saves(directory, after=step))
 
 
 def check_output_dir(cfg: TrainConfig, output_dir: Path, *, resuming: bool) -> None:
@@ -104,6 +114,9 @@ def check_output_dir(cfg: TrainConfig, output_dir: Path, *, resuming: bool) -> N
             f"--output_dir {output_dir} already holds files: add --overwrite_output_dir to "
             "write into it, or --resume_from_checkpoint to continue its run"
         )
+    existing = next(p for p in (output_dir, *output_dir.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--output_dir {output_dir} cannot be written ({existing} is read-only)")
 
 
 def load_model_config(cfg: TrainConfig, objective_name: str) -> PretrainedConfig:
@@ -196,18 +209,28 @@ def total_train_steps(cfg: TrainConfig, batches: TrainBatches) -> int:
 
 
 def check_resume_matches(resume: Resume, prepared: Prepared, objective_name: str) -> None:
-    """The checkpoint must come from a run with the same data order and batch layout."""
+    """The checkpoint must come from a run with the same data order, batch layout and model
+    (what a checkpoint did not record is not compared)."""
     now = run_identity(prepared, objective_name)
     changed = [
-        f"{key} {resume.meta.get(key)} -> {value}"
+        change
         for key, value in now.items()
-        if resume.meta.get(key) != value
+        if key in resume.meta
+        for change in differences(key, resume.meta[key], value)
     ]
     if changed:
         raise UserError(
             f"checkpoint {resume.directory / str(resume.step)} is from a different run setup "
             f"({'; '.join(changed)}): resume with the same flags"
         )
+
+
+def differences(name: str, before: Any, after: Any) -> list[str]:
+    """Each setting that changed, as "name before -> after" (dicts: key by key)."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        keys = sorted(before.keys() | after.keys())
+        return [c for key in keys for c in differences(key, before.get(key), after.get(key))]
+    return [] if before == after else [f"{name} {before} -> {after}"]
 
 
 def run_identity(prepared: Prepared, objective_name: str) -> dict[str, Any]:
@@ -217,4 +240,12 @@ def run_identity(prepared: Prepared, objective_name: str) -> dict[str, Any]:
         "seed": prepared.cfg.seed,
         "global_batch_size": prepared.global_batch_size,
         "seq_len": prepared.seq_len,
+        "model": model_identity(prepared.model_config),
     }
+
+
+def model_identity(config: PretrainedConfig) -> dict[str, Any]:
+    """The model config's settings (as JSON) that a resumed run must share with its checkpoint."""
+    settings = json.loads(config.to_json_string(use_diff=True))
+    settings.pop("transformers_version", None)
+    return settings

@@ -1,21 +1,35 @@
 """The training loop shared by run_clm_flax.py and run_mlm_flax.py.
 
-prepare() checks everything first; then the loop feeds prefetched, device-placed batches to a
-train step compiled once, keeps metrics on device until a logging step, evaluates every
-eval_steps, checkpoints every save_steps, and at the end exports a model PyTorch transformers loads.
+prepare() checks everything first and the checkpoint to resume from is read before anything is
+written; then the loop feeds prefetched, device-placed batches to a train step compiled once,
+keeps metrics on device until a logging or saving step, evaluates every eval_steps, checkpoints
+every save_steps, and at the end exports a model PyTorch transformers loads.
+
+A resumed run continues exactly: the checkpoint holds the state (params, optimizer, step, RNG),
+the data position and the sums behind train_loss; batches, MLM masks, dropout and the learning
+rate all derive from (seed, step). SIGTERM or SIGINT saves a checkpoint at the next step
+boundary and stops (`Interrupted`). A step whose loss or gradient is not finite is never applied
+and never saved; the run stops (`NonFiniteLoss`) unless --skip_nonfinite_steps allows skipping it.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
+import optax
 from datasets import Dataset
 from flax import nnx
 
@@ -43,6 +57,8 @@ from flax_lm.train.step import (
 
 PREFETCH_BATCHES = 2
 EVAL_MASK_STREAM = 2**32  # eval masks come from (seed, this): the same masks at every evaluation
+NEVER_APPLY_NONFINITE = 2**31 - 1  # apply_if_finite: consecutive non-finite updates before applying
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 PROCESS_COUNT_ENV = ("JAX_NUM_PROCESSES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
 
 
@@ -107,6 +123,78 @@ class Throughput:
         return self.total_tokens / self.total_seconds if self.total_seconds else self.last_rate
 
 
+class Interrupted(Exception):
+    """Training stopped on SIGTERM/SIGINT after saving a checkpoint; exit status 128 + signal."""
+
+    def __init__(self, signum: int, step: int, saved: Path):
+        name = signal.Signals(signum).name
+        super().__init__(
+            f"interrupted by {name} at step {step}: saved checkpoint {saved}; continue with "
+            "the same command and --resume_from_checkpoint"
+        )
+        self.exit_status = 128 + signum
+
+
+class NonFiniteLoss(Exception):
+    """A step's loss or gradient was not finite, more often than --skip_nonfinite_steps allows."""
+
+
+class StopSignals:
+    """While training, SIGTERM (a preemption notice) and SIGINT (Ctrl-C) ask the loop to save a
+    checkpoint at the next step boundary and stop; a second signal stops at once."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():  # handlers live there only
+            self.previous = {s: signal.signal(s, self.handle) for s in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def handle(self, signum: int, frame) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+        print(
+            f"received {signal.Signals(signum).name}: saving a checkpoint after this step, "
+            "then stopping (send it again to stop at once)",
+            file=sys.stderr,
+        )
+
+
+@dataclass
+class Progress:
+    """What a checkpoint carries besides the state, so a resumed run reports the same numbers:
+    the sums behind train_loss and the steps skipped as non-finite."""
+
+    loss_sum: float = 0.0
+    num_targets: float = 0.0
+    skipped_steps: list[int] = field(default_factory=list)
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(self.num_targets, 1.0)
+
+
+@dataclass
+class Training:
+    """Where the training loop starts: the state (restored when resuming) and how it steps."""
+
+    state: TrainState
+    optimizer: optax.GradientTransformation
+    schedule: optax.Schedule
+    progress: Progress
+
+
+def is_finite_step(metrics: dict[str, Any]) -> bool:
+    return math.isfinite(float(metrics["loss_sum"])) and math.isfinite(float(metrics["grad_norm"]))
+
+
 class TrainStream:
     """Model-ready batches [accumulation, microbatch, seq] from `start_step` on; MLM masks come from
     np.random.default_rng([seed, step]), so a resumed run sees the same ones."""
@@ -141,13 +229,15 @@ class Trainer:
         self.compile_seconds: dict[str, float] = {}
         self.eval_step = None
         self.eval_samples = 0
+        self.last_checkpoint: Path | None = None  # the newest checkpoint saved (or resumed from)
 
     def run(self) -> dict[str, Any]:
-        self.start_output_dir()
         model = self.build_model()
         graphdef, params = nnx.split(model, nnx.Param)
         params = jax.device_put(params, state_sharding(self.mesh, params))
         self.graphdef = graphdef
+        training = self.start_training(params) if self.cfg.do_train else None
+        self.start_output_dir()  # the first write: everything above only reads
         log = RunLog(
             self.p.output_dir,
             total_steps=self.p.total_steps,
@@ -158,8 +248,8 @@ class Trainer:
         results: dict[str, Any] = {}
         try:
             step = 0
-            if self.cfg.do_train:
-                state, train_results, last_eval = self.train(params, log)
+            if training is not None:
+                state, train_results, last_eval = self.train(training, log)
                 params, step = state.params, int(state.step)
                 results.update(train_results)
                 self.write_results("train_results.json", train_results)
@@ -197,31 +287,58 @@ class Trainer:
             return load_model(cfg.model_name_or_path, **options)
         return create_model(self.p.model_config, seed=cfg.seed, **options)
 
+    def start_training(self, params) -> Training:
+        """The optimizer and the state to start from: fresh, or read from the checkpoint to
+        resume (a damaged or mismatched one is a UserError, raised before anything is written).
+
+        The optimizer applies an update only when the whole gradient is finite, so a
+        non-finite step leaves params and optimizer state as they were."""
+        cfg, p = self.cfg, self.p
+        schedule = make_schedule(cfg, p.total_steps)
+        optimizer = optax.apply_if_finite(
+            make_optimizer(cfg, schedule, weight_decay_mask(params)), NEVER_APPLY_NONFINITE
+        )
+        state = init_state(params, optimizer, cfg.seed, self.mesh)
+        progress = Progress()
+        if p.resume is not None:
+            source = checkpoint.open_manager(p.resume.directory, create=False)
+            try:
+                state, meta = checkpoint.restore(source, p.resume.step, like=state)
+            finally:
+                source.close()
+            p.train_batches.load_state(meta["data"])
+            progress = Progress(**meta.get("progress", {}))
+        return Training(state, optimizer, schedule, progress)
+
     # ------------------------------------------------------------------------------ train
 
-    def train(self, params, log: RunLog) -> tuple[TrainState, dict[str, Any], dict[str, Any]]:
+    def train(
+        self, training: Training, log: RunLog
+    ) -> tuple[TrainState, dict[str, Any], dict[str, Any]]:
         """Train to total_steps; returns the final state, train results and the last eval."""
         cfg, p = self.cfg, self.p
         started = time.perf_counter()
-        schedule = make_schedule(cfg, p.total_steps)
-        optimizer = make_optimizer(cfg, schedule, weight_decay_mask(params))
-        state = init_state(params, optimizer, cfg.seed, self.mesh)
         manager = checkpoint.open_manager(
-            p.output_dir / checkpoint.CHECKPOINTS_SUBDIR, max_to_keep=cfg.save_total_limit
+            p.output_dir / checkpoint.CHECKPOINTS_SUBDIR,
+            max_to_keep=cfg.save_total_limit,
+            remove_interrupted_saves=True,
         )
         try:
-            state = self.maybe_resume(state, manager, log)
-            train_step = make_train_step(self.graphdef, p.objective, optimizer, schedule)
-            state, summary, last_eval = self.loop(state, train_step, manager, log)
+            if p.resume is not None:
+                self.continue_from_checkpoint(manager, log)
+            train_step = make_train_step(
+                self.graphdef, p.objective, training.optimizer, training.schedule
+            )
+            state, tokens_per_second, last_eval = self.loop(training, train_step, manager, log)
             manager.wait_until_finished()
         finally:
             manager.close()
         results = {
-            "train_loss": summary["loss"],
+            "train_loss": training.progress.loss if training.progress.num_targets else None,
             "train_runtime": round(time.perf_counter() - started, 3),
             "train_samples": self.train_samples(int(state.step)),
             "train_steps": int(state.step),
-            "train_tokens_per_second": summary["tokens_per_second"],
+            "train_tokens_per_second": tokens_per_second,
             "compile_seconds": round(sum(self.compile_seconds.values()), 3),
         }
         return state, results, last_eval
@@ -231,103 +348,153 @@ class Trainer:
         train = self.p.splits["train"]
         return len(train) if isinstance(train, Dataset) else steps * self.p.global_batch_size
 
-    def maybe_resume(self, state: TrainState, manager, log: RunLog) -> TrainState:
+    def continue_from_checkpoint(self, manager, log: RunLog) -> None:
+        """The resumed run replaces what came after its checkpoint, and says where it starts."""
         resume = self.p.resume
-        if resume is None:
-            return state
-        same_dir = resume.directory.resolve() == Path(manager.directory).resolve()
-        source = manager if same_dir else checkpoint.open_manager(resume.directory, create=False)
-        state, meta = checkpoint.restore(source, resume.step, like=state)
-        if not same_dir:
-            source.close()
+        self.last_checkpoint = resume.directory / str(resume.step)
+        skipped = [path.name for path in resume.interrupted]
         later = [s for s in manager.all_steps() if s > resume.step]
-        for step in later:  # the resumed run replaces what came after its checkpoint
+        for step in later:
             manager.delete(step)
-        self.p.train_batches.load_state(meta["data"])
-        dropped = f" (dropped later checkpoints {later})" if later else ""
+        dropped = [step for step in later if str(step) not in skipped]
+        notes = [f"dropped later checkpoints {dropped}"] if dropped else []
+        if skipped:
+            notes.append(f"skipped incomplete checkpoints {skipped}: their saves were interrupted")
         log.message(
-            f"resumed from checkpoint {resume.directory / str(resume.step)} "
-            f"at step {resume.step}{dropped}"
+            f"resumed from checkpoint {self.last_checkpoint} at step {resume.step}"
+            + (f" ({'; '.join(notes)})" if notes else "")
         )
-        return state
 
-    def loop(self, state: TrainState, train_step, manager, log: RunLog):
+    def loop(self, training: Training, train_step, manager, log: RunLog):
+        """Steps from the state's step to total_steps; returns (state, steady tokens/s, last
+        eval). Metrics are fetched from the device only at logging and saving steps."""
         cfg, p = self.cfg, self.p
+        state, progress = training.state, training.progress
         start, total = int(state.step), p.total_steps
         last_eval: dict[str, Any] = {}
-        run_sums = {"loss_sum": 0.0, "num_targets": 0.0}
         throughput = Throughput()
         if start >= total:
             log.message(f"the checkpoint is at step {start}: training already reached {total}")
             if cfg.do_eval:
                 last_eval = self.evaluate(state.params, start, log)
-            return state, {"loss": None, "tokens_per_second": None}, last_eval
+            return state, None, last_eval
         tokens_per_step = p.global_batch_size * p.seq_len
         stream = TrainStream(
             p.train_batches, p.objective, cfg.seed, start, cfg.gradient_accumulation_steps
         )
-        with Prefetcher(stream, PREFETCH_BATCHES, make_put(self.mesh, batch_axis=1)) as batches:
+        put = make_put(self.mesh, batch_axis=1)
+        with StopSignals() as signals, Prefetcher(stream, PREFETCH_BATCHES, put) as batches:
             batch = next(batches)
             train_step, seconds = compile_train_step(train_step, state, batch, self.mesh)
             self.compile_seconds["train_step"] = seconds
             log.message(f"compiled the train step in {seconds:.2f} s")
-            pending = []
+            pending, fetched = [], []  # (step, metrics) on device / on the host since the last log
             throughput.restart()
             for step in range(start + 1, total + 1):
                 state, metrics = train_step(state, batch)
-                pending.append(metrics)
+                pending.append((step, metrics))
                 throughput.add(tokens_per_step)
                 log.advance()
                 if step == start + 1:  # the first step's time is not steady state
                     jax.block_until_ready(state)
                     throughput.close(steady=False)
                 if step % cfg.logging_steps == 0 or step == total:
-                    record = self.train_record(step, pending, throughput, batches, run_sums)
-                    log.train(record)
-                    pending = []
+                    fetched += self.fetch(pending, progress)
+                    log.train(self.train_record(step, fetched, throughput, batches))
+                    fetched = []
                 if cfg.do_eval and (step % cfg.eval_steps == 0 or step == total):
                     jax.block_until_ready(state)
                     throughput.close()
                     last_eval = self.evaluate(state.params, step, log)
                     throughput.restart()
-                if step % cfg.save_steps == 0 or step == total:
+                stopping = signals.received is not None
+                if step % cfg.save_steps == 0 or step == total or stopping:
                     jax.block_until_ready(state)
                     throughput.close()
-                    meta = {
-                        "step": step,
-                        "data": batches.state(),
-                        **run_identity(p, self.objective_name),
-                    }
-                    checkpoint.save(manager, state, meta)
+                    fetched += self.fetch(pending, progress)  # nothing non-finite is saved
+                    self.save_checkpoint(manager, state, step, batches, progress)
                     throughput.restart()
+                if stopping:
+                    manager.wait_until_finished()
+                    raise Interrupted(signals.received, step, self.last_checkpoint)
                 if step < total:
                     batch = next(batches)
-        loss = run_sums["loss_sum"] / max(run_sums["num_targets"], 1.0)
-        return state, {"loss": loss, "tokens_per_second": throughput.steady_rate}, last_eval
+        return state, throughput.steady_rate, last_eval
+
+    def fetch(self, pending: list, progress: Progress) -> list[tuple[int, dict]]:
+        """Metrics of the `pending` steps on the host (emptying `pending`), added to `progress`.
+        A non-finite step (its update was not applied) is skipped, or stops the run."""
+        fetched = jax.device_get(pending)
+        pending.clear()
+        for step, metrics in fetched:
+            if is_finite_step(metrics):
+                progress.loss_sum += float(metrics["loss_sum"])
+                progress.num_targets += float(metrics["num_targets"])
+            else:
+                self.skip_nonfinite(step, metrics, progress)
+        return fetched
+
+    def skip_nonfinite(self, step: int, metrics: dict, progress: Progress) -> None:
+        """Count a step whose update was not applied; stop once more than allowed."""
+        progress.skipped_steps.append(step)
+        limit = self.cfg.skip_nonfinite_steps
+        what = (
+            f"non-finite loss ({float(metrics['loss_sum'])}) or gradient norm "
+            f"({float(metrics['grad_norm'])}) at step {step}"
+        )
+        if len(progress.skipped_steps) <= limit:
+            print(
+                f"warning: {what}: its update was skipped "
+                f"({len(progress.skipped_steps)} of --skip_nonfinite_steps {limit})",
+                file=sys.stderr,
+            )
+            return
+        if limit:
+            steps = ", ".join(map(str, progress.skipped_steps))
+            what += f", more than --skip_nonfinite_steps {limit} (steps {steps})"
+        saved = (
+            f"the last good checkpoint is {self.last_checkpoint}"
+            if self.last_checkpoint
+            else "no checkpoint was saved before it"
+        )
+        raise NonFiniteLoss(
+            f"{what}: stopped; {saved} (resume from it with a lower --learning_rate or more "
+            "warmup, or let --skip_nonfinite_steps skip such steps)"
+        )
+
+    def save_checkpoint(
+        self, manager, state: TrainState, step: int, batches: Prefetcher, progress: Progress
+    ) -> None:
+        meta = {
+            "step": step,
+            "data": batches.state(),
+            "progress": copy.deepcopy(dataclasses.asdict(progress)),
+            **run_identity(self.p, self.objective_name),
+            "train_config": dataclasses.asdict(self.cfg),
+        }
+        checkpoint.save(manager, state, meta)
+        self.last_checkpoint = Path(manager.directory) / str(step)
 
     def train_record(
         self,
         step: int,
-        pending: list[dict],
+        fetched: list[tuple[int, dict]],
         throughput: Throughput,
         batches: Prefetcher,
-        run_sums: dict[str, float],
     ) -> dict[str, Any]:
-        """Fetch the metrics kept on device since the last log (the loop's only sync point)."""
-        fetched = jax.device_get(pending)
+        """The train line of the steps fetched since the last one (skipped steps left out)."""
         throughput.close()
-        loss_sum = sum(float(m["loss_sum"]) for m in fetched)
-        num_targets = sum(float(m["num_targets"]) for m in fetched)
-        run_sums["loss_sum"] += loss_sum
-        run_sums["num_targets"] += num_targets
+        good = [metrics for _, metrics in fetched if is_finite_step(metrics)]
+        loss_sum = sum(float(m["loss_sum"]) for m in good)
+        num_targets = sum(float(m["num_targets"]) for m in good)
         steps_per_epoch = self.p.train_batches.steps_per_epoch
         epoch = step / steps_per_epoch if steps_per_epoch else batches.state()["epoch"]
         return {
             "step": step,
             "epoch": round(epoch, 4),
-            "loss": loss_sum / max(num_targets, 1.0),
-            "learning_rate": float(fetched[-1]["learning_rate"]),
-            "grad_norm": float(np.mean([m["grad_norm"] for m in fetched])),
+            "loss": loss_sum / max(num_targets, 1.0) if good else math.nan,
+            "learning_rate": float(fetched[-1][1]["learning_rate"]),
+            "grad_norm": float(np.mean([m["grad_norm"] for m in good])) if good else math.nan,
             "tokens_per_second": round(throughput.last_rate, 1),
         }
 
@@ -381,7 +548,7 @@ class Trainer:
         if not self.is_main:
             return
         lines = [f"output: {self.p.output_dir}"]
-        if "train_steps" in results and results["train_loss"] is not None:
+        if results.get("train_tokens_per_second") is not None:
             compiled = ", ".join(f"{k} {v:.2f} s" for k, v in self.compile_seconds.items())
             lines.append(
                 f"train: {results['train_steps']} steps, loss {results['train_loss']:.4f}, "

@@ -1,0 +1,256 @@
+"""Exact resume after SIGKILL, SIGTERM or SIGINT (dropout on); atomic, complete, pickle-free
+checkpoints; runs that stop on a non-finite loss instead of saving it.
+
+Killed runs are real subprocesses: a small driver wraps the training CLI so that the process
+signals itself right after step KILL_AFTER is logged, which makes the kill point deterministic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from flax_lm.train.cli import main
+
+TINY_MODELS = {  # dropout stays at gpt2's / roberta-base's 0.1
+    "clm": ["--config_name", "gpt2", "--config_overrides",
+            "n_embd=32,n_layer=2,n_head=2,n_positions=32,vocab_size=512,bos_token_id=0,"
+            "eos_token_id=2", "--block_size", "32"],
+    "mlm": ["--config_name", "roberta-base", "--config_overrides",
+            "hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64,"
+            "vocab_size=512,max_position_embeddings=34,pad_token_id=1,bos_token_id=0,"
+            "eos_token_id=2", "--max_seq_length", "32"],
+}  # fmt: skip
+STEPS, SAVE_STEPS, EVAL_STEPS = 10, 3, 5  # checkpoints at 3, 6, 9 and 10
+KILL_AFTER = 7  # not a save step: the newest complete checkpoint is 6 (or 3)
+PICKLE_PROTOCOL_OPCODE = b"\x80"
+# Every file orbax writes starts like one of these: JSON, its commit marker, OCDBT, zstd.
+CHECKPOINT_FILE_MAGIC = (b"{", b"Checkpoint commit", b"\x0c\xdb", b"\x28\xb5\x2f\xfd")
+
+DRIVER = """
+import os, sys
+from flax_lm.train import metrics
+from flax_lm.train.cli import main
+
+signal_after, signum, objective = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+write = metrics.RunLog.train
+
+
+def train_then_signal(self, record):
+    write(self, record)
+    if record["step"] == signal_after:
+        with open(os.environ["SIGNAL_TIME_FILE"], "w") as f:
+            f.write(repr(__import__("time").time()))
+        os.kill(os.getpid(), signum)
+
+
+metrics.RunLog.train = train_then_signal
+sys.exit(main(sys.argv[4:], objective=objective))
+"""
+
+
+def run_argv(objective, code_corpus, tokenizer_dir: Path, out: Path, cache: Path) -> list[str]:
+    return [
+        "--output_dir", str(out), *TINY_MODELS[objective], "--tokenizer_name", str(tokenizer_dir),
+        "--train_file", str(code_corpus.train), "--validation_file", str(code_corpus.validation),
+        "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "64",
+        "--max_steps", str(STEPS), "--learning_rate", "3e-3", "--warmup_steps", "2",
+        "--weight_decay", "0.01", "--logging_steps", "1", "--eval_steps", str(EVAL_STEPS),
+        "--save_steps", str(SAVE_STEPS), "--report_to", "none", "--seed", "11",
+        "--compilation_cache_dir", str(cache),
+    ]  # fmt: skip
+
+
+def run_in_process(argv: list[str], objective: str, status: int = 0) -> tuple[str, str]:
+    """(stdout, stderr) of main(argv) in this process, which must exit with `status`."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        got = main(argv, objective=objective)
+    assert got == status, err.getvalue()[-3000:]
+    return out.getvalue(), err.getvalue()
+
+
+def run_signalled(argv: list[str], objective: str, signum: int, tmp_path: Path):
+    """The training CLI in a subprocess that sends itself `signum` once step KILL_AFTER is
+    logged: (CompletedProcess, seconds from the signal to the process's exit)."""
+    time_file = tmp_path / "signal_time"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "SIGNAL_TIME_FILE": str(time_file)}
+    command = [sys.executable, "-c", DRIVER, str(KILL_AFTER), str(int(signum)), objective, *argv]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    exit_time = time.time()
+    assert time_file.exists(), done.stderr[-3000:]
+    return done, exit_time - float(time_file.read_text())
+
+
+def metrics_records(out: Path) -> list[dict]:
+    """metrics.jsonl without the fields that depend on timing."""
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    timing = ("time", "tokens_per_second")
+    return [{k: v for k, v in json.loads(line).items() if k not in timing} for line in lines]
+
+
+def assert_same_run(expected: Path, actual: Path) -> None:
+    """Bit-identical parameters, eval results, train loss and metrics (timing aside)."""
+    want, got = (load_file(str(d / "model.safetensors")) for d in (expected, actual))
+    assert want.keys() == got.keys()
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    eval_results = [json.loads((d / "eval_results.json").read_text()) for d in (expected, actual)]
+    assert eval_results[1] == eval_results[0]
+    train_results = [json.loads((d / "train_results.json").read_text()) for d in (expected, actual)]
+    assert train_results[1]["train_loss"] == train_results[0]["train_loss"]
+    assert metrics_records(actual) == metrics_records(expected)
+
+
+def with_output_dir(argv: list[str], out: Path) -> list[str]:
+    position = argv.index("--output_dir") + 1
+    return [*argv[:position], str(out), *argv[position + 1 :]]
+
+
+@pytest.fixture(scope="session")
+def jax_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("resume_jax_cache")
+
+
+def reference_run(objective: str, code_corpus, tokenizer_dir, cache, root) -> tuple[list, Path]:
+    """(argv, output_dir) of an uninterrupted run."""
+    out = root / "run"
+    argv = run_argv(objective, code_corpus, tokenizer_dir, out, cache)
+    run_in_process(argv, objective)
+    return argv, out
+
+
+@pytest.fixture(scope="session")
+def clm_reference(code_corpus, tiny_tokenizer_dir, jax_cache, tmp_path_factory):
+    root = tmp_path_factory.mktemp("reference_clm")
+    return reference_run("clm", code_corpus, tiny_tokenizer_dir, jax_cache, root)
+
+
+@pytest.fixture(scope="session")
+def mlm_reference(code_corpus, tiny_tokenizer_dir, jax_cache, tmp_path_factory):
+    root = tmp_path_factory.mktemp("reference_mlm")
+    return reference_run("mlm", code_corpus, tiny_tokenizer_dir, jax_cache, root)
+
+
+@pytest.mark.parametrize("objective", ["clm", "mlm"])
+def test_sigkill_then_resume_matches_the_uninterrupted_run(objective, request, tmp_path):
+    argv, expected = request.getfixturevalue(f"{objective}_reference")
+    out = tmp_path / "killed"
+    argv = with_output_dir(argv, out)
+    done, _ = run_signalled(argv, objective, signal.SIGKILL, tmp_path)
+    assert done.returncode == -signal.SIGKILL
+    assert metrics_records(out)[-1]["step"] == KILL_AFTER
+    saved = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved in ([3], [3, 6])  # 6 may be unfinished: then it is a temporary dir, skipped
+    assert not (out / "model.safetensors").exists()
+
+    stdout, _ = run_in_process([*argv, "--resume_from_checkpoint"], objective)
+    assert f"resumed from checkpoint {out / 'checkpoints' / str(saved[-1])}" in stdout
+    assert_same_run(expected, out)
+    assert sorted(int(p.name) for p in (out / "checkpoints").iterdir()) == [3, 6, 9, 10]
+
+
+def test_sigterm_saves_a_checkpoint_and_the_resume_matches(clm_reference, tmp_path):
+    """A preemption notice: checkpoint at the next step boundary, exit 143 with a message
+    saying how to resume, well within 60 s."""
+    objective, (argv, expected) = "clm", clm_reference
+    out = tmp_path / "preempted"
+    argv = with_output_dir(argv, out)
+    done, seconds_to_exit = run_signalled(argv, objective, signal.SIGTERM, tmp_path)
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr[-3000:]
+    assert seconds_to_exit < 60
+    assert "received SIGTERM: saving a checkpoint after this step" in done.stderr
+    last_line = done.stderr.strip().splitlines()[-1]
+    assert last_line == (
+        f"interrupted by SIGTERM at step {KILL_AFTER}: saved checkpoint "
+        f"{out.absolute() / 'checkpoints' / str(KILL_AFTER)}; continue with the same command "
+        "and --resume_from_checkpoint"
+    )
+    assert "Traceback" not in done.stderr
+    assert not (out / "model.safetensors").exists()
+
+    stdout, _ = run_in_process([*argv, "--resume_from_checkpoint"], objective)
+    assert f"at step {KILL_AFTER}" in stdout
+    assert_same_run(expected, out)
+
+
+def test_sigint_saves_a_checkpoint_and_the_resume_matches(mlm_reference, tmp_path, monkeypatch):
+    """Ctrl-C in this very process: exit 130 after a checkpoint, then an exact resume."""
+    objective, (argv, expected) = "mlm", mlm_reference
+    from flax_lm.train import metrics
+
+    out = tmp_path / "interrupted"
+    argv = with_output_dir(argv, out)
+    write = metrics.RunLog.train
+
+    def train_then_interrupt(self, record):
+        write(self, record)
+        if record["step"] == KILL_AFTER:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(metrics.RunLog, "train", train_then_interrupt)
+    handler = signal.getsignal(signal.SIGINT)
+    _, stderr = run_in_process(argv, objective, status=128 + signal.SIGINT)
+    monkeypatch.undo()
+    assert stderr.strip().splitlines()[-1].startswith(f"interrupted by SIGINT at step {KILL_AFTER}")
+    assert signal.getsignal(signal.SIGINT) is handler  # restored after training
+
+    run_in_process([*argv, "--resume_from_checkpoint"], objective)
+    assert_same_run(expected, out)
+
+
+def test_resume_skips_interrupted_saves(clm_reference, tmp_path):
+    """The newest step dirs are a save still in its temporary dir and one without its commit
+    marker: the resume takes the newest complete checkpoint, says so, and still matches."""
+    objective, (argv, expected) = "clm", clm_reference
+    out = tmp_path / "crashed"
+    source, target = expected / "checkpoints", out / "checkpoints"
+    for step in (3, 6):
+        shutil.copytree(source / str(step), target / str(step))
+    shutil.copytree(source / "9", target / "9.orbax-checkpoint-tmp-1700000000000")
+    shutil.copytree(source / "10", target / "10")
+    (target / "10" / "commit_success.txt").unlink()
+
+    stdout, _ = run_in_process([*with_output_dir(argv, out), "--resume_from_checkpoint"], objective)
+    assert f"resumed from checkpoint {target / '6'} at step 6" in stdout
+    assert "skipped incomplete checkpoints ['9.orbax-checkpoint-tmp-1700000000000', '10']" in stdout
+    assert sorted(p.name for p in target.iterdir()) == ["10", "3", "6", "9"]
+    later = [r for r in metrics_records(expected) if r["step"] > 6]
+    assert metrics_records(out) == later
+    for name, array in load_file(str(expected / "model.safetensors")).items():
+        np.testing.assert_array_equal(load_file(str(out / "model.safetensors"))[name], array)
+
+
+@pytest.mark.parametrize("objective", ["clm", "mlm"])
+def test_checkpoints_hold_the_whole_run_and_no_pickle(objective, request):
+    _, expected = request.getfixturevalue(f"{objective}_reference")
+    step_dir = expected / "checkpoints" / str(SAVE_STEPS)
+    meta = json.loads((step_dir / "meta" / "metadata").read_text())
+    assert meta["step"] == SAVE_STEPS and meta["objective"] == objective and meta["seed"] == 11
+    assert meta["data"] == {"epoch": 0, "batch_in_epoch": SAVE_STEPS}
+    assert meta["global_batch_size"] == 4 and meta["seq_len"] == 32
+    assert meta["model"]["vocab_size"] == 512 and meta["train_config"]["learning_rate"] == 3e-3
+    assert meta["progress"]["num_targets"] > 0 and meta["progress"]["skipped_steps"] == []
+    stored = json.loads((step_dir / "state" / "_METADATA").read_text())["tree_metadata"]
+    assert {key.split("'")[1] for key in stored} == {"step", "params", "opt_state", "rng"}
+    files = [p for p in (expected / "checkpoints").rglob("*") if p.is_file()]
+    assert files
+    for path in files:
+        assert path.suffix not in (".pkl", ".pickle", ".pt", ".bin"), path
+        head = path.read_bytes()[:32]
+        assert not head.startswith(PICKLE_PROTOCOL_OPCODE), path
+        assert head.startswith(CHECKPOINT_FILE_MAGIC), (path, head)
+        if head.startswith(b"{"):
+            json.loads(path.read_text())
