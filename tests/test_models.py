@@ -28,8 +28,8 @@ from flax_lm.models.layers import ACTIVATIONS, Bias, Embedding, LayerNormParam
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 VOCAB, PAD = 300, 1
-LOGITS_TOL = 1e-4  # float32 logits vs PyTorch (measured ~2e-7)
-LOSS_TOL = 1e-5  # float32 mean cross-entropy vs PyTorch
+LOGITS_TOL = 1e-4  # float32 logits vs PyTorch (measured <= 2.4e-7)
+LOSS_TOL = 1e-5  # float32 mean cross-entropy vs PyTorch (measured <= 4.3e-7)
 
 
 def gpt2_config(**overrides) -> GPT2Config:
@@ -215,12 +215,12 @@ def test_remat_keeps_fewer_activations_for_the_backward_pass():
     assert saved["full"] < saved["dots"] < saved[None]
 
 
-def test_gradients_agree_with_unrolled_and_rematerialised_layers():
+def test_gradients_agree_with_rematerialised_layers():
     config = gpt2_config()
     ids, mask = padded_batch(config)
     results = []
-    for options in ({}, {"scan_layers": False, "remat": "dots"}):
-        graphdef, params = nnx.split(create_model(config, **options))
+    for remat in (None, "dots"):
+        graphdef, params = nnx.split(create_model(config, remat=remat))
         results.append(jax.jit(jax.value_and_grad(masked_loss(graphdef, ids, mask)))(params))
     (loss, grads), (other_loss, other_grads) = results
     assert abs(float(loss - other_loss)) <= 1e-6
@@ -316,10 +316,11 @@ def test_bfloat16_compute_stays_close_to_float32(pair, request):
     a, b = np.asarray(forward(f32, ids, mask)), np.asarray(forward(bf16, ids, mask))
     assert b.dtype == np.float32
     diff = np.abs(a - b)[mask == 1].max()
-    # measured ~1e-2 on logits of magnitude ~3: bfloat16 keeps 8 significand bits (0.4 %)
-    assert 0.0 < diff <= 5e-2
+    # bfloat16 keeps 8 significand bits. Measured on these models (logits up to ~0.7):
+    # max |logit diff| 3.1e-3 (GPT-2) / 3.9e-3 (RoBERTa), loss diff 1.5e-4 / 1.9e-4.
+    assert 0.0 < diff <= 1.5e-2
     labels = np.where(mask == 1, ids, -100)
-    assert abs(mean_ce(a, labels) - mean_ce(b, labels)) <= 5e-3
+    assert abs(mean_ce(a, labels) - mean_ce(b, labels)) <= 1e-3
 
 
 @pytest.mark.parametrize("pair", ["gpt2_pair", "roberta_pair"])
