@@ -44,9 +44,9 @@ def create_model(config: Any, seed: int = 0, *, dtype: Any = "float32", scan_lay
 
 def weight_decay_mask(params_state: nnx.State) -> nnx.State:
     """True for parameters to decay (matmul kernels, embeddings), False for biases and LayerNorm
-    parameters, decided by their variable type. Pass `nnx.state(model, nnx.Param)` (Variables, not
-    plain arrays); the result has its structure with a bool per Variable, usable as optax's mask
-    both for `nnx.Optimizer` and for the plain-array state of `nnx.split`."""
+    parameters, decided by their variable type. Pass `nnx.state(model, nnx.Param)` or the state
+    from `nnx.split(model, nnx.Param)` (Variables, not plain arrays); the result has the same
+    structure with one bool per Variable: optax's `mask` for that state (or in `nnx.Optimizer`)."""
     return jax.tree.map(lambda v: not isinstance(v, NO_DECAY_KINDS), params_state,
                         is_leaf=lambda x: isinstance(x, nnx.Variable))
 
