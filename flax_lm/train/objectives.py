@@ -31,7 +31,8 @@ class Objective(Protocol):
     name: str
 
     def make_batch(self, examples: Batch, rng: np.random.Generator) -> Batch:
-        """{"input_ids", "attention_mask", "labels"} int32 [batch, seq] (+ "example_weight")."""
+        """{"input_ids", "attention_mask", "labels"} int32 [batch, seq] (+ "example_weight" and
+        any float32 [batch] the objective adds, e.g. "keytoken_weight")."""
         ...
 
     def loss_terms(self, logits: jax.Array, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
