@@ -35,6 +35,7 @@ TINY_MODELS = {  # dropout stays at gpt2's / roberta-base's 0.1
 }  # fmt: skip
 STEPS, SAVE_STEPS, EVAL_STEPS = 10, 3, 5  # checkpoints at 3, 6, 9 and 10
 KILL_AFTER = 7  # not a save step: the newest complete checkpoint is 6 (or 3)
+SKIP_COUNTERS = ("last_finite", "notfinite_count", "total_notfinite")  # optax.apply_if_finite's
 PICKLE_PROTOCOL_OPCODE = b"\x80"
 # Every file orbax writes starts like one of these: JSON, its commit marker, OCDBT, zstd.
 CHECKPOINT_FILE_MAGIC = (b"{", b"Checkpoint commit", b"\x0c\xdb", b"\x28\xb5\x2f\xfd")
@@ -254,3 +255,114 @@ def test_checkpoints_hold_the_whole_run_and_no_pickle(objective, request):
         assert head.startswith(CHECKPOINT_FILE_MAGIC), (path, head)
         if head.startswith(b"{"):
             json.loads(path.read_text())
+
+
+# ------------------------------------------------------------------------- non-finite steps
+
+
+class PoisonedObjective:
+    """The run's objective with its loss multiplied by (1 + the batch's "poison" sum), so a
+    batch poisoned with NaN gives a NaN loss and NaN gradients."""
+
+    def __init__(self, objective):
+        self.objective, self.name = objective, objective.name
+
+    def loss_terms(self, logits, batch):
+        terms = self.objective.loss_terms(logits, batch)
+        return {**terms, "loss_sum": terms["loss_sum"] * (1.0 + batch["poison"].sum())}
+
+
+@pytest.fixture
+def poisoned_steps(monkeypatch) -> set[int]:
+    """The steps (1-based) whose training batch makes the loss NaN; the test fills the set."""
+    from flax_lm.train import trainer
+
+    steps: set[int] = set()
+    batches, make_train_step = trainer.TrainStream.__iter__, trainer.make_train_step
+
+    def poisoned_batches(stream):
+        for step, batch in enumerate(batches(stream), start=stream.start_step + 1):
+            poison = np.full(batch["input_ids"].shape[:2], np.nan if step in steps else 0.0)
+            yield {**batch, "poison": poison.astype(np.float32)}
+
+    def poisoned_train_step(graphdef, objective, *args):
+        return make_train_step(graphdef, PoisonedObjective(objective), *args)
+
+    monkeypatch.setattr(trainer.TrainStream, "__iter__", poisoned_batches)
+    monkeypatch.setattr(trainer, "make_train_step", poisoned_train_step)
+    return steps
+
+
+def checkpoint_arrays(step_dir: Path) -> dict[str, np.ndarray]:
+    """Every array of a checkpoint's state by its path, as stored."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as checkpointer:
+        state = checkpointer.restore(step_dir.absolute() / "state")
+    leaves = jax.tree_util.tree_leaves_with_path(state)
+    return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
+
+
+def reference_flags_and(clm_reference, out: Path, *flags: str) -> list[str]:
+    """The CLM reference run's flags (so its compiled steps are reused), evaluating only at the
+    end, with `flags` added."""
+    argv, _ = clm_reference
+    return [*with_output_dir(argv, out), "--eval_steps", str(STEPS), *flags]
+
+
+def test_a_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
+    clm_reference, poisoned_steps, tmp_path
+):
+    poisoned_steps.add(3)
+    out = tmp_path / "diverged"
+    argv = reference_flags_and(clm_reference, out, "--save_steps", "2")
+    _, stderr = run_in_process(argv, "clm", status=1)
+    assert stderr.strip().splitlines()[-1] == (
+        "error: non-finite loss (nan) or gradient norm (nan) at step 3: stopped; the last good "
+        f"checkpoint is {out / 'checkpoints' / '2'} (resume from it with a lower "
+        "--learning_rate or more warmup, or let --skip_nonfinite_steps skip such steps)"
+    )
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["2"]
+    arrays = checkpoint_arrays(out / "checkpoints" / "2")
+    assert all(np.isfinite(a).all() for a in arrays.values() if a.dtype.kind == "f")
+    assert [r["step"] for r in metrics_records(out)] == [1, 2]
+    assert not (out / "model.safetensors").exists()
+
+
+def test_a_learning_rate_of_1e30_stops_the_run_before_saving_nan(clm_reference, tmp_path):
+    """A real divergence: step 1 moves the weights by about 1e30, step 2's loss is NaN."""
+    out = tmp_path / "diverged"
+    argv = reference_flags_and(clm_reference, out, "--save_steps", "1",
+                               "--learning_rate", "1e30", "--warmup_steps", "0")  # fmt: skip
+    _, stderr = run_in_process(argv, "clm", status=1)
+    message = stderr.strip().splitlines()[-1]
+    assert message.startswith("error: non-finite loss") and " at step 2: stopped" in message
+    assert f"the last good checkpoint is {out / 'checkpoints' / '1'}" in message
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["1"]
+
+
+def test_skipped_nonfinite_steps_apply_no_update(clm_reference, poisoned_steps, tmp_path):
+    """--skip_nonfinite_steps 1: the poisoned step 3 changes neither the parameters nor the
+    optimizer state, is left out of train_loss, and the run finishes."""
+    poisoned_steps.add(3)
+    out = tmp_path / "skipped"
+    argv = reference_flags_and(clm_reference, out, "--save_steps", "1",
+                               "--skip_nonfinite_steps", "1")  # fmt: skip
+    _, stderr = run_in_process(argv, "clm")
+    assert (
+        "warning: non-finite loss (nan) or gradient norm (nan) at step 3: its update was skipped "
+        "(1 of --skip_nonfinite_steps 1)"
+    ) in stderr
+    before, after = (checkpoint_arrays(out / "checkpoints" / str(s)) for s in (2, 3))
+    changed = {path for path in before if not np.array_equal(before[path], after[path])}
+    skip_counters = {f"['opt_state']['{name}']" for name in SKIP_COUNTERS}
+    assert changed == {"['step']"} | skip_counters  # params and AdamW moments as they were
+    assert int(after["['step']"]) == 3
+    records = metrics_records(out)
+    assert [r["loss"] is None for r in records if "loss" in r] == [s == 3 for s in range(1, 11)]
+    losses = [r["loss"] for r in records if r.get("loss") is not None]
+    train_loss = json.loads((out / "train_results.json").read_text())["train_loss"]
+    assert train_loss == pytest.approx(np.mean(losses), rel=1e-9)  # equal targets per step
+    meta = json.loads((out / "checkpoints" / str(STEPS) / "meta" / "metadata").read_text())
+    assert meta["progress"]["skipped_steps"] == [3]
