@@ -328,6 +328,7 @@ def bench_config(name: str, steps: int, repeats: int, work: Path, inputs: dict[s
         "ours_runs": ours_runs,
         "peer_runs": peer_runs,
         "ratio": ours["tokens_per_second"] / peer["tokens_per_second"],
+        "load_average": os.getloadavg(),
     }
 
 
@@ -388,15 +389,16 @@ def markdown(results: dict) -> str:
     lines = [
         f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} cores; "
         f"jax {results['machine']['jax']}, torch {results['machine']['torch']}; "
-        f"load average {results['load_average_start'][0]:.2f} at start. "
+        f"load average {results['load_average_start'][0]:.2f} at start, "
+        f"{results['load_average_end'][0]:.2f} at end. "
         f"Measured matmul peak (JAX): float32 {peaks['jax']['float32'] / 1e9:.0f} GFLOP/s, "
         f"bfloat16 {peaks['jax']['bfloat16'] / 1e9:.0f} GFLOP/s "
         f"(torch: {peaks['torch']['float32'] / 1e9:.0f} / {peaks['torch']['bfloat16'] / 1e9:.1f}).",
         "",
         "| config | tokens/step | flax-lm tokens/s | Trainer tokens/s | ratio | step ms "
         "(flax-lm / Trainer) | GFLOP/token | MFU f32 (flax-lm / Trainer) | compile s | input stall "
-        "| peak RSS MB (flax-lm / Trainer) | train loss (flax-lm / Trainer) | eval loss |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| peak RSS MB (flax-lm / Trainer) | train loss (flax-lm / Trainer) | eval loss | load |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in results["configs"].items():
         ours, peer, s = r["ours"], r["peer"], r["settings"]
@@ -409,9 +411,9 @@ def markdown(results: dict) -> str:
             f"{ours['compile_seconds']:.1f} | {ours['input_stall']:.1%} | "
             f"{ours['peak_rss_mb']:,.0f} / {peer['peak_rss_mb']:,.0f} | "
             f"{ours['train_loss']:.3f} / {peer['train_loss']:.3f} | "
-            f"{ours['eval_loss']:.3f} / {peer['eval_loss']:.3f} |"
+            f"{ours['eval_loss']:.3f} / {peer['eval_loss']:.3f} | {r['load_average'][0]:.1f} |"
         )
-    for name, seconds in results.get("compile", {}).items():
+    for name, seconds in results["compile"].items():
         lines.append("")
         lines.append(
             f"{name} first-step compile: scanned {seconds['scan']:.1f} s, unrolled "
@@ -443,7 +445,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def run_benchmark(args: argparse.Namespace, work: Path) -> dict:
+def save(results: dict, out: Path) -> None:
+    """Write the results so far (a long run that is interrupted keeps what it measured)."""
+    results["load_average_end"] = os.getloadavg()
+    results["markdown"] = markdown(results)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def run_benchmark(args: argparse.Namespace, work: Path, out: Path) -> dict:
     names = args.configs.split(",")
     inputs = {"corpus": write_corpus(work / "corpus")}
     inputs["tokenizer"] = train_bench_tokenizer(inputs["corpus"], work / "tokenizer")
@@ -456,29 +465,27 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> dict:
         "tokenizer_vocab": TOKENIZER_VOCAB,
         "peak": measure_peak(work, args.peak_sizes),
         "configs": {},
+        "compile": {},
     }
     for name in names:
         steps = args.steps or CONFIGS[name].steps
         results["configs"][name] = bench_config(
             name, steps, args.repeats, work / name, inputs, results["peak"]
         )
-    twelve_layer = [n for n in names if CONFIGS[n].full_size]
-    if twelve_layer and not args.no_compile_study:
-        results["compile"] = {n: compile_study(n, work / n / "compile", inputs)
-                              for n in twelve_layer}
-    results["load_average_end"] = os.getloadavg()
+        save(results, out)
+    if not args.no_compile_study:
+        for name in filter(lambda n: CONFIGS[n].full_size, names):
+            results["compile"][name] = compile_study(name, work / name / "compile", inputs)
+            save(results, out)
     return results
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="flax_lm_bench_") as tmp:
-        work = Path(args.workdir or tmp)
-        results = run_benchmark(args, work)
-    results["markdown"] = markdown(results)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    with tempfile.TemporaryDirectory(prefix="flax_lm_bench_") as tmp:
+        results = run_benchmark(args, Path(args.workdir or tmp), out)
     print(results["markdown"])
     print(f"\nresults: {out}")
     return 0
