@@ -10,6 +10,7 @@ from __future__ import annotations
 import codecs
 import contextlib
 import glob
+import logging
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -28,7 +29,7 @@ LOADER_BY_EXTENSION = {
     ".parquet": "parquet",
 }
 DOCUMENT_LOADER = "document"
-TEXT_LOADERS = ("text", DOCUMENT_LOADER)  # loaders whose files must be UTF-8 text
+TEXT_LOADERS = ("text", DOCUMENT_LOADER, "json", "csv")  # loaders whose files must be UTF-8 text
 READ_CHUNK_BYTES = 1 << 20
 
 Corpus = datasets.Dataset | datasets.IterableDataset
@@ -171,9 +172,22 @@ def progress_bars_on_terminal_only():
             datasets.enable_progress_bars()
 
 
+@contextlib.contextmanager
+def hub_retry_warnings_silenced():
+    """Hide huggingface_hub's warning per retry of an unreachable hub: a failure ends in one
+    error line that names the dataset."""
+    logger = logging.getLogger("huggingface_hub")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _load_hub_dataset(name, config_name, split, streaming, cache_dir) -> Corpus:
     try:
-        with progress_bars_on_terminal_only():
+        with progress_bars_on_terminal_only(), hub_retry_warnings_silenced():
             return datasets.load_dataset(
                 name, config_name, split=split, streaming=streaming, cache_dir=cache_dir
             )
@@ -205,7 +219,7 @@ def _load_local_files(specs, streaming, cache_dir, keep_linebreaks) -> Corpus:
                 **options,
             )
     except datasets.exceptions.DatasetGenerationError as err:
-        cause = err.__cause__ or err
+        cause = " ".join(str(err.__cause__ or err).split())[:300]
         raise UserError(f"cannot read the {loader} files ({files[0]}, ...): {cause}") from None
 
 

@@ -13,6 +13,8 @@ unmarked) directory behind and never touches the checkpoints before it; resuming
 from __future__ import annotations
 
 import re
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,11 +58,27 @@ def restore(
     args = ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract(like)), meta=ocp.args.JsonRestore()
     )
+    previous_hook = sys.unraisablehook
+    sys.unraisablehook = without_closed_loop_errors(previous_hook)
     try:
         restored = manager.restore(step, args=args)
-    except RESTORE_ERRORS as err:
+    except RESTORE_ERRORS as err:  # the hook stays: reads still in flight finish later
         raise cannot_restore(Path(manager.directory) / str(step), err) from None
+    sys.unraisablehook = previous_hook
     return restored.state, restored.meta
+
+
+def without_closed_loop_errors(hook: Callable) -> Callable:
+    """`hook` for unraisable exceptions, minus "Event loop is closed". When one array of a
+    damaged checkpoint fails to read, orbax closes its event loop while the reads of the other
+    arrays are still in flight; each would then print that traceback under the error line."""
+
+    def filtered(unraisable) -> None:
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            hook(unraisable)
+
+    return filtered
 
 
 def read_meta(directory: Path, step: int) -> dict[str, Any]:
@@ -75,7 +93,7 @@ def read_meta(directory: Path, step: int) -> dict[str, Any]:
 
 
 def cannot_restore(step_dir: Path, err: Exception) -> UserError:
-    reason = " ".join(str(err).split())[:240] or type(err).__name__
+    reason = " ".join(str(err).split()).split(" [tensorstore_spec")[0][:300] or type(err).__name__
     return UserError(
         f"checkpoint {step_dir} cannot be restored (damaged, or saved by another model): "
         f"{reason}; resume from an earlier checkpoint of the run"

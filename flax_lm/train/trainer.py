@@ -67,12 +67,6 @@ def run(cfg: TrainConfig, objective_name: str) -> dict[str, Any]:
     setup_jax(cfg)
     mesh = make_mesh()
     prepared = prepare(cfg, objective_name, num_devices=mesh.size)
-    if prepared.cfg.do_train and prepared.cfg.warmup_steps > prepared.total_steps:
-        print(
-            f"warning: --warmup_steps {prepared.cfg.warmup_steps} is longer than training "
-            f"({prepared.total_steps} steps): the learning rate never reaches its peak",
-            file=sys.stderr,
-        )
     return Trainer(prepared, mesh, objective_name).run()
 
 
@@ -237,6 +231,7 @@ class Trainer:
         params = jax.device_put(params, state_sharding(self.mesh, params))
         self.graphdef = graphdef
         training = self.start_training(params) if self.cfg.do_train else None
+        self.warn_about_warmup()
         self.start_output_dir()  # the first write: everything above only reads
         log = RunLog(
             self.p.output_dir,
@@ -266,6 +261,15 @@ class Trainer:
         return results
 
     # ------------------------------------------------------------------------------ setup
+
+    def warn_about_warmup(self) -> None:
+        cfg, total = self.cfg, self.p.total_steps
+        if cfg.do_train and cfg.warmup_steps > total:
+            print(
+                f"warning: --warmup_steps {cfg.warmup_steps} is longer than training "
+                f"({total} steps): the learning rate never reaches its peak",
+                file=sys.stderr,
+            )
 
     def start_output_dir(self) -> None:
         """Create output_dir; a fresh training run replaces an earlier run's checkpoints and
