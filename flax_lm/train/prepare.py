@@ -116,7 +116,9 @@ def check_output_dir(cfg: TrainConfig, output_dir: Path, *, resuming: bool) -> N
         )
     existing = next(p for p in (output_dir, *output_dir.absolute().parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"--output_dir {output_dir} cannot be written ({existing} is read-only)")
+        raise UserError(
+            f"--output_dir {output_dir} cannot be written: {existing} is not a writable directory"
+        )
 
 
 def load_model_config(cfg: TrainConfig, objective_name: str) -> PretrainedConfig:

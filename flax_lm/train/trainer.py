@@ -14,7 +14,6 @@ and never saved; the run stops (`NonFiniteLoss`) unless --skip_nonfinite_steps a
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import os
@@ -472,7 +471,7 @@ class Trainer:
         meta = {
             "step": step,
             "data": batches.state(),
-            "progress": copy.deepcopy(dataclasses.asdict(progress)),
+            "progress": dataclasses.asdict(progress),  # a copy: later steps change progress
             **run_identity(self.p, self.objective_name),
             "train_config": dataclasses.asdict(self.cfg),
         }
