@@ -21,9 +21,10 @@ def test_every_training_flag_is_in_the_flag_table():
 
 
 def test_commands_and_files_named_in_the_readme_exist():
-    for name in re.findall(r"flax-lm ([a-z-]+)", README):
-        if name != "quickstart" or "quickstart" in COMMANDS:
-            assert name in COMMANDS, name
+    commands = re.findall(r"(?:^|&& |`)flax-lm ([a-z-]+)", README, flags=re.M)
+    assert {"quickstart", "train-tokenizer", "create-config", "generate"} <= set(commands)
+    for name in commands:
+        assert name in COMMANDS, name
     for path in re.findall(r"(configs/[\w.-]+\.(?:yaml|json|py))", README):
         assert (ROOT / path).is_file(), path
     for script in ("run_clm_flax.py", "run_mlm_flax.py", "tokenizer/train_tokenizer.py"):
