@@ -346,6 +346,7 @@ def test_resuming_a_damaged_checkpoint_prints_exactly_one_line(copied_run):
     assert snapshot(out) == before
 
 
+@pytest.mark.slow  # huggingface_hub retries for about 25 s
 def test_an_unreachable_hub_is_one_line(code_corpus, tiny_tokenizer_dir, tmp_path):
     """No network: the hub endpoint is a closed local port, so every request is refused (after
     huggingface_hub's retries, whose warnings stay hidden)."""

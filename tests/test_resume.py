@@ -145,6 +145,7 @@ def mlm_reference(code_corpus, tiny_tokenizer_dir, jax_cache, tmp_path_factory):
     return reference_run("mlm", code_corpus, tiny_tokenizer_dir, jax_cache, root)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", ["clm", "mlm"])
 def test_sigkill_then_resume_matches_the_uninterrupted_run(objective, request, tmp_path):
     argv, expected = request.getfixturevalue(f"{objective}_reference")
@@ -163,6 +164,7 @@ def test_sigkill_then_resume_matches_the_uninterrupted_run(objective, request, t
     assert sorted(int(p.name) for p in (out / "checkpoints").iterdir()) == [3, 6, 9, 10]
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_the_resume_matches(clm_reference, tmp_path):
     """A preemption notice: checkpoint at the next step boundary, exit 143 with a message
     saying how to resume, well within 60 s."""
