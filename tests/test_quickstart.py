@@ -55,7 +55,7 @@ def test_mini_quickstart_learns_and_exports(mini_run):
     status, out, printed = mini_run
     assert status == 0
     assert all(f"[{n}/7]" in printed for n in range(1, 8))
-    assert "perplexity on held-out modules" in printed and str(out / "model") in printed
+    assert "held-out perplexity" in printed and str(out / "model") in printed
     results = json.loads((out / "quickstart_results.json").read_text())
     untrained, trained = results["untrained"], results["trained"]
     # An untrained model is close to a uniform guess over the 512-token vocabulary...
