@@ -225,7 +225,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--minutes",
         type=float,
         default=4.0,
-        help="training time (default 4); the whole run takes ~2 minutes more",
+        help="training time (default 4); the other stages add about a minute",
     )
     parser.add_argument(
         "--overwrite_output_dir",
