@@ -244,3 +244,49 @@ def test_mlm_needs_a_mask_token(tiny_tokenizer_dir):
         make_objective("mlm", without_mask, SimpleNamespace(mlm_probability=0.15))
     with pytest.raises(UserError, match="unknown objective"):
         make_objective("seq2seq", without_mask, SimpleNamespace())
+
+
+# ------------------------------------------------------------- the MLM head at targets only
+
+
+@pytest.fixture(scope="module")
+def tiny_roberta(tokenizer):
+    from flax_lm.config import build_config
+    from flax_lm.models import create_model
+
+    config = build_config("roberta", overrides=(
+        "vocab_size=512,hidden_size=32,intermediate_size=64,num_hidden_layers=2,"
+        "num_attention_heads=2,max_position_embeddings=160"))
+    return create_model(config, seed=0)
+
+
+def test_mlm_head_at_targets_only_gives_the_full_heads_sums(tiny_roberta, mlm_rows, tokenizer):
+    """MaskedLM.terms runs the head only at (up to max_targets) target positions; its sums equal
+    loss_terms on the full logits, in eval and with dropout, and for a batch with a row of more
+    targets than max_targets (which takes the full head)."""
+    from flax import nnx
+
+    objective = make_objective("mlm", tokenizer, SimpleNamespace(mlm_probability=0.15))
+    rows, _ = mlm_rows
+    limit = objective.max_targets(rows.shape[1])
+    assert limit == 48  # 128 tokens: mean 19.2 + 6 sd 4.04, rounded up to a multiple of 8
+    batch = objective.make_batch({"input_ids": rows[:4]}, np.random.default_rng(0))
+    crowded = dict(batch, labels=np.where(np.arange(128) < 100, rows[:4], IGNORE_INDEX))
+    assert (batch["labels"] != IGNORE_INDEX).sum(1).max() <= limit
+    graphdef, params = nnx.split(tiny_roberta)
+
+    @jax.jit
+    def both(params, batch, key):
+        model = nnx.merge(graphdef, params)
+        full = objective.loss_terms(
+            model(batch["input_ids"], batch["attention_mask"], dropout_rng=key), batch)
+        return objective.terms(model, batch, key), full
+
+    for example in (batch, crowded):
+        for key in (None, jax.random.key(0)):
+            fast, full = both(params, {k: jnp.asarray(v) for k, v in example.items()}, key)
+            assert float(full["num_targets"]) == (example["labels"] != IGNORE_INDEX).sum()
+            np.testing.assert_allclose(float(fast["loss_sum"]), float(full["loss_sum"]),
+                                       rtol=1e-5)  # float32 sums in another order
+            assert float(fast["num_targets"]) == float(full["num_targets"])
+            assert float(fast["num_correct"]) == float(full["num_correct"])

@@ -269,8 +269,8 @@ class PoisonedObjective:
     def __init__(self, objective):
         self.objective, self.name = objective, objective.name
 
-    def loss_terms(self, logits, batch):
-        terms = self.objective.loss_terms(logits, batch)
+    def terms(self, model, batch, dropout_rng=None):
+        terms = self.objective.terms(model, batch, dropout_rng)
         return {**terms, "loss_sum": terms["loss_sum"] * (1.0 + batch["poison"].sum())}
 
 

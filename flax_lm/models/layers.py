@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -78,11 +79,34 @@ def split_key(key: jax.Array | None, num: int) -> Any:
     return (None,) * num if key is None else tuple(jax.random.split(key, num))
 
 
+def _mix32(h: jax.Array) -> jax.Array:
+    """MurmurHash3's 32-bit finalizer: a bijection of uint32 with full avalanche."""
+    h = (h ^ (h >> 16)) * jnp.uint32(0x85EBCA6B)
+    h = (h ^ (h >> 13)) * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def keep_mask(key: jax.Array, shape: tuple[int, ...], keep_prob: float) -> jax.Array:
+    """Boolean mask, True with probability `keep_prob`, independent per element.
+
+    Dropout draws more random numbers than anything else in training (GPT-2 124M: 151M per step
+    for the attention probabilities alone), and threefry costs ~35 ns a number on a CPU. Here each
+    element hashes its flat index, keyed by two uint32 words drawn from `key` with threefry: two
+    rounds of a bijective avalanche mix, ~6x cheaper, fused by XLA into the op that uses the
+    mask, and the same under any sharding. For dropout only: not a general-purpose generator.
+    """
+    seeds = jax.random.bits(key, (2,), jnp.uint32)
+    index = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
+    bits = _mix32(_mix32(index ^ seeds[0]) + seeds[1])
+    threshold = min(round(keep_prob * 2.0**32), 2**32 - 1)
+    return bits < jnp.uint32(threshold)
+
+
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     """Inverted dropout; the identity when `key` is None (eval) or the rate is 0."""
     if key is None or rate == 0.0:
         return x
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    keep = keep_mask(key, x.shape, 1.0 - rate)
     return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
 
 

@@ -125,6 +125,16 @@ class RobertaForMaskedLM(nnx.Module):
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
                  dropout_rng: jax.Array | None = None) -> jax.Array:
         """Logits [batch, seq, vocab] (float32); `dropout_rng` None means eval mode."""
+        return self.predict(self.encode(input_ids, attention_mask, dropout_rng=dropout_rng))
+
+    def predict(self, hidden: jax.Array) -> jax.Array:
+        """The MLM head: logits (float32) for hidden states [..., hidden_size], e.g. only those
+        of the masked positions, which is all the MLM loss needs (see objectives.MaskedLM)."""
+        return self.lm_head(hidden, self.word_embeddings)
+
+    def encode(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
+               dropout_rng: jax.Array | None = None) -> jax.Array:
+        """The encoder's last hidden states [batch, seq, hidden_size] (compute dtype)."""
         config = self.config
         length = input_ids.shape[1]
         if length + config.pad_token_id + 1 > config.max_position_embeddings:
@@ -148,7 +158,7 @@ class RobertaForMaskedLM(nnx.Module):
 
         x, _ = run_stacked(self.layers, step, x, layer_keys, scan=self.scan_layers,
                            remat=self.remat)
-        return self.lm_head(x, self.word_embeddings)
+        return x
 
     def torch_layout(self) -> list[TorchTensor]:
         """Our parameters <-> RobertaForMaskedLM's state dict (nn.Linear weights are [out, in])."""

@@ -106,9 +106,7 @@ def make_train_step(
     gives the gradient of the global mean loss. Metrics stay on device as sums."""
 
     def microbatch_loss(params, batch, dropout_rng):
-        model = nnx.merge(graphdef, params)
-        logits = model(batch["input_ids"], batch["attention_mask"], dropout_rng=dropout_rng)
-        terms = objective.loss_terms(logits, batch)
+        terms = objective.terms(nnx.merge(graphdef, params), batch, dropout_rng)
         return terms["loss_sum"], terms
 
     grad_fn = jax.grad(microbatch_loss, has_aux=True)
@@ -123,9 +121,13 @@ def make_train_step(
             return jax.tree.map(jnp.add, totals, grads_and_terms), None
 
         first = (jax.tree.map(lambda x: x[0], batch), micro_rngs[0])
-        shapes = jax.eval_shape(grad_fn, state.params, *first)
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-        (grads, terms), _ = jax.lax.scan(accumulate, zeros, (batch, micro_rngs))
+        if num_micro == 1:
+            # No loop: XLA:CPU runs a one-trip while loop ~40% slower (GPT-2 124M: 27 s vs 19 s).
+            grads, terms = grad_fn(state.params, *first)
+        else:
+            shapes = jax.eval_shape(grad_fn, state.params, *first)
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+            (grads, terms), _ = jax.lax.scan(accumulate, zeros, (batch, micro_rngs))
         grads = jax.tree.map(lambda g: g / jnp.maximum(terms["num_targets"], 1.0), grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -143,8 +145,7 @@ def make_eval_step(graphdef: nnx.GraphDef, objective) -> Callable[[nnx.State, Ba
     """Loss, target and correct-prediction sums of one eval batch (dropout off)."""
 
     def eval_step(params: nnx.State, batch: Batch) -> dict:
-        model = nnx.merge(graphdef, params)
-        return objective.loss_terms(model(batch["input_ids"], batch["attention_mask"]), batch)
+        return objective.terms(nnx.merge(graphdef, params), batch)
 
     return eval_step
 
