@@ -127,3 +127,20 @@ def test_bench_smoke(tmp_path):
     assert 0.0 <= ours["input_stall"] < 1.0 and ours["compile_seconds"] > 0
     assert "| micro-clm | 32×4 |" in results["markdown"]
     assert "| micro-clm | 32×4 |" in done.stdout
+
+
+def test_profile_step_splits_a_traced_step_into_matmuls_and_the_rest(tmp_path):
+    """bench/profile_step.py traces one real train step of the micro model and attributes time
+    to its XLA operations: the model's matmuls are found and the trace is kept."""
+    command = [sys.executable, "bench/profile_step.py", "--config", "micro-clm", "--top", "40",
+               "--trace_dir", str(tmp_path / "trace")]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("micro-clm: step ") and "tokens/s" in lines[0]
+    matmul_seconds = float(lines[1].split("matmuls ")[1].split(" s")[0])
+    other_seconds = float(lines[1].split("everything else ")[1].split(" s")[0])
+    assert matmul_seconds > 0 and other_seconds > 0
+    rows = [line.split() for line in lines[3:] if line[:8].strip().replace(".", "").isdigit()]
+    assert sum(row[1] == "matmul" for row in rows) >= 3  # qkv, projections, head: fwd and bwd
+    assert list((tmp_path / "trace").rglob("*.xplane.pb"))
