@@ -139,8 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     flops = perf.model_flops_per_token(config, bench.seq_len) * tokens
     print(f"{args.config}: step {step_seconds:.2f} s, {tokens / step_seconds:,.0f} tokens/s, "
           f"{flops / step_seconds / 1e9:.1f} model GFLOP/s")
-    print(f"  matmuls {matmul_seconds:.2f} s ({flops / matmul_seconds / 1e9:.1f} GFLOP/s of "
-          f"model FLOPs), everything else {other_seconds:.2f} s")
+    print(f"  matmuls {matmul_seconds:.3f} s ({flops / matmul_seconds / 1e9:.1f} GFLOP/s of "
+          f"model FLOPs), everything else {other_seconds:.3f} s")
     print(f"\n{'seconds':>8} {'kind':6} {'operation':34} {'output shape':34} from")
     for op, s in sorted(leaf.items(), key=lambda item: -item[1])[: args.top]:
         shape, source = described[op]
