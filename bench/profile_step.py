@@ -23,17 +23,16 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import optax
 from flax import nnx
 
 from bench import CONFIGS, HYPERPARAMETERS, TOKENIZER_VOCAB
 from flax_lm import perf
 from flax_lm.config import build_config
-from flax_lm.models import create_model, weight_decay_mask
+from flax_lm.models import create_model
 from flax_lm.train import step as train_step_lib
 from flax_lm.train.args import TrainConfig
 from flax_lm.train.objectives import CausalLM, MaskedLM
-from flax_lm.train.optim import make_optimizer, make_schedule
+from flax_lm.train.optim import make_schedule, make_training_optimizer
 
 RUNTIME_EVENTS = ("ThunkExecutor", "SlinkyThreadPool", "$", "Thunk")  # not operations
 
@@ -46,13 +45,10 @@ def build_step(name: str, scan_layers: bool = True):
         overrides += f",vocab_size={TOKENIZER_VOCAB}"
     config = build_config(bench.model_type, overrides=overrides or None)
     model = create_model(config, seed=0, scan_layers=scan_layers)
-    graphdef, params = nnx.split(model)
-    settings = {k: v for k, v in HYPERPARAMETERS.items() if k not in ("seed",)}
-    cfg = TrainConfig(learning_rate=bench.learning_rate, **settings)
+    graphdef, params = nnx.split(model, nnx.Param)
+    cfg = TrainConfig(learning_rate=bench.learning_rate, **HYPERPARAMETERS)
     schedule = make_schedule(cfg, bench.steps)
-    optimizer = optax.apply_if_finite(
-        make_optimizer(cfg, schedule, weight_decay_mask(nnx.state(model, nnx.Param))), 2**31 - 1
-    )
+    optimizer = make_training_optimizer(cfg, schedule, params)
     if bench.objective == "clm":
         objective = CausalLM()
     else:

@@ -3,8 +3,10 @@
 An objective turns examples into model inputs with labels (NumPy, on the host) and reduces logits
 to float32 SUMS (loss, target and correct counts), so that gradient accumulation and any number of
 devices give exactly the global mean. A new objective is a class with `name`, `from_tokenizer`,
-`make_batch` and `loss_terms`, registered in OBJECTIVES; `token_cross_entropy` gives it the
-per-token losses to weight as it needs (e.g. per sequence, as KeytokenWeightedCLM does).
+`make_batch`, `loss_terms` and `terms` (the train and eval steps call `terms(model, batch, rng)`,
+which may run the output layer only where the loss needs it, as MaskedLM does), registered in
+OBJECTIVES; `token_cross_entropy` gives it the per-token losses to weight as it needs (e.g. per
+sequence, as KeytokenWeightedCLM does).
 """
 
 from __future__ import annotations

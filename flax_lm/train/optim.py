@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import optax
 
+from flax_lm.models import weight_decay_mask
 from flax_lm.train.args import TrainConfig
+
+NEVER_APPLY_NONFINITE = 2**31 - 1  # apply_if_finite: consecutive non-finite updates before applying
 
 
 def make_schedule(cfg: TrainConfig, total_steps: int) -> optax.Schedule:
@@ -45,3 +48,13 @@ def make_optimizer(
     if cfg.max_grad_norm > 0:
         optimizer = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), optimizer)
     return optimizer
+
+
+def make_training_optimizer(
+    cfg: TrainConfig, schedule: optax.Schedule, params
+) -> optax.GradientTransformation:
+    """`make_optimizer` with weight decay on `params`' matmul weights and embeddings only, applying
+    an update only when the whole gradient is finite (a non-finite step leaves params and
+    optimizer state as they were)."""
+    optimizer = make_optimizer(cfg, schedule, weight_decay_mask(params))
+    return optax.apply_if_finite(optimizer, NEVER_APPLY_NONFINITE)

@@ -32,14 +32,14 @@ import optax
 from datasets import Dataset
 from flax import nnx
 
-from flax_lm.models import create_model, weight_decay_mask
+from flax_lm.models import create_model
 from flax_lm.models.hf_io import load_model, save_model
 from flax_lm.perf import achieved_flops_per_second, model_flops_per_token
 from flax_lm.train import checkpoint
 from flax_lm.train.args import TrainConfig
 from flax_lm.train.data import Prefetcher, TrainBatches, eval_batches
 from flax_lm.train.metrics import METRICS_FILE, RunLog, keep_records_up_to, perplexity, write_json
-from flax_lm.train.optim import make_optimizer, make_schedule
+from flax_lm.train.optim import make_schedule, make_training_optimizer
 from flax_lm.train.prepare import Prepared, prepare, run_identity
 from flax_lm.train.step import (
     TrainState,
@@ -56,7 +56,6 @@ from flax_lm.train.step import (
 
 PREFETCH_BATCHES = 2
 EVAL_MASK_STREAM = 2**32  # eval masks come from (seed, this): the same masks at every evaluation
-NEVER_APPLY_NONFINITE = 2**31 - 1  # apply_if_finite: consecutive non-finite updates before applying
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 PROCESS_COUNT_ENV = ("JAX_NUM_PROCESSES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
 
@@ -298,9 +297,7 @@ class Trainer:
         non-finite step leaves params and optimizer state as they were."""
         cfg, p = self.cfg, self.p
         schedule = make_schedule(cfg, p.total_steps)
-        optimizer = optax.apply_if_finite(
-            make_optimizer(cfg, schedule, weight_decay_mask(params)), NEVER_APPLY_NONFINITE
-        )
+        optimizer = make_training_optimizer(cfg, schedule, params)
         state = init_state(params, optimizer, cfg.seed, self.mesh)
         progress = Progress()
         if p.resume is not None:
