@@ -117,10 +117,10 @@ def test_two_thousand_steps_keep_disk_and_memory_bounded_then_resume(
 
     checkpoints = out / "checkpoints"
     assert sorted(int(p.name) for p in checkpoints.iterdir()) == [STEPS - SAVE_STEPS, STEPS]
-    one_checkpoint = tree_bytes(checkpoints / str(STEPS))
+    one_checkpoint = max(tree_bytes(step_dir) for step_dir in checkpoints.iterdir())
     assert samples.most_step_dirs <= MAX_STEP_DIRS
-    # Bytes may briefly include one more checkpoint: the oldest one while orbax deletes it.
-    assert samples.most_checkpoint_bytes <= (MAX_STEP_DIRS + 1) * one_checkpoint * 1.05
+    # Compressed checkpoints of this model vary from step to step (measured 398-431 KB): 15%.
+    assert samples.most_checkpoint_bytes <= MAX_STEP_DIRS * one_checkpoint * 1.15
 
     baseline = [rss for step, rss in samples.rss if WARM_STEPS[0] <= step < WARM_STEPS[1]]
     late = [rss for step, rss in samples.rss if step >= LATE_STEP]
