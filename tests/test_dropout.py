@@ -63,6 +63,17 @@ def test_same_key_same_mask():
     np.testing.assert_array_equal(keep_mask(key, SHAPE, 0.9), keep_mask(key, SHAPE, 0.9))
 
 
+def test_mask_of_a_block_is_that_block_of_the_full_mask():
+    """Blocked attention draws each block's dropout with `origin`/`full_shape`: it must drop the
+    very elements the full score matrix's mask drops."""
+    key, keep_prob = jax.random.key(6), 0.9
+    full = np.asarray(keep_mask(key, SHAPE, keep_prob))
+    for origin, shape in [((0, 0, 128, 0), (4, 4, 64, 192)), ((1, 2, 0, 32), (2, 1, 256, 16))]:
+        block = keep_mask(key, shape, keep_prob, origin=origin, full_shape=SHAPE)
+        window = tuple(slice(o, o + n) for o, n in zip(origin, shape, strict=True))
+        np.testing.assert_array_equal(np.asarray(block), full[window])
+
+
 def test_dropout_zeroes_dropped_values_and_rescales_kept_ones():
     x = jnp.full(SHAPE, 2.0)
     y = np.asarray(dropout(x, 0.25, jax.random.key(4)))

@@ -67,7 +67,8 @@ class GPT2Block(nnx.Module):
         attn_key, mlp_key = jax.random.split(key)
         self.ln_1 = LayerNorm(width, config.layer_norm_epsilon)
         self.attn = SelfAttention(width, config.n_head, attn_key, std=std, out_std=out_std,
-                                  attn_dropout=config.attn_pdrop, out_dropout=config.resid_pdrop)
+                                  attn_dropout=config.attn_pdrop, out_dropout=config.resid_pdrop,
+                                  causal=True)
         self.ln_2 = LayerNorm(width, config.layer_norm_epsilon)
         hidden = config.n_inner if config.n_inner is not None else 4 * width
         self.mlp = MLP(width, hidden, mlp_key, activation=config.activation_function, std=std,
