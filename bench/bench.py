@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from flax_lm import perf
+from flax_lm.hostmem import huge_pages_env, huge_pages_set, reexec_with_huge_pages
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
@@ -170,7 +171,9 @@ def cli_args(config: BenchConfig, steps: int, output_dir: Path, inputs: dict[str
 
 def measure_ours(objective: str, result_path: str, args: list[str]) -> int:
     """In its own process: the real training command, its train Prefetcher recording the stall
-    (the wait for the first batch, made before compilation, is not steady state: left out)."""
+    (the wait for the first batch, made before compilation, is not steady state: left out).
+    Like the training commands, it first re-executes itself with huge pages for host memory."""
+    reexec_with_huge_pages()
     from flax_lm.train import cli, trainer
 
     class StallRecordingPrefetcher(trainer.Prefetcher):
@@ -194,6 +197,7 @@ def measure_ours(objective: str, result_path: str, args: list[str]) -> int:
     result = {
         "input_wait_seconds": training.wait_seconds - training.first_wait,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "huge_pages": huge_pages_set(os.environ),
     }
     Path(result_path).write_text(json.dumps(result))
     return status
@@ -223,6 +227,7 @@ def run_ours(config: BenchConfig, steps: int, work: Path, inputs: dict[str, Path
         "compile_seconds": reported["compile_seconds"],
         "input_stall": process["input_wait_seconds"] / steady_seconds,
         "peak_rss_mb": process["peak_rss_mb"],
+        "huge_pages": process["huge_pages"],
         "train_loss": reported["train_loss"],
         "eval_loss": reported.get("eval_loss"),
     }
@@ -420,6 +425,10 @@ def markdown(results: dict) -> str:
             f"{seconds['unrolled']:.1f} s; persistent cache cold {seconds['scan_cache_cold']:.1f} s"
             f" -> warm {seconds['scan_cache_warm']:.1f} s."
         )
+    ours_huge = all(r["ours"].get("huge_pages") for r in results["configs"].values())
+    lines += ["", "Host memory in huge pages (glibc.malloc.hugetlb=1, see flax_lm/hostmem.py): "
+              f"flax-lm {'yes' if ours_huge else 'no'}, "
+              f"Trainer {'yes' if results.get('peer_huge_pages') else 'no'}."]
     lines += ["", f"FLOPs: {perf.FLOPS_FORMULA}.",
               f"Medians of {results['repeats']} runs. Reproduce: `{results['command']}`"]
     return "\n".join(lines)
@@ -436,6 +445,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no_compile_study", action="store_true",
                         help="skip the scan/unrolled/cache compile runs of 12-layer configs")
     parser.add_argument("--workdir", help="keep runs here (default: a temporary directory)")
+    parser.add_argument("--peer_huge_pages", action="store_true",
+                        help="give the Trainer the huge-page tunable our commands set themselves "
+                             "(flax_lm/hostmem.py); by default it runs as users run it")
     args = parser.parse_args(argv)
     unknown = [c for c in args.configs.split(",") if c not in CONFIGS]
     if unknown:
@@ -464,6 +476,7 @@ def run_benchmark(args: argparse.Namespace, work: Path, out: Path) -> dict:
         "flops_formula": perf.FLOPS_FORMULA,
         "tokenizer_vocab": TOKENIZER_VOCAB,
         "peak": measure_peak(work, args.peak_sizes),
+        "peer_huge_pages": huge_pages_set(os.environ),
         "configs": {},
         "compile": {},
     }
@@ -482,6 +495,8 @@ def run_benchmark(args: argparse.Namespace, work: Path, out: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.peer_huge_pages:  # both sides inherit it; our side's re-execution is then a no-op
+        os.environ.update(huge_pages_env(dict(os.environ)) or {})
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="flax_lm_bench_") as tmp:

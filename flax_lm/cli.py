@@ -6,6 +6,7 @@ import importlib
 import sys
 
 from flax_lm.errors import EXIT_USAGE
+from flax_lm.hostmem import reexec_with_huge_pages
 
 # name -> (module with a main(argv) -> int, one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -28,6 +29,7 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
@@ -40,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         print(f"error: unknown command {name!r}{hint}; run `flax-lm --help`", file=sys.stderr)
         return EXIT_USAGE
+    if from_command_line:
+        reexec_with_huge_pages()
     module = importlib.import_module(COMMANDS[name][0])
     if name in ("run-clm", "run-mlm"):
         return module.main(rest, objective=name.split("-")[1])

@@ -1,0 +1,51 @@
+"""Host memory: back large allocations with transparent huge pages (Linux, glibc).
+
+XLA:CPU allocates a step's temporary buffers afresh at every step (tiny-clm: one 316 MB block;
+GPT-2 124M: 5.4 GB a step), glibc maps each large block anew, and the kernel faults it in 4 KiB
+at a time: 77,000 page faults a step for tiny-clm, a fifth of its step time spent in the kernel.
+With glibc's `glibc.malloc.hugetlb=1` tunable, malloc asks for 2 MiB transparent huge pages on
+those mappings (where the kernel's THP mode is `madvise` or `always`): 512 times fewer faults.
+Measured here: tiny-clm 0.34 -> 0.26 s a step, GPT-2 124M 15.4 -> 14.5 s, same peak memory.
+
+glibc reads its tunables once, when a process starts, so the training commands re-execute
+themselves with the tunable added before doing anything else. Set FLAX_LM_HUGE_PAGES=0 to keep
+the process as it was started.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+
+TUNABLE = "glibc.malloc.hugetlb"
+OPT_OUT = "FLAX_LM_HUGE_PAGES"
+
+
+def huge_pages_env(environ: dict[str, str]) -> dict[str, str] | None:
+    """The environment with the huge-page tunable added, or None when there is nothing to add:
+    not glibc on Linux, opted out, or GLIBC_TUNABLES already sets it (the user's choice wins)."""
+    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    if environ.get(OPT_OUT, "1") == "0":
+        return None
+    tunables = environ.get("GLIBC_TUNABLES", "")
+    if TUNABLE in tunables:
+        return None
+    return {**environ, "GLIBC_TUNABLES": ":".join(filter(None, [tunables, f"{TUNABLE}=1"]))}
+
+
+def huge_pages_set(environ: dict[str, str]) -> bool:
+    """Whether a process with this environment started with the tunable on."""
+    return f"{TUNABLE}=1" in environ.get("GLIBC_TUNABLES", "").split(":")
+
+
+def reexec_with_huge_pages() -> None:
+    """Replace this process by the same command with the huge-page tunable set (same pid,
+    arguments and standard streams). Call it first thing in a command's entry point."""
+    env = huge_pages_env(dict(os.environ))
+    if env is None:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
