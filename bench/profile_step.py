@@ -4,8 +4,9 @@
     python bench/profile_step.py [--config gpt2-124m] [--top 25] [--trace_dir DIR]
 
 Builds the step exactly as the trainer does (model, objective, AdamW with clipping and the
-finite-update guard, compiled once with the state donated), runs two steps to warm up, traces a
-third, and prints its XLA operations by total time: each with its output shape and the JAX
+finite-update guard, compiled once with the state donated; host memory in huge pages, as the
+training commands set it: FLAX_LM_HUGE_PAGES=0 to profile without), runs two steps to warm up,
+traces a third, and prints its XLA operations by total time: each with its output shape and the JAX
 operation it came from, and whether it is a matrix multiplication (an HLO fusion holding a dot).
 The summary splits the step into matmul time (with the FLOP/s it reaches) and everything else.
 The trace stays in --trace_dir for TensorBoard/XProf or Perfetto.
@@ -28,6 +29,7 @@ from flax import nnx
 from bench import CONFIGS, HYPERPARAMETERS, TOKENIZER_VOCAB
 from flax_lm import perf
 from flax_lm.config import build_config
+from flax_lm.hostmem import reexec_with_huge_pages
 from flax_lm.models import create_model
 from flax_lm.train import step as train_step_lib
 from flax_lm.train.args import TrainConfig
@@ -109,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--unrolled", action="store_true", help="unroll the layers (no scan)")
     parser.add_argument("--trace_dir", help="keep the trace here (default: a temporary dir)")
     args = parser.parse_args(argv)
+    if argv is None:  # as a command: profile the step as the training commands run it
+        reexec_with_huge_pages()
 
     compiled, state, batch, config = build_step(args.config, not args.unrolled)
     for _ in range(2):
