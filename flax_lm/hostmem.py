@@ -44,8 +44,11 @@ def reexec_with_huge_pages() -> None:
     """Replace this process by the same command with the huge-page tunable set (same pid,
     arguments and standard streams). Call it first thing in a command's entry point."""
     env = huge_pages_env(dict(os.environ))
-    if env is None:
+    if env is None or not sys.executable:  # nothing to add, or an embedded interpreter
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    try:
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    except OSError:  # the process goes on as it was: slower steps, same results
+        return
