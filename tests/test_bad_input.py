@@ -199,6 +199,9 @@ def test_an_output_dir_with_files_needs_overwrite(
         ("clm", "--max_train_samples", "0", "must be positive"),
         ("clm", "--warmup_steps", "-1", "must not be negative"),
         ("clm", "--weight_decay", "-0.1", "must not be negative"),
+        # scientific notation: argparse alone would take "-1e-4" for an option
+        ("clm", "--learning_rate", "-1e-4", "--learning_rate must be positive, got -0.0001"),
+        ("mlm", "--adam_epsilon", "-1.5E-8", "--adam_epsilon must be positive, got -1.5e-08"),
         ("clm", "--max_grad_norm", "-1", "must not be negative"),
         ("clm", "--max_grad_norm", "inf", "must be a finite number"),
         ("clm", "--skip_nonfinite_steps", "-1", "must not be negative"),

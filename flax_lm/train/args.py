@@ -12,6 +12,8 @@ import argparse
 import dataclasses
 import difflib
 import math
+import re
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -245,8 +247,26 @@ def convert_yaml_value(f: dataclasses.Field, value: Any, path: str) -> Any:
         raise UserError(f"{f.name}: {value!r} in {path} is not a valid value") from None
 
 
+# A negative number in scientific notation, which argparse would take for an option ("-1e-4").
+NEGATIVE_EXPONENT = re.compile(r"^-(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
+def join_negative_values(argv: list[str]) -> list[str]:
+    """`--flag -1e-4` -> `--flag=-1e-4`, so such a value reaches the range checks (which give
+    the real error) instead of failing as a missing argument."""
+    joined: list[str] = []
+    for arg in argv:
+        previous = joined[-1] if joined else ""
+        if NEGATIVE_EXPONENT.match(arg) and previous.startswith("--") and "=" not in previous:
+            joined[-1] = f"{previous}={arg}"
+        else:
+            joined.append(arg)
+    return joined
+
+
 def parse_config(argv: list[str] | None, objective: str) -> TrainConfig:
     """The resolved, checked TrainConfig of a command line (and its --config YAML file)."""
+    argv = join_negative_values(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser(objective)
     pre = ArgParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config")
