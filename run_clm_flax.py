@@ -6,13 +6,10 @@ import sys
 from pathlib import Path
 
 try:
-    from flax_lm.hostmem import reexec_with_huge_pages
     from flax_lm.train.cli import main
 except ImportError:  # run from a checkout without the package installed
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from flax_lm.hostmem import reexec_with_huge_pages
     from flax_lm.train.cli import main
 
 if __name__ == "__main__":
-    reexec_with_huge_pages()
     sys.exit(main(objective="clm"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 
 from flax_lm.errors import EXIT_INTERRUPTED, report_user_errors
+from flax_lm.hostmem import reexec_with_huge_pages
 from flax_lm.train.args import OBJECTIVES, config_yaml, parse_config
 
 EXIT_NONFINITE = 1
@@ -19,6 +20,8 @@ def main(argv: list[str] | None = None, objective: str = "clm") -> int:
     """Train (and/or evaluate) a GPT-2 (objective "clm") or RoBERTa ("mlm") model."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    if argv is None:  # run_clm_flax.py / run_mlm_flax.py as commands (flax-lm does it itself)
+        reexec_with_huge_pages()
     cfg = parse_config(sys.argv[1:] if argv is None else argv, objective)
     if cfg.print_config:
         print(config_yaml(cfg, objective), end="")
