@@ -31,7 +31,9 @@ import numpy as np
 import optax
 from datasets import Dataset
 from flax import nnx
+from jax.experimental import multihost_utils
 
+from flax_lm.errors import UserError
 from flax_lm.models import create_model
 from flax_lm.models.hf_io import load_model, save_model
 from flax_lm.perf import achieved_flops_per_second, model_flops_per_token
@@ -71,10 +73,23 @@ def run(cfg: TrainConfig, objective_name: str) -> dict[str, Any]:
 def setup_jax(cfg: TrainConfig) -> None:
     """Join the other processes of a multi-host run; cache compiled steps across runs."""
     if several_processes() and not jax.distributed.is_initialized():
-        jax.distributed.initialize()
+        jax.distributed.initialize(**process_env())
     if cfg.compilation_cache_dir.lower() != "none":
         cache = Path(cfg.compilation_cache_dir).expanduser()
         jax.config.update("jax_compilation_cache_dir", str(cache))
+
+
+def process_env() -> dict[str, int]:
+    """num_processes and process_id from JAX_NUM_PROCESSES and JAX_PROCESS_ID, for a launch by
+    hand (jax reads only JAX_COORDINATOR_ADDRESS itself; TPU pods, SLURM and MPI are detected)."""
+    found = {}
+    for argument, name in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
+        value = os.environ.get(name, "")
+        if value:
+            if not value.isdigit():
+                raise UserError(f"{name} must be a non-negative integer, got {value!r}")
+            found[argument] = int(value)
+    return found
 
 
 def several_processes() -> bool:
@@ -133,15 +148,24 @@ class NonFiniteLoss(Exception):
 
 class StopSignals:
     """While training, SIGTERM (a preemption notice) and SIGINT (Ctrl-C) ask the loop to save a
-    checkpoint at the next step boundary and stop; a second signal stops at once."""
+    checkpoint at a step boundary and stop; a second signal stops at once.
 
-    def __init__(self):
+    With several processes, every process must stop at the same step (a checkpoint save is
+    collective: one host saving alone waits forever for the others). There JAX's preemption
+    service owns SIGTERM: a notice on any host reaches all of them, and `should_stop` turns true
+    on every host at the same step (the first after the highest step any host had reached). SIGINT
+    is passed on as a SIGTERM of this process, so Ctrl-C on one host stops the run the same way.
+    """
+
+    def __init__(self, several_processes: bool = False):
+        self.several_processes = several_processes
         self.received: int | None = None
         self.previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():  # handlers live there only
-            self.previous = {s: signal.signal(s, self.handle) for s in STOP_SIGNALS}
+            handled = (signal.SIGINT,) if self.several_processes else STOP_SIGNALS
+            self.previous = {s: signal.signal(s, self.handle) for s in handled}
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -152,11 +176,27 @@ class StopSignals:
         if self.received is not None:
             raise KeyboardInterrupt
         self.received = signum
+        if self.several_processes:  # to JAX's preemption notifier, which tells every host
+            print(f"received {signal.Signals(signum).name}: passing it on to all processes as a "
+                  "preemption notice (send it again to stop at once)", file=sys.stderr)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
         print(
             f"received {signal.Signals(signum).name}: saving a checkpoint after this step, "
             "then stopping (send it again to stop at once)",
             file=sys.stderr,
         )
+
+    def should_stop(self, step: int) -> bool:
+        """Whether to save and stop after `step`: called once at every step, on every process."""
+        if not self.several_processes:
+            return self.received is not None
+        if not multihost_utils.reached_preemption_sync_point(step):
+            return False
+        self.received = self.received or signal.SIGTERM
+        print(f"preemption notice: all processes save a checkpoint at step {step}, then stop",
+              file=sys.stderr)
+        return True
 
 
 @dataclass
@@ -383,7 +423,7 @@ class Trainer:
             p.train_batches, p.objective, cfg.seed, start, cfg.gradient_accumulation_steps
         )
         put = make_put(self.mesh, batch_axis=1)
-        with StopSignals() as signals, Prefetcher(stream, PREFETCH_BATCHES, put) as batches:
+        with StopSignals(jax.process_count() > 1) as signals, Prefetcher(stream, PREFETCH_BATCHES, put) as batches:
             batch = next(batches)
             train_step, seconds = compile_train_step(train_step, state, batch, self.mesh)
             self.compile_seconds["train_step"] = seconds
@@ -407,7 +447,7 @@ class Trainer:
                     throughput.close()
                     last_eval = self.evaluate(state.params, step, log)
                     throughput.restart()
-                stopping = signals.received is not None
+                stopping = signals.should_stop(step)
                 if step % cfg.save_steps == 0 or step == total or stopping:
                     jax.block_until_ready(state)
                     throughput.close()

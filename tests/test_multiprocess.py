@@ -1,0 +1,143 @@
+"""Several processes (one per host on a pod), here two on this machine joined by
+jax.distributed: the same run as one process with as many devices, and a preemption notice on
+one process stops every process at the same step with one checkpoint that resumes exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_resume import TINY_MODELS, assert_same_run
+
+STEPS = 12
+SIGNAL_AFTER = 3  # process 1 receives the signal when it has run this step
+
+DRIVER = """
+import os, signal, sys, time
+from flax_lm.train import trainer
+from flax_lm.train.cli import main
+
+signal_after = int(os.environ.get("SIGNAL_AFTER", "0"))
+signum = int(os.environ.get("SIGNAL", signal.SIGTERM))
+STEP_SECONDS = 0.5
+should_stop = trainer.StopSignals.should_stop
+
+
+def notice_then_check(self, step):
+    if step == signal_after:  # a preemption notice reaching this process only
+        os.kill(os.getpid(), signum)
+    if signal_after and step >= signal_after:
+        time.sleep(STEP_SECONDS)  # steps of a real model's length: the notice travels meanwhile
+    return should_stop(self, step)
+
+
+trainer.StopSignals.should_stop = notice_then_check
+sys.exit(main(sys.argv[1:], objective="clm"))
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def train_argv(code_corpus, tokenizer_dir: Path, out: Path, cache: Path) -> list[str]:
+    return [
+        "--output_dir", str(out), *TINY_MODELS["clm"], "--tokenizer_name", str(tokenizer_dir),
+        "--train_file", str(code_corpus.train), "--validation_file", str(code_corpus.validation),
+        "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "32",
+        "--max_steps", str(STEPS), "--learning_rate", "3e-3", "--warmup_steps", "2",
+        "--logging_steps", "1", "--eval_steps", str(STEPS), "--save_steps", "100",
+        "--report_to", "none", "--seed", "5", "--compilation_cache_dir", str(cache),
+    ]  # fmt: skip
+
+
+def launch(argv: list[str], processes: int, envs: list[dict[str, str]] | None = None
+           ) -> list[subprocess.CompletedProcess]:
+    """Run the CLM command as `processes` processes of one jax.distributed run (each with one
+    CPU device; `envs`: extra environment per process); their results in process order."""
+    port = free_port()
+    running = []
+    for index in range(processes):
+        process_env = {**os.environ, "JAX_PLATFORMS": "cpu", **(envs or [{}] * processes)[index]}
+        if processes > 1:
+            process_env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+                               JAX_NUM_PROCESSES=str(processes), JAX_PROCESS_ID=str(index))
+        running.append(subprocess.Popen(
+            [sys.executable, "-c", DRIVER, *argv], env=process_env, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    done = []
+    for process in running:
+        try:
+            stdout, stderr = process.communicate(timeout=300)
+        except subprocess.TimeoutExpired:  # a hang is the failure this file looks for
+            for other in running:
+                other.kill()
+            pytest.fail("a process of the multi-process run did not finish in 300 s")
+        done.append(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr))
+    return done
+
+
+@pytest.fixture(scope="module")
+def two_process_run(code_corpus, tiny_tokenizer_dir, tmp_path_factory):
+    """(argv, output_dir) of an uninterrupted run of two processes."""
+    root = tmp_path_factory.mktemp("two_processes")
+    argv = train_argv(code_corpus, tiny_tokenizer_dir, root / "run", root / "jax_cache")
+    for done in launch(argv, 2):
+        assert done.returncode == 0, done.stderr[-3000:]
+    return argv, root / "run"
+
+
+def with_output_dir(argv: list[str], out: Path) -> list[str]:
+    position = argv.index("--output_dir") + 1
+    return [*argv[:position], str(out), *argv[position + 1:]]
+
+
+def test_two_processes_train_like_one_process_with_two_devices(two_process_run, tmp_path):
+    """Each process feeds its own half of every global batch: the run is the one process with
+    two devices makes, bit for bit (parameters, losses, eval), and only process 0 writes."""
+    argv, out = two_process_run
+    single = tmp_path / "single"
+    two_devices = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    (done,) = launch(with_output_dir(argv, single), 1, [two_devices])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_run(single, out)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, STEPS + 1))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_one_process_stops_every_process_at_one_step(two_process_run, tmp_path,
+                                                                   signum):
+    """SIGTERM (a preemption notice) or SIGINT reaches process 1 only, after its step 3: both
+    processes save one checkpoint at the same step and exit with 128 + the signal that stopped
+    them, and resuming (both processes again) ends in exactly the uninterrupted run. (Before
+    JAX's preemption service decided the step, the signalled process waited forever in its
+    checkpoint save for a process that kept training.)"""
+    argv, reference = two_process_run
+    out = tmp_path / "run"
+    argv = with_output_dir(argv, out)
+    signalled = {"SIGNAL_AFTER": str(SIGNAL_AFTER), "SIGNAL": str(int(signum))}
+    interrupted = launch(argv, 2, [{}, signalled])
+    stopped_at = set()
+    for done, received in zip(interrupted, (signal.SIGTERM, signum), strict=True):
+        assert done.returncode == 128 + received, done.stderr[-3000:]
+        stopped = re.search(rf"interrupted by {received.name} at step (\d+)", done.stderr)
+        stopped_at.add(int(stopped[1]))
+    (step,) = stopped_at
+    assert SIGNAL_AFTER < step < STEPS
+    saved = [path.name for path in (out / "checkpoints").iterdir() if path.name.isdigit()]
+    assert saved == [str(step)]
+    resumed = launch([*argv, "--resume_from_checkpoint"], 2)
+    for done in resumed:
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from checkpoint" in resumed[0].stdout + resumed[0].stderr
+    assert_same_run(reference, out)
