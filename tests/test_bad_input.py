@@ -122,6 +122,8 @@ def as_argv(flags: Flags) -> list[str]:
          "the train split is too small: 6 characters of text make"),
         ("mlm", {"--validation_file": ["{tiny_txt}"]}, "the validation split is too small"),
         ("clm", {"--per_device_train_batch_size": ["100000"]}, "fewer than one batch of 100000"),
+        ("clm", {"--streaming": [], "--per_device_train_batch_size": ["100000"]},
+         "the training stream holds fewer examples than one batch of 100000"),
         ("clm", {"--validation_file": None, "--validation_split_percentage": ["0"]},
          "the validation split is empty"),
         ("clm", {"--block_size": ["65"]},

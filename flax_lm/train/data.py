@@ -387,6 +387,20 @@ class TrainBatches:
         self._epoch = 0
         self._batch = 0
 
+    def require_one_batch(self) -> None:
+        """Fail now, before a run writes anything, if a stream holds less than one batch (a
+        map-style dataset was checked on construction): reads the stream's first batch."""
+        if self.streaming:
+            first = next(iter(self.dataset.iter(batch_size=self.batch_size)), None)
+            if first is None or _num_rows(first) < self.batch_size:
+                raise self._too_small()
+
+    def _too_small(self) -> UserError:
+        return UserError(
+            f"the training stream holds fewer examples than one batch of {self.batch_size}: "
+            "add text or lower the batch size or sequence length"
+        )
+
     def state(self) -> dict[str, int]:
         """The NEXT batch to produce."""
         if self.steps_per_epoch is not None and self._batch >= self.steps_per_epoch:
@@ -422,10 +436,7 @@ class TrainBatches:
             produced += 1
             yield _int32(batch)
         if start == 0 and produced == 0:
-            raise UserError(
-                f"the training stream holds fewer examples than one batch of {self.batch_size}: "
-                "add text or lower the batch size or sequence length"
-            )
+            raise self._too_small()
 
 
 def eval_batches(dataset: Split, batch_size: int) -> Iterator[Batch]:

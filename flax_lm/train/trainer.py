@@ -340,6 +340,7 @@ class Trainer:
         optimizer = make_training_optimizer(cfg, schedule, params)
         state = init_state(params, optimizer, cfg.seed, self.mesh)
         progress = Progress()
+        p.train_batches.require_one_batch()
         if p.resume is not None:
             source = checkpoint.open_manager(p.resume.directory, create=False)
             try:
