@@ -20,7 +20,7 @@ HF_MLM_COMMAND = """
 --dataset_name="oscar" --dataset_config_name="unshuffled_deduplicated_no" --max_seq_length="128"
 --weight_decay="0.01" --per_device_train_batch_size="128" --per_device_eval_batch_size="128"
 --learning_rate="3e-4" --warmup_steps="1000" --overwrite_output_dir --pad_to_max_length
---num_train_epochs="18" --adam_beta1="0.9" --adam_beta2="0.98"
+--num_train_epochs="18" --adam_beta1="0.9" --adam_beta2="0.98" --push_to_hub
 """
 HF_CLM_COMMAND = """
 --output_dir="${MODEL_DIR}" --model_type="gpt2" --config_name="${MODEL_DIR}"
@@ -28,7 +28,7 @@ HF_CLM_COMMAND = """
 --do_train --do_eval --block_size="512" --per_device_train_batch_size="64"
 --per_device_eval_batch_size="64" --learning_rate="5e-3" --warmup_steps="1000" --adam_beta1="0.9"
 --adam_beta2="0.98" --weight_decay="0.01" --overwrite_output_dir --num_train_epochs="20"
---logging_steps="500" --save_steps="2500" --eval_steps="2500"
+--logging_steps="500" --save_steps="2500" --eval_steps="2500" --push_to_hub
 """
 
 
@@ -52,7 +52,7 @@ def test_hf_mlm_readme_command_is_accepted(capsys):
     assert config["learning_rate"] == pytest.approx(3e-4)
     assert (config["adam_beta1"], config["adam_beta2"]) == (0.9, 0.98)
     assert config["num_train_epochs"] == 18 and config["warmup_steps"] == 1000
-    assert config["overwrite_output_dir"] is True
+    assert config["overwrite_output_dir"] is True and config["push_to_hub"] is True
     # neither --do_train nor --do_eval: both; eval_steps defaults to logging_steps (HF default 500)
     assert config["do_train"] is config["do_eval"] is True
     assert config["eval_steps"] == config["logging_steps"] == 500

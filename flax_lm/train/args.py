@@ -43,6 +43,9 @@ class TrainConfig:
     overwrite_output_dir: bool = opt(False, "write into an output_dir that already holds files")
     do_train: bool = opt(False, "train (with neither --do_train nor --do_eval: both)")
     do_eval: bool = opt(False, "evaluate on the validation split")
+    push_to_hub: bool = opt(False, "upload the final model and results to the Hugging Face Hub")
+    hub_model_id: str | None = opt(None, "Hub repo for --push_to_hub (default: output_dir's name)")
+    hub_token: str | None = opt(None, "Hub token (default: HF_TOKEN or `hf auth login`'s)")
     # model and tokenizer
     model_type: str | None = opt(None, "model type", choices=("gpt2", "roberta"))
     config_name: str | None = opt(None, "config.json, a dir holding one, or a name in configs/")
@@ -326,9 +329,18 @@ def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
     )
 
 
+SECRETS = ("hub_token",)  # never printed or stored
+
+
+def recorded_config(cfg: TrainConfig) -> dict[str, Any]:
+    """The config as a dict to print or store, secrets blanked."""
+    return {**dataclasses.asdict(cfg), **{name: None for name in SECRETS}}
+
+
 def config_yaml(cfg: TrainConfig, objective: str) -> str:
-    """The config as YAML that `--config` reads back (this objective's flags only)."""
-    values = {f.name: getattr(cfg, f.name) for f in fields_for(objective)}
+    """The config as YAML that `--config` reads back (this objective's flags only; no secrets)."""
+    recorded = recorded_config(cfg)
+    values = {f.name: recorded[f.name] for f in fields_for(objective)}
     return yaml.safe_dump(
         {k: v for k, v in values.items() if k not in NOT_IN_YAML}, sort_keys=False
     )

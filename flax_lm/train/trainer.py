@@ -38,8 +38,9 @@ from flax_lm.models import create_model
 from flax_lm.models.hf_io import load_model, save_model
 from flax_lm.perf import achieved_flops_per_second, model_flops_per_token
 from flax_lm.train import checkpoint
-from flax_lm.train.args import TrainConfig
+from flax_lm.train.args import TrainConfig, recorded_config
 from flax_lm.train.data import Prefetcher, TrainBatches, eval_batches
+from flax_lm.train.hub import prepare_hub_repo, push_output_dir
 from flax_lm.train.metrics import METRICS_FILE, RunLog, keep_records_up_to, perplexity, write_json
 from flax_lm.train.optim import make_schedule, make_training_optimizer
 from flax_lm.train.prepare import Prepared, prepare, run_identity
@@ -270,6 +271,10 @@ class Trainer:
         self.graphdef = graphdef
         training = self.start_training(params) if self.cfg.do_train else None
         self.warn_about_warmup()
+        hub_repo = None
+        if self.cfg.push_to_hub and self.is_main:  # fails now, not after training
+            hub_repo = prepare_hub_repo(self.cfg.hub_model_id, self.cfg.output_dir,
+                                        self.cfg.hub_token)
         self.start_output_dir()  # the first write: everything above only reads
         log = RunLog(
             self.p.output_dir,
@@ -296,6 +301,9 @@ class Trainer:
             log.close()
         self.write_results("all_results.json", results)
         self.print_summary(results)
+        if hub_repo is not None:
+            url = push_output_dir(self.p.output_dir, hub_repo, self.cfg.hub_token, step)
+            print(f"pushed to the Hub: {url}")
         return results
 
     # ------------------------------------------------------------------------------ setup
@@ -511,7 +519,7 @@ class Trainer:
             "data": batches.state(),
             "progress": dataclasses.asdict(progress),  # a copy: later steps change progress
             **run_identity(self.p, self.objective_name),
-            "train_config": dataclasses.asdict(self.cfg),
+            "train_config": recorded_config(self.cfg),
         }
         checkpoint.save(manager, state, meta)
         self.last_checkpoint = Path(manager.directory) / str(step)

@@ -1,0 +1,128 @@
+"""--push_to_hub: the repo is opened before training, the finished output_dir (not its
+checkpoints) is uploaded from it, and the token is never stored. No machine here reaches the Hub:
+HfApi is replaced by a recorder that filters files with huggingface_hub's own pattern matching."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+from types import SimpleNamespace
+
+import huggingface_hub
+import pytest
+from huggingface_hub.utils import filter_repo_objects
+from test_resume import TINY_MODELS
+
+from flax_lm.train import hub
+from flax_lm.train.cli import main
+
+TOKEN = "hf_secret_token_of_the_test"
+
+
+class RecordingHub:
+    """HfApi's create_repo and upload_folder, recording what they were asked to do."""
+
+    calls: list[tuple] = []
+    fail_upload = False
+
+    def __init__(self, token=None):
+        self.token = token
+
+    def create_repo(self, repo_id, exist_ok=False):
+        output_dir_exists = RecordingHub.output_dir.exists()
+        RecordingHub.calls.append(("create_repo", repo_id, self.token, exist_ok, output_dir_exists))
+        return SimpleNamespace(repo_id=repo_id if "/" in repo_id else f"someone/{repo_id}")
+
+    def upload_folder(self, *, repo_id, folder_path, ignore_patterns, commit_message):
+        if RecordingHub.fail_upload:
+            raise OSError("Connection reset by peer")
+        root = Path(folder_path)
+        files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+        uploaded = sorted(filter_repo_objects(files, ignore_patterns=ignore_patterns))
+        RecordingHub.calls.append(("upload_folder", repo_id, uploaded, commit_message))
+        return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/0123abc")
+
+
+@pytest.fixture
+def online_hub(monkeypatch, tmp_path):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub, "HfApi", RecordingHub)
+    RecordingHub.calls, RecordingHub.fail_upload = [], False
+    RecordingHub.output_dir = tmp_path / "tiny-gpt2"
+    return RecordingHub
+
+
+def run(argv: list[str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = main(argv, objective="clm")
+    return status, out.getvalue(), err.getvalue()
+
+
+def push_argv(code_corpus, tokenizer_dir, out: Path, *extra: str) -> list[str]:
+    return [
+        "--output_dir", str(out), *TINY_MODELS["clm"], "--tokenizer_name", str(tokenizer_dir),
+        "--train_file", str(code_corpus.train), "--validation_file", str(code_corpus.validation),
+        "--per_device_train_batch_size", "4", "--max_steps", "3", "--save_steps", "2",
+        "--report_to", "none", "--push_to_hub", *extra,
+    ]  # fmt: skip
+
+
+def test_push_to_hub_uploads_the_finished_model(online_hub, code_corpus, tiny_tokenizer_dir,
+                                                 tmp_path):
+    out = online_hub.output_dir
+    status, stdout, stderr = run(push_argv(code_corpus, tiny_tokenizer_dir, out,
+                                           "--hub_token", TOKEN))
+    assert status == 0, stderr[-3000:]
+    (create, upload) = online_hub.calls
+    # the repo is opened first, before the run has written anything, with the token given
+    assert create == ("create_repo", "tiny-gpt2", TOKEN, True, False)
+    _, repo_id, uploaded, message = upload
+    assert repo_id == "someone/tiny-gpt2" and message == "flax-lm: model after 3 training steps"
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "all_results.json", "train_results.json", "eval_results.json", "metrics.jsonl"):
+        assert name in uploaded
+    assert not [name for name in uploaded if name.startswith("checkpoints")]
+    assert (out / "checkpoints").is_dir()  # kept locally
+    assert "pushed to the Hub: https://huggingface.co/someone/tiny-gpt2/commit/0123abc" in stdout
+    leaked = [p for p in out.rglob("*") if p.is_file() and TOKEN.encode() in p.read_bytes()]
+    assert leaked == []
+
+
+def test_a_failed_upload_keeps_the_model_and_says_how_to_push_it(
+        online_hub, code_corpus, tiny_tokenizer_dir, monkeypatch):
+    online_hub.fail_upload = True
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: TOKEN)  # as after `hf auth login`
+    out = online_hub.output_dir
+    argv = push_argv(code_corpus, tiny_tokenizer_dir, out, "--hub_model_id", "me/tiny")
+    status, _, stderr = run(argv)
+    assert status == 2
+    assert stderr.strip().splitlines()[-1] == (
+        "error: the upload to the Hub repo me/tiny failed (Connection reset by peer); the model "
+        f"is saved in {out}: upload it with `hf upload me/tiny {out} --exclude 'checkpoints/*'`")
+    assert (out / "model.safetensors").is_file() and (out / "all_results.json").is_file()
+
+
+@pytest.mark.parametrize(("offline", "token", "expected"), [
+    (True, TOKEN, "--push_to_hub needs the Hugging Face Hub, but HF_HUB_OFFLINE is set"),
+    (False, None, "--push_to_hub needs a Hub token: run `hf auth login`, set HF_TOKEN or give "
+                  "--hub_token"),
+])  # fmt: skip
+def test_push_to_hub_without_the_hub_fails_before_anything_is_written(
+        offline, token, expected, online_hub, code_corpus, tiny_tokenizer_dir, monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", offline)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: token)
+    out = online_hub.output_dir
+    status, _, stderr = run(push_argv(code_corpus, tiny_tokenizer_dir, out))
+    assert status == 2
+    assert stderr.strip().splitlines() == [f"error: {expected}"]
+    assert not out.exists() and online_hub.calls == []
+
+
+def test_the_token_is_not_printed_with_the_config(capsys):
+    argv = ["--output_dir", "o", "--train_file", "a.txt", "--push_to_hub", "--hub_token", TOKEN,
+            "--print_config"]
+    assert main(argv, objective="clm") == 0
+    printed = capsys.readouterr().out
+    assert TOKEN not in printed and "push_to_hub: true" in printed
