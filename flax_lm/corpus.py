@@ -134,19 +134,22 @@ def load_text_dataset(
     cache_dir: str | None = None,
     keep_linebreaks: bool = True,
     max_samples: int | None = None,
+    token: str | None = None,
 ) -> Corpus:
     """A corpus with exactly one column, "text", from a hub dataset or local files/dirs/globs.
 
     `split` selects a hub dataset's split; local files form a single split.
     `keep_linebreaks` applies to .txt files, read one line per example as in HF's run_clm_flax.
     With `streaming` nothing is materialised: examples are read lazily as they are iterated.
+    `token`: for a gated or private hub dataset (default: HF_TOKEN or `hf auth login`'s).
     """
     if (dataset_name is None) == (data_files is None):
         raise UserError("give either a dataset name or data files, not both or neither")
     if max_samples is not None and max_samples <= 0:
         raise UserError(f"max_samples must be positive, got {max_samples}")
     if dataset_name is not None:
-        dataset = _load_hub_dataset(dataset_name, dataset_config_name, split, streaming, cache_dir)
+        dataset = _load_hub_dataset(dataset_name, dataset_config_name, split, streaming, cache_dir,
+                                    token)
     else:
         dataset = _load_local_files(data_files, streaming, cache_dir, keep_linebreaks)
     dataset = _only_text_column(dataset, text_column)
@@ -185,11 +188,12 @@ def hub_retry_warnings_silenced():
         logger.setLevel(level)
 
 
-def _load_hub_dataset(name, config_name, split, streaming, cache_dir) -> Corpus:
+def _load_hub_dataset(name, config_name, split, streaming, cache_dir, token=None) -> Corpus:
     try:
         with progress_bars_on_terminal_only(), hub_retry_warnings_silenced():
             return datasets.load_dataset(
-                name, config_name, split=split, streaming=streaming, cache_dir=cache_dir
+                name, config_name, split=split, streaming=streaming, cache_dir=cache_dir,
+                token=token,
             )
     except Exception as err:  # network, auth, unknown name or config: all user-facing
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

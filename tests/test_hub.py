@@ -120,9 +120,38 @@ def test_push_to_hub_without_the_hub_fails_before_anything_is_written(
     assert not out.exists() and online_hub.calls == []
 
 
-def test_the_token_is_not_printed_with_the_config(capsys):
-    argv = ["--output_dir", "o", "--train_file", "a.txt", "--push_to_hub", "--hub_token", TOKEN,
+@pytest.mark.parametrize("flag", ["--hub_token", "--token"])
+def test_a_token_is_not_printed_with_the_config(flag, capsys):
+    argv = ["--output_dir", "o", "--train_file", "a.txt", "--push_to_hub", flag, TOKEN,
             "--print_config"]
     assert main(argv, objective="clm") == 0
     printed = capsys.readouterr().out
     assert TOKEN not in printed and "push_to_hub: true" in printed
+
+
+def test_token_reaches_the_hub_dataset_and_tokenizer_loads(monkeypatch, tiny_tokenizer_dir,
+                                                           tmp_path):
+    """--token (for a gated dataset such as OSCAR) is what datasets and transformers get."""
+    import datasets
+    import transformers
+
+    seen = {}
+
+    def refuse(what):
+        def load(*args, **kwargs):
+            seen[what] = kwargs.get("token")
+            raise OSError(f"{what} recorded")
+        return load
+
+    base = ["--output_dir", str(tmp_path / "o"), "--config_name", "gpt2", "--token", TOKEN,
+            "--dataset_name", "someone/gated"]
+    with monkeypatch.context() as patch:
+        patch.setattr(transformers.AutoTokenizer, "from_pretrained", refuse("tokenizer"))
+        status, _, stderr = run([*base, "--tokenizer_name", "someone/tokenizer"])
+    assert status == 2 and seen == {"tokenizer": TOKEN}, stderr
+    assert "cannot load the tokenizer 'someone/tokenizer': tokenizer recorded" in stderr
+    monkeypatch.setattr(datasets, "load_dataset", refuse("dataset"))
+    status, _, stderr = run([*base, "--tokenizer_name", str(tiny_tokenizer_dir),
+                             "--config_overrides", "vocab_size=512"])
+    assert status == 2 and seen == {"tokenizer": TOKEN, "dataset": TOKEN}, stderr
+    assert "cannot load dataset 'someone/gated': dataset recorded" in stderr

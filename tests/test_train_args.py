@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from flax_lm.errors import UserError
 from flax_lm.train.args import TrainConfig, parse_config
 from flax_lm.train.cli import main
 
@@ -211,3 +212,10 @@ def test_config_dataclass_fields_are_the_flags():
     flags = set(build_parser("clm").known_flags()) | set(build_parser("mlm").known_flags())
     for name in TrainConfig.__dataclass_fields__:
         assert f"--{name}" in flags
+
+
+def test_slow_tokenizers_are_refused_fast_ones_accepted():
+    base = ["--output_dir", "o", "--train_file", "a.txt"]
+    assert parse_config([*base, "--use_fast_tokenizer"], "clm").use_fast_tokenizer is True
+    with pytest.raises(UserError, match="flax-lm uses fast .Rust. tokenizers only"):
+        parse_config([*base, "--use_fast_tokenizer", "False"], "mlm")

@@ -45,7 +45,9 @@ class TrainConfig:
     do_eval: bool = opt(False, "evaluate on the validation split")
     push_to_hub: bool = opt(False, "upload the final model and results to the Hugging Face Hub")
     hub_model_id: str | None = opt(None, "Hub repo for --push_to_hub (default: output_dir's name)")
-    hub_token: str | None = opt(None, "Hub token (default: HF_TOKEN or `hf auth login`'s)")
+    hub_token: str | None = opt(
+        None, "Hub token for --push_to_hub (default: --token, HF_TOKEN or `hf auth login`'s)"
+    )
     # model and tokenizer
     model_type: str | None = opt(None, "model type", choices=("gpt2", "roberta"))
     config_name: str | None = opt(None, "config.json, a dir holding one, or a name in configs/")
@@ -54,6 +56,8 @@ class TrainConfig:
     )
     model_name_or_path: str | None = opt(None, "dir of a saved model to start from (its weights)")
     config_overrides: str | None = opt(None, 'config changes, e.g. "n_embd=128,n_layer=2"')
+    use_fast_tokenizer: bool = opt(True, "fast (Rust) tokenizers, the only kind flax-lm uses")
+    token: str | None = opt(None, "Hub token for gated or private datasets and tokenizers")
     dtype: str = opt(
         "float32", "compute dtype (params stay float32)", choices=("float32", "bfloat16")
     )
@@ -306,6 +310,8 @@ def check_config(cfg: TrainConfig, objective: str) -> TrainConfig:
         raise UserError(
             f"--validation_split_percentage must be in [0, 100), got {cfg.validation_split_percentage}"
         )
+    if not cfg.use_fast_tokenizer:
+        raise UserError("--use_fast_tokenizer False: flax-lm uses fast (Rust) tokenizers only")
     if cfg.print_config:
         return cfg
     if not cfg.output_dir:
@@ -329,7 +335,7 @@ def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
     )
 
 
-SECRETS = ("hub_token",)  # never printed or stored
+SECRETS = ("hub_token", "token")  # never printed or stored
 
 
 def recorded_config(cfg: TrainConfig) -> dict[str, Any]:

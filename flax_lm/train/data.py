@@ -77,6 +77,7 @@ def _load(cfg, split: str, data_files: list[str] | None, name: str) -> Split:
         streaming=cfg.streaming,
         cache_dir=cfg.cache_dir,
         keep_linebreaks=cfg.keep_linebreaks,
+        token=cfg.token,
     )
     return _keep_documents_with_keywords(documents, cfg, name)
 

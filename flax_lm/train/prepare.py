@@ -156,7 +156,7 @@ def load_tokenizer(cfg: TrainConfig) -> PreTrainedTokenizerBase:
             "no tokenizer: give --tokenizer_name (a directory saved by train-tokenizer)"
         )
     try:
-        return AutoTokenizer.from_pretrained(name, cache_dir=cfg.cache_dir)
+        return AutoTokenizer.from_pretrained(name, cache_dir=cfg.cache_dir, token=cfg.token)
     except (OSError, ValueError) as err:
         reason = " ".join(str(err).split())[:300]
         raise UserError(f"cannot load the tokenizer {name!r}: {reason}") from None

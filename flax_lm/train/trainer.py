@@ -274,7 +274,7 @@ class Trainer:
         hub_repo = None
         if self.cfg.push_to_hub and self.is_main:  # fails now, not after training
             hub_repo = prepare_hub_repo(self.cfg.hub_model_id, self.cfg.output_dir,
-                                        self.cfg.hub_token)
+                                        self.cfg.hub_token or self.cfg.token)
         self.start_output_dir()  # the first write: everything above only reads
         log = RunLog(
             self.p.output_dir,
@@ -302,7 +302,8 @@ class Trainer:
         self.write_results("all_results.json", results)
         self.print_summary(results)
         if hub_repo is not None:
-            url = push_output_dir(self.p.output_dir, hub_repo, self.cfg.hub_token, step)
+            url = push_output_dir(self.p.output_dir, hub_repo,
+                                  self.cfg.hub_token or self.cfg.token, step)
             print(f"pushed to the Hub: {url}")
         return results
 
