@@ -109,6 +109,8 @@ def build_parser() -> ArgParser:
     source.add_argument("--text_column", default="text", help="column holding the text")
     source.add_argument("--max_samples", type=int, help="use only the first N documents")
     source.add_argument("--cache_dir", help="datasets cache directory")
+    source.add_argument("--token", help="Hub token for a gated or private dataset (default: "
+                        "HF_TOKEN or `hf auth login`'s)")
     parser.add_argument("--vocab_size", type=int, default=50265, help="default: 50265")
     parser.add_argument("--min_frequency", type=int, default=2, help="default: 2")
     parser.add_argument("--output_dir", required=True, help="where the tokenizer is saved")
@@ -147,6 +149,7 @@ def load_corpus(args) -> Corpus:
         streaming=args.streaming,
         cache_dir=args.cache_dir,
         max_samples=args.max_samples,
+        token=args.token,
     )
 
 

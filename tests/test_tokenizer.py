@@ -217,3 +217,20 @@ def test_script_runs_from_any_directory(code_corpus, tmp_path: Path):
     assert again.stderr.strip().splitlines() == [
         "error: --output_dir tok already holds files; use --overwrite_output_dir to replace"
     ]
+
+
+def test_token_reaches_the_hub_dataset(tmp_path: Path, capsys, monkeypatch):
+    """--token (a gated corpus such as OSCAR) is what datasets.load_dataset gets."""
+    import datasets
+
+    seen = []
+
+    def record(*args, **kwargs):
+        seen.append((args[0], kwargs.get("token")))
+        raise ConnectionError("no network here")
+
+    monkeypatch.setattr(datasets, "load_dataset", record)
+    status, _, err = run_main(capsys, "--dataset_name", "someone/gated", "--token", "hf_abc",
+                              "--output_dir", str(tmp_path / "out"))
+    assert status == 2 and seen == [("someone/gated", "hf_abc")]
+    assert err == "error: cannot load dataset 'someone/gated': no network here\n"
