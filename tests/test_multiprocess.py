@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 from test_resume import TINY_MODELS, assert_same_run
 
+pytestmark = pytest.mark.slow  # several whole runs of two processes: about 2 minutes
+
 STEPS = 12
 SIGNAL_AFTER = 3  # process 1 receives the signal when it has run this step
 
