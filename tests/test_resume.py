@@ -156,7 +156,8 @@ def test_sigkill_then_resume_matches_the_uninterrupted_run(objective, request, t
     assert metrics_records(out)[-1]["step"] == KILL_AFTER
     saved = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
     assert saved in ([3], [3, 6])  # 6 may be unfinished: then it is a temporary dir, skipped
-    assert not (out / "model.safetensors").exists()
+    if saved[-1] == 6:  # the model exported at step 6 is that checkpoint's
+        assert_exported_model_is_checkpoint(out, 6)
 
     stdout, _ = run_in_process([*argv, "--resume_from_checkpoint"], objective)
     assert f"resumed from checkpoint {out / 'checkpoints' / str(saved[-1])}" in stdout
@@ -182,7 +183,7 @@ def test_sigterm_saves_a_checkpoint_and_the_resume_matches(clm_reference, tmp_pa
         "and --resume_from_checkpoint"
     )
     assert "Traceback" not in done.stderr
-    assert not (out / "model.safetensors").exists()
+    assert_exported_model_is_checkpoint(out, KILL_AFTER)  # as after every checkpoint
 
     stdout, _ = run_in_process([*argv, "--resume_from_checkpoint"], objective)
     assert f"at step {KILL_AFTER}" in stdout
@@ -306,6 +307,15 @@ def checkpoint_arrays(step_dir: Path) -> dict[str, np.ndarray]:
     return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
 
 
+def assert_exported_model_is_checkpoint(out: Path, step: int) -> None:
+    """output_dir's model.safetensors holds the parameters of checkpoint `step` (GPT-2's wte)."""
+    exported = load_file(str(out / "model.safetensors"))["transformer.wte.weight"]
+    saved = checkpoint_arrays(out / "checkpoints" / str(step))
+    (wte,) = [array for path, array in saved.items() if "params" in path and "wte" in path]
+    np.testing.assert_array_equal(exported, wte)
+    assert np.isfinite(exported).all()
+
+
 def reference_flags_and(clm_reference, out: Path, *flags: str) -> list[str]:
     """The CLM reference run's flags (so its compiled steps are reused), evaluating only at the
     end, with `flags` added."""
@@ -329,7 +339,7 @@ def test_a_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
     arrays = checkpoint_arrays(out / "checkpoints" / "2")
     assert all(np.isfinite(a).all() for a in arrays.values() if a.dtype.kind == "f")
     assert [r["step"] for r in metrics_records(out)] == [1, 2]
-    assert not (out / "model.safetensors").exists()
+    assert_exported_model_is_checkpoint(out, 2)  # the last good model, never a NaN one
 
 
 def test_a_learning_rate_of_1e30_stops_the_run_before_saving_nan(clm_reference, tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -138,7 +139,9 @@ def save_model(model: Model, out_dir: str | Path) -> None:
     config.dtype = "float32"
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt"})
+    partial = out / f".{WEIGHTS}.partial"  # replaced in one step: never a half-written file
+    save_file(tensors, str(partial), metadata={"format": "pt"})
+    os.replace(partial, out / WEIGHTS)
     config.save_pretrained(str(out))
 
 

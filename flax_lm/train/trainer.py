@@ -463,6 +463,8 @@ class Trainer:
                     throughput.close()
                     fetched += self.fetch(pending, progress)  # nothing non-finite is saved
                     self.save_checkpoint(manager, state, step, batches, progress)
+                    if step < total:  # the final model is written after training
+                        self.save_outputs(state.params)
                     throughput.restart()
                 if stopping:
                     manager.wait_until_finished()
@@ -585,7 +587,9 @@ class Trainer:
     # ---------------------------------------------------------------------------- outputs
 
     def save_outputs(self, params) -> None:
-        """config.json, model.safetensors (PyTorch layout) and the tokenizer in output_dir."""
+        """config.json, model.safetensors (PyTorch layout) and the tokenizer in output_dir: at
+        every checkpoint, as Hugging Face's scripts do, so output_dir always holds the newest
+        saved model, and at the end."""
         if self.is_main:
             save_model(nnx.merge(self.graphdef, params), self.p.output_dir)
             self.p.tokenizer.save_pretrained(self.p.output_dir)
