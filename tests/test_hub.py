@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+from concurrent.futures import Future
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,7 +25,8 @@ class RecordingHub:
     """HfApi's create_repo and upload_folder, recording what they were asked to do."""
 
     calls: list[tuple] = []
-    fail_upload = False
+    fail_upload = False  # every upload fails
+    fail_background = False  # uploads made with run_as_future fail
 
     def __init__(self, token=None):
         self.token = token
@@ -34,21 +36,33 @@ class RecordingHub:
         RecordingHub.calls.append(("create_repo", repo_id, self.token, exist_ok, output_dir_exists))
         return SimpleNamespace(repo_id=repo_id if "/" in repo_id else f"someone/{repo_id}")
 
-    def upload_folder(self, *, repo_id, folder_path, ignore_patterns, commit_message):
-        if RecordingHub.fail_upload:
-            raise OSError("Connection reset by peer")
+    def upload_folder(self, *, repo_id, folder_path, ignore_patterns, commit_message,
+                      run_as_future=False):
+        if RecordingHub.fail_upload or (run_as_future and RecordingHub.fail_background):
+            error = OSError("Connection reset by peer")
+            if run_as_future:
+                future = Future()
+                future.set_exception(error)
+                return future
+            raise error
         root = Path(folder_path)
         files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
         uploaded = sorted(filter_repo_objects(files, ignore_patterns=ignore_patterns))
-        RecordingHub.calls.append(("upload_folder", repo_id, uploaded, commit_message))
-        return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/0123abc")
+        RecordingHub.calls.append(("upload_folder", repo_id, uploaded, commit_message,
+                                   run_as_future))
+        commit = SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/0123abc")
+        if run_as_future:
+            future = Future()
+            future.set_result(commit)
+            return future
+        return commit
 
 
 @pytest.fixture
 def online_hub(monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(hub, "HfApi", RecordingHub)
-    RecordingHub.calls, RecordingHub.fail_upload = [], False
+    RecordingHub.calls, RecordingHub.fail_upload, RecordingHub.fail_background = [], False, False
     RecordingHub.output_dir = tmp_path / "tiny-gpt2"
     return RecordingHub
 
@@ -69,17 +83,23 @@ def push_argv(code_corpus, tokenizer_dir, out: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def test_push_to_hub_uploads_the_finished_model(online_hub, code_corpus, tiny_tokenizer_dir,
-                                                 tmp_path):
+def test_push_to_hub_uploads_at_checkpoints_and_at_the_end(online_hub, code_corpus,
+                                                            tiny_tokenizer_dir):
     out = online_hub.output_dir
     status, stdout, stderr = run(push_argv(code_corpus, tiny_tokenizer_dir, out,
                                            "--hub_token", TOKEN))
     assert status == 0, stderr[-3000:]
-    (create, upload) = online_hub.calls
+    (create, at_checkpoint, final) = online_hub.calls
     # the repo is opened first, before the run has written anything, with the token given
     assert create == ("create_repo", "tiny-gpt2", TOKEN, True, False)
-    _, repo_id, uploaded, message = upload
-    assert repo_id == "someone/tiny-gpt2" and message == "flax-lm: model after 3 training steps"
+    # the checkpoint at step 2 (--save_steps 2) in the background, then the end, waited for
+    _, repo_id, uploaded, message, background = at_checkpoint
+    assert (repo_id, message, background) == (
+        "someone/tiny-gpt2", "flax-lm: model after 2 training steps", True)
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(uploaded)
+    _, repo_id, uploaded, message, background = final
+    assert repo_id == "someone/tiny-gpt2" and not background
+    assert message == "flax-lm: model after 3 training steps"
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                  "all_results.json", "train_results.json", "eval_results.json", "metrics.jsonl"):
         assert name in uploaded
@@ -88,6 +108,19 @@ def test_push_to_hub_uploads_the_finished_model(online_hub, code_corpus, tiny_to
     assert "pushed to the Hub: https://huggingface.co/someone/tiny-gpt2/commit/0123abc" in stdout
     leaked = [p for p in out.rglob("*") if p.is_file() and TOKEN.encode() in p.read_bytes()]
     assert leaked == []
+
+
+def test_a_failed_upload_at_a_checkpoint_is_a_warning(online_hub, code_corpus,
+                                                      tiny_tokenizer_dir):
+    online_hub.fail_background = True
+    out = online_hub.output_dir
+    status, stdout, stderr = run(push_argv(code_corpus, tiny_tokenizer_dir, out,
+                                           "--hub_token", TOKEN))
+    assert status == 0, stderr[-3000:]
+    assert ("warning: the Hub upload of the step-2 model failed (Connection reset by peer); "
+            "training goes on") in stderr
+    assert [call[3] for call in online_hub.calls[1:]] == ["flax-lm: model after 3 training steps"]
+    assert "pushed to the Hub:" in stdout
 
 
 def test_a_failed_upload_keeps_the_model_and_says_how_to_push_it(
@@ -155,3 +188,14 @@ def test_token_reaches_the_hub_dataset_and_tokenizer_loads(monkeypatch, tiny_tok
                              "--config_overrides", "vocab_size=512"])
     assert status == 2 and seen == {"tokenizer": TOKEN, "dataset": TOKEN}, stderr
     assert "cannot load dataset 'someone/gated': dataset recorded" in stderr
+
+
+def test_a_checkpoint_during_a_running_upload_is_not_queued(online_hub, tmp_path):
+    """Uploads slower than checkpoints must not pile up: the next one carries a newer model."""
+    pusher = hub.HubPusher("me/tiny", tmp_path, TOKEN)
+    unfinished = Future()
+    pusher.running = (2, unfinished)
+    assert pusher.push_in_background(4) is False and online_hub.calls == []
+    unfinished.set_result(None)
+    assert pusher.push_in_background(6) is True
+    assert [call[3] for call in online_hub.calls] == ["flax-lm: model after 6 training steps"]

@@ -2,13 +2,17 @@
 Hugging Face Hub model repo, which `AutoModel.from_pretrained("user/name")` then loads.
 
 The repo is created (or found) before training, so a missing token, a wrong name or no network
-fails the command at once instead of after the run. The upload happens once, at the end, from
-process 0; checkpoints stay local. If the upload fails, the trained model is still in output_dir
-and the error says how to upload it by hand.
+fails the command at once instead of after the run. Process 0 uploads in the background at every
+checkpoint (as Hugging Face's scripts do; a failure there is a warning, and a checkpoint that
+comes while an upload still runs is not queued) and once more, waiting for it, at the end;
+checkpoints/ stays local. If the final upload fails, the trained model is still in output_dir and
+the error says how to upload it by hand.
 """
 
 from __future__ import annotations
 
+import sys
+from concurrent.futures import Future
 from pathlib import Path
 
 import huggingface_hub
@@ -41,15 +45,47 @@ def prepare_hub_repo(hub_model_id: str | None, output_dir: str, token: str | Non
                         f"{' '.join(str(err).split())}") from None
 
 
-def push_output_dir(output_dir: Path, repo_id: str, token: str | None, step: int) -> str:
-    """Upload output_dir (without checkpoints) to `repo_id`; the commit's URL."""
-    try:
-        commit = HfApi(token=token or huggingface_hub.get_token()).upload_folder(
-            repo_id=repo_id, folder_path=output_dir, ignore_patterns=LOCAL_ONLY,
-            commit_message=f"flax-lm: model after {step} training steps")
-    except Exception as err:
-        raise UserError(
-            f"the upload to the Hub repo {repo_id} failed ({' '.join(str(err).split())}); the "
-            f"model is saved in {output_dir}: upload it with `hf upload {repo_id} {output_dir} "
-            f"--exclude 'checkpoints/*'`") from None
-    return commit.commit_url
+class HubPusher:
+    """Uploads of one output_dir to one repo: in the background at checkpoints, then the last."""
+
+    def __init__(self, repo_id: str, output_dir: Path, token: str | None):
+        self.repo_id, self.output_dir = repo_id, output_dir
+        self.api = HfApi(token=token or huggingface_hub.get_token())
+        self.running: tuple[int, Future] | None = None
+
+    def _upload(self, step: int, **options):
+        return self.api.upload_folder(
+            repo_id=self.repo_id, folder_path=self.output_dir, ignore_patterns=LOCAL_ONLY,
+            commit_message=f"flax-lm: model after {step} training steps", **options)
+
+    def push_in_background(self, step: int) -> bool:
+        """Start uploading the model of checkpoint `step`, unless an upload still runs."""
+        if self.running is not None and not self.running[1].done():
+            return False
+        self._report_background_failure()
+        self.running = (step, self._upload(step, run_as_future=True))
+        return True
+
+    def _report_background_failure(self) -> None:
+        if self.running is None:
+            return
+        step, future = self.running
+        self.running = None
+        if future.exception() is not None:
+            print(f"warning: the Hub upload of the step-{step} model failed "
+                  f"({' '.join(str(future.exception()).split())}); training goes on",
+                  file=sys.stderr)
+
+    def push(self, step: int) -> str:
+        """Upload the final output_dir, after any background upload; the commit's URL."""
+        if self.running is not None:
+            self.running[1].exception()  # waits for it
+            self._report_background_failure()
+        try:
+            return self._upload(step).commit_url
+        except Exception as err:
+            raise UserError(
+                f"the upload to the Hub repo {self.repo_id} failed "
+                f"({' '.join(str(err).split())}); the model is saved in {self.output_dir}: "
+                f"upload it with `hf upload {self.repo_id} {self.output_dir} "
+                "--exclude 'checkpoints/*'`") from None

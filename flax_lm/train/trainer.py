@@ -40,7 +40,7 @@ from flax_lm.perf import achieved_flops_per_second, model_flops_per_token
 from flax_lm.train import checkpoint
 from flax_lm.train.args import TrainConfig, recorded_config
 from flax_lm.train.data import Prefetcher, TrainBatches, eval_batches
-from flax_lm.train.hub import prepare_hub_repo, push_output_dir
+from flax_lm.train.hub import HubPusher, prepare_hub_repo
 from flax_lm.train.metrics import METRICS_FILE, RunLog, keep_records_up_to, perplexity, write_json
 from flax_lm.train.optim import make_schedule, make_training_optimizer
 from flax_lm.train.prepare import Prepared, prepare, run_identity
@@ -263,6 +263,7 @@ class Trainer:
         self.eval_step = None
         self.eval_samples = 0
         self.last_checkpoint: Path | None = None  # the newest checkpoint saved (or resumed from)
+        self.hub: HubPusher | None = None  # with --push_to_hub, on process 0
 
     def run(self) -> dict[str, Any]:
         model = self.build_model()
@@ -271,10 +272,10 @@ class Trainer:
         self.graphdef = graphdef
         training = self.start_training(params) if self.cfg.do_train else None
         self.warn_about_warmup()
-        hub_repo = None
         if self.cfg.push_to_hub and self.is_main:  # fails now, not after training
-            hub_repo = prepare_hub_repo(self.cfg.hub_model_id, self.cfg.output_dir,
-                                        self.cfg.hub_token or self.cfg.token)
+            token = self.cfg.hub_token or self.cfg.token
+            repo_id = prepare_hub_repo(self.cfg.hub_model_id, self.cfg.output_dir, token)
+            self.hub = HubPusher(repo_id, self.p.output_dir, token)
         self.start_output_dir()  # the first write: everything above only reads
         log = RunLog(
             self.p.output_dir,
@@ -301,10 +302,8 @@ class Trainer:
             log.close()
         self.write_results("all_results.json", results)
         self.print_summary(results)
-        if hub_repo is not None:
-            url = push_output_dir(self.p.output_dir, hub_repo,
-                                  self.cfg.hub_token or self.cfg.token, step)
-            print(f"pushed to the Hub: {url}")
+        if self.hub is not None:
+            print(f"pushed to the Hub: {self.hub.push(step)}")
         return results
 
     # ------------------------------------------------------------------------------ setup
@@ -465,6 +464,8 @@ class Trainer:
                     self.save_checkpoint(manager, state, step, batches, progress)
                     if step < total:  # the final model is written after training
                         self.save_outputs(state.params)
+                        if self.hub is not None and not stopping:
+                            self.hub.push_in_background(step)
                     throughput.restart()
                 if stopping:
                     manager.wait_until_finished()
