@@ -45,6 +45,7 @@ def make_cfg(**overrides) -> SimpleNamespace:
         text_column="text",
         add_eos_between_documents=False,
         filter_keywords=None,
+        token=None,
     )
     cfg.update(overrides)
     return SimpleNamespace(**cfg)

@@ -84,7 +84,8 @@ def process_env() -> dict[str, int]:
     """num_processes and process_id from JAX_NUM_PROCESSES and JAX_PROCESS_ID, for a launch by
     hand (jax reads only JAX_COORDINATOR_ADDRESS itself; TPU pods, SLURM and MPI are detected)."""
     found = {}
-    for argument, name in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
+    names = {"num_processes": "JAX_NUM_PROCESSES", "process_id": "JAX_PROCESS_ID"}
+    for argument, name in names.items():
         value = os.environ.get(name, "")
         if value:
             if not value.isdigit():
@@ -432,7 +433,8 @@ class Trainer:
             p.train_batches, p.objective, cfg.seed, start, cfg.gradient_accumulation_steps
         )
         put = make_put(self.mesh, batch_axis=1)
-        with StopSignals(jax.process_count() > 1) as signals, Prefetcher(stream, PREFETCH_BATCHES, put) as batches:
+        signals = StopSignals(several_processes=jax.process_count() > 1)
+        with signals, Prefetcher(stream, PREFETCH_BATCHES, put) as batches:
             batch = next(batches)
             train_step, seconds = compile_train_step(train_step, state, batch, self.mesh)
             self.compile_seconds["train_step"] = seconds
