@@ -12,6 +12,7 @@ unmarked) directory behind and never touches the checkpoints before it; resuming
 
 from __future__ import annotations
 
+import logging
 import re
 import sys
 from collections.abc import Callable
@@ -63,6 +64,7 @@ def restore(
     try:
         restored = manager.restore(step, args=args)
     except RESTORE_ERRORS as err:  # the hook stays: reads still in flight finish later
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # and their pending tasks
         raise cannot_restore(Path(manager.directory) / str(step), err) from None
     sys.unraisablehook = previous_hook
     return restored.state, restored.meta
