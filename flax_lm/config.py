@@ -170,15 +170,21 @@ def set_token_ids(config: PretrainedConfig, tokenizer_dir: str) -> PretrainedCon
     return config
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+
+
 def load_tokenizer(tokenizer_dir: str):
     if not Path(tokenizer_dir).is_dir():
         raise UserError(f"tokenizer directory {tokenizer_dir} does not exist")
+    if not any((Path(tokenizer_dir) / name).is_file() for name in TOKENIZER_FILES):
+        raise UserError(f"no tokenizer in {tokenizer_dir} (no {' or '.join(TOKENIZER_FILES)}): "
+                        "give --tokenizer_name")
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(tokenizer_dir)
     except (OSError, ValueError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        reason = " ".join(str(err).split())[:300] or type(err).__name__
         raise UserError(f"cannot load a tokenizer from {tokenizer_dir}: {reason}") from None
 
 

@@ -49,23 +49,29 @@ class ModelSource:
 
 
 def find_model(
-    model: str, config_name: str | None = None, tokenizer_name: str | None = None
+    model: str, config_name: str | None = None, tokenizer_name: str | None = None, *,
+    flag: str = "--model", prefer_checkpoint: bool = False,
 ) -> ModelSource:
-    """Resolve --model: a saved model, a checkpoint step dir, or an output_dir with checkpoints."""
+    """Resolve --model (`flag` in messages): a saved model, a checkpoint step dir, or an
+    output_dir with checkpoints (its exported model, or with `prefer_checkpoint` its newest
+    checkpoint)."""
     from flax_lm.train import checkpoint
 
     path = Path(model)
     if not path.is_dir():
-        raise UserError(f"--model {model} is not a directory")
+        raise UserError(f"{flag} {model} is not a directory")
+    steps = checkpoint.checkpoint_steps(path / checkpoint.CHECKPOINTS_SUBDIR)
     if path.name.isdigit() and (path / checkpoint.ITEMS[0]).is_dir():
         found, run_dir = (path.parent, int(path.name)), path.parent.parent
+    elif steps and prefer_checkpoint:
+        found, run_dir = (path / checkpoint.CHECKPOINTS_SUBDIR, steps[-1]), path
     elif any((path / name).is_file() for name in SAFETENSORS_FILES):
         found, run_dir = None, path
-    elif steps := checkpoint.checkpoint_steps(path / checkpoint.CHECKPOINTS_SUBDIR):
+    elif steps:
         found, run_dir = (path / checkpoint.CHECKPOINTS_SUBDIR, steps[-1]), path
     else:
         raise UserError(
-            f"--model {model} holds no model.safetensors and no checkpoints: give a "
+            f"{flag} {model} holds no model.safetensors and no checkpoints: give a "
             "saved model directory or a checkpoint (OUTPUT_DIR/checkpoints/STEP)"
         )
     config = config_name or str(run_dir)

@@ -102,18 +102,16 @@ def cannot_restore(step_dir: Path, err: Exception) -> UserError:
     )
 
 
-def find_checkpoint(spec: str, output_dir: Path, purpose: str = "resume from"
-                    ) -> tuple[Path, int]:
+def find_checkpoint(spec: str, output_dir: Path) -> tuple[Path, int]:
     """(checkpoints dir, step) named by --resume_from_checkpoint: `latest` (the newest complete one
-    under output_dir), a checkpoints dir (its newest complete one), or one step's dir inside it.
-    `purpose` words the errors ("no checkpoint to resume from: ...")."""
+    under output_dir), a checkpoints dir (its newest complete one), or one step's dir inside it."""
     path = output_dir / CHECKPOINTS_SUBDIR if spec == LATEST_CHECKPOINT else Path(spec)
     if not path.is_dir():
-        raise UserError(f"no checkpoint to {purpose}: {path} is not a directory")
+        raise UserError(f"no checkpoint to resume from: {path} is not a directory")
     if STEP_PREFIX.match(path.name) and (path / ITEMS[0]).is_dir():
         if not is_complete(path):
             raise UserError(
-                f"checkpoint {path} is incomplete (its save was interrupted): {purpose} "
+                f"checkpoint {path} is incomplete (its save was interrupted): resume from "
                 f"an earlier one in {path.parent}"
             )
         return path.parent, int(path.name)
@@ -121,7 +119,7 @@ def find_checkpoint(spec: str, output_dir: Path, purpose: str = "resume from"
         steps = checkpoint_steps(root)
         if steps:
             return root, steps[-1]
-    raise UserError(f"no checkpoint to {purpose}: {path} holds no complete saved step")
+    raise UserError(f"no checkpoint to resume from: {path} holds no complete saved step")
 
 
 def is_complete(step_dir: Path) -> bool:
