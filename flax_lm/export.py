@@ -19,6 +19,7 @@ from flax import nnx
 from flax_lm.errors import ArgParser, UserError, report_user_errors
 from flax_lm.evaluate import find_model, load_model_and_tokenizer
 from flax_lm.models.hf_io import save_model
+from flax_lm.tokenizer import check_output_dir
 from flax_lm.train.step import make_mesh
 
 
@@ -52,8 +53,7 @@ def parse_args(argv: list[str] | None):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.output_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite_output_dir:
-        raise UserError(f"--output_dir {out} already holds files; use --overwrite_output_dir")
+    check_output_dir(out, args.overwrite_output_dir)
     exported = export_checkpoint(args.checkpoint, out, args.config_name, args.tokenizer_name)
     print(f"exported {exported} to {out}", file=sys.stderr)
     return 0

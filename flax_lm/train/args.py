@@ -43,7 +43,9 @@ class TrainConfig:
     overwrite_output_dir: bool = opt(False, "write into an output_dir that already holds files")
     do_train: bool = opt(False, "train (with neither --do_train nor --do_eval: both)")
     do_eval: bool = opt(False, "evaluate on the validation split")
-    push_to_hub: bool = opt(False, "upload the final model and results to the Hugging Face Hub")
+    push_to_hub: bool = opt(
+        False, "upload the model and results to the Hugging Face Hub (at checkpoints, at the end)"
+    )
     hub_model_id: str | None = opt(None, "Hub repo for --push_to_hub (default: output_dir's name)")
     hub_token: str | None = opt(
         None, "Hub token for --push_to_hub (default: --token, HF_TOKEN or `hf auth login`'s)"

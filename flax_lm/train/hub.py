@@ -50,7 +50,7 @@ class HubPusher:
 
     def __init__(self, repo_id: str, output_dir: Path, token: str | None):
         self.repo_id, self.output_dir = repo_id, output_dir
-        self.api = HfApi(token=token or huggingface_hub.get_token())
+        self.api = HfApi(token=token)  # None: the saved token, as prepare_hub_repo found it
         self.running: tuple[int, Future] | None = None
 
     def _upload(self, step: int, **options):
