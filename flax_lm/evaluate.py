@@ -156,11 +156,7 @@ def evaluate(
     from flax_lm.train.trainer import EVAL_MASK_STREAM, PREFETCH_BATCHES
 
     objective = make_objective(objective_name, tokenizer, cfg)
-    raw = load_text_dataset(
-        data_files=cfg.validation_file,
-        text_column=cfg.text_column,
-        max_samples=cfg.max_eval_samples,
-    )
+    raw = load_text_dataset(data_files=cfg.validation_file, text_column=cfg.text_column)
     dataset = tokenize_splits({"validation": raw}, tokenizer, cfg, objective_name)["validation"]
     rng = np.random.default_rng([cfg.seed, EVAL_MASK_STREAM])
     batch_size = cfg.per_device_eval_batch_size * mesh.size
@@ -217,7 +213,7 @@ def parse_args(argv: list[str] | None):
         action="store_true",
         help="GPT-2: join documents with eos, as the run did if it used this flag",
     )
-    parser.add_argument("--max_eval_samples", type=int, help="only the first N documents")
+    parser.add_argument("--max_eval_samples", type=int, help="only the first N examples (blocks), as in training")
     parser.add_argument("--text_column", default="text")
     parser.add_argument(
         "--config_name", help="model config (checkpoints of a run without config.json)"

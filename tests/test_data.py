@@ -67,13 +67,10 @@ def tokenizer(tiny_tokenizer_dir):
 @pytest.fixture(scope="session")
 def code_splits(code_corpus):
     """Eight training modules and the validation modules, one document per file."""
-    return load_raw_splits(
-        make_cfg(
-            train_file=[str(code_corpus.train)],
-            validation_file=[str(code_corpus.validation)],
-            max_train_samples=8,
-        )
+    splits = load_raw_splits(
+        make_cfg(train_file=[str(code_corpus.train)], validation_file=[str(code_corpus.validation)])
     )
+    return {**splits, "train": splits["train"].select(range(8))}
 
 
 @pytest.fixture(scope="session")
@@ -100,19 +97,18 @@ def test_validation_is_the_head_of_train(lines_file):
     assert list(splits["train"]["text"]) == texts[held_out:]
 
 
-def test_validation_file_and_max_samples(code_corpus, lines_file):
-    splits = load_raw_splits(
-        make_cfg(
-            train_file=[str(code_corpus.train)],
-            validation_file=[str(lines_file)],
-            max_train_samples=3,
-            max_eval_samples=7,
-        )
+def test_max_samples_count_blocks_as_hf_run_clm_does(code_corpus, lines_file, tokenizer):
+    """--max_train_samples / --max_eval_samples keep the first N blocks, not N documents."""
+    files = {"train_file": [str(code_corpus.train)], "validation_file": [str(lines_file)]}
+    raw = load_raw_splits(make_cfg(**files))
+    assert len(raw["train"]) == len(list(code_corpus.train.iterdir()))  # no document dropped
+    everything = tokenize_splits(raw, tokenizer, make_cfg(block_size=32), "clm")
+    limited = tokenize_splits(
+        raw, tokenizer, make_cfg(block_size=32, max_train_samples=3, max_eval_samples=7), "clm"
     )
-    assert len(splits["train"]) == 3
-    assert (
-        list(splits["validation"]["text"]) == lines_file.read_text().splitlines(keepends=True)[:7]
-    )
+    assert len(everything["train"]) > 100 and len(everything["validation"]) > 7
+    for name, n in (("train", 3), ("validation", 7)):
+        assert list(limited[name]["input_ids"]) == list(everything[name]["input_ids"][:n])
 
 
 def test_filter_keywords_keeps_matching_documents(code_corpus, capsys):

@@ -31,9 +31,10 @@ class RecordingHub:
     def __init__(self, token=None):
         self.token = token
 
-    def create_repo(self, repo_id, exist_ok=False):
+    def create_repo(self, repo_id, exist_ok=False, private=None):
         output_dir_exists = RecordingHub.output_dir.exists()
-        RecordingHub.calls.append(("create_repo", repo_id, self.token, exist_ok, output_dir_exists))
+        RecordingHub.calls.append(("create_repo", repo_id, self.token, exist_ok, output_dir_exists,
+                                   private))
         return SimpleNamespace(repo_id=repo_id if "/" in repo_id else f"someone/{repo_id}")
 
     def upload_folder(self, *, repo_id, folder_path, ignore_patterns, commit_message,
@@ -91,7 +92,7 @@ def test_push_to_hub_uploads_at_checkpoints_and_at_the_end(online_hub, code_corp
     assert status == 0, stderr[-3000:]
     (create, at_checkpoint, final) = online_hub.calls
     # the repo is opened first, before the run has written anything, with the token given
-    assert create == ("create_repo", "tiny-gpt2", TOKEN, True, False)
+    assert create == ("create_repo", "tiny-gpt2", TOKEN, True, False, None)  # the Hub's default
     # the checkpoint at step 2 (--save_steps 2) in the background, then the end, waited for
     _, repo_id, uploaded, message, background = at_checkpoint
     assert (repo_id, message, background) == (
@@ -199,3 +200,9 @@ def test_a_checkpoint_during_a_running_upload_is_not_queued(online_hub, tmp_path
     unfinished.set_result(None)
     assert pusher.push_in_background(6) is True
     assert [call[3] for call in online_hub.calls] == ["flax-lm: model after 6 training steps"]
+
+
+def test_hub_private_repo_creates_a_private_repo(online_hub, tmp_path):
+    repo_id = hub.prepare_hub_repo("me/tiny", str(tmp_path), TOKEN, private=True)
+    assert repo_id == "me/tiny"
+    assert online_hub.calls == [("create_repo", "me/tiny", TOKEN, True, False, True)]

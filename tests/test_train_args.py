@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import shlex
 from pathlib import Path
 
@@ -76,7 +77,8 @@ def test_hf_defaults():
     assert (cfg.per_device_train_batch_size, cfg.per_device_eval_batch_size) == (8, 8)
     assert (cfg.logging_steps, cfg.save_steps, cfg.eval_steps, cfg.seed) == (500, 500, 500, 42)
     assert (cfg.max_grad_norm, cfg.lr_scheduler_type, cfg.dtype) == (1.0, "linear", "float32")
-    assert (cfg.validation_split_percentage, cfg.report_to) == (5, "tensorboard")
+    assert (cfg.validation_split_percentage, cfg.report_to) == (5, ["tensorboard"])
+    assert (cfg.save_strategy, cfg.hub_private_repo) == ("steps", False)
     assert parse_config(["--output_dir", "o", "--train_file", "a"], "mlm").mlm_probability == 0.15
 
 
@@ -186,6 +188,14 @@ BASE = ["--output_dir", "o", "--train_file", "a.txt"]
         (["--train_file", "a.txt"], "--output_dir is required"),
         (["--output_dir", "o"], "no data"),
         ([*BASE, "--streaming"], "--streaming needs --max_steps"),
+        ([*BASE, "--fp16"], "use --bf16"),
+        ([*BASE, "--gradient_checkpointing", "--remat", "dots"], "give one of them"),
+        ([*BASE, "--warmup_ratio", "1.5"], "--warmup_ratio must be in [0, 1]"),
+        ([*BASE, "--warmup_steps", "2.5"], "--warmup_steps must be a whole number"),
+        ([*BASE, "--report_to", "mlflow"], "--report_to 'mlflow'"),
+        ([*BASE, "--save_strategy", "best"], "--save_strategy must be one of"),
+        ([*BASE, "--streaming", "--max_steps", "9", "--save_strategy", "epoch"],
+         "use --save_strategy steps"),
     ],
 )  # fmt: skip
 def test_bad_flags_are_one_line_errors(argv, expected, capsys):
@@ -219,3 +229,44 @@ def test_slow_tokenizers_are_refused_fast_ones_accepted():
     assert parse_config([*base, "--use_fast_tokenizer"], "clm").use_fast_tokenizer is True
     with pytest.raises(UserError, match="flax-lm uses fast .Rust. tokenizers only"):
         parse_config([*base, "--use_fast_tokenizer", "False"], "mlm")
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--bf16"], {"dtype": "bfloat16"}),
+        (["--gradient_checkpointing"], {"remat": "full"}),
+        (["--gradient_checkpointing", "--remat", "full"], {"remat": "full"}),
+        (["--warmup_ratio", "0.1"], {"warmup_ratio": 0.1, "warmup_steps": 0}),
+        (["--warmup_steps", "0.1"], {"warmup_steps": 0.1}),  # transformers 5: a fraction
+        (["--warmup_steps", "1000"], {"warmup_steps": 1000}),
+        (["--report_to", "tensorboard", "tensorboard"], {"report_to": ["tensorboard"]}),
+        (["--report_to", "tensorboard,none"], {"report_to": []}),
+        (["--report_to", "none"], {"report_to": []}),
+        (["--logging_first_step"], {"logging_first_step": True}),
+        (["--save_strategy", "no"], {"save_strategy": "no"}),
+        (["--hub_private_repo"], {"hub_private_repo": True}),
+    ],
+)  # fmt: skip
+def test_trainer_flags_take_the_trainers_meaning(flags, expected):
+    cfg = parse_config([*BASE, *flags], "clm")
+    assert {name: getattr(cfg, name) for name in expected} == expected
+    assert isinstance(cfg.warmup_steps, type(expected.get("warmup_steps", 0)))
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_one_settings_file_as_the_only_argument(suffix, tmp_path, capsys):
+    """`run_clm_flax.py args.json`, as HfArgumentParser reads it."""
+    settings = {"output_dir": "o", "train_file": ["a.txt"], "learning_rate": 3e-4,
+                "bf16": True, "report_to": ["none"], "do_train": True}
+    path = tmp_path / f"args{suffix}"
+    path.write_text(json.dumps(settings) if suffix == ".json" else yaml.safe_dump(settings))
+    cfg = parse_config([str(path)], "clm")
+    assert (cfg.output_dir, cfg.train_file, cfg.learning_rate) == ("o", ["a.txt"], 3e-4)
+    assert (cfg.dtype, cfg.report_to, cfg.do_eval) == ("bfloat16", [], False)
+    path.write_text('{"output_dir": "o", "fp16": true, "evaluation_strategy": "steps"}')
+    if suffix == ".json":
+        message = run_main_error([str(path)], capsys)
+        assert "unknown key 'evaluation_strategy'" in message
+        path.write_text('{"output_dir": "o",')
+        assert "is not valid JSON" in run_main_error([str(path)], capsys)

@@ -30,7 +30,7 @@ def lr(schedule, step: int) -> float:
     return float(schedule(step))
 
 
-@pytest.mark.parametrize("kind", ["linear", "cosine", "constant"])
+@pytest.mark.parametrize("kind", ["linear", "cosine", "constant_with_warmup"])
 def test_warmup_is_linear_from_zero(kind):
     schedule = make_schedule(config(warmup_steps=10, lr_scheduler_type=kind), total_steps=110)
     assert lr(schedule, 0) == 0.0
@@ -50,8 +50,36 @@ def test_cosine_and_constant_after_warmup():
     assert lr(cosine, 35) == pytest.approx(PEAK * (1 + np.cos(np.pi / 4)) / 2, rel=1e-5)
     assert lr(cosine, 60) == pytest.approx(PEAK / 2, rel=1e-5)
     assert lr(cosine, 110) == pytest.approx(0.0, abs=1e-12)
-    constant = make_schedule(config(warmup_steps=10, lr_scheduler_type="constant"), 110)
+    constant = make_schedule(config(warmup_steps=10, lr_scheduler_type="constant_with_warmup"), 110)
     assert [lr(constant, s) for s in (10, 60, 110, 500)] == pytest.approx([PEAK] * 4)
+    no_warmup = make_schedule(config(warmup_steps=10, lr_scheduler_type="constant"), 110)
+    assert [lr(no_warmup, s) for s in (0, 5, 110)] == pytest.approx([PEAK] * 3)  # as in HF
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["linear", "cosine", "constant", "constant_with_warmup", "polynomial", "inverse_sqrt"],
+)
+@pytest.mark.parametrize(("warmup_steps", "warmup_ratio"), [(10, 0.0), (0, 0.25), (0.25, 0.0)])
+def test_schedules_equal_transformers_get_scheduler(kind, warmup_steps, warmup_ratio):
+    """Every --lr_scheduler_type gives the learning rates of transformers' scheduler of that
+    name, with the warmup the Trainer computes (a ratio of 50 steps rounds up to 13)."""
+    torch = pytest.importorskip("torch")
+    from transformers import get_scheduler
+
+    total = 50
+    hf_warmup = 10 if warmup_steps == 10 else 13  # math.ceil(50 * 0.25)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=PEAK)
+    hf = get_scheduler(kind, optimizer, num_warmup_steps=hf_warmup, num_training_steps=total)
+    expected = []
+    for _ in range(total):
+        expected.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        hf.step()
+    ours = make_schedule(
+        config(lr_scheduler_type=kind, warmup_steps=warmup_steps, warmup_ratio=warmup_ratio), total
+    )
+    assert [lr(ours, s) for s in range(total)] == pytest.approx(expected, rel=1e-5, abs=PEAK * 1e-6)
 
 
 def test_no_warmup_starts_at_the_peak_and_warmup_longer_than_training_still_works():

@@ -1,9 +1,11 @@
 """The run configuration: one `TrainConfig` built from the command line and an optional YAML file.
 
 Flag names and defaults follow Hugging Face's `examples/flax/language-modeling` scripts, so their
-README commands run unchanged. Boolean flags may be given bare (`--do_train`) or with a value
-(`--do_train True`), as HF's TrainingArguments accept both. `--config FILE.yaml` sets any flag;
-the command line wins over it.
+README commands run unchanged; flags copied from the PyTorch Trainer (`--bf16`,
+`--gradient_checkpointing`, `--warmup_ratio`, ...) keep the Trainer's meaning. Boolean flags may be
+given bare (`--do_train`) or with a value (`--do_train True`), as HF's TrainingArguments accept
+both. `--config FILE.yaml` sets any flag; the command line wins over it. A single `.json`, `.yaml`
+or `.yml` file as the only argument is read like `--config FILE` (HfArgumentParser's way).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import importlib.util
+import json
 import math
 import re
 import sys
@@ -26,6 +30,11 @@ from flax_lm.errors import ArgParser, UserError
 OBJECTIVES = ("clm", "mlm")
 SCRIPT_NAMES = {"clm": "run_clm_flax.py", "mlm": "run_mlm_flax.py"}
 LATEST_CHECKPOINT = "latest"
+REPORTERS = {"tensorboard": "tensorboardX"}  # logger -> its package
+SCHEDULERS = (
+    "linear", "cosine", "constant", "constant_with_warmup", "polynomial", "inverse_sqrt",
+)  # fmt: skip
+CONFIG_FILE_SUFFIXES = (".json", ".yaml", ".yml")
 DEFAULT_CACHE_DIR = "~/.cache/flax_lm/jax"
 
 
@@ -50,6 +59,7 @@ class TrainConfig:
     hub_token: str | None = opt(
         None, "Hub token for --push_to_hub (default: --token, HF_TOKEN or `hf auth login`'s)"
     )
+    hub_private_repo: bool = opt(False, "create the --push_to_hub repo private")
     # model and tokenizer
     model_type: str | None = opt(None, "model type", choices=("gpt2", "roberta"))
     config_name: str | None = opt(None, "config.json, a dir holding one, or a name in configs/")
@@ -63,11 +73,16 @@ class TrainConfig:
     dtype: str = opt(
         "float32", "compute dtype (params stay float32)", choices=("float32", "bfloat16")
     )
+    bf16: bool = opt(False, "compute in bfloat16: the same as --dtype bfloat16")
+    fp16: bool = opt(False, "float16 is not supported: use --bf16")
     scan_layers: bool = opt(
         True, "scan over stacked layers (fast compile); --no_scan_layers unrolls"
     )
     remat: str | None = opt(
         None, "rematerialise each block to save memory", choices=("full", "dots")
+    )
+    gradient_checkpointing: bool = opt(
+        False, "recompute activations in the backward pass: the same as --remat full"
     )
     # data
     dataset_name: str | None = opt(None, "a datasets hub name")
@@ -77,8 +92,12 @@ class TrainConfig:
     validation_split_percentage: int = opt(
         5, "%% of train held out when there is no validation set"
     )
-    max_train_samples: int | None = opt(None, "keep the first N training documents")
-    max_eval_samples: int | None = opt(None, "keep the first N validation documents")
+    max_train_samples: int | None = opt(
+        None, "keep the first N training examples (blocks, or MLM examples)"
+    )
+    max_eval_samples: int | None = opt(
+        None, "keep the first N validation examples (blocks, or MLM examples)"
+    )
     preprocessing_num_workers: int | None = opt(None, "processes for tokenization")
     overwrite_cache: bool = opt(False, "ignore cached tokenized datasets")
     cache_dir: str | None = opt(None, "datasets cache dir")
@@ -115,21 +134,32 @@ class TrainConfig:
         0, "skip up to N steps whose loss or gradient is not finite (0: stop at the first)"
     )
     lr_scheduler_type: str = opt(
-        "linear", "decay after warmup", choices=("linear", "cosine", "constant")
+        "linear", "learning-rate schedule (constant: no warmup)", choices=SCHEDULERS
     )
-    warmup_steps: int = opt(0, "linear warmup steps from 0 to learning_rate")
+    warmup_steps: float = opt(
+        0, "linear warmup steps from 0 to learning_rate (a value below 1: a fraction of training)"
+    )
+    warmup_ratio: float = opt(0.0, "warmup as a fraction of training steps (if no --warmup_steps)")
     num_train_epochs: float = opt(3.0, "epochs to train")
     max_steps: int | None = opt(None, "optimizer steps to train (overrides num_train_epochs)")
     seed: int = opt(42, "seed of initialisation, shuffling, masking and dropout")
     # logging and checkpoints
     logging_steps: int = opt(500, "log train metrics every N steps")
+    logging_first_step: bool = opt(False, "log the train metrics of the first step too")
     eval_steps: int | None = opt(None, "evaluate every N steps (default: logging_steps)")
+    save_strategy: str = opt(
+        "steps",
+        "checkpoint every save_steps, at the end of each epoch, or never (a signal still saves)",
+        choices=("steps", "epoch", "no"),
+    )
     save_steps: int = opt(500, "checkpoint every N steps")
     save_total_limit: int | None = opt(None, "keep only the last N checkpoints")
     resume_from_checkpoint: str | None = opt(
         None, "continue from a checkpoint dir (bare flag: the latest in output_dir)"
     )
-    report_to: str = opt("tensorboard", "also log to TensorBoard", choices=("tensorboard", "none"))
+    report_to: list[str] | None = opt(
+        None, "also log to: tensorboard, all or none (default: tensorboard)"
+    )
     compilation_cache_dir: str = opt(DEFAULT_CACHE_DIR, "JAX compilation cache ('none': off)")
     # the command itself
     config: str | None = opt(None, "YAML file setting any of these flags")
@@ -147,6 +177,7 @@ POSITIVE = (
 NON_NEGATIVE = (
     "weight_decay", "warmup_steps", "max_grad_norm", "skip_nonfinite_steps", "keytoken_alpha",
 )  # fmt: skip
+FRACTIONS = ("warmup_ratio",)  # in [0, 1]
 COMMA_LISTS = ("filter_keywords", "keytokens")  # list flags given as one a,b,c value
 MAX_SEED = 2**32  # seeds NumPy and JAX both take
 
@@ -172,9 +203,18 @@ def parse_comma_list(text: str | list) -> list[str]:
     return [str(item).strip() for item in items if str(item).strip()]
 
 
+def parse_steps_or_fraction(text: str | float) -> int | float:
+    """--warmup_steps: a whole number of steps (int), or a fraction of training below 1
+    (transformers 5's meaning)."""
+    value = float(text)
+    return int(value) if value.is_integer() else value
+
+
 def converter(f: dataclasses.Field):
     """The function turning one flag value (a string, or a YAML scalar) into the field's type."""
     kind = FIELD_TYPES[f.name]
+    if f.name == "warmup_steps":
+        return parse_steps_or_fraction
     if kind is bool:
         return parse_bool
     if f.name in COMMA_LISTS:
@@ -212,7 +252,7 @@ def build_parser(objective: str) -> ArgParser:
             parser.add_argument(
                 flag, nargs="?", const=LATEST_CHECKPOINT, metavar="PATH", help=help_text
             )
-        elif kind == list[str] | None and f.name not in COMMA_LISTS:
+        elif kind == list[str] | None and f.name not in COMMA_LISTS:  # report_to too
             parser.add_argument(flag, nargs="+", help=help_text)
         else:
             parser.add_argument(flag, type=converter(f), help=help_text)
@@ -221,14 +261,17 @@ def build_parser(objective: str) -> ArgParser:
 
 
 def read_yaml_config(path: str, objective: str) -> dict[str, Any]:
-    """Flag values from a YAML mapping, converted like command-line values."""
+    """Flag values from a YAML (or, named .json, JSON) mapping, converted like command-line
+    values."""
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        text = Path(path).read_text(encoding="utf-8")
+        data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
     except OSError as err:
         raise UserError(f"cannot read --config {path}: {err.strerror or err}") from None
-    except yaml.YAMLError as err:
+    except (yaml.YAMLError, json.JSONDecodeError) as err:
+        kind = "JSON" if path.endswith(".json") else "YAML"
         raise UserError(
-            f"--config {path} is not valid YAML: {' '.join(str(err).split())}"
+            f"--config {path} is not valid {kind}: {' '.join(str(err).split())}"
         ) from None
     if data is None:
         return {}
@@ -273,9 +316,20 @@ def join_negative_values(argv: list[str]) -> list[str]:
     return joined
 
 
+def is_config_file_argument(argv: list[str]) -> bool:
+    """`run_clm_flax.py args.json`: one settings file as the only argument (HfArgumentParser)."""
+    return (
+        len(argv) == 1
+        and not argv[0].startswith("-")
+        and argv[0].lower().endswith(CONFIG_FILE_SUFFIXES)
+    )
+
+
 def parse_config(argv: list[str] | None, objective: str) -> TrainConfig:
     """The resolved, checked TrainConfig of a command line (and its --config YAML file)."""
     argv = join_negative_values(list(sys.argv[1:] if argv is None else argv))
+    if is_config_file_argument(argv):
+        argv = ["--config", argv[0]]
     parser = build_parser(objective)
     pre = ArgParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config")
@@ -301,6 +355,15 @@ def check_config(cfg: TrainConfig, objective: str) -> TrainConfig:
     for name in NON_NEGATIVE:
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name} must not be negative, got {getattr(cfg, name)}")
+    for name in FRACTIONS:
+        if not 0 <= getattr(cfg, name) <= 1:
+            raise UserError(f"--{name} must be in [0, 1], got {getattr(cfg, name)}")
+    if isinstance(cfg.warmup_steps, float) and cfg.warmup_steps > 1:
+        raise UserError(
+            f"--warmup_steps must be a whole number of steps, or a fraction below 1 of the "
+            f"training steps, got {cfg.warmup_steps}"
+        )
+    check_trainer_flags(cfg)
     if not 0 <= cfg.seed < MAX_SEED:
         raise UserError(f"--seed must be in [0, 2**32), got {cfg.seed}")
     for name in ("adam_beta1", "adam_beta2"):
@@ -323,7 +386,44 @@ def check_config(cfg: TrainConfig, objective: str) -> TrainConfig:
     trains = cfg.do_train or not cfg.do_eval
     if cfg.streaming and trains and cfg.max_steps is None:
         raise UserError("--streaming needs --max_steps: a stream has no known length")
+    if cfg.streaming and cfg.save_strategy == "epoch":
+        raise UserError(
+            "--save_strategy epoch needs epochs, which a stream (--streaming) does not have: "
+            "use --save_strategy steps with --save_steps"
+        )
     return cfg
+
+
+def check_trainer_flags(cfg: TrainConfig) -> None:
+    """The Trainer flags flax-lm maps onto its own (or refuses, naming the flag to use)."""
+    if cfg.fp16:
+        raise UserError("--fp16: flax-lm does not compute in float16; use --bf16 "
+                        "(--dtype bfloat16), which needs no loss scaling")
+    if cfg.gradient_checkpointing and cfg.remat not in (None, "full"):
+        raise UserError(
+            f"--gradient_checkpointing is --remat full, but --remat {cfg.remat} is given too: "
+            "give one of them"
+        )
+    for value in report_to_names(cfg.report_to):
+        if value not in (*REPORTERS, "all", "none"):
+            raise UserError(
+                f"--report_to {value!r}: flax-lm logs to {', '.join(REPORTERS)}, all or none"
+            )
+
+
+def report_to_names(values: list[str] | None) -> list[str]:
+    """--report_to's values, whether given as `a b` or `a,b`."""
+    return [name for value in values or () for name in parse_comma_list(value)]
+
+
+def resolve_report_to(values: list[str] | None) -> list[str]:
+    """The loggers --report_to asks for: default TensorBoard, `all` the installed ones."""
+    names = report_to_names(values) if values else ["tensorboard"]
+    if "none" in names:
+        return []
+    if "all" in names:
+        return [name for name, package in REPORTERS.items() if importlib.util.find_spec(package)]
+    return list(dict.fromkeys(names))
 
 
 def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
@@ -334,6 +434,9 @@ def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
         do_train=cfg.do_train or both,
         do_eval=cfg.do_eval or both,
         eval_steps=cfg.eval_steps or cfg.logging_steps,
+        dtype="bfloat16" if cfg.bf16 else cfg.dtype,
+        remat="full" if cfg.gradient_checkpointing else cfg.remat,
+        report_to=resolve_report_to(cfg.report_to),
     )
 
 

@@ -40,8 +40,8 @@ def load_raw_splits(cfg) -> dict[str, Split]:
     Train comes from `train_file` or `dataset_name`. Validation comes from `validation_file`, else
     the hub dataset's "validation" split, else the first `validation_split_percentage` % of train
     (streaming: the first `max_eval_samples` documents). `filter_keywords` applies before that
-    split, `max_*_samples` after it. A split the run does not use (cfg.do_train / cfg.do_eval
-    false) is left out.
+    split. A split the run does not use (cfg.do_train / cfg.do_eval false) is left out.
+    (`max_*_samples` count examples, as in HF's run_clm.py: `tokenize_splits` applies them.)
     """
     if cfg.dataset_name and cfg.train_file:
         raise UserError("give --dataset_name or --train_file, not both")
@@ -55,9 +55,9 @@ def load_raw_splits(cfg) -> dict[str, Split]:
     if getattr(cfg, "do_train", True):
         if train is None:
             raise UserError("training needs --train_file or --dataset_name")
-        splits["train"] = _first(train, cfg.max_train_samples)
+        splits["train"] = train
     if getattr(cfg, "do_eval", True):
-        splits["validation"] = _first(validation, cfg.max_eval_samples)
+        splits["validation"] = validation
         if isinstance(splits["validation"], Dataset) and len(splits["validation"]) == 0:
             raise UserError(
                 "the validation split is empty: give --validation_file, more text or a larger "
@@ -180,6 +180,8 @@ def tokenize_splits(raw: dict[str, Split], tokenizer, cfg, objective: str) -> di
     max_seq_length, so shapes stay static ("input_ids", "attention_mask", "special_tokens_mask").
     A map-style split is concatenated whole, so it only loses the final remainder; a stream
     drops a remainder per STREAM_GROUP_DOCUMENTS documents, like HF's streaming example.
+    Then train keeps its first `max_train_samples` examples and validation its first
+    `max_eval_samples`, as HF's run_clm.py / run_mlm.py cut them after grouping.
     """
     if objective not in ("clm", "mlm"):
         raise ValueError(f"unknown objective {objective!r}")
@@ -215,7 +217,8 @@ def tokenize_splits(raw: dict[str, Split], tokenizer, cfg, objective: str) -> di
         )
         if isinstance(examples, Dataset) and len(examples) == 0:
             raise UserError(_too_small_message(name, split, tokens, length, flag, line_by_line))
-        splits[name] = examples
+        limit = cfg.max_train_samples if name == "train" else cfg.max_eval_samples
+        splits[name] = _first(examples, limit)
     return splits
 
 

@@ -28,9 +28,13 @@ def hub_repo_name(hub_model_id: str | None, output_dir: str) -> str:
     return hub_model_id or Path(output_dir).resolve().name
 
 
-def prepare_hub_repo(hub_model_id: str | None, output_dir: str, token: str | None) -> str:
-    """Create the model repo if needed; its full id ("user/name"). Raises UserError if the Hub
-    cannot be used (offline mode, no token, a name or permission the Hub refuses, no network)."""
+def prepare_hub_repo(
+    hub_model_id: str | None, output_dir: str, token: str | None, private: bool = False
+) -> str:
+    """Create the model repo if needed (`private`: as a private repo; otherwise the Hub's
+    default, public unless the organisation says otherwise; an existing repo keeps its
+    visibility); its full id ("user/name"). Raises UserError if the Hub cannot be used
+    (offline mode, no token, a name or permission the Hub refuses, no network)."""
     if huggingface_hub.constants.HF_HUB_OFFLINE:
         raise UserError("--push_to_hub needs the Hugging Face Hub, but HF_HUB_OFFLINE is set")
     token = token or huggingface_hub.get_token()
@@ -39,7 +43,7 @@ def prepare_hub_repo(hub_model_id: str | None, output_dir: str, token: str | Non
                         "or give --hub_token")
     name = hub_repo_name(hub_model_id, output_dir)
     try:
-        return HfApi(token=token).create_repo(name, exist_ok=True).repo_id
+        return HfApi(token=token).create_repo(name, exist_ok=True, private=private or None).repo_id
     except Exception as err:  # HTTP, validation and network errors alike: one line for the user
         raise UserError(f"--push_to_hub: cannot create or open the Hub repo {name!r}: "
                         f"{' '.join(str(err).split())}") from None

@@ -42,7 +42,7 @@ from flax_lm.train.args import TrainConfig, recorded_config
 from flax_lm.train.data import Prefetcher, TrainBatches, eval_batches
 from flax_lm.train.hub import HubPusher, prepare_hub_repo
 from flax_lm.train.metrics import METRICS_FILE, RunLog, keep_records_up_to, perplexity, write_json
-from flax_lm.train.optim import make_schedule, make_training_optimizer
+from flax_lm.train.optim import make_schedule, make_training_optimizer, warmup_steps
 from flax_lm.train.prepare import Prepared, prepare, run_identity
 from flax_lm.train.step import (
     TrainState,
@@ -275,14 +275,16 @@ class Trainer:
         self.warn_about_warmup()
         if self.cfg.push_to_hub and self.is_main:  # fails now, not after training
             token = self.cfg.hub_token or self.cfg.token
-            repo_id = prepare_hub_repo(self.cfg.hub_model_id, self.cfg.output_dir, token)
+            repo_id = prepare_hub_repo(
+                self.cfg.hub_model_id, self.cfg.output_dir, token, self.cfg.hub_private_repo
+            )
             self.hub = HubPusher(repo_id, self.p.output_dir, token)
         self.start_output_dir()  # the first write: everything above only reads
         log = RunLog(
             self.p.output_dir,
             total_steps=self.p.total_steps,
             initial_step=self.p.resume.step if self.p.resume else 0,
-            tensorboard=self.cfg.report_to == "tensorboard",
+            tensorboard="tensorboard" in self.cfg.report_to,
             enabled=self.is_main,
         )
         results: dict[str, Any] = {}
@@ -311,9 +313,17 @@ class Trainer:
 
     def warn_about_warmup(self) -> None:
         cfg, total = self.cfg, self.p.total_steps
-        if cfg.do_train and cfg.warmup_steps > total:
+        if not cfg.do_train:
+            return
+        if cfg.lr_scheduler_type == "constant" and (cfg.warmup_steps or cfg.warmup_ratio):
             print(
-                f"warning: --warmup_steps {cfg.warmup_steps} is longer than training "
+                "warning: --lr_scheduler_type constant has no warmup (as in Hugging Face's "
+                "Trainer): use --lr_scheduler_type constant_with_warmup to warm up",
+                file=sys.stderr,
+            )
+        if warmup_steps(cfg, total) > total:
+            print(
+                f"warning: {warmup_steps(cfg, total)} warmup steps are longer than training "
                 f"({total} steps): the learning rate never reaches its peak",
                 file=sys.stderr,
             )
@@ -449,7 +459,7 @@ class Trainer:
                 if step == start + 1:  # the first step's time is not steady state
                     jax.block_until_ready(state)
                     throughput.close(steady=False)
-                if step % cfg.logging_steps == 0 or step == total:
+                if self.is_logging_step(step):
                     fetched += self.fetch(pending, progress)
                     log.train(self.train_record(step, fetched, throughput, batches))
                     fetched = []
@@ -459,7 +469,7 @@ class Trainer:
                     last_eval = self.evaluate(state.params, step, log)
                     throughput.restart()
                 stopping = signals.should_stop(step)
-                if step % cfg.save_steps == 0 or step == total or stopping:
+                if self.is_save_step(step) or stopping:
                     jax.block_until_ready(state)
                     throughput.close()
                     fetched += self.fetch(pending, progress)  # nothing non-finite is saved
@@ -475,6 +485,23 @@ class Trainer:
                 if step < total:
                     batch = next(batches)
         return state, throughput.steady_rate, last_eval
+
+    def is_logging_step(self, step: int) -> bool:
+        cfg = self.cfg
+        first = cfg.logging_first_step and step == 1
+        return first or step % cfg.logging_steps == 0 or step == self.p.total_steps
+
+    def is_save_step(self, step: int) -> bool:
+        """Whether --save_strategy checkpoints after `step`: every save_steps (`steps`), at the
+        end of each epoch (`epoch`) and at the last step; never with `no`."""
+        strategy = self.cfg.save_strategy
+        if strategy == "no":
+            return False
+        if step == self.p.total_steps:
+            return True
+        if strategy == "epoch":
+            return step % self.p.train_batches.steps_per_epoch == 0
+        return step % self.cfg.save_steps == 0
 
     def fetch(self, pending: list, progress: Progress) -> list[tuple[int, dict]]:
         """Metrics of the `pending` steps on the host (emptying `pending`), added to `progress`.
