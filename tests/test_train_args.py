@@ -240,18 +240,37 @@ def test_slow_tokenizers_are_refused_fast_ones_accepted():
         (["--warmup_ratio", "0.1"], {"warmup_ratio": 0.1, "warmup_steps": 0}),
         (["--warmup_steps", "0.1"], {"warmup_steps": 0.1}),  # transformers 5: a fraction
         (["--warmup_steps", "1000"], {"warmup_steps": 1000}),
+        (["--report_to", "tensorboard", "wandb"], {"report_to": ["tensorboard", "wandb"]}),
+        (["--report_to", "wandb,tensorboard"], {"report_to": ["wandb", "tensorboard"]}),
         (["--report_to", "tensorboard", "tensorboard"], {"report_to": ["tensorboard"]}),
         (["--report_to", "tensorboard,none"], {"report_to": []}),
         (["--report_to", "none"], {"report_to": []}),
-        (["--logging_first_step"], {"logging_first_step": True}),
+        (["--logging_first_step", "--run_name", "nb-1"],
+         {"logging_first_step": True, "run_name": "nb-1"}),
         (["--save_strategy", "no"], {"save_strategy": "no"}),
         (["--hub_private_repo"], {"hub_private_repo": True}),
     ],
 )  # fmt: skip
-def test_trainer_flags_take_the_trainers_meaning(flags, expected):
+def test_trainer_flags_take_the_trainers_meaning(flags, expected, monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",  # wandb counts as installed here
+                        lambda name, *a: True if name == "wandb" else real_find_spec(name, *a))
     cfg = parse_config([*BASE, *flags], "clm")
     assert {name: getattr(cfg, name) for name in expected} == expected
     assert isinstance(cfg.warmup_steps, type(expected.get("warmup_steps", 0)))
+
+
+def test_report_to_wandb_without_wandb_is_one_line_before_training(monkeypatch, capsys):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "wandb" else real_find_spec(name, *a))
+    message = run_main_error([*BASE, "--report_to", "wandb"], capsys)
+    assert "--report_to wandb needs the wandb package" in message and "pip install" in message
+    assert parse_config([*BASE, "--report_to", "all"], "clm").report_to == ["tensorboard"]
 
 
 @pytest.mark.parametrize("suffix", [".json", ".yaml"])

@@ -1,13 +1,16 @@
 """Flags copied from Hugging Face's Trainer, through a real tiny training run: --save_strategy,
---logging_first_step, --warmup_ratio and --max_train_samples counting blocks."""
+--logging_first_step, --warmup_ratio, --max_train_samples counting blocks, --report_to wandb."""
 
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 
 import pytest
 from test_resume import TINY_MODELS, run_in_process
+
+from flax_lm.train.metrics import RunLog
 
 PEAK = 1e-3
 
@@ -52,3 +55,95 @@ def test_save_strategy_no_saves_no_checkpoint_but_the_model(code_corpus, tiny_to
                                 "--max_steps", "2"), "clm")
     assert not any((out / "checkpoints").glob("*"))
     assert (out / "model.safetensors").is_file() and (out / "train_results.json").is_file()
+
+
+# ------------------------------------------------------------------------------------- wandb
+
+WANDB_BLOCK, WANDB_RECORD_HEADER = 32768, 7  # the .wandb file: LevelDB log blocks of records
+
+
+def wandb_records(path: Path):
+    """The protobuf records of an offline run's .wandb file, read as wandb's own (former)
+    datastore reader did: a ':W&B' header, then records split across 32 KiB blocks."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    position, pending = WANDB_RECORD_HEADER, b""
+    while position + WANDB_RECORD_HEADER <= len(data):
+        left_in_block = WANDB_BLOCK - position % WANDB_BLOCK
+        _, length, kind = struct.unpack("<IHB", data[position : position + WANDB_RECORD_HEADER])
+        if left_in_block < WANDB_RECORD_HEADER or (kind, length) == (0, 0):
+            position += left_in_block  # block padding
+            continue
+        start = position + WANDB_RECORD_HEADER
+        pending += data[start : start + length]
+        position = start + length
+        if kind in (1, 4):  # a full record, or the last piece of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            yield record
+
+
+def wandb_history(path: Path) -> tuple[dict, dict[int, dict]]:
+    """(the run record, {step: the metrics logged at that step})."""
+    run, history = None, {}
+    for record in wandb_records(path):
+        if record.WhichOneof("record_type") == "run":
+            run = record.run
+        elif record.WhichOneof("record_type") == "history":
+            items = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                     for item in record.history.item}
+            history.setdefault(items["_step"], {}).update(items)
+    return run, history
+
+
+def test_wandb_offline_run_holds_the_logged_metrics(code_corpus, tiny_tokenizer_dir, tmp_path,
+                                                     monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_PROJECT", "flax-lm-tests")
+    out = tmp_path / "wandb-run"
+    argv = trainer_argv(code_corpus, tiny_tokenizer_dir, out, "--max_steps", "4",
+                        "--logging_steps", "2", "--do_eval", "--eval_steps", "4",
+                        "--report_to", "wandb", "tensorboard", "--run_name", "tiny-wandb")
+    run_in_process(argv, "clm")
+    (log_file,) = (out / "wandb").glob("offline-run-*/run-*.wandb")
+    run, history = wandb_history(log_file)
+    assert (run.display_name, run.project) == ("tiny-wandb", "flax-lm-tests")
+    config = {item.key: json.loads(item.value_json) for item in run.config.update}
+    assert config["learning_rate"] == PEAK and config["max_steps"] == 4
+    assert config["hub_token"] is None and config["token"] is None
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(history) == [2, 4] and len(lines) == 3  # train at 2 and 4, eval at 4
+    for line in lines:
+        group = "eval" if "eval_loss" in line else "train"
+        for key, value in line.items():
+            if key not in ("step", "time"):
+                name = f"{group}/{key.removeprefix('eval_')}"
+                assert history[line["step"]][name] == pytest.approx(value, rel=1e-12), name
+    assert (out / "runs").is_dir()  # and TensorBoard too
+
+
+def test_only_the_logging_process_reaches_wandb(tmp_path):
+    class RecordingRun:
+        logged: list = []
+
+        def log(self, scalars, step):
+            self.logged.append((step, scalars))
+
+        def finish(self):
+            self.logged.append("finish")
+
+    for enabled in (False, True):
+        log = RunLog(tmp_path, total_steps=1, initial_step=0, tensorboard=False,
+                     wandb_run=RecordingRun(), enabled=enabled)
+        log.train({"step": 1, "epoch": 0.5, "loss": 2.5, "learning_rate": 0.1,
+                   "grad_norm": 1.0, "tokens_per_second": 10.0})
+        log.close()
+    assert RecordingRun.logged == [  # process 0 alone (enabled) logged
+        (1, {"train/epoch": 0.5, "train/loss": 2.5, "train/learning_rate": 0.1,
+             "train/grad_norm": 1.0, "train/tokens_per_second": 10.0}),
+        "finish",
+    ]

@@ -30,7 +30,7 @@ from flax_lm.errors import ArgParser, UserError
 OBJECTIVES = ("clm", "mlm")
 SCRIPT_NAMES = {"clm": "run_clm_flax.py", "mlm": "run_mlm_flax.py"}
 LATEST_CHECKPOINT = "latest"
-REPORTERS = {"tensorboard": "tensorboardX"}  # logger -> its package
+REPORTERS = {"tensorboard": "tensorboardX", "wandb": "wandb"}  # logger -> its package
 SCHEDULERS = (
     "linear", "cosine", "constant", "constant_with_warmup", "polynomial", "inverse_sqrt",
 )  # fmt: skip
@@ -158,8 +158,9 @@ class TrainConfig:
         None, "continue from a checkpoint dir (bare flag: the latest in output_dir)"
     )
     report_to: list[str] | None = opt(
-        None, "also log to: tensorboard, all or none (default: tensorboard)"
+        None, "also log to: tensorboard, wandb, all or none (default: tensorboard)"
     )
+    run_name: str | None = opt(None, "the run's name in Weights & Biases (default: output_dir)")
     compilation_cache_dir: str = opt(DEFAULT_CACHE_DIR, "JAX compilation cache ('none': off)")
     # the command itself
     config: str | None = opt(None, "YAML file setting any of these flags")
@@ -386,6 +387,8 @@ def check_config(cfg: TrainConfig, objective: str) -> TrainConfig:
     trains = cfg.do_train or not cfg.do_eval
     if cfg.streaming and trains and cfg.max_steps is None:
         raise UserError("--streaming needs --max_steps: a stream has no known length")
+    if "wandb" in report_to_names(cfg.report_to) and importlib.util.find_spec("wandb") is None:
+        raise UserError("--report_to wandb needs the wandb package: pip install 'flax-lm[wandb]'")
     if cfg.streaming and cfg.save_strategy == "epoch":
         raise UserError(
             "--save_strategy epoch needs epochs, which a stream (--streaming) does not have: "

@@ -1,4 +1,7 @@
-"""Where a run's numbers go: `metrics.jsonl`, TensorBoard events and the progress bar.
+"""Where a run's numbers go: `metrics.jsonl`, TensorBoard events, Weights & Biases and the
+progress bar. TensorBoard and W&B get the same names ("train/loss", "eval/loss", ...) at the
+training step; W&B (`--report_to wandb`) writes its run under output_dir/wandb/ and follows its
+own environment variables (WANDB_MODE=offline: no network, `wandb sync` uploads it later).
 
 metrics.jsonl holds one JSON object per line:
   train: {"step", "epoch", "loss", "learning_rate", "grad_norm", "tokens_per_second", "time"}
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -19,8 +23,11 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from flax_lm.errors import UserError
+
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_SUBDIR = "runs"
+WANDB_DEFAULT_PROJECT = "flax-lm"  # WANDB_PROJECT overrides it
 MAX_LOG_PERPLEXITY = math.log(sys.float_info.max)
 
 
@@ -50,6 +57,34 @@ def keep_records_up_to(path: Path, step: int) -> None:
     path.write_text("".join(kept), encoding="utf-8")
 
 
+def start_wandb(output_dir: Path, run_name: str | None, config: dict[str, Any]):
+    """A W&B run for this training run (process 0 only), its files under output_dir/wandb/."""
+    import wandb
+
+    try:
+        return wandb.init(
+            project=os.environ.get("WANDB_PROJECT", WANDB_DEFAULT_PROJECT),
+            name=run_name or str(output_dir),
+            dir=str(output_dir),
+            config=config,
+        )
+    except Exception as err:  # no login, no network, a bad setting: one line before training
+        raise UserError(
+            f"--report_to wandb: cannot start a Weights & Biases run ({' '.join(str(err).split())}"
+            "): run `wandb login`, or set WANDB_MODE=offline to log locally"
+        ) from None
+
+
+def scalar_names(group: str, record: dict[str, Any]) -> dict[str, float]:
+    """{"train/loss": ..., "eval/accuracy": ...}: the record's numbers as TensorBoard and W&B
+    name them."""
+    return {
+        f"{group}/{key.removeprefix('eval_')}": value
+        for key, value in record.items()
+        if key not in ("step", "time") and isinstance(value, int | float)
+    }
+
+
 class RunLog:
     """Appends train and eval records to metrics.jsonl and TensorBoard, and drives the progress
     bar. `enabled=False` (processes other than the first) makes every call a no-op."""
@@ -61,9 +96,11 @@ class RunLog:
         total_steps: int,
         initial_step: int,
         tensorboard: bool,
+        wandb_run=None,
         enabled: bool = True,
     ):
         self.enabled = enabled
+        self.wandb = wandb_run if enabled else None
         self.start = time.perf_counter()
         self.jsonl = (output_dir / METRICS_FILE).open("a", encoding="utf-8") if enabled else None
         self.board = None
@@ -107,13 +144,13 @@ class RunLog:
         record = {**record, "time": round(self.elapsed(), 3)}
         self.jsonl.write(strict_json(record) + "\n")
         self.jsonl.flush()
+        scalars = scalar_names(group, record)
         if self.board is not None:
-            for key, value in record.items():
-                if key not in ("step", "time") and isinstance(value, int | float):
-                    self.board.add_scalar(
-                        f"{group}/{key.removeprefix('eval_')}", value, record["step"]
-                    )
+            for name, value in scalars.items():
+                self.board.add_scalar(name, value, record["step"])
             self.board.flush()
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=record["step"])
 
     def message(self, text: str) -> None:
         if self.enabled:
@@ -125,3 +162,5 @@ class RunLog:
             self.jsonl.close()
         if self.board is not None:
             self.board.close()
+        if self.wandb is not None:
+            self.wandb.finish()

@@ -41,7 +41,14 @@ from flax_lm.train import checkpoint
 from flax_lm.train.args import TrainConfig, recorded_config
 from flax_lm.train.data import Prefetcher, TrainBatches, eval_batches
 from flax_lm.train.hub import HubPusher, prepare_hub_repo
-from flax_lm.train.metrics import METRICS_FILE, RunLog, keep_records_up_to, perplexity, write_json
+from flax_lm.train.metrics import (
+    METRICS_FILE,
+    RunLog,
+    keep_records_up_to,
+    perplexity,
+    start_wandb,
+    write_json,
+)
 from flax_lm.train.optim import make_schedule, make_training_optimizer, warmup_steps
 from flax_lm.train.prepare import Prepared, prepare, run_identity
 from flax_lm.train.step import (
@@ -280,11 +287,17 @@ class Trainer:
             )
             self.hub = HubPusher(repo_id, self.p.output_dir, token)
         self.start_output_dir()  # the first write: everything above only reads
+        wandb_run = None
+        if self.is_main and "wandb" in self.cfg.report_to:
+            wandb_run = start_wandb(
+                self.p.output_dir, self.cfg.run_name, recorded_config(self.cfg)
+            )
         log = RunLog(
             self.p.output_dir,
             total_steps=self.p.total_steps,
             initial_step=self.p.resume.step if self.p.resume else 0,
             tensorboard="tensorboard" in self.cfg.report_to,
+            wandb_run=wandb_run,
             enabled=self.is_main,
         )
         results: dict[str, Any] = {}
