@@ -9,6 +9,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# The tests compare float32 results with PyTorch's and with each other at float32 tolerances:
+# ask for true float32 matmuls (JAX runs them as TF32 on NVIDIA GPUs by default; CPUs are
+# unaffected). Set in the environment, so the training commands the tests start get it too.
+os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 
 import shutil
 import sysconfig

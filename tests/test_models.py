@@ -19,8 +19,8 @@ from transformers.activations import ACT2FN
 from flax_lm.errors import UserError
 from flax_lm.models import (
     SUPPORTED_MODEL_TYPES,
+    attention,
     create_model,
-    layers,
     matmul_param_count,
     weight_decay_mask,
 )
@@ -30,7 +30,6 @@ from flax_lm.models.layers import (
     Bias,
     Embedding,
     LayerNormParam,
-    attention_mask_4d,
 )
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -443,7 +442,7 @@ def blocked_attention_inputs(length: int):
     q, k, v = (jax.random.normal(key, (3, length, 2, 8)) for key in keys)
     padding = np.ones((3, length), np.int32)
     padding[1, length - 5:] = 0  # right padding: every query still has a key to attend to
-    mask = attention_mask_4d(jnp.asarray(padding), jnp.arange(length), length, causal=True)
+    mask = attention.attention_mask_4d(jnp.asarray(padding), jnp.arange(length), length, causal=True)
     return q, k, v, mask
 
 
@@ -451,14 +450,14 @@ def blocked_attention_inputs(length: int):
 def test_blocked_causal_attention_equals_the_full_score_matrix(monkeypatch, rate):
     """causal=True computes query blocks against their key prefixes only; outputs and gradients
     must equal attention over the full masked score matrix, dropout included (float32: 1e-5)."""
-    monkeypatch.setattr(layers, "CAUSAL_BLOCK", 8)
+    monkeypatch.setattr(attention, "CAUSAL_BLOCK", 8)
     q, k, v, mask = blocked_attention_inputs(length=32)  # 4 blocks
     key = jax.random.key(8)
 
     def attend(causal):
         def f(q, k, v):
-            return layers.dot_product_attention(q, k, v, mask, scale=0.3, dropout_rate=rate,
-                                                dropout_key=key, causal=causal)
+            return attention.dot_product_attention(q, k, v, mask, scale=0.3, dropout_rate=rate,
+                                                   dropout_key=key, causal=causal)
         out, vjp = jax.vjp(jax.jit(f), q, k, v)
         return out, vjp(jnp.cos(out))
 
@@ -471,7 +470,7 @@ def test_blocked_causal_attention_equals_the_full_score_matrix(monkeypatch, rate
 def test_gpt2_with_blocked_attention_matches_transformers(monkeypatch):
     """The GPT-2 parity check (padded batch, sdpa and eager) with the attention in blocks of 4
     of the 12 positions; a fresh jit, so no trace from the unblocked model is reused."""
-    monkeypatch.setattr(layers, "CAUSAL_BLOCK", 4)
+    monkeypatch.setattr(attention, "CAUSAL_BLOCK", 4)
     config = gpt2_config()
     ids, mask = padded_batch(config)
     for attn_implementation in ("eager", "sdpa"):

@@ -8,8 +8,9 @@ import jax
 from flax import nnx
 
 from flax_lm.errors import UserError
+from flax_lm.models.attention import choose_attention, platform
 from flax_lm.models.gpt2 import GPT2LMHeadModel
-from flax_lm.models.layers import NO_DECAY_KINDS
+from flax_lm.models.layers import NO_DECAY_KINDS, compute_dtype
 from flax_lm.models.roberta import RobertaForMaskedLM
 
 MODEL_CLASSES = {"gpt2": GPT2LMHeadModel, "roberta": RobertaForMaskedLM}
@@ -29,17 +30,20 @@ def model_class(model_type: str | None) -> type[Model]:
 
 
 def create_model(config: Any, seed: int = 0, *, dtype: Any = "float32", scan_layers: bool = True,
-                 remat: str | None = None) -> Model:
+                 remat: str | None = None, attention: str = "auto") -> Model:
     """A freshly initialised model for a GPT2Config or RobertaConfig, as transformers initialises
     one for training from scratch (normal(initializer_range) weights, zero biases, unit LayerNorm).
 
     dtype: compute precision, "float32" or "bfloat16" (parameters stay float32; softmax, LayerNorm
     statistics and logits are float32). scan_layers: run the stacked layers under lax.scan (False:
     unrolled loop over the same parameters). remat: None, "full" or "dots" (see
-    layers.REMAT_POLICIES).
+    layers.REMAT_POLICIES). attention: "auto" (the implementation for this backend and dtype),
+    "reference", "xla" or "cudnn" (see attention.py).
     """
     cls = model_class(getattr(config, "model_type", None))
-    return cls(config, seed, dtype=dtype, scan_layers=scan_layers, remat=remat)
+    attention = choose_attention(platform(), compute_dtype(dtype), attention)
+    return cls(config, seed, dtype=dtype, scan_layers=scan_layers, remat=remat,
+               attention=attention)
 
 
 def weight_decay_mask(params_state: nnx.State) -> nnx.State:

@@ -33,14 +33,13 @@ from flax import nnx
 from transformers import GPT2Config
 
 from flax_lm.errors import UserError
+from flax_lm.models.attention import SelfAttention, cache_attention_mask, self_attention_mask
 from flax_lm.models.layers import (
     MLP,
     Embed,
     LayerNorm,
-    SelfAttention,
     StaticConfig,
     TorchTensor,
-    attention_mask_4d,
     check_activation,
     check_heads,
     check_remat,
@@ -60,7 +59,7 @@ def check_config(config: GPT2Config) -> None:
 
 
 class GPT2Block(nnx.Module):
-    def __init__(self, config: GPT2Config, key: jax.Array):
+    def __init__(self, config: GPT2Config, key: jax.Array, attention: str):
         width, std = config.n_embd, config.initializer_range
         # GPT-2's scaled init of the two projections that write into the residual stream.
         out_std = std / math.sqrt(2 * config.n_layer)
@@ -68,7 +67,7 @@ class GPT2Block(nnx.Module):
         self.ln_1 = LayerNorm(width, config.layer_norm_epsilon)
         self.attn = SelfAttention(width, config.n_head, attn_key, std=std, out_std=out_std,
                                   attn_dropout=config.attn_pdrop, out_dropout=config.resid_pdrop,
-                                  causal=True)
+                                  causal=True, implementation=attention)
         self.ln_2 = LayerNorm(width, config.layer_norm_epsilon)
         hidden = config.n_inner if config.n_inner is not None else 4 * width
         self.mlp = MLP(width, hidden, mlp_key, activation=config.activation_function, std=std,
@@ -88,7 +87,8 @@ class GPT2LMHeadModel(nnx.Module):
     ARCHITECTURE = "GPT2LMHeadModel"
 
     def __init__(self, config: GPT2Config, seed: int = 0, *, dtype: Any = "float32",
-                 scan_layers: bool = True, remat: str | None = None):
+                 scan_layers: bool = True, remat: str | None = None,
+                 attention: str = "reference"):
         check_config(config)
         self.static_config = StaticConfig(config)
         self.dtype = compute_dtype(dtype)
@@ -98,7 +98,7 @@ class GPT2LMHeadModel(nnx.Module):
         std = config.initializer_range
         self.wte = Embed(config.vocab_size, config.n_embd, wte_key, std=std)
         self.wpe = Embed(config.n_positions, config.n_embd, wpe_key, std=std)
-        self.h = stacked(lambda key: GPT2Block(config, key), layers_key, config.n_layer)
+        self.h = stacked(lambda key: GPT2Block(config, key, attention), layers_key, config.n_layer)
         self.ln_f = LayerNorm(config.n_embd, config.layer_norm_epsilon)
         tied = config.tie_word_embeddings
         self.lm_head = None if tied else Embed(config.vocab_size, config.n_embd, head_key, std=std)
@@ -113,9 +113,8 @@ class GPT2LMHeadModel(nnx.Module):
         when no position_ids are given; `dropout_rng` None means eval mode."""
         length = input_ids.shape[1]
         self._check_length(length)
-        positions = jnp.arange(length)
-        mask = attention_mask_4d(attention_mask, positions, length, causal=True)
-        logits, _ = self._forward(input_ids, positions[None], mask, dropout_rng)
+        mask = self_attention_mask(attention_mask, length, causal=True)
+        logits, _ = self._forward(input_ids, jnp.arange(length)[None], mask, dropout_rng)
         return logits
 
     def init_cache(self, batch_size: int, max_length: int) -> dict[str, jax.Array]:
@@ -134,7 +133,7 @@ class GPT2LMHeadModel(nnx.Module):
         length, max_length = input_ids.shape[1], cache["key"].shape[2]
         index = cache["index"]
         query_positions = index + jnp.arange(length)
-        mask = attention_mask_4d(attention_mask, query_positions, max_length, causal=True)
+        mask = cache_attention_mask(attention_mask, query_positions, max_length)
         if position_ids is None:
             position_ids = query_positions[None]
         logits, (keys, values) = self._forward(input_ids, position_ids, mask, None,

@@ -180,7 +180,7 @@ def read_config(model_dir: Path) -> Any:
 
 
 def load_model(model_dir: str | Path, *, dtype: Any = "float32", scan_layers: bool = True,
-               remat: str | None = None) -> Model:
+               remat: str | None = None, attention: str = "auto") -> Model:
     """A model from a directory written by `save_model` or by PyTorch transformers'
     save_pretrained (config.json + model.safetensors, possibly sharded)."""
     model_dir = Path(model_dir)
@@ -189,7 +189,7 @@ def load_model(model_dir: str | Path, *, dtype: Any = "float32", scan_layers: bo
     config = read_config(model_dir)
     files = weight_files(model_dir)
     model = nnx.eval_shape(lambda: create_model(config, dtype=dtype, scan_layers=scan_layers,
-                                                remat=remat))
+                                                remat=remat, attention=attention))
     tensors: dict[str, np.ndarray] = {}
     for file in files:
         tensors.update(load_file(str(file)))

@@ -1,5 +1,5 @@
-"""Pieces shared by GPT-2 and RoBERTa: parameter kinds, dense/embedding/LayerNorm, attention, MLP,
-dropout, and the scanned layer stack.
+"""Pieces shared by GPT-2 and RoBERTa: parameter kinds, dense/embedding/LayerNorm, MLP, dropout,
+and the scanned layer stack (attention is in attention.py).
 
 Parameters are float32. Every layer computes in the dtype of its input (float32 or bfloat16), so
 the model casts the embeddings once and the parameters are cast where they are used. LayerNorm
@@ -167,93 +167,6 @@ class LayerNorm(nnx.Module):
         var = jnp.square(x32 - mean).mean(-1, keepdims=True)
         y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
         return y.astype(x.dtype)
-
-
-def attention_mask_4d(padding_mask: jax.Array | None, query_positions: jax.Array, key_len: int,
-                      *, causal: bool) -> jax.Array | None:
-    """Boolean [batch|1, 1, q, k] mask (True = attend) from a [batch, k] padding mask (1 = keep)
-    and, for causal models, key position <= query position."""
-    mask = None
-    if causal:
-        mask = (jnp.arange(key_len)[None, :] <= query_positions[:, None])[None, None]
-    if padding_mask is not None:
-        keep = padding_mask.astype(bool)[:, None, None, :]
-        mask = keep if mask is None else mask & keep
-    return mask
-
-
-# Causal attention over at least two blocks of this many queries is computed block by block.
-CAUSAL_BLOCK = 128
-
-
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, *,
-                          scale: float | jax.Array, dropout_rate: float,
-                          dropout_key: jax.Array | None, causal: bool = False) -> jax.Array:
-    """Attention over [batch, len, heads, head_dim] inputs with float32 logits and softmax.
-
-    Masked logits become a large negative number, so a fully masked row (a padding query) attends
-    uniformly, never giving NaN. `causal=True` says that queries and keys are the same positions
-    and `mask` hides every later key: the queries then go in blocks of CAUSAL_BLOCK, each against
-    the keys up to its end only, skipping the masked upper triangle (at 512 positions, 5/8 of the
-    full score matrix is computed). The result is the same up to float rounding, dropout included,
-    for every query with a key to attend to.
-    """
-    length = q.shape[1]
-    if not causal or k.shape[1] != length or length < 2 * CAUSAL_BLOCK or length % CAUSAL_BLOCK:
-        return _attend(q, k, v, mask, scale, dropout_rate, dropout_key)
-    full_shape = (q.shape[0], q.shape[2], length, length)  # of the score matrix [b, n, t, s]
-    outputs = []
-    for start in range(0, length, CAUSAL_BLOCK):
-        end = start + CAUSAL_BLOCK
-        block_mask = None if mask is None else mask[..., start:end, :end]
-        outputs.append(_attend(q[:, start:end], k[:, :end], v[:, :end], block_mask, scale,
-                               dropout_rate, dropout_key, origin=(0, 0, start, 0),
-                               full_shape=full_shape))
-    return jnp.concatenate(outputs, axis=1)
-
-
-def _attend(q, k, v, mask, scale, dropout_rate, dropout_key, **block):
-    logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * scale
-    if mask is not None:
-        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = dropout(jax.nn.softmax(logits, axis=-1), dropout_rate, dropout_key, **block)
-    return jnp.einsum("bnts,bsnh->btnh", probs.astype(v.dtype), v)
-
-
-class SelfAttention(nnx.Module):
-    """Multi-head self-attention with fused q/k/v projection ([d, 3d], q|k|v along the output axis)
-    and output projection. Dropout on the attention probabilities and on the output."""
-
-    def __init__(self, features: int, num_heads: int, key: jax.Array, *, std: float,
-                 out_std: float, attn_dropout: float, out_dropout: float, causal: bool = False):
-        qkv_key, out_key = jax.random.split(key)
-        self.causal = causal
-        self.qkv = Dense(features, 3 * features, qkv_key, std=std)
-        self.out = Dense(features, features, out_key, std=out_std)
-        self.num_heads = num_heads
-        self.attn_dropout = float(attn_dropout)
-        self.out_dropout = float(out_dropout)
-
-    def __call__(self, x: jax.Array, mask: jax.Array | None, *, scale: float | jax.Array,
-                 dropout_key: jax.Array | None = None, kv_cache: tuple | None = None,
-                 cache_index: jax.Array | None = None) -> tuple[jax.Array, tuple | None]:
-        """Returns (output, updated kv_cache). With `kv_cache` = (keys, values) of shape
-        [batch, max_len, heads, head_dim], this step's keys/values are written at `cache_index`
-        and the queries attend over the whole cache (the mask hides unwritten slots)."""
-        batch, length, features = x.shape
-        heads = (batch, length, self.num_heads, features // self.num_heads)
-        q, k, v = (t.reshape(heads) for t in jnp.split(self.qkv(x), 3, axis=-1))
-        if kv_cache is not None:
-            start = (0, cache_index, 0, 0)
-            k = jax.lax.dynamic_update_slice(kv_cache[0], k.astype(kv_cache[0].dtype), start)
-            v = jax.lax.dynamic_update_slice(kv_cache[1], v.astype(kv_cache[1].dtype), start)
-            kv_cache = (k, v)
-        probs_key, out_key = split_key(dropout_key, 2)
-        y = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, scale=scale,
-                                  dropout_rate=self.attn_dropout, dropout_key=probs_key,
-                                  causal=self.causal and kv_cache is None)
-        y = self.out(y.reshape(batch, length, features))
-        return dropout(y, self.out_dropout, out_key), kv_cache
 
 
 class MLP(nnx.Module):

@@ -19,6 +19,7 @@ from flax import nnx
 from transformers import RobertaConfig
 
 from flax_lm.errors import UserError
+from flax_lm.models.attention import SelfAttention, self_attention_mask
 from flax_lm.models.layers import (
     ACTIVATIONS,
     MLP,
@@ -26,10 +27,8 @@ from flax_lm.models.layers import (
     Dense,
     Embed,
     LayerNorm,
-    SelfAttention,
     StaticConfig,
     TorchTensor,
-    attention_mask_4d,
     check_activation,
     check_heads,
     check_remat,
@@ -61,13 +60,13 @@ def position_ids_from_input_ids(input_ids: jax.Array, padding_idx: int) -> jax.A
 
 
 class RobertaLayer(nnx.Module):
-    def __init__(self, config: RobertaConfig, key: jax.Array):
+    def __init__(self, config: RobertaConfig, key: jax.Array, attention: str):
         width, std, eps = config.hidden_size, config.initializer_range, config.layer_norm_eps
         attn_key, mlp_key = jax.random.split(key)
         self.attention = SelfAttention(
             width, config.num_attention_heads, attn_key, std=std, out_std=std,
             attn_dropout=config.attention_probs_dropout_prob,
-            out_dropout=config.hidden_dropout_prob)
+            out_dropout=config.hidden_dropout_prob, implementation=attention)
         self.attention_norm = LayerNorm(width, eps)
         self.mlp = MLP(width, config.intermediate_size, mlp_key, activation=config.hidden_act,
                        std=std, out_std=std, dropout_rate=config.hidden_dropout_prob)
@@ -101,7 +100,8 @@ class RobertaForMaskedLM(nnx.Module):
     ARCHITECTURE = "RobertaForMaskedLM"
 
     def __init__(self, config: RobertaConfig, seed: int = 0, *, dtype: Any = "float32",
-                 scan_layers: bool = True, remat: str | None = None):
+                 scan_layers: bool = True, remat: str | None = None,
+                 attention: str = "reference"):
         check_config(config)
         self.static_config = StaticConfig(config)
         self.dtype = compute_dtype(dtype)
@@ -114,7 +114,7 @@ class RobertaForMaskedLM(nnx.Module):
                                          padding_idx=pad)
         self.token_type_embeddings = Embed(config.type_vocab_size, width, keys[2], std=std)
         self.embeddings_norm = LayerNorm(width, config.layer_norm_eps)
-        self.layers = stacked(lambda key: RobertaLayer(config, key), keys[3],
+        self.layers = stacked(lambda key: RobertaLayer(config, key, attention), keys[3],
                               config.num_hidden_layers)
         self.lm_head = MaskedLMHead(config, keys[4])
 
@@ -148,7 +148,7 @@ class RobertaForMaskedLM(nnx.Module):
              + self.token_type_embeddings(jnp.zeros_like(input_ids), self.dtype)
              + self.position_embeddings(positions, self.dtype))
         x = dropout(self.embeddings_norm(x), config.hidden_dropout_prob, embed_key)
-        mask = attention_mask_4d(attention_mask, jnp.arange(length), length, causal=False)
+        mask = self_attention_mask(attention_mask, length, causal=False)
         scale = (config.hidden_size // config.num_attention_heads) ** -0.5
         layer_keys = (None if layers_key is None
                       else jax.random.split(layers_key, config.num_hidden_layers))

@@ -84,6 +84,10 @@ class TrainConfig:
     gradient_checkpointing: bool = opt(
         False, "recompute activations in the backward pass: the same as --remat full"
     )
+    attn_implementation: str = opt(
+        "auto", "attention: auto picks cuDNN's fused attention on NVIDIA GPUs in bfloat16, "
+        "XLA's on TPUs, the reference on CPUs", choices=("auto", "reference", "xla", "cudnn")
+    )
     # data
     dataset_name: str | None = opt(None, "a datasets hub name")
     dataset_config_name: str | None = opt(None, "its config name")

@@ -356,7 +356,8 @@ class Trainer:
 
     def build_model(self) -> nnx.Module:
         cfg = self.cfg
-        options = {"dtype": cfg.dtype, "scan_layers": cfg.scan_layers, "remat": cfg.remat}
+        options = {"dtype": cfg.dtype, "scan_layers": cfg.scan_layers, "remat": cfg.remat,
+                   "attention": cfg.attn_implementation}
         if cfg.model_name_or_path:
             return load_model(cfg.model_name_or_path, **options)
         return create_model(self.p.model_config, seed=cfg.seed, **options)
