@@ -12,11 +12,14 @@ import pytest
 from transformers import AutoTokenizer
 
 from flax_lm.errors import UserError
+from flax_lm.train import data
 from flax_lm.train.data import (
     Prefetcher,
     TrainBatches,
     eval_batches,
     load_raw_splits,
+    shards_of_process,
+    tokenize_shards,
     tokenize_splits,
 )
 
@@ -325,6 +328,59 @@ def test_streamed_batches_resume_exactly(clm_blocks, consumed):
     for got, want in zip(before + after, expected, strict=True):
         np.testing.assert_array_equal(got["row"], want["row"])
         np.testing.assert_array_equal(got["input_ids"], want["input_ids"])
+
+
+def test_each_process_tokenizes_its_half_and_the_batches_are_one_processs(
+    code_corpus, tokenizer, monkeypatch
+):
+    """Two data shards: the process holding shard 0 and the one holding shard 1 each tokenize
+    half of the documents (and about half of the tokens), and their rows, side by side, are the
+    global batches of one process holding both shards, epoch after epoch."""
+    raw = load_raw_splits(make_cfg(train_file=[str(code_corpus.train)], do_eval=False))
+    cfg = make_cfg(block_size=32, overwrite_cache=True)  # tokenize again: count the work
+    work = {"documents": 0, "tokens": 0}
+    tokenize = data._tokenize_documents
+
+    def counting(batch, **kwargs):
+        out = tokenize(batch, **kwargs)
+        work["documents"] += len(batch["text"])
+        work["tokens"] += sum(len(ids) for ids in out["input_ids"])
+        return out
+
+    monkeypatch.setattr(data, "_tokenize_documents", counting)
+    layouts = (range(0, 2), range(0, 1), range(1, 2))  # one process; two processes
+    by_process = []
+    for shards in layouts:
+        work.update(documents=0, tokens=0)
+        train = tokenize_shards(raw, tokenizer, cfg, "clm", shards, num_shards=2)["train"]
+        by_process.append((train, dict(work)))
+    (_, alone), (_, first), (_, second) = by_process
+    documents = len(raw["train"])
+    assert alone["documents"] == documents
+    assert {first["documents"], second["documents"]} == {documents // 2, documents - documents // 2}
+    assert 0.3 < first["tokens"] / alone["tokens"] < 0.7
+    assert first["tokens"] + second["tokens"] == alone["tokens"]
+
+    lengths = [len(shard) for shard in by_process[0][0]]
+    batches = [
+        TrainBatches(train, 8, seed=2, shard_ids=shards, num_shards=2, all_lengths=lengths)
+        for (train, _), shards in zip(by_process, layouts, strict=True)
+    ]
+    steps = 2 * batches[0].steps_per_epoch + 1  # into a third epoch
+    assert batches[1].steps_per_epoch == batches[2].steps_per_epoch == batches[0].steps_per_epoch
+    for whole, *halves in zip(*(take(iter(b), steps) for b in batches), strict=True):
+        assert [half["input_ids"].shape for half in halves] == [(4, 32)] * 2
+        np.testing.assert_array_equal(
+            np.concatenate([half["input_ids"] for half in halves]), whole["input_ids"]
+        )
+
+
+def test_data_shards_the_processes_cannot_share_are_refused(monkeypatch):
+    monkeypatch.setattr("jax.process_count", lambda: 3)
+    monkeypatch.setattr("jax.process_index", lambda: 1)
+    assert shards_of_process(6) == range(2, 4)
+    with pytest.raises(UserError, match=r"--data_shards 4 cannot be split over 3 processes"):
+        shards_of_process(4)
 
 
 def test_fewer_examples_than_one_batch_is_an_error(clm_blocks):

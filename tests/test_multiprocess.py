@@ -103,13 +103,16 @@ def with_output_dir(argv: list[str], out: Path) -> list[str]:
     return [*argv[:position], str(out), *argv[position + 1:]]
 
 
+TWO_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+
+
 def test_two_processes_train_like_one_process_with_two_devices(two_process_run, tmp_path):
-    """Each process feeds its own half of every global batch: the run is the one process with
-    two devices makes, bit for bit (parameters, losses, eval), and only process 0 writes."""
+    """Each process reads, tokenizes and feeds only its own data shard (of 2, the default with
+    two processes): the run is the one process with two devices and both shards makes, bit for
+    bit (parameters, losses, eval), and only process 0 writes."""
     argv, out = two_process_run
     single = tmp_path / "single"
-    two_devices = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    (done,) = launch(with_output_dir(argv, single), 1, [two_devices])
+    (done,) = launch([*with_output_dir(argv, single), "--data_shards", "2"], 1, [TWO_DEVICES])
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same_run(single, out)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -138,7 +141,11 @@ def test_a_signal_to_one_process_stops_every_process_at_one_step(two_process_run
     assert SIGNAL_AFTER < step < STEPS
     saved = [path.name for path in (out / "checkpoints").iterdir() if path.name.isdigit()]
     assert saved == [str(step)]
-    resumed = launch([*argv, "--resume_from_checkpoint"], 2)
+    meta = json.loads((out / "checkpoints" / saved[0] / "meta" / "metadata").read_text())
+    assert meta["data_shards"] == 2
+    # SIGINT's run resumes on one process with both data shards: the checkpoint's count is kept
+    processes, devices = (2, {}) if signum == signal.SIGTERM else (1, TWO_DEVICES)
+    resumed = launch([*argv, "--resume_from_checkpoint"], processes, [devices] * processes)
     for done in resumed:
         assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed from checkpoint" in resumed[0].stdout + resumed[0].stderr

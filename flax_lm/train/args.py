@@ -109,6 +109,12 @@ class TrainConfig:
     text_column: str = opt("text", "the column holding the text")
     streaming: bool = opt(False, "stream the dataset instead of downloading it (needs --max_steps)")
     filter_keywords: list[str] | None = opt(None, "keep documents containing any of a,b,c")
+    data_shards: int | None = opt(
+        None,
+        "split the data into N shards, each read by one process (default: the number of "
+        "processes, or the resumed checkpoint's); the same N gives the same batches on any "
+        "number of processes dividing it",
+    )
     block_size: int | None = opt(None, "tokens per training block", only="clm")
     add_eos_between_documents: bool = opt(False, "join documents with the eos token", only="clm")
     loss: str = opt(
@@ -177,7 +183,7 @@ POSITIVE = (
     "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
     "learning_rate", "num_train_epochs", "max_steps", "logging_steps", "eval_steps", "save_steps",
     "save_total_limit", "block_size", "max_seq_length", "max_train_samples", "max_eval_samples",
-    "preprocessing_num_workers", "adam_epsilon",
+    "preprocessing_num_workers", "adam_epsilon", "data_shards",
 )  # fmt: skip
 NON_NEGATIVE = (
     "weight_decay", "warmup_steps", "max_grad_norm", "skip_nonfinite_steps", "keytoken_alpha",

@@ -3,11 +3,18 @@
 Map-style datasets are tokenized with `datasets.map` (in parallel, cached next to the data, so a
 second run starts at once); streaming datasets are tokenized lazily while they are read. Every
 array of a batch is int32 [batch, seq].
+
+With several processes each one reads only its share: the documents are split into
+`num_shards` data shards (a number fixed by the run, not by the process count), each shard is
+tokenized and cut into blocks on its own, and every global batch takes an equal slice of rows from
+each shard, shard after shard. A process owning shards S tokenizes, shuffles and batches only
+them, and one process owning every shard makes the very same global batches.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import queue
 import threading
 import time
@@ -15,10 +22,13 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import datasets
+import jax
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from datasets import Dataset, Features, IterableDataset, List, Value
+from datasets.distributed import split_dataset_by_node
+from jax.experimental import multihost_utils
 
 from flax_lm.corpus import load_text_dataset
 from flax_lm.errors import UserError
@@ -167,10 +177,71 @@ def _map(split: Split, cfg, function: Callable, *, keep_rows: bool = False, **kw
     return apply(function, batched=True, **kwargs)
 
 
+# -------------------------------------------------------------------------------- data shards
+
+
+def shards_of_process(num_shards: int) -> range:
+    """The data shards this process reads: its contiguous 1/process_count of them, the shards
+    whose rows its devices hold in every global batch."""
+    count, index = jax.process_count(), jax.process_index()
+    if num_shards % count:
+        raise UserError(
+            f"--data_shards {num_shards} cannot be split over {count} processes: give a "
+            f"multiple of {count}"
+        )
+    per_process = num_shards // count
+    return range(index * per_process, (index + 1) * per_process)
+
+
+def shard_documents(split: Split, num_shards: int, index: int) -> Split:
+    """Data shard `index` of `num_shards`: a contiguous run of documents; a stream keeps whole
+    files (when their number divides evenly) or every num_shards-th document."""
+    if num_shards == 1:
+        return split
+    if isinstance(split, IterableDataset):
+        return split_dataset_by_node(split, rank=index, world_size=num_shards)
+    return split.shard(num_shards, index, contiguous=True)
+
+
+def tokenize_shards(
+    raw: dict[str, Split], tokenizer, cfg, objective: str, shards: range, num_shards: int
+) -> dict[str, list[Split]]:
+    """`tokenize_splits` of each of `shards` (of `num_shards`) of every split, on its own."""
+    return {
+        name: [
+            tokenize_splits(
+                {name: shard_documents(split, num_shards, index)}, tokenizer, cfg, objective,
+                num_shards=num_shards,
+            )[name]
+            for index in shards
+        ]
+        for name, split in raw.items()
+    }
+
+
+def every_process(value: Any) -> list[Any]:
+    """A JSON-able `value` of every process, in process order (this process's alone on one)."""
+    if jax.process_count() == 1:
+        return [value]
+    encoded = np.frombuffer(json.dumps(value).encode(), dtype=np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.array([len(encoded)]))).reshape(-1)
+    padded = np.zeros(int(sizes.max()), dtype=np.uint8)
+    padded[: len(encoded)] = encoded
+    gathered = np.asarray(multihost_utils.process_allgather(padded))
+    return [json.loads(bytes(row[:size])) for row, size in zip(gathered, sizes, strict=True)]
+
+
+def shard_lengths(shards: list[Dataset]) -> list[int]:
+    """The number of examples in every data shard of the run (every process's), in shard order."""
+    return [n for lengths in every_process([len(shard) for shard in shards]) for n in lengths]
+
+
 # ------------------------------------------------------------------------------- tokenization
 
 
-def tokenize_splits(raw: dict[str, Split], tokenizer, cfg, objective: str) -> dict[str, Split]:
+def tokenize_splits(
+    raw: dict[str, Split], tokenizer, cfg, objective: str, *, num_shards: int = 1
+) -> dict[str, Split]:
     """Token examples per split, fixed length (block_size for CLM, max_seq_length for MLM).
 
     The pipeline, not the tokenizer, places the special tokens. CLM: "input_ids" blocks cut from
@@ -181,7 +252,8 @@ def tokenize_splits(raw: dict[str, Split], tokenizer, cfg, objective: str) -> di
     A map-style split is concatenated whole, so it only loses the final remainder; a stream
     drops a remainder per STREAM_GROUP_DOCUMENTS documents, like HF's streaming example.
     Then train keeps its first `max_train_samples` examples and validation its first
-    `max_eval_samples`, as HF's run_clm.py / run_mlm.py cut them after grouping.
+    `max_eval_samples`, as HF's run_clm.py / run_mlm.py cut them after grouping (each of
+    `num_shards` data shards its first 1/num_shards of them).
     """
     if objective not in ("clm", "mlm"):
         raise ValueError(f"unknown objective {objective!r}")
@@ -218,7 +290,7 @@ def tokenize_splits(raw: dict[str, Split], tokenizer, cfg, objective: str) -> di
         if isinstance(examples, Dataset) and len(examples) == 0:
             raise UserError(_too_small_message(name, split, tokens, length, flag, line_by_line))
         limit = cfg.max_train_samples if name == "train" else cfg.max_eval_samples
-        splits[name] = _first(examples, limit)
+        splits[name] = _first(examples, limit and max(1, limit // num_shards))
     return splits
 
 
@@ -364,87 +436,163 @@ def _num_rows(batch: dict[str, Any]) -> int:
 
 
 class TrainBatches:
-    """Global batches of raw examples, shuffled each epoch from the seed; checkpointable position.
+    """This process's rows of every global batch, shuffled each epoch from the seed;
+    checkpointable position.
 
-    A map-style dataset is permuted with np.random.default_rng([seed, epoch]) and rows are fetched
-    in bulk. A stream is shuffled through a seeded buffer (re-seeded per epoch with set_epoch); its
-    position is the number of batches consumed in the epoch and resuming skips that many.
-    Only full batches are produced; `steps_per_epoch` is None for a stream.
+    Every global batch of `batch_size` rows takes batch_size / num_shards rows from each data
+    shard, shard after shard; this process holds `shards` (its ones, numbered `shard_ids`) and
+    produces their rows, the whole batch when it holds every shard. A map-style shard is permuted
+    with np.random.default_rng([seed, epoch, shard]) and its rows fetched in bulk; an epoch ends
+    for all shards together after as many batches as the smallest shard holds (`all_lengths`:
+    every process's shards). A stream shard is shuffled through a seeded buffer (re-seeded per
+    epoch with set_epoch) and starts its next epoch when it runs out, on its own; its position
+    is the number of batches it gave in its epoch, and resuming skips that many.
+    Only full batches are produced; `steps_per_epoch` is None for streams.
     """
 
     def __init__(
-        self, dataset: Split, batch_size: int, seed: int, *, shuffle_buffer: int = SHUFFLE_BUFFER
+        self,
+        shards: Split | list[Split],
+        batch_size: int,
+        seed: int,
+        *,
+        shard_ids: range | None = None,
+        num_shards: int = 1,
+        all_lengths: list[int] | None = None,
+        shuffle_buffer: int = SHUFFLE_BUFFER,
     ):
+        shards = [shards] if isinstance(shards, Dataset | IterableDataset) else list(shards)
+        if batch_size % num_shards:
+            raise UserError(
+                f"the global batch of {batch_size} rows cannot take equal rows from "
+                f"--data_shards {num_shards}: give a data_shards that divides it"
+            )
         self.batch_size = batch_size
+        self.rows_per_shard = batch_size // num_shards
         self.seed = seed
         self.shuffle_buffer = shuffle_buffer
-        self.dataset = dataset.with_format("numpy")
-        self.streaming = isinstance(dataset, IterableDataset)
+        self.num_shards = num_shards
+        self.shards = [shard.with_format("numpy") for shard in shards]
+        self.shard_ids = list(shard_ids if shard_ids is not None else range(len(shards)))
+        self.streaming = isinstance(shards[0], IterableDataset)
         self.steps_per_epoch: int | None = None
+        self.num_examples: int | None = None  # of every shard (streams: unknown)
         if not self.streaming:
-            self.steps_per_epoch = len(dataset) // batch_size
+            lengths = all_lengths if all_lengths is not None else [len(s) for s in shards]
+            self.num_examples = sum(lengths)
+            self.steps_per_epoch = min(lengths) // self.rows_per_shard
             if self.steps_per_epoch == 0:
                 raise UserError(
-                    f"the training set has {len(dataset)} examples, fewer than one batch of "
-                    f"{batch_size}: add text or lower the batch size or sequence length"
+                    f"the training set has {sum(lengths)} examples, fewer than one batch of "
+                    f"{batch_size}{self._shard_note(min(lengths))}: add text or lower the "
+                    "batch size or sequence length"
                 )
         self._epoch = 0
         self._batch = 0
+        self._positions = [[0, 0] for _ in self.shards]  # streams: [epoch, batch] per shard
 
     def require_one_batch(self) -> None:
-        """Fail now, before a run writes anything, if a stream holds less than one batch (a
-        map-style dataset was checked on construction): reads the stream's first batch."""
+        """Fail now, before a run writes anything, if a stream shard holds less than one batch
+        (a map-style dataset was checked on construction): reads each one's first batch."""
         if self.streaming:
-            first = next(iter(self.dataset.iter(batch_size=self.batch_size)), None)
-            if first is None or _num_rows(first) < self.batch_size:
-                raise self._too_small()
+            for shard in self.shards:
+                first = next(iter(shard.iter(batch_size=self.rows_per_shard)), None)
+                if first is None or _num_rows(first) < self.rows_per_shard:
+                    raise self._too_small()
 
     def _too_small(self) -> UserError:
         return UserError(
-            f"the training stream holds fewer examples than one batch of {self.batch_size}: "
-            "add text or lower the batch size or sequence length"
+            f"the training stream holds fewer examples than one batch of {self.batch_size}"
+            f"{self._shard_note()}: add text or lower the batch size or sequence length"
         )
 
-    def state(self) -> dict[str, int]:
-        """The NEXT batch to produce."""
-        if self.steps_per_epoch is not None and self._batch >= self.steps_per_epoch:
+    def _shard_note(self, smallest: int | None = None) -> str:
+        if self.num_shards == 1:
+            return ""
+        held = "" if smallest is None else f"; the smallest holds {smallest}"
+        return f" ({self.rows_per_shard} rows from each of {self.num_shards} data shards{held})"
+
+    def state(self) -> dict[str, Any]:
+        """The NEXT batch to produce (streams: of each of this process's shards)."""
+        if self.streaming:
+            return {
+                "shards": {
+                    str(shard): {"epoch": epoch, "batch_in_epoch": batch}
+                    for shard, (epoch, batch) in zip(self.shard_ids, self._positions, strict=True)
+                }
+            }
+        if self._batch >= self.steps_per_epoch:
             return {"epoch": self._epoch + 1, "batch_in_epoch": 0}
         return {"epoch": self._epoch, "batch_in_epoch": self._batch}
 
-    def load_state(self, state: dict[str, int]) -> None:
+    def load_state(self, state: dict[str, Any]) -> None:
+        if self.streaming:
+            for shard, position in zip(self.shard_ids, self._positions, strict=True):
+                saved = state["shards"][str(shard)]
+                position[:] = [int(saved["epoch"]), int(saved["batch_in_epoch"])]
+            return
         self._epoch = int(state["epoch"])
         self._batch = int(state["batch_in_epoch"])
 
     def __iter__(self) -> Iterator[Batch]:
         """Endless: epoch after epoch, from the current position."""
+        if self.streaming:
+            streams = [self._streamed_shard(i) for i in range(len(self.shards))]
+            while True:
+                yield concatenated([next(stream) for stream in streams])
         while True:
-            epoch_batches = self._streamed_epoch if self.streaming else self._permuted_epoch
-            for batch in epoch_batches(self._epoch, self._batch):
+            for batch in self._permuted_epoch(self._epoch, self._batch):
                 self._batch += 1
                 yield batch
             self._epoch, self._batch = self._epoch + 1, 0
 
     def _permuted_epoch(self, epoch: int, start: int) -> Iterator[Batch]:
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))
+        orders = [
+            np.random.default_rng([self.seed, epoch, shard]).permutation(len(dataset))
+            for shard, dataset in zip(self.shard_ids, self.shards, strict=True)
+        ]
+        rows = self.rows_per_shard
         for step in range(start, self.steps_per_epoch):
-            rows = order[step * self.batch_size : (step + 1) * self.batch_size]
-            yield _int32(self.dataset[rows])
+            yield concatenated(
+                [
+                    _int32(dataset[order[step * rows : (step + 1) * rows]])
+                    for dataset, order in zip(self.shards, orders, strict=True)
+                ]
+            )
 
-    def _streamed_epoch(self, epoch: int, start: int) -> Iterator[Batch]:
-        stream = self.dataset.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
-        stream.set_epoch(epoch)
-        produced = 0
-        for batch in itertools.islice(stream.iter(batch_size=self.batch_size), start, None):
-            if _num_rows(batch) < self.batch_size:
-                break
-            produced += 1
-            yield _int32(batch)
-        if start == 0 and produced == 0:
-            raise self._too_small()
+    def _streamed_shard(self, index: int) -> Iterator[Batch]:
+        """Endless batches of one stream shard, epoch after epoch, from its position."""
+        dataset, position = self.shards[index], self._positions[index]
+        seed = [self.seed, self.shard_ids[index]]
+        shuffle_seed = int(np.random.SeedSequence(seed).generate_state(1)[0])
+        while True:
+            epoch, start = position
+            stream = dataset.shuffle(seed=shuffle_seed, buffer_size=self.shuffle_buffer)
+            stream.set_epoch(epoch)
+            produced = 0
+            batches = stream.iter(batch_size=self.rows_per_shard)
+            for batch in itertools.islice(batches, start, None):
+                if _num_rows(batch) < self.rows_per_shard:
+                    break
+                produced += 1
+                position[1] = start + produced
+                yield _int32(batch)
+            if start == 0 and produced == 0:
+                raise self._too_small()
+            position[:] = [epoch + 1, 0]
 
 
-def eval_batches(dataset: Split, batch_size: int) -> Iterator[Batch]:
-    """Every example exactly once, in order; the last batch is padded up to batch_size.
+def concatenated(pieces: list[Batch]) -> Batch:
+    """Batches with the same keys, one after the other."""
+    if len(pieces) == 1:
+        return pieces[0]
+    return {key: np.concatenate([piece[key] for piece in pieces]) for key in pieces[0]}
+
+
+def eval_batches(dataset: Split, batch_size: int, num_batches: int | None = None
+                 ) -> Iterator[Batch]:
+    """Every example exactly once, in order; the last batch is padded up to batch_size, and
+    batches of padding follow up to `num_batches` (so that every data shard gives as many).
 
     Each batch has "example_weight" [batch] float32: 1 for real rows, 0 for padding rows.
     """
@@ -455,12 +603,35 @@ def eval_batches(dataset: Split, batch_size: int) -> Iterator[Batch]:
         batches = (
             dataset[start : start + batch_size] for start in range(0, len(dataset), batch_size)
         )
-    produced = 0
+    produced, last = 0, None
     for batch in batches:
         produced += 1
-        yield _padded(_int32(batch), batch_size)
-    if produced == 0:
+        last = _padded(_int32(batch), batch_size)
+        yield last
+    if last is None:
         raise UserError("the validation split holds no example")
+    for _ in range(produced, num_batches or 0):
+        yield {key: np.zeros_like(value) for key, value in last.items()}
+
+
+def eval_batch_count(shards: list[Split], rows_per_shard: int) -> int:
+    """Eval batches in the run: those of its largest data shard (every process's shards)."""
+    lengths = every_process([_length(shard) for shard in shards])
+    return max(-(-n // rows_per_shard) for process in lengths for n in process)
+
+
+def _length(split: Split) -> int:
+    if isinstance(split, Dataset):
+        return len(split)
+    return sum(_num_rows(batch) for batch in split.iter(batch_size=1024))
+
+
+def run_position(state: dict[str, Any]) -> dict[str, Any]:
+    """The data position of the whole run from this process's `TrainBatches.state()`: a
+    map-style position is every process's; stream shards' positions come from their processes."""
+    if "shards" not in state:
+        return state
+    return {"shards": {k: v for each in every_process(state) for k, v in each["shards"].items()}}
 
 
 def _padded(batch: Batch, batch_size: int) -> Batch:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jax
 from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from flax_lm.config import apply_config_overrides, load_base_config
@@ -22,7 +23,13 @@ from flax_lm.corpus import progress_bars_on_terminal_only
 from flax_lm.errors import UserError
 from flax_lm.train import checkpoint
 from flax_lm.train.args import SCRIPT_NAMES, TrainConfig
-from flax_lm.train.data import TrainBatches, load_raw_splits, tokenize_splits
+from flax_lm.train.data import (
+    TrainBatches,
+    load_raw_splits,
+    shard_lengths,
+    shards_of_process,
+    tokenize_shards,
+)
 from flax_lm.train.objectives import Objective, make_objective
 
 MODEL_TYPES = {"clm": "gpt2", "mlm": "roberta"}
@@ -48,7 +55,7 @@ class Prepared:
     objective: Objective
     model_config: PretrainedConfig
     tokenizer: PreTrainedTokenizerBase
-    splits: dict[str, Any]
+    splits: dict[str, list[Any]]  # this process's data shards of each split
     seq_len: int
     num_devices: int
     train_batches: TrainBatches | None
@@ -58,6 +65,10 @@ class Prepared:
     @property
     def output_dir(self) -> Path:
         return Path(self.cfg.output_dir)
+
+    @property
+    def shard_ids(self) -> range:
+        return shards_of_process(self.cfg.data_shards)
 
     @property
     def global_batch_size(self) -> int:
@@ -84,15 +95,41 @@ def load_and_check(cfg: TrainConfig, objective_name: str, num_devices: int) -> P
     prepared = Prepared(
         cfg, objective, model_config, tokenizer, {}, seq_len, num_devices, None, 0, resume
     )
+    cfg = prepared.cfg = resolve_data_shards(cfg, resume, num_devices)
     if resume is not None:
         check_resume_matches(resume, prepared, objective_name)
-    prepared.splits = tokenize_splits(load_raw_splits(cfg), tokenizer, cfg, objective_name)
+    shards = prepared.shard_ids
+    raw = load_raw_splits(cfg)
+    prepared.splits = tokenize_shards(raw, tokenizer, cfg, objective_name, shards, cfg.data_shards)
     if cfg.do_train:
+        train = prepared.splits["train"]
         prepared.train_batches = TrainBatches(
-            prepared.splits["train"], prepared.global_batch_size, cfg.seed
+            train,
+            prepared.global_batch_size,
+            cfg.seed,
+            shard_ids=shards,
+            num_shards=cfg.data_shards,
+            all_lengths=None if cfg.streaming else shard_lengths(train),
         )
         prepared.total_steps = total_train_steps(cfg, prepared.train_batches)
     return prepared
+
+
+def resolve_data_shards(cfg: TrainConfig, resume: Resume | None, num_devices: int) -> TrainConfig:
+    """--data_shards, by default the resumed checkpoint's or the number of processes; every
+    microbatch and eval batch must take equal rows from each shard."""
+    recorded = resume.meta.get("data_shards") if resume is not None else None
+    shards = cfg.data_shards or recorded or jax.process_count()
+    used = {"per_device_train_batch_size": cfg.do_train, "per_device_eval_batch_size": cfg.do_eval}
+    for flag in (flag for flag, needed in used.items() if needed):
+        rows = getattr(cfg, flag) * num_devices
+        if rows % shards:
+            raise UserError(
+                f"--data_shards {shards} must divide the {rows} rows of a batch "
+                f"(--{flag} {getattr(cfg, flag)} x {num_devices} devices)"
+            )
+    shards_of_process(shards)  # a count the processes can share
+    return dataclasses.replace(cfg, data_shards=shards)
 
 
 def find_resume(cfg: TrainConfig, output_dir: Path) -> Resume | None:
@@ -242,6 +279,7 @@ def run_identity(prepared: Prepared, objective_name: str) -> dict[str, Any]:
         "seed": prepared.cfg.seed,
         "global_batch_size": prepared.global_batch_size,
         "seq_len": prepared.seq_len,
+        "data_shards": prepared.cfg.data_shards,
         "model": model_identity(prepared.model_config),
     }
 

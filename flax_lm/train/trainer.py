@@ -29,7 +29,6 @@ from typing import Any
 import jax
 import numpy as np
 import optax
-from datasets import Dataset
 from flax import nnx
 from jax.experimental import multihost_utils
 
@@ -39,7 +38,15 @@ from flax_lm.models.hf_io import load_model, save_model
 from flax_lm.perf import achieved_flops_per_second, model_flops_per_token
 from flax_lm.train import checkpoint
 from flax_lm.train.args import TrainConfig, recorded_config
-from flax_lm.train.data import Prefetcher, TrainBatches, eval_batches
+from flax_lm.train.data import (
+    Prefetcher,
+    TrainBatches,
+    concatenated,
+    eval_batch_count,
+    eval_batches,
+    every_process,
+    run_position,
+)
 from flax_lm.train.hub import HubPusher, prepare_hub_repo
 from flax_lm.train.metrics import (
     METRICS_FILE,
@@ -60,7 +67,6 @@ from flax_lm.train.step import (
     make_mesh,
     make_put,
     make_train_step,
-    process_rows,
     state_sharding,
 )
 
@@ -237,29 +243,61 @@ def is_finite_step(metrics: dict[str, Any]) -> bool:
 
 
 class TrainStream:
-    """Model-ready batches [accumulation, microbatch, seq] from `start_step` on; MLM masks come from
-    np.random.default_rng([seed, step]), so a resumed run sees the same ones."""
+    """This process's rows of the model-ready global batches [accumulation, microbatch, seq] from
+    `start_step` on. Each data shard's rows are laid out as its own slice of every microbatch;
+    MLM masks come from np.random.default_rng([seed, step, shard]), so a resumed run, and a run
+    on any number of processes, sees the same ones."""
 
     def __init__(self, batches: TrainBatches, objective, seed: int, start_step: int, accum: int):
         self.batches, self.objective, self.seed = batches, objective, seed
         self.start_step, self.accum = start_step, accum
 
-    def state(self) -> dict[str, int]:
+    def state(self) -> dict[str, Any]:
         return self.batches.state()
 
     def __iter__(self):
+        shard_ids = self.batches.shard_ids
         for step, examples in enumerate(self.batches, start=self.start_step):
-            batch = self.objective.make_batch(examples, np.random.default_rng([self.seed, step]))
-            micro = {k: v.reshape(self.accum, -1, *v.shape[1:]) for k, v in batch.items()}
-            yield process_rows(micro, batch_axis=1)
+            pieces = [
+                self.objective.make_batch(piece, np.random.default_rng([self.seed, step, shard]))
+                for piece, shard in zip(split_rows(examples, len(shard_ids)), shard_ids,
+                                        strict=True)
+            ]
+            yield {
+                key: np.concatenate(
+                    [p[key].reshape(self.accum, -1, *p[key].shape[1:]) for p in pieces], axis=1
+                )
+                for key in pieces[0]
+            }
 
 
-def eval_host_batches(split, objective, batch_size: int, seed: int):
-    """Model-ready eval batches of the whole split; MLM masks come from (seed, EVAL_MASK_STREAM),
-    so every evaluation of a run (and a re-evaluation in PyTorch) sees the same ones."""
-    rng = np.random.default_rng([seed, EVAL_MASK_STREAM])
-    for examples in eval_batches(split, batch_size):
-        yield objective.make_batch(examples, rng)
+def stream_epoch(state: dict[str, Any]) -> int:
+    """The epoch a streamed run is in: that of its least advanced data shard."""
+    return min(position["epoch"] for position in state["shards"].values())
+
+
+def split_rows(batch: dict[str, np.ndarray], parts: int) -> list[dict[str, np.ndarray]]:
+    """`batch` cut into `parts` equal runs of rows."""
+    cut = {key: np.split(value, parts) for key, value in batch.items()}
+    return [{key: cut[key][i] for key in batch} for i in range(parts)]
+
+
+def eval_host_batches(
+    shards, objective, batch_size: int, seed: int, *, shard_ids=(0,), num_shards: int = 1,
+    num_batches: int | None = None,
+):
+    """This process's rows of the model-ready eval batches: batch_size / num_shards rows of each
+    of its data shards (`shards`, or one split holding everything). MLM masks come from
+    (seed, EVAL_MASK_STREAM, shard), so every evaluation of a run (and a re-evaluation in
+    PyTorch) sees the same ones."""
+    shards = shards if isinstance(shards, list) else [shards]
+    rows = batch_size // num_shards
+    rngs = [np.random.default_rng([seed, EVAL_MASK_STREAM, shard]) for shard in shard_ids]
+    streams = [eval_batches(shard, rows, num_batches) for shard in shards]
+    for pieces in zip(*streams, strict=True):
+        yield concatenated(
+            [objective.make_batch(p, rng) for p, rng in zip(pieces, rngs, strict=True)]
+        )
 
 
 class Trainer:
@@ -269,7 +307,8 @@ class Trainer:
         self.is_main = jax.process_index() == 0
         self.compile_seconds: dict[str, float] = {}
         self.eval_step = None
-        self.eval_samples = 0
+        self.eval_samples = 0  # this process's
+        self.eval_batches: int | None = None  # eval batches of the run, with several data shards
         self.last_checkpoint: Path | None = None  # the newest checkpoint saved (or resumed from)
         self.hub: HubPusher | None = None  # with --push_to_hub, on process 0
 
@@ -373,8 +412,9 @@ class Trainer:
         optimizer = make_training_optimizer(cfg, schedule, params)
         state = init_state(params, optimizer, cfg.seed, self.mesh)
         progress = Progress()
-        p.train_batches.require_one_batch()
-        if p.resume is not None:
+        if p.resume is None:  # a resumed run's data held a batch: read none of it again
+            p.train_batches.require_one_batch()
+        else:
             source = checkpoint.open_manager(p.resume.directory, create=False)
             try:
                 state, meta = checkpoint.restore(source, p.resume.step, like=state)
@@ -419,8 +459,7 @@ class Trainer:
 
     def train_samples(self, steps: int) -> int:
         """Examples in the training set (a stream: examples read in all)."""
-        train = self.p.splits["train"]
-        return len(train) if isinstance(train, Dataset) else steps * self.p.global_batch_size
+        return self.p.train_batches.num_examples or steps * self.p.global_batch_size
 
     def continue_from_checkpoint(self, manager, log: RunLog) -> None:
         """The resumed run replaces what came after its checkpoint, and says where it starts."""
@@ -563,7 +602,7 @@ class Trainer:
     ) -> None:
         meta = {
             "step": step,
-            "data": batches.state(),
+            "data": run_position(batches.state()),
             "progress": dataclasses.asdict(progress),  # a copy: later steps change progress
             **run_identity(self.p, self.objective_name),
             "train_config": recorded_config(self.cfg),
@@ -584,7 +623,7 @@ class Trainer:
         loss_sum = sum(float(m["loss_sum"]) for m in good)
         num_targets = sum(float(m["num_targets"]) for m in good)
         steps_per_epoch = self.p.train_batches.steps_per_epoch
-        epoch = step / steps_per_epoch if steps_per_epoch else batches.state()["epoch"]
+        epoch = step / steps_per_epoch if steps_per_epoch else stream_epoch(batches.state())
         return {
             "step": step,
             "epoch": round(epoch, 4),
@@ -597,17 +636,23 @@ class Trainer:
     # ------------------------------------------------------------------------------- eval
 
     def eval_stream(self):
-        batch_size = self.cfg.per_device_eval_batch_size * self.mesh.size
+        cfg, p = self.cfg, self.p
+        shards = p.splits["validation"]
+        batch_size = cfg.per_device_eval_batch_size * self.mesh.size
         self.eval_samples = 0
         for batch in eval_host_batches(
-            self.p.splits["validation"], self.p.objective, batch_size, self.cfg.seed
+            shards, p.objective, batch_size, cfg.seed, shard_ids=p.shard_ids,
+            num_shards=cfg.data_shards, num_batches=self.eval_batches,
         ):
             self.eval_samples += int(batch["example_weight"].sum())
-            yield process_rows(batch, batch_axis=0)
+            yield batch
 
     def evaluate(self, params, step: int, log: RunLog) -> dict[str, Any]:
         """Loss, accuracy and perplexity over the whole validation split."""
-        sums = []
+        cfg, sums = self.cfg, []
+        if cfg.data_shards > 1 and self.eval_batches is None:  # as many from every shard
+            rows = cfg.per_device_eval_batch_size * self.mesh.size // cfg.data_shards
+            self.eval_batches = eval_batch_count(self.p.splits["validation"], rows)
         with Prefetcher(self.eval_stream(), PREFETCH_BATCHES, make_put(self.mesh, 0)) as batches:
             for batch in batches:
                 if self.eval_step is None:
@@ -615,6 +660,7 @@ class Trainer:
                     self.eval_step, seconds = compile_eval_step(eval_fn, params, batch, self.mesh)
                     self.compile_seconds["eval_step"] = seconds
                 sums.append(self.eval_step(params, batch))
+        self.eval_samples = sum(every_process(self.eval_samples))
         fetched = jax.device_get(sums)
         total = {k: sum(float(s[k]) for s in fetched) for k in fetched[0]}
         targets = max(total["num_targets"], 1.0)
