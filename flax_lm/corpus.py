@@ -3,6 +3,12 @@
 Shared by tokenizer training and the training scripts, so every step sees the same documents.
 Local files are checked before `datasets` touches them: a bad file is reported by name as a
 UserError instead of surfacing as a traceback halfway through a run.
+
+Hub datasets that are loading scripts (the original `oscar` among them) no longer load with
+`datasets` 4 and later. They still load from the Hub's Parquet conversion
+(`revision="refs/convert/parquet"`, where each config is a folder), with `datasets` < 4 and
+`trust_remote_code`, or a Parquet-native corpus replaces them (FineWeb-2's `nob_Latn` for
+Norwegian); asking for a script gets one error line naming these routes.
 """
 
 from __future__ import annotations
@@ -31,6 +37,13 @@ LOADER_BY_EXTENSION = {
 DOCUMENT_LOADER = "document"
 TEXT_LOADERS = ("text", DOCUMENT_LOADER, "json", "csv")  # loaders whose files must be UTF-8 text
 READ_CHUNK_BYTES = 1 << 20
+PARQUET_CONVERSION = "refs/convert/parquet"  # the Hub's Parquet copy of a dataset
+RUNS_SCRIPTS = int(datasets.__version__.split(".")[0]) < 4  # datasets 4 dropped loading scripts
+SCRIPT_ROUTES = (
+    f"its Hub Parquet conversion (--dataset_revision {PARQUET_CONVERSION}), a Parquet corpus "
+    "(e.g. --dataset_name HuggingFaceFW/fineweb-2 --dataset_config_name nob_Latn for "
+    "Norwegian), or datasets<4 with --trust_remote_code"
+)
 
 Corpus = datasets.Dataset | datasets.IterableDataset
 
@@ -135,6 +148,8 @@ def load_text_dataset(
     keep_linebreaks: bool = True,
     max_samples: int | None = None,
     token: str | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
 ) -> Corpus:
     """A corpus with exactly one column, "text", from a hub dataset or local files/dirs/globs.
 
@@ -142,14 +157,16 @@ def load_text_dataset(
     `keep_linebreaks` applies to .txt files, read one line per example as in HF's run_clm_flax.
     With `streaming` nothing is materialised: examples are read lazily as they are iterated.
     `token`: for a gated or private hub dataset (default: HF_TOKEN or `hf auth login`'s).
+    `revision`: a hub dataset's branch, tag or commit (`refs/convert/parquet`: its Parquet
+    conversion); `trust_remote_code`: run a loading script (datasets < 4 only).
     """
     if (dataset_name is None) == (data_files is None):
         raise UserError("give either a dataset name or data files, not both or neither")
     if max_samples is not None and max_samples <= 0:
         raise UserError(f"max_samples must be positive, got {max_samples}")
     if dataset_name is not None:
-        dataset = _load_hub_dataset(dataset_name, dataset_config_name, split, streaming, cache_dir,
-                                    token)
+        options = hub_dataset_options(dataset_config_name, revision, trust_remote_code)
+        dataset = _load_hub_dataset(dataset_name, split, streaming, cache_dir, token, options)
     else:
         dataset = _load_local_files(data_files, streaming, cache_dir, keep_linebreaks)
     dataset = _only_text_column(dataset, text_column)
@@ -188,16 +205,55 @@ def hub_retry_warnings_silenced():
         logger.setLevel(level)
 
 
-def _load_hub_dataset(name, config_name, split, streaming, cache_dir, token=None) -> Corpus:
+def hub_dataset_options(
+    config_name: str | None, revision: str | None, trust_remote_code: bool = False
+) -> dict:
+    """load_dataset's arguments for a hub dataset's config and revision. On the Parquet
+    conversion branch a config is a folder (`data_dir`), elsewhere a builder config name."""
+    if trust_remote_code and not RUNS_SCRIPTS:
+        raise UserError(
+            f"--trust_remote_code: datasets {datasets.__version__} no longer runs loading "
+            f"scripts; use {SCRIPT_ROUTES}"
+        )
+    options = {"revision": revision}
+    if trust_remote_code:
+        options["trust_remote_code"] = True
+    if revision == PARQUET_CONVERSION and config_name:
+        return {**options, "name": None, "data_dir": config_name}
+    return {**options, "name": config_name}
+
+
+def hub_dataset_error(name: str, err: Exception) -> UserError:
+    """One line for a hub dataset that cannot be read; a loading script names the routes."""
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if "Dataset scripts are no longer supported" in reason:
+        return UserError(
+            f"dataset {name!r} is a loading script, which datasets {datasets.__version__} no "
+            f"longer runs: use {SCRIPT_ROUTES}"
+        )
+    return UserError(f"cannot load dataset {name!r}: {reason}")
+
+
+def hub_split_names(name: str, options: dict, token: str | None = None) -> list[str]:
+    """The split names of a hub dataset's config (UserError as when loading it)."""
+    options = dict(options)
+    options["config_name"] = options.pop("name")
+    try:
+        with hub_retry_warnings_silenced():
+            return datasets.get_dataset_split_names(name, token=token, **options)
+    except Exception as err:  # network or hub trouble, reported like corpus loading errors
+        raise hub_dataset_error(name, err) from None
+
+
+def _load_hub_dataset(name, split, streaming, cache_dir, token, options) -> Corpus:
     try:
         with progress_bars_on_terminal_only(), hub_retry_warnings_silenced():
             return datasets.load_dataset(
-                name, config_name, split=split, streaming=streaming, cache_dir=cache_dir,
-                token=token,
+                name, split=split, streaming=streaming, cache_dir=cache_dir, token=token,
+                **options,
             )
     except Exception as err:  # network, auth, unknown name or config: all user-facing
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"cannot load dataset {name!r}: {reason}") from None
+        raise hub_dataset_error(name, err) from None
 
 
 def _load_local_files(specs, streaming, cache_dir, keep_linebreaks) -> Corpus:

@@ -101,6 +101,10 @@ def build_parser() -> ArgParser:
     source = parser.add_argument_group("corpus (give --dataset_name or --train_file)")
     source.add_argument("--dataset_name", help="a Hugging Face hub dataset")
     source.add_argument("--dataset_config_name", help="its configuration, e.g. a language")
+    source.add_argument("--dataset_revision", help="its branch, tag or commit "
+                        "(refs/convert/parquet: the Hub's Parquet conversion)")
+    source.add_argument("--trust_remote_code", action="store_true",
+                        help="run a dataset's loading script (datasets<4 only)")
     source.add_argument("--dataset_split", default="train", help="hub split (default: train)")
     source.add_argument(
         "--streaming", action="store_true", help="read lazily, without a datasets cache"
@@ -150,6 +154,8 @@ def load_corpus(args) -> Corpus:
         cache_dir=args.cache_dir,
         max_samples=args.max_samples,
         token=args.token,
+        revision=args.dataset_revision,
+        trust_remote_code=args.trust_remote_code,
     )
 
 

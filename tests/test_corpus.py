@@ -211,3 +211,80 @@ def test_exactly_one_source_is_required(tmp_path: Path):
     for kwargs in ({}, {"dataset_name": "x", "data_files": [str(path)]}):
         with pytest.raises(UserError, match="either a dataset name or data files"):
             load_text_dataset(**kwargs)
+
+
+# ---------------------------------------- hub corpora that were loading scripts (OSCAR and kin)
+
+
+def parquet_documents(path: Path, texts: list[str]) -> None:
+    """A Parquet file of documents with OSCAR's columns."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"id": list(range(len(texts))), "text": texts}), path)
+
+
+def module_paragraphs(stdlib_dir: Path, name: str) -> list[str]:
+    return [p for p in (stdlib_dir / name).read_text().split("\n\n") if p.strip()]
+
+
+def test_the_hubs_parquet_conversion_of_a_script_dataset(tmp_path, stdlib_dir):
+    """A repo laid out as the Hub's refs/convert/parquet branch lays out a script dataset (a
+    folder per config, partial-train when it was cut at 5 GB): --dataset_revision
+    refs/convert/parquet reads the config's folder."""
+    from test_data import make_cfg
+
+    from flax_lm.train.data import load_raw_splits
+
+    norwegian, swedish = (module_paragraphs(stdlib_dir, n) for n in ("textwrap.py", "shlex.py"))
+    repo = tmp_path / "oscar-corpus" / "oscar"
+    parquet_documents(repo / "unshuffled_deduplicated_no" / "partial-train" / "0000.parquet",
+                      norwegian[:40])
+    parquet_documents(repo / "unshuffled_deduplicated_no" / "partial-train" / "0001.parquet",
+                      norwegian[40:])
+    parquet_documents(repo / "unshuffled_deduplicated_sv" / "partial-train" / "0000.parquet",
+                      swedish)
+    corpus = load_text_dataset(dataset_name=str(repo), revision="refs/convert/parquet",
+                               dataset_config_name="unshuffled_deduplicated_no")
+    assert texts(corpus) == norwegian
+    splits = load_raw_splits(make_cfg(dataset_name=str(repo), validation_split_percentage=10,
+                                      dataset_config_name="unshuffled_deduplicated_no",
+                                      dataset_revision="refs/convert/parquet"))
+    held_out = round(len(norwegian) / 10)  # no validation split: the head of train
+    assert list(splits["validation"]["text"]) == norwegian[:held_out]
+    assert list(splits["train"]["text"]) == norwegian[held_out:]
+
+
+def test_a_parquet_native_corpus_config_such_as_fineweb2_nob_latn(tmp_path, stdlib_dir):
+    """A repo laid out as FineWeb-2 is (README configs naming data/CONFIG/SPLIT/ folders)."""
+    norwegian, danish = (module_paragraphs(stdlib_dir, n) for n in ("textwrap.py", "shlex.py"))
+    repo = tmp_path / "fineweb-2"
+    parquet_documents(repo / "data" / "nob_Latn" / "train" / "000_00000.parquet", norwegian)
+    parquet_documents(repo / "data" / "nob_Latn" / "test" / "000_00000.parquet", norwegian[:3])
+    parquet_documents(repo / "data" / "dan_Latn" / "train" / "000_00000.parquet", danish)
+    configs = "".join(
+        f"- config_name: {name}\n  data_files:\n"
+        f"  - split: train\n    path: data/{name}/train/*\n"
+        f"  - split: test\n    path: data/{name}/test/*\n" for name in ("nob_Latn", "dan_Latn"))
+    write(repo / "README.md", f"---\nconfigs:\n{configs}---\n# FineWeb-2 (a test copy)\n")
+    assert texts(load_text_dataset(dataset_name=str(repo), dataset_config_name="nob_Latn")) == (
+        norwegian)
+    streamed = load_text_dataset(dataset_name=str(repo), dataset_config_name="nob_Latn",
+                                 streaming=True)
+    assert texts(streamed) == norwegian
+
+
+def test_a_loading_script_dataset_is_one_line_naming_the_routes(tmp_path):
+    repo = tmp_path / "oscar"
+    write(repo / "oscar.py", "import datasets\n")  # what the original OSCAR repo holds
+    for options in ({}, {"trust_remote_code": True}):
+        with pytest.raises(UserError) as raised:
+            load_text_dataset(dataset_name=str(repo),
+                              dataset_config_name="unshuffled_deduplicated_no", **options)
+        message = str(raised.value)
+        assert "\n" not in message and "loading script" in message
+        for route in ("--dataset_revision refs/convert/parquet",
+                      "--dataset_name HuggingFaceFW/fineweb-2 --dataset_config_name nob_Latn",
+                      "--trust_remote_code"):
+            assert route in message

@@ -49,6 +49,8 @@ def make_cfg(**overrides) -> SimpleNamespace:
         add_eos_between_documents=False,
         filter_keywords=None,
         token=None,
+        dataset_revision=None,
+        trust_remote_code=False,
     )
     cfg.update(overrides)
     return SimpleNamespace(**cfg)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
+import shutil
 from concurrent.futures import Future
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,6 +19,7 @@ from test_resume import TINY_MODELS
 
 from flax_lm.train import hub
 from flax_lm.train.cli import main
+from flax_lm.train.hub import LAST_CHECKPOINT
 
 TOKEN = "hf_secret_token_of_the_test"
 
@@ -37,7 +40,8 @@ class RecordingHub:
                                    private))
         return SimpleNamespace(repo_id=repo_id if "/" in repo_id else f"someone/{repo_id}")
 
-    def upload_folder(self, *, repo_id, folder_path, ignore_patterns, commit_message,
+    def upload_folder(self, *, repo_id, folder_path, commit_message, path_in_repo=None,
+                      allow_patterns=None, ignore_patterns=None, delete_patterns=None,
                       run_as_future=False):
         if RecordingHub.fail_upload or (run_as_future and RecordingHub.fail_background):
             error = OSError("Connection reset by peer")
@@ -48,15 +52,34 @@ class RecordingHub:
             raise error
         root = Path(folder_path)
         files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
-        uploaded = sorted(filter_repo_objects(files, ignore_patterns=ignore_patterns))
+        selected = filter_repo_objects(files, allow_patterns=allow_patterns,
+                                       ignore_patterns=ignore_patterns)
+        uploaded = sorted(f"{path_in_repo}/{f}" if path_in_repo else f for f in selected)
         RecordingHub.calls.append(("upload_folder", repo_id, uploaded, commit_message,
                                    run_as_future))
+        self.commit_to_repo(root, path_in_repo, uploaded, delete_patterns)
         commit = SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/0123abc")
-        if run_as_future:
-            future = Future()
-            future.set_result(commit)
-            return future
-        return commit
+        return self.as_future(commit) if run_as_future else commit
+
+    @staticmethod
+    def as_future(commit):
+        future = Future()
+        future.set_result(commit)
+        return future
+
+    @staticmethod
+    def commit_to_repo(root: Path, path_in_repo, uploaded: list[str], delete_patterns) -> None:
+        """The repo as the Hub would hold it after the commit, in RecordingHub.repo."""
+        repo, prefix = RecordingHub.repo, f"{path_in_repo}/" if path_in_repo else ""
+        if delete_patterns:
+            present = [str(p.relative_to(repo / prefix)) for p in (repo / prefix).rglob("*")
+                       if p.is_file()] if (repo / prefix).is_dir() else []
+            for name in filter_repo_objects(present, allow_patterns=delete_patterns):
+                if f"{prefix}{name}" not in uploaded:
+                    (repo / prefix / name).unlink()
+        for name in uploaded:
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(root / name.removeprefix(prefix), repo / name)
 
 
 @pytest.fixture
@@ -65,6 +88,7 @@ def online_hub(monkeypatch, tmp_path):
     monkeypatch.setattr(hub, "HfApi", RecordingHub)
     RecordingHub.calls, RecordingHub.fail_upload, RecordingHub.fail_background = [], False, False
     RecordingHub.output_dir = tmp_path / "tiny-gpt2"
+    RecordingHub.repo = tmp_path / "the-hub-repo"
     return RecordingHub
 
 
@@ -206,3 +230,131 @@ def test_hub_private_repo_creates_a_private_repo(online_hub, tmp_path):
     repo_id = hub.prepare_hub_repo("me/tiny", str(tmp_path), TOKEN, private=True)
     assert repo_id == "me/tiny"
     assert online_hub.calls == [("create_repo", "me/tiny", TOKEN, True, False, True)]
+
+
+def repo_files(online_hub) -> set[str]:
+    return {str(p.relative_to(online_hub.repo)) for p in online_hub.repo.rglob("*") if p.is_file()}
+
+
+AT_2, AT_3 = "flax-lm: model after 2 training steps", "flax-lm: model after 3 training steps"
+
+
+@pytest.mark.parametrize("strategy", ["end", "all_checkpoints"])
+def test_hub_strategy_uploads_what_the_trainer_does(strategy, online_hub, code_corpus,
+                                                    tiny_tokenizer_dir):
+    """Checkpoints at steps 2 and 3 (the end): `end` uploads once, at the end;
+    `all_checkpoints` uploads checkpoints/ with the model each time."""
+    out = online_hub.output_dir
+    status, _, stderr = run(push_argv(code_corpus, tiny_tokenizer_dir, out, "--hub_token", TOKEN,
+                                      "--hub_strategy", strategy, "--hub_private_repo"))
+    assert status == 0, stderr[-3000:]
+    assert online_hub.calls[0] == ("create_repo", "tiny-gpt2", TOKEN, True, False, True)
+    uploads = [(call[3], call[4]) for call in online_hub.calls[1:]]
+    in_repo = repo_files(online_hub)
+    assert {"model.safetensors", "config.json", "all_results.json"} <= in_repo
+    checkpoint_files = {name for name in in_repo if name.startswith("checkpoints/")}
+    assert not [name for name in in_repo if name.startswith(LAST_CHECKPOINT)]
+    if strategy == "end":
+        assert uploads == [(AT_3, False)] and not checkpoint_files
+    else:
+        assert uploads == [(AT_2, True), (AT_3, False)]
+        for step in ("2", "3"):
+            assert any(name.startswith(f"checkpoints/{step}/state/") for name in checkpoint_files)
+            assert f"checkpoints/{step}/commit_success.txt" in checkpoint_files
+
+
+def test_a_run_continues_on_another_machine_from_last_checkpoint(online_hub, code_corpus,
+                                                                 tiny_tokenizer_dir, tmp_path):
+    """--hub_strategy checkpoint uploads the newest checkpoint as last-checkpoint/ (step 2's
+    replaced by step 3's); on "another machine" the downloaded repo's last-checkpoint/ given to
+    --resume_from_checkpoint continues the run."""
+    first = online_hub.output_dir
+    status, _, stderr = run(push_argv(code_corpus, tiny_tokenizer_dir, first, "--hub_token", TOKEN,
+                                      "--hub_strategy", "checkpoint"))
+    assert status == 0, stderr[-3000:]
+    assert [(call[3], call[4]) for call in online_hub.calls[1:]] == [
+        (AT_2, True), ("flax-lm: checkpoint 2 as last-checkpoint", True),
+        (AT_3, False), ("flax-lm: checkpoint 3 as last-checkpoint", False)]
+    in_repo = repo_files(online_hub)
+    assert not [name for name in in_repo if name.startswith("checkpoints/")]
+    local = {f"{LAST_CHECKPOINT}/{p.relative_to(first / 'checkpoints')}"
+             for p in (first / "checkpoints" / "3").rglob("*") if p.is_file()}
+    assert {name for name in in_repo if name.startswith(LAST_CHECKPOINT)} == local
+    download = tmp_path / "downloaded"
+    shutil.copytree(online_hub.repo, download)  # `hf download someone/tiny-gpt2 --local-dir ..`
+    argv = [*push_argv(code_corpus, tiny_tokenizer_dir, tmp_path / "second", "--hub_token", TOKEN,
+                       "--hub_strategy", "checkpoint"),
+            "--max_steps", "4", "--resume_from_checkpoint", str(download / LAST_CHECKPOINT)]
+    status, stdout, stderr = run(argv)
+    assert status == 0, stderr[-3000:]
+    assert f"resumed from checkpoint {download / LAST_CHECKPOINT / '3'} at step 3" in stderr + stdout
+    results = json.loads((tmp_path / "second" / "train_results.json").read_text())
+    assert results["train_steps"] == 4
+
+
+# ------------------------------------------------------------- models and configs from Hub ids
+
+HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def cached_hub_model(cache: Path, repo_id: str, files: dict[str, Path]) -> Path:
+    """Lay out `files` as huggingface_hub's cache holds a downloaded model repo (refs/main
+    naming the snapshot), so HF_HUB_OFFLINE finds them there."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / HUB_COMMIT
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(HUB_COMMIT)
+    for name, source in files.items():
+        shutil.copyfile(source, snapshot / name)
+    return snapshot
+
+
+def test_model_config_and_tokenizer_from_hub_ids_through_the_hub_cache(tiny_tokenizer_dir,
+                                                                       tmp_path, stdlib_dir):
+    """--model_name_or_path / --config_name / --tokenizer_name take Hub ids, read (offline
+    here) from the Hub cache at --cache_dir."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from flax_lm.config import apply_config_overrides, load_base_config
+    from flax_lm.models import create_model
+    from flax_lm.models.hf_io import export_state_dict, save_model
+    from flax_lm.train.args import parse_config
+    from flax_lm.train.prepare import prepare
+    from flax_lm.train.step import make_mesh
+    from flax_lm.train.trainer import Trainer
+
+    config = apply_config_overrides(load_base_config("gpt2"), "n_embd=32,n_layer=1,n_head=2,"
+                                    "n_positions=64,vocab_size=512,bos_token_id=2,eos_token_id=2")
+    save_model(create_model(config, seed=5), tmp_path / "model")
+    names = ("config.json", "model.safetensors")
+    files = {name: tmp_path / "model" / name for name in names}
+    files.update({p.name: p for p in tiny_tokenizer_dir.iterdir()})
+    cache = tmp_path / "hub-cache"
+    snapshot = cached_hub_model(cache, "someone/tiny-gpt2", files)
+    validation = tmp_path / "validation.txt"
+    validation.write_text((stdlib_dir / "textwrap.py").read_text())
+    base = ["--output_dir", str(tmp_path / "out"), "--validation_file", str(validation),
+            "--do_eval", "--block_size", "32", "--cache_dir", str(cache)]
+
+    cfg = parse_config([*base, "--model_name_or_path", "someone/tiny-gpt2"], "clm")
+    prepared = prepare(cfg, "clm", num_devices=1)
+    assert prepared.model_dir == snapshot
+    assert prepared.model_config.n_embd == 32 and len(prepared.tokenizer) == 512
+    model = Trainer(prepared, make_mesh(), "clm").build_model()
+    loaded = export_state_dict(model)
+    saved = load_file(str(snapshot / "model.safetensors"))
+    for name, value in saved.items():
+        np.testing.assert_array_equal(loaded[name], value, err_msg=name)
+
+    cfg = parse_config([*base, "--config_name", "someone/tiny-gpt2", "--tokenizer_name",
+                        "someone/tiny-gpt2"], "clm")
+    prepared = prepare(cfg, "clm", num_devices=1)
+    assert prepared.model_dir is None and prepared.model_config.n_layer == 1
+    assert prepared.tokenizer("def f():").input_ids == prepared.tokenizer.__class__.from_pretrained(
+        tiny_tokenizer_dir)("def f():").input_ids
+
+    status, _, stderr = run([*base, "--model_name_or_path", "someone/missing"])
+    assert status == 2 and len(stderr.strip().splitlines()) == 1
+    assert "--model_name_or_path 'someone/missing' is not a local directory" in stderr

@@ -35,6 +35,7 @@ SCHEDULERS = (
     "linear", "cosine", "constant", "constant_with_warmup", "polynomial", "inverse_sqrt",
 )  # fmt: skip
 CONFIG_FILE_SUFFIXES = (".json", ".yaml", ".yml")
+HUB_STRATEGIES = ("end", "every_save", "checkpoint", "all_checkpoints")
 DEFAULT_CACHE_DIR = "~/.cache/flax_lm/jax"
 
 
@@ -60,13 +61,23 @@ class TrainConfig:
         None, "Hub token for --push_to_hub (default: --token, HF_TOKEN or `hf auth login`'s)"
     )
     hub_private_repo: bool = opt(False, "create the --push_to_hub repo private")
+    hub_strategy: str = opt(
+        "every_save",
+        "what --push_to_hub uploads when: the model at the end only, at every checkpoint too, "
+        "and the newest checkpoint as last-checkpoint/, or every checkpoint",
+        choices=HUB_STRATEGIES,
+    )
     # model and tokenizer
     model_type: str | None = opt(None, "model type", choices=("gpt2", "roberta"))
-    config_name: str | None = opt(None, "config.json, a dir holding one, or a name in configs/")
-    tokenizer_name: str | None = opt(
-        None, "tokenizer dir (default: model_name_or_path, config_name)"
+    config_name: str | None = opt(
+        None, "config.json, a dir holding one, a name in configs/, or a Hub model id"
     )
-    model_name_or_path: str | None = opt(None, "dir of a saved model to start from (its weights)")
+    tokenizer_name: str | None = opt(
+        None, "tokenizer dir or Hub id (default: model_name_or_path, config_name)"
+    )
+    model_name_or_path: str | None = opt(
+        None, "a saved model to start from (its weights): a dir or a Hub model id"
+    )
     config_overrides: str | None = opt(None, 'config changes, e.g. "n_embd=128,n_layer=2"')
     use_fast_tokenizer: bool = opt(True, "fast (Rust) tokenizers, the only kind flax-lm uses")
     token: str | None = opt(None, "Hub token for gated or private datasets and tokenizers")
@@ -91,6 +102,12 @@ class TrainConfig:
     # data
     dataset_name: str | None = opt(None, "a datasets hub name")
     dataset_config_name: str | None = opt(None, "its config name")
+    dataset_revision: str | None = opt(
+        None, "the dataset's branch, tag or commit (refs/convert/parquet: the Hub's Parquet copy)"
+    )
+    trust_remote_code: bool = opt(
+        False, "run a dataset's loading script (datasets<4 only; models never run Hub code)"
+    )
     train_file: list[str] | None = opt(None, "training files, dirs or globs")
     validation_file: list[str] | None = opt(None, "validation files, dirs or globs")
     validation_split_percentage: int = opt(
@@ -104,7 +121,7 @@ class TrainConfig:
     )
     preprocessing_num_workers: int | None = opt(None, "processes for tokenization")
     overwrite_cache: bool = opt(False, "ignore cached tokenized datasets")
-    cache_dir: str | None = opt(None, "datasets cache dir")
+    cache_dir: str | None = opt(None, "cache dir of Hub downloads: datasets, models, tokenizers")
     keep_linebreaks: bool = opt(True, "keep line breaks of .txt files (--no_keep_linebreaks)")
     text_column: str = opt("text", "the column holding the text")
     streaming: bool = opt(False, "stream the dataset instead of downloading it (needs --max_steps)")

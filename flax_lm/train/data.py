@@ -21,7 +21,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-import datasets
 import jax
 import numpy as np
 import pyarrow as pa
@@ -30,7 +29,7 @@ from datasets import Dataset, Features, IterableDataset, List, Value
 from datasets.distributed import split_dataset_by_node
 from jax.experimental import multihost_utils
 
-from flax_lm.corpus import load_text_dataset
+from flax_lm.corpus import hub_dataset_options, hub_split_names, load_text_dataset
 from flax_lm.errors import UserError
 
 Split = Dataset | IterableDataset
@@ -88,6 +87,8 @@ def _load(cfg, split: str, data_files: list[str] | None, name: str) -> Split:
         cache_dir=cfg.cache_dir,
         keep_linebreaks=cfg.keep_linebreaks,
         token=cfg.token,
+        revision=cfg.dataset_revision,
+        trust_remote_code=cfg.trust_remote_code,
     )
     return _keep_documents_with_keywords(documents, cfg, name)
 
@@ -107,11 +108,10 @@ def _load_validation(cfg) -> Split | None:
 
 
 def _hub_has_validation_split(cfg) -> bool:
-    try:
-        names = datasets.get_dataset_split_names(cfg.dataset_name, cfg.dataset_config_name)
-    except Exception as err:  # network or hub trouble, reported like corpus loading errors
-        raise UserError(f"cannot list the splits of dataset {cfg.dataset_name!r}: {err}") from None
-    return "validation" in names
+    options = hub_dataset_options(
+        cfg.dataset_config_name, cfg.dataset_revision, cfg.trust_remote_code
+    )
+    return "validation" in hub_split_names(cfg.dataset_name, options, cfg.token)
 
 
 def _hold_out_validation(train: Split, cfg) -> tuple[Split, Split]:

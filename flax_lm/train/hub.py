@@ -2,11 +2,14 @@
 Hugging Face Hub model repo, which `AutoModel.from_pretrained("user/name")` then loads.
 
 The repo is created (or found) before training, so a missing token, a wrong name or no network
-fails the command at once instead of after the run. Process 0 uploads in the background at every
-checkpoint (as Hugging Face's scripts do; a failure there is a warning, and a checkpoint that
-comes while an upload still runs is not queued) and once more, waiting for it, at the end;
-checkpoints/ stays local. If the final upload fails, the trained model is still in output_dir and
-the error says how to upload it by hand.
+fails the command at once instead of after the run. --hub_strategy says what else goes up, with
+the Trainer's meanings: `end` uploads only at the end; `every_save` (the default) also uploads
+the model in the background at every checkpoint; `checkpoint` also uploads the newest checkpoint
+as `last-checkpoint/STEP/` (older ones deleted from the repo), so another machine continues the
+run with `--resume_from_checkpoint` on its download; `all_checkpoints` uploads checkpoints/ too.
+Process 0 uploads; a background failure is a warning, and a checkpoint that comes while an
+upload still runs is not queued (the next carries a newer model). If the final upload fails, the
+trained model is still in output_dir and the error says how to upload it by hand.
 """
 
 from __future__ import annotations
@@ -20,7 +23,10 @@ from huggingface_hub import HfApi
 
 from flax_lm.errors import UserError
 
-LOCAL_ONLY = ["checkpoints/**", "*.lock", ".cache/**"]  # never uploaded
+NEVER_UPLOADED = ["*.lock", ".cache/**"]
+CHECKPOINTS = "checkpoints/**"  # uploaded with --hub_strategy all_checkpoints only
+LAST_CHECKPOINT = "last-checkpoint"  # --hub_strategy checkpoint: the newest one, in the repo
+CHECKPOINTS_UPLOADED = ("checkpoint", "all_checkpoints")  # strategies that need finished saves
 
 
 def hub_repo_name(hub_model_id: str | None, output_dir: str) -> str:
@@ -52,22 +58,40 @@ def prepare_hub_repo(
 class HubPusher:
     """Uploads of one output_dir to one repo: in the background at checkpoints, then the last."""
 
-    def __init__(self, repo_id: str, output_dir: Path, token: str | None):
-        self.repo_id, self.output_dir = repo_id, output_dir
+    def __init__(
+        self, repo_id: str, output_dir: Path, token: str | None, strategy: str = "every_save"
+    ):
+        self.repo_id, self.output_dir, self.strategy = repo_id, output_dir, strategy
         self.api = HfApi(token=token)  # None: the saved token, as prepare_hub_repo found it
         self.running: tuple[int, Future] | None = None
 
-    def _upload(self, step: int, **options):
-        return self.api.upload_folder(
-            repo_id=self.repo_id, folder_path=self.output_dir, ignore_patterns=LOCAL_ONLY,
-            commit_message=f"flax-lm: model after {step} training steps", **options)
+    def _upload(self, step: int, checkpoint: Path | None, **options):
+        """The model folder (with checkpoints/ for all_checkpoints), then for `checkpoint` the
+        checkpoint as last-checkpoint/STEP/, replacing the one there; the last upload's result
+        (HfApi runs background uploads one after another, in order)."""
+        ignored = NEVER_UPLOADED + ([] if self.strategy == "all_checkpoints" else [CHECKPOINTS])
+        message = f"flax-lm: model after {step} training steps"
+        result = self.api.upload_folder(
+            repo_id=self.repo_id, folder_path=self.output_dir, ignore_patterns=ignored,
+            commit_message=message, **options)
+        if self.strategy == "checkpoint" and checkpoint is not None:
+            result = self.api.upload_folder(
+                repo_id=self.repo_id, folder_path=checkpoint.parent, path_in_repo=LAST_CHECKPOINT,
+                allow_patterns=[f"{checkpoint.name}/*"], delete_patterns=["*"],
+                commit_message=f"flax-lm: checkpoint {checkpoint.name} as {LAST_CHECKPOINT}",
+                **options)
+        return result
 
-    def push_in_background(self, step: int) -> bool:
-        """Start uploading the model of checkpoint `step`, unless an upload still runs."""
+    def push_in_background(self, step: int, checkpoint: Path | None = None) -> bool:
+        """Start uploading the model of checkpoint `step` (and, by strategy, the `checkpoint`
+        dir, whose save must have finished), unless an upload still runs or the strategy is
+        `end`."""
+        if self.strategy == "end":
+            return False
         if self.running is not None and not self.running[1].done():
             return False
         self._report_background_failure()
-        self.running = (step, self._upload(step, run_as_future=True))
+        self.running = (step, self._upload(step, checkpoint, run_as_future=True))
         return True
 
     def _report_background_failure(self) -> None:
@@ -80,13 +104,14 @@ class HubPusher:
                   f"({' '.join(str(future.exception()).split())}); training goes on",
                   file=sys.stderr)
 
-    def push(self, step: int) -> str:
-        """Upload the final output_dir, after any background upload; the commit's URL."""
+    def push(self, step: int, checkpoint: Path | None = None) -> str:
+        """Upload the final output_dir (and, by strategy, the final `checkpoint`), after any
+        background upload; the commit's URL."""
         if self.running is not None:
             self.running[1].exception()  # waits for it
             self._report_background_failure()
         try:
-            return self._upload(step).commit_url
+            return self._upload(step, checkpoint).commit_url
         except Exception as err:
             raise UserError(
                 f"the upload to the Hub repo {self.repo_id} failed "

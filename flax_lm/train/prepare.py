@@ -18,9 +18,10 @@ from typing import Any
 import jax
 from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
-from flax_lm.config import apply_config_overrides, load_base_config
+from flax_lm.config import apply_config_overrides, base_config_names, load_base_config
 from flax_lm.corpus import progress_bars_on_terminal_only
 from flax_lm.errors import UserError
+from flax_lm.hub_models import download_config, download_model, is_hub_id
 from flax_lm.train import checkpoint
 from flax_lm.train.args import SCRIPT_NAMES, TrainConfig
 from flax_lm.train.data import (
@@ -61,6 +62,7 @@ class Prepared:
     train_batches: TrainBatches | None
     total_steps: int
     resume: Resume | None
+    model_dir: Path | None = None  # --model_name_or_path as a local dir (a Hub id: its cache)
 
     @property
     def output_dir(self) -> Path:
@@ -86,14 +88,16 @@ def load_and_check(cfg: TrainConfig, objective_name: str, num_devices: int) -> P
     output_dir = Path(cfg.output_dir)
     resume = find_resume(cfg, output_dir)
     check_output_dir(cfg, output_dir, resuming=resume is not None)
-    model_config = load_model_config(cfg, objective_name)
+    model_dir = pretrained_model_dir(cfg)
+    model_config = load_model_config(cfg, objective_name, model_dir)
     tokenizer = load_tokenizer(cfg)
     check_vocab(tokenizer, model_config)
     cfg = resolve_sequence_length(cfg, objective_name, model_config, tokenizer)
     seq_len = cfg.block_size if objective_name == "clm" else cfg.max_seq_length
     objective = make_objective(objective_name, tokenizer, cfg)
     prepared = Prepared(
-        cfg, objective, model_config, tokenizer, {}, seq_len, num_devices, None, 0, resume
+        cfg, objective, model_config, tokenizer, {}, seq_len, num_devices, None, 0, resume,
+        model_dir,
     )
     cfg = prepared.cfg = resolve_data_shards(cfg, resume, num_devices)
     if resume is not None:
@@ -158,7 +162,28 @@ def check_output_dir(cfg: TrainConfig, output_dir: Path, *, resuming: bool) -> N
         )
 
 
-def load_model_config(cfg: TrainConfig, objective_name: str) -> PretrainedConfig:
+def pretrained_model_dir(cfg: TrainConfig) -> Path | None:
+    """--model_name_or_path as a local directory: itself, or a Hub model's cached download."""
+    name = cfg.model_name_or_path
+    if not name or not is_hub_id(name):
+        return Path(name) if name else None
+    return download_model(name, "--model_name_or_path", cfg.cache_dir, cfg.token)
+
+
+def config_source(cfg: TrainConfig, model_dir: Path | None, objective_name: str) -> str:
+    """Where the config comes from: the pretrained model, --config_name (a path, a name in
+    configs/, or a Hub model's config.json) or the script's base config."""
+    if model_dir is not None:
+        return str(model_dir)
+    name = cfg.config_name
+    if name and name not in base_config_names() and is_hub_id(name):
+        return str(download_config(name, "--config_name", cfg.cache_dir, cfg.token))
+    return name or BASE_CONFIGS[MODEL_TYPES[objective_name]]
+
+
+def load_model_config(
+    cfg: TrainConfig, objective_name: str, model_dir: Path | None = None
+) -> PretrainedConfig:
     """The model's config: from --model_name_or_path, --config_name or --model_type, then
     --config_overrides; its type must be the one this script trains."""
     expected = MODEL_TYPES[objective_name]
@@ -169,8 +194,7 @@ def load_model_config(cfg: TrainConfig, objective_name: str) -> PretrainedConfig
             "--config_overrides cannot change a pretrained model (--model_name_or_path); "
             "use --config_name to train a new one"
         )
-    source = cfg.model_name_or_path or cfg.config_name or BASE_CONFIGS[expected]
-    config = load_base_config(source)
+    config = load_base_config(config_source(cfg, model_dir, objective_name))
     if config.model_type != expected:
         raise wrong_model_type(objective_name, config.model_type)
     if cfg.config_overrides:

@@ -47,7 +47,7 @@ from flax_lm.train.data import (
     every_process,
     run_position,
 )
-from flax_lm.train.hub import HubPusher, prepare_hub_repo
+from flax_lm.train.hub import CHECKPOINTS_UPLOADED, HubPusher, prepare_hub_repo
 from flax_lm.train.metrics import (
     METRICS_FILE,
     RunLog,
@@ -324,7 +324,7 @@ class Trainer:
             repo_id = prepare_hub_repo(
                 self.cfg.hub_model_id, self.cfg.output_dir, token, self.cfg.hub_private_repo
             )
-            self.hub = HubPusher(repo_id, self.p.output_dir, token)
+            self.hub = HubPusher(repo_id, self.p.output_dir, token, self.cfg.hub_strategy)
         self.start_output_dir()  # the first write: everything above only reads
         wandb_run = None
         if self.is_main and "wandb" in self.cfg.report_to:
@@ -358,7 +358,7 @@ class Trainer:
         self.write_results("all_results.json", results)
         self.print_summary(results)
         if self.hub is not None:
-            print(f"pushed to the Hub: {self.hub.push(step)}")
+            print(f"pushed to the Hub: {self.hub.push(step, self.last_checkpoint)}")
         return results
 
     # ------------------------------------------------------------------------------ setup
@@ -373,9 +373,9 @@ class Trainer:
                 "Trainer): use --lr_scheduler_type constant_with_warmup to warm up",
                 file=sys.stderr,
             )
-        if warmup_steps(cfg, total) > total:
+        if warmup_steps(cfg, total) > total:  # only a step count can be (a ratio is <= 1)
             print(
-                f"warning: {warmup_steps(cfg, total)} warmup steps are longer than training "
+                f"warning: --warmup_steps {cfg.warmup_steps} is longer than training "
                 f"({total} steps): the learning rate never reaches its peak",
                 file=sys.stderr,
             )
@@ -397,8 +397,8 @@ class Trainer:
         cfg = self.cfg
         options = {"dtype": cfg.dtype, "scan_layers": cfg.scan_layers, "remat": cfg.remat,
                    "attention": cfg.attn_implementation}
-        if cfg.model_name_or_path:
-            return load_model(cfg.model_name_or_path, **options)
+        if self.p.model_dir is not None:
+            return load_model(self.p.model_dir, **options)
         return create_model(self.p.model_config, seed=cfg.seed, **options)
 
     def start_training(self, params) -> Training:
@@ -530,7 +530,7 @@ class Trainer:
                     if step < total:  # the final model is written after training
                         self.save_outputs(state.params)
                         if self.hub is not None and not stopping:
-                            self.hub.push_in_background(step)
+                            self.push_checkpoint(manager, step)
                     throughput.restart()
                 if stopping:
                     manager.wait_until_finished()
@@ -555,6 +555,13 @@ class Trainer:
         if strategy == "epoch":
             return step % self.p.train_batches.steps_per_epoch == 0
         return step % self.cfg.save_steps == 0
+
+    def push_checkpoint(self, manager, step: int) -> None:
+        """--push_to_hub at a checkpoint; strategies that upload the checkpoint itself wait for
+        its save to finish first."""
+        if self.cfg.hub_strategy in CHECKPOINTS_UPLOADED:
+            manager.wait_until_finished()
+        self.hub.push_in_background(step, self.last_checkpoint)
 
     def fetch(self, pending: list, progress: Progress) -> list[tuple[int, dict]]:
         """Metrics of the `pending` steps on the host (emptying `pending`), added to `progress`.
