@@ -33,8 +33,8 @@ def is_hub_id(name: str) -> bool:
 def hub_error(flag: str, name: str, err: Exception) -> UserError:
     reason = " ".join(str(err).split())[:300] or type(err).__name__
     return UserError(
-        f"{flag} {name!r} is not a local directory, and not a Hub model that can be downloaded "
-        f"or found in the Hub cache: {reason}"
+        f"{flag} {name!r} is neither a local file or directory nor a Hub model that can be "
+        f"downloaded or found in the Hub cache: {reason}"
     )
 
 

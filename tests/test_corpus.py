@@ -288,3 +288,25 @@ def test_a_loading_script_dataset_is_one_line_naming_the_routes(tmp_path):
                       "--dataset_name HuggingFaceFW/fineweb-2 --dataset_config_name nob_Latn",
                       "--trust_remote_code"):
             assert route in message
+
+
+def test_commands_asked_for_a_loading_script_print_one_line_and_write_nothing(
+        tmp_path, tiny_tokenizer_dir, capsys):
+    from flax_lm.tokenizer import main as train_tokenizer
+    from flax_lm.train.cli import main as train
+
+    repo = tmp_path / "oscar"
+    write(repo / "oscar.py", "import datasets\n")
+    dataset = ["--dataset_name", str(repo), "--dataset_config_name", "unshuffled_deduplicated_no"]
+    commands = [
+        lambda out: train_tokenizer([*dataset, "--output_dir", str(out)]),
+        lambda out: train([*dataset, "--output_dir", str(out), "--config_name", "gpt2",
+                           "--config_overrides", "vocab_size=512", "--tokenizer_name",
+                           str(tiny_tokenizer_dir)], objective="clm"),
+    ]
+    for number, command in enumerate(commands):
+        out = tmp_path / f"out-{number}"
+        assert command(out) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith(f"error: dataset '{repo}' is a loading script")
+        assert "--dataset_revision refs/convert/parquet" in line and not out.exists()

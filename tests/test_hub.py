@@ -357,4 +357,4 @@ def test_model_config_and_tokenizer_from_hub_ids_through_the_hub_cache(tiny_toke
 
     status, _, stderr = run([*base, "--model_name_or_path", "someone/missing"])
     assert status == 2 and len(stderr.strip().splitlines()) == 1
-    assert "--model_name_or_path 'someone/missing' is not a local directory" in stderr
+    assert "--model_name_or_path 'someone/missing' is neither a local file or directory" in stderr

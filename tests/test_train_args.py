@@ -248,7 +248,8 @@ def test_slow_tokenizers_are_refused_fast_ones_accepted():
         (["--report_to", "none"], {"report_to": []}),
         (["--logging_first_step", "--run_name", "nb-1"],
          {"logging_first_step": True, "run_name": "nb-1"}),
-        (["--save_strategy", "no"], {"save_strategy": "no"}),
+        (["--save_strategy", "no", "--eval_strategy", "epoch"],
+         {"save_strategy": "no", "eval_strategy": "epoch"}),
         (["--hub_private_repo"], {"hub_private_repo": True}),
     ],
 )  # fmt: skip

@@ -36,13 +36,16 @@ def test_epoch_checkpoints_first_step_logged_and_warmup_ratio(code_corpus, tiny_
                                                               tmp_path):
     out = tmp_path / "epochs"
     argv = trainer_argv(code_corpus, tiny_tokenizer_dir, out, "--save_strategy", "epoch",
-                        "--logging_first_step", "--warmup_ratio", "0.5")
+                        "--logging_first_step", "--warmup_ratio", "0.5", "--do_eval",
+                        "--eval_strategy", "epoch", "--eval_steps", "3")
     run_in_process(argv, "clm")
     results = json.loads((out / "train_results.json").read_text())
     assert (results["train_samples"], results["train_steps"]) == (16, 8)  # blocks, not files
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["4", "8"]
     lines = train_lines(out)
     assert [line["step"] for line in lines] == [1, 8]
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in evals if "eval_loss" in line] == [4, 8]  # not 3 and 6
     # warmup: ceil(0.5 * 8) = 4 steps; step s is trained at lr(s - 1)
     assert lines[0]["learning_rate"] == 0.0
     assert lines[1]["learning_rate"] == pytest.approx(PEAK * (8 - 7) / (8 - 4), rel=1e-6)
@@ -52,7 +55,10 @@ def test_save_strategy_no_saves_no_checkpoint_but_the_model(code_corpus, tiny_to
                                                             tmp_path):
     out = tmp_path / "no-checkpoints"
     run_in_process(trainer_argv(code_corpus, tiny_tokenizer_dir, out, "--save_strategy", "no",
-                                "--max_steps", "2"), "clm")
+                                "--max_steps", "2", "--do_eval", "--eval_strategy", "no",
+                                "--eval_steps", "1"), "clm")
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in evals if "eval_loss" in line] == [2]  # after training
     assert not any((out / "checkpoints").glob("*"))
     assert (out / "model.safetensors").is_file() and (out / "train_results.json").is_file()
 

@@ -173,6 +173,11 @@ class TrainConfig:
     # logging and checkpoints
     logging_steps: int = opt(500, "log train metrics every N steps")
     logging_first_step: bool = opt(False, "log the train metrics of the first step too")
+    eval_strategy: str = opt(
+        "steps",
+        "evaluate every eval_steps, at the end of each epoch, or only after training",
+        choices=("steps", "epoch", "no"),
+    )
     eval_steps: int | None = opt(None, "evaluate every N steps (default: logging_steps)")
     save_strategy: str = opt(
         "steps",
@@ -416,11 +421,12 @@ def check_config(cfg: TrainConfig, objective: str) -> TrainConfig:
         raise UserError("--streaming needs --max_steps: a stream has no known length")
     if "wandb" in report_to_names(cfg.report_to) and importlib.util.find_spec("wandb") is None:
         raise UserError("--report_to wandb needs the wandb package: pip install 'flax-lm[wandb]'")
-    if cfg.streaming and cfg.save_strategy == "epoch":
-        raise UserError(
-            "--save_strategy epoch needs epochs, which a stream (--streaming) does not have: "
-            "use --save_strategy steps with --save_steps"
-        )
+    for name in ("save_strategy", "eval_strategy"):
+        if cfg.streaming and getattr(cfg, name) == "epoch":
+            raise UserError(
+                f"--{name} epoch needs epochs, which a stream (--streaming) does not have: "
+                f"use --{name} steps with --{name.split('_')[0]}_steps"
+            )
     return cfg
 
 

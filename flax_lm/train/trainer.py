@@ -516,7 +516,7 @@ class Trainer:
                     fetched += self.fetch(pending, progress)
                     log.train(self.train_record(step, fetched, throughput, batches))
                     fetched = []
-                if cfg.do_eval and (step % cfg.eval_steps == 0 or step == total):
+                if cfg.do_eval and self.is_eval_step(step):
                     jax.block_until_ready(state)
                     throughput.close()
                     last_eval = self.evaluate(state.params, step, log)
@@ -543,6 +543,16 @@ class Trainer:
         cfg = self.cfg
         first = cfg.logging_first_step and step == 1
         return first or step % cfg.logging_steps == 0 or step == self.p.total_steps
+
+    def is_eval_step(self, step: int) -> bool:
+        """Whether --eval_strategy evaluates after `step`: every eval_steps (`steps`), at the end
+        of each epoch (`epoch`), and always after the last step (also with `no`)."""
+        strategy = self.cfg.eval_strategy
+        if step == self.p.total_steps:
+            return True
+        if strategy == "epoch":
+            return step % self.p.train_batches.steps_per_epoch == 0
+        return strategy == "steps" and step % self.cfg.eval_steps == 0
 
     def is_save_step(self, step: int) -> bool:
         """Whether --save_strategy checkpoints after `step`: every save_steps (`steps`), at the
