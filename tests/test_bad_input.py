@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from flax_lm.errors import UserError
 from flax_lm.train.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -177,7 +178,27 @@ def test_an_output_dir_with_files_needs_overwrite(
     flags = valid_flags("clm", code_corpus, tiny_tokenizer_dir, earlier_run)
     flags["--overwrite_output_dir"] = None
     message = fails_cleanly(as_argv(flags), "clm", capsys, earlier_run)
-    assert "already holds files: add --overwrite_output_dir" in message
+    assert "already holds files and no checkpoint to continue: add --overwrite_output_dir" in message
+
+
+def test_the_pipelines_model_dir_needs_no_overwrite(tiny_tokenizer_dir, tmp_path):
+    """Tokenizer and config made into output_dir, then training into it (the README's layout);
+    an output_dir holding what a run killed before its first checkpoint wrote starts over."""
+    from flax_lm.train.args import TrainConfig
+    from flax_lm.train.prepare import check_output_dir
+
+    out = tmp_path / "model"
+    shutil.copytree(tiny_tokenizer_dir, out)
+    (out / "config.json").write_text("{}")
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 6.2}\n')
+    (out / "checkpoints" / "5.orbax-checkpoint-tmp-1").mkdir(parents=True)
+    cfg = TrainConfig(output_dir=str(out), config_name=str(out), tokenizer_name=str(out))
+    check_output_dir(cfg, out, resuming=False)
+    with pytest.raises(UserError, match="already holds files and no checkpoint to continue"):
+        check_output_dir(TrainConfig(output_dir=str(out)), out, resuming=False)
+    (out / "model.safetensors").write_bytes(b"an exported model")
+    with pytest.raises(UserError, match="already holds files and no checkpoint to continue"):
+        check_output_dir(cfg, out, resuming=False)
 
 
 @pytest.mark.parametrize(
@@ -310,6 +331,28 @@ def test_a_checkpoint_of_another_model_is_refused(copied_run, capsys):
     argv = as_argv({**flags, "--config_overrides": [overrides], "--resume_from_checkpoint": []})
     message = fails_cleanly(argv, "clm", capsys, out)
     assert "is from a different run setup (n_embd 32 -> 64): resume with the same flags" in message
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"--config_overrides": ["n_embd=64,n_layer=1,n_head=2,n_positions=64,vocab_size=512,"
+                                 "bos_token_id=0,eos_token_id=2"]}, "n_embd 32 -> 64"),
+        ({"--train_file": ["{validation}"]}, "train_file ['{train}'] -> ['{validation}']"),
+    ],
+)  # fmt: skip
+def test_a_rerun_never_continues_another_runs_checkpoints(
+    changes, expected, copied_run, code_corpus, capsys
+):
+    """The command rerun (no --overwrite_output_dir) on the output_dir of a different run."""
+    flags, out = copied_run
+    paths = {"train": code_corpus.train, "validation": code_corpus.validation}
+    changes = {flag: [v.format(**paths) for v in values] for flag, values in changes.items()}
+    argv = as_argv({**flags, "--overwrite_output_dir": None, **changes})
+    message = fails_cleanly(argv, "clm", capsys, out)
+    expected = expected.format(**paths)
+    assert f"--output_dir {out} holds checkpoints of a different run ({expected}" in message
+    assert "--overwrite_output_dir to replace it" in message
 
 
 # ------------------------------------------------------------------------ real subprocesses

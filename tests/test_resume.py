@@ -23,6 +23,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from flax_lm.train.cli import main
+from flax_lm.train.runlock import LOCK_FILE
 
 TINY_MODELS = {  # dropout stays at gpt2's / roberta-base's 0.1
     "clm": ["--config_name", "gpt2", "--config_overrides",
@@ -44,17 +45,23 @@ DRIVER = """
 import os, sys
 from flax_lm.train import metrics
 from flax_lm.train.cli import main
+from flax_lm.train.runlock import LOCK_FILE
 
 signal_after, signum, objective = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 write = metrics.RunLog.train
 
 
 def train_then_signal(self, record):
+    # after step signal_after: send signum, or with signum 0 wait until GO_FILE exists
     write(self, record)
     if record["step"] == signal_after:
         with open(os.environ["SIGNAL_TIME_FILE"], "w") as f:
             f.write(repr(__import__("time").time()))
-        os.kill(os.getpid(), signum)
+        if signum:
+            os.kill(os.getpid(), signum)
+        else:
+            while not os.path.exists(os.environ["GO_FILE"]):
+                __import__("time").sleep(0.05)
 
 
 metrics.RunLog.train = train_then_signal
@@ -159,10 +166,19 @@ def test_sigkill_then_resume_matches_the_uninterrupted_run(objective, request, t
     if saved[-1] == 6:  # the model exported at step 6 is that checkpoint's
         assert_exported_model_is_checkpoint(out, 6)
 
-    stdout, _ = run_in_process([*argv, "--resume_from_checkpoint"], objective)
-    assert f"resumed from checkpoint {out / 'checkpoints' / str(saved[-1])}" in stdout
+    assert (out / LOCK_FILE).is_file()  # left by the killed run: it must not block the rerun
+
+    stdout, _ = run_in_process(argv, objective)  # the same command, rerun
+    first_line = stdout.splitlines()[0]  # (6 may be named as an interrupted save)
+    assert first_line.startswith(
+        f"resumed from checkpoint {out / 'checkpoints' / str(saved[-1])} at step {saved[-1]} ("
+    )
+    assert first_line.endswith(
+        "the newest in --output_dir; --overwrite_output_dir starts over instead)"
+    )
     assert_same_run(expected, out)
     assert sorted(int(p.name) for p in (out / "checkpoints").iterdir()) == [3, 6, 9, 10]
+    assert not (out / LOCK_FILE).exists()  # released at the end
 
 
 @pytest.mark.slow
@@ -179,8 +195,7 @@ def test_sigterm_saves_a_checkpoint_and_the_resume_matches(clm_reference, tmp_pa
     last_line = done.stderr.strip().splitlines()[-1]
     assert last_line == (
         f"interrupted by SIGTERM at step {KILL_AFTER}: saved checkpoint "
-        f"{out.absolute() / 'checkpoints' / str(KILL_AFTER)}; continue with the same command "
-        "and --resume_from_checkpoint"
+        f"{out.absolute() / 'checkpoints' / str(KILL_AFTER)}; rerun the same command to continue"
     )
     assert "Traceback" not in done.stderr
     assert_exported_model_is_checkpoint(out, KILL_AFTER)  # as after every checkpoint
@@ -188,6 +203,37 @@ def test_sigterm_saves_a_checkpoint_and_the_resume_matches(clm_reference, tmp_pa
     stdout, _ = run_in_process([*argv, "--resume_from_checkpoint"], objective)
     assert f"at step {KILL_AFTER}" in stdout
     assert_same_run(expected, out)
+
+
+@pytest.mark.slow
+def test_a_second_run_in_the_same_output_dir_is_refused(clm_reference, tmp_path, capsys):
+    """While a run trains, the same command (and one with --overwrite_output_dir) is refused
+    with one line naming the running process, and the first run loses nothing."""
+    objective, (argv, expected) = "clm", clm_reference
+    out, go, paused = tmp_path / "busy", tmp_path / "go", tmp_path / "paused"
+    argv = with_output_dir(argv, out)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "SIGNAL_TIME_FILE": str(paused),
+           "GO_FILE": str(go)}  # fmt: skip
+    command = [sys.executable, "-c", DRIVER, str(KILL_AFTER), "0", objective, *argv]
+    first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)  # fmt: skip
+    try:
+        deadline = time.time() + 300
+        while not paused.exists() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        assert paused.exists(), first.communicate()[1][-3000:]  # paused after step KILL_AFTER
+        for flags in ([], ["--overwrite_output_dir"]):
+            assert main([*argv, *flags], objective=objective) == 2
+            captured = capsys.readouterr()
+            lines = captured.err.strip().splitlines()
+            assert len(lines) == 1 and captured.out == "", captured
+            assert f"--output_dir {out} is in use by another run (pid {first.pid} on " in lines[0]
+    finally:
+        go.touch()
+        _, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr[-3000:]  # nothing deleted under it: all its
+    assert sorted(int(p.name) for p in (out / "checkpoints").iterdir()) == [3, 6, 9, 10]
+    assert_same_run(expected, out)  # checkpoints, every metrics line, the same final model
 
 
 def test_sigint_saves_a_checkpoint_and_the_resume_matches(mlm_reference, tmp_path, monkeypatch):

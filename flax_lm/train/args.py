@@ -50,7 +50,9 @@ class TrainConfig:
 
     # output
     output_dir: str | None = opt(None, "where checkpoints, metrics and the final model go")
-    overwrite_output_dir: bool = opt(False, "write into an output_dir that already holds files")
+    overwrite_output_dir: bool = opt(
+        False, "start over in an output_dir that holds files (replaces its checkpoints)"
+    )
     do_train: bool = opt(False, "train (with neither --do_train nor --do_eval: both)")
     do_eval: bool = opt(False, "evaluate on the validation split")
     push_to_hub: bool = opt(
@@ -187,7 +189,8 @@ class TrainConfig:
     save_steps: int = opt(500, "checkpoint every N steps")
     save_total_limit: int | None = opt(None, "keep only the last N checkpoints")
     resume_from_checkpoint: str | None = opt(
-        None, "continue from a checkpoint dir (bare flag: the latest in output_dir)"
+        None, "continue from a checkpoint dir (bare flag: the latest in output_dir, which a "
+        "rerun without --overwrite_output_dir continues anyway)"
     )
     report_to: list[str] | None = opt(
         None, "also log to: tensorboard, wandb, all or none (default: tensorboard)"

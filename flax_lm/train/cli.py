@@ -38,6 +38,6 @@ def main(argv: list[str] | None = None, objective: str = "clm") -> int:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_NONFINITE
     except KeyboardInterrupt:
-        print("interrupted: continue with --resume_from_checkpoint", file=sys.stderr)
+        print("interrupted: rerun the same command to continue from the last checkpoint", file=sys.stderr)
         return EXIT_INTERRUPTED
     return 0

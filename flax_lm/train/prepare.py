@@ -31,7 +31,9 @@ from flax_lm.train.data import (
     shards_of_process,
     tokenize_shards,
 )
+from flax_lm.train.metrics import METRICS_FILE, TENSORBOARD_SUBDIR
 from flax_lm.train.objectives import Objective, make_objective
+from flax_lm.train.runlock import LOCK_FILE, check_not_locked
 
 MODEL_TYPES = {"clm": "gpt2", "mlm": "roberta"}
 BASE_CONFIGS = {"gpt2": "gpt2", "roberta": "roberta-base"}
@@ -46,6 +48,19 @@ class Resume:
     step: int
     meta: dict[str, Any]
     interrupted: list[Path]  # newer step dirs whose save never finished (skipped)
+    later: list[int] = dataclasses.field(default_factory=list)  # newer complete ones (dropped)
+    rerun: bool = False  # found in output_dir by rerunning the command, not named by a flag
+
+    def describe(self) -> str:
+        """The line a resumed run starts with."""
+        notes = [f"dropped later checkpoints {self.later}"] if self.later else []
+        if self.interrupted:
+            skipped = [path.name for path in self.interrupted]
+            notes.append(f"skipped incomplete checkpoints {skipped}: their saves were interrupted")
+        if self.rerun:
+            notes.append("the newest in --output_dir; --overwrite_output_dir starts over instead")
+        details = f" ({'; '.join(notes)})" if notes else ""
+        return f"resumed from checkpoint {self.directory / str(self.step)} at step {self.step}{details}"
 
 
 @dataclass
@@ -86,6 +101,7 @@ def prepare(cfg: TrainConfig, objective_name: str, num_devices: int) -> Prepared
 
 def load_and_check(cfg: TrainConfig, objective_name: str, num_devices: int) -> Prepared:
     output_dir = Path(cfg.output_dir)
+    check_not_locked(output_dir)
     resume = find_resume(cfg, output_dir)
     check_output_dir(cfg, output_dir, resuming=resume is not None)
     model_dir = pretrained_model_dir(cfg)
@@ -102,6 +118,8 @@ def load_and_check(cfg: TrainConfig, objective_name: str, num_devices: int) -> P
     cfg = prepared.cfg = resolve_data_shards(cfg, resume, num_devices)
     if resume is not None:
         check_resume_matches(resume, prepared, objective_name)
+        if jax.process_index() == 0:
+            print(resume.describe(), flush=True)  # the run's first line
     shards = prepared.shard_ids
     raw = load_raw_splits(cfg)
     prepared.splits = tokenize_shards(raw, tokenizer, cfg, objective_name, shards, cfg.data_shards)
@@ -137,23 +155,51 @@ def resolve_data_shards(cfg: TrainConfig, resume: Resume | None, num_devices: in
 
 
 def find_resume(cfg: TrainConfig, output_dir: Path) -> Resume | None:
-    if not cfg.resume_from_checkpoint:
-        return None
-    if not cfg.do_train:
-        raise UserError("--resume_from_checkpoint continues training: it needs --do_train")
-    directory, step = checkpoint.find_checkpoint(cfg.resume_from_checkpoint, output_dir)
+    """The checkpoint named by --resume_from_checkpoint or, when the command is rerun on an
+    output_dir holding complete checkpoints (without --overwrite_output_dir), its newest."""
+    own_checkpoints = output_dir / checkpoint.CHECKPOINTS_SUBDIR
+    if cfg.resume_from_checkpoint:
+        if not cfg.do_train:
+            raise UserError("--resume_from_checkpoint continues training: it needs --do_train")
+        directory, step = checkpoint.find_checkpoint(cfg.resume_from_checkpoint, output_dir)
+        rerun = False
+    else:
+        steps = checkpoint.checkpoint_steps(own_checkpoints)
+        if not (steps and cfg.do_train and not cfg.overwrite_output_dir):
+            return None
+        directory, step, rerun = own_checkpoints, steps[-1], True
     meta = checkpoint.read_meta(directory, step)
-    return Resume(directory, step, meta, checkpoint.interrupted_saves(directory, after=step))
+    later = [s for s in checkpoint.checkpoint_steps(own_checkpoints) if s > step]
+    interrupted = checkpoint.interrupted_saves(directory, after=step)
+    return Resume(directory, step, meta, interrupted, later, rerun)
+
+
+# What a run writes into output_dir before its first checkpoint: a run killed then holds nothing
+# worth keeping, and rerunning its command starts it again.
+FIRST_WRITES = (METRICS_FILE, TENSORBOARD_SUBDIR, "wandb", checkpoint.CHECKPOINTS_SUBDIR, LOCK_FILE)
+# The model dir of the pipeline (tokenizer, then config, then training into it): the run reads
+# these and writes them back with its model.
+MODEL_DIR_INPUTS = ("config.json", "tokenizer.json", "tokenizer_config.json",
+                    "special_tokens_map.json", "vocab.json", "merges.txt")  # fmt: skip
+
+
+def may_start_in(cfg: TrainConfig, output_dir: Path) -> set[str]:
+    """Names a fresh run may find in output_dir without --overwrite_output_dir."""
+    allowed = set(FIRST_WRITES)
+    sources = (cfg.config_name, cfg.tokenizer_name)
+    if any(name and Path(name).resolve() == output_dir.resolve() for name in sources):
+        allowed.update(MODEL_DIR_INPUTS)
+    return allowed
 
 
 def check_output_dir(cfg: TrainConfig, output_dir: Path, *, resuming: bool) -> None:
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"--output_dir {output_dir} exists and is not a directory")
-    has_files = output_dir.is_dir() and any(output_dir.iterdir())
-    if has_files and not (cfg.overwrite_output_dir or resuming):
+    names = {path.name for path in output_dir.iterdir()} if output_dir.is_dir() else set()
+    if names - may_start_in(cfg, output_dir) and not (cfg.overwrite_output_dir or resuming):
         raise UserError(
-            f"--output_dir {output_dir} already holds files: add --overwrite_output_dir to "
-            "write into it, or --resume_from_checkpoint to continue its run"
+            f"--output_dir {output_dir} already holds files and no checkpoint to continue: add "
+            "--overwrite_output_dir to write into it, or use another --output_dir"
         )
     existing = next(p for p in (output_dir, *output_dir.absolute().parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
@@ -275,6 +321,8 @@ def check_resume_matches(resume: Resume, prepared: Prepared, objective_name: str
     """The checkpoint must come from a run with the same data order, batch layout and model
     (what a checkpoint did not record is not compared)."""
     now = run_identity(prepared, objective_name)
+    if not resume.rerun:  # a checkpoint named by a flag may continue on moved or renamed data
+        now.pop("dataset")
     changed = [
         change
         for key, value in now.items()
@@ -282,6 +330,12 @@ def check_resume_matches(resume: Resume, prepared: Prepared, objective_name: str
         for change in differences(key, resume.meta[key], value)
     ]
     if changed:
+        if resume.rerun:
+            raise UserError(
+                f"--output_dir {prepared.cfg.output_dir} holds checkpoints of a different run "
+                f"({'; '.join(changed)}): rerun it with its own flags to continue it, add "
+                "--overwrite_output_dir to replace it, or use another --output_dir"
+            )
         raise UserError(
             f"checkpoint {resume.directory / str(resume.step)} is from a different run setup "
             f"({'; '.join(changed)}): resume with the same flags"
@@ -296,8 +350,13 @@ def differences(name: str, before: Any, after: Any) -> list[str]:
     return [] if before == after else [f"{name} {before} -> {after}"]
 
 
+DATA_IDENTITY = ("dataset_name", "dataset_config_name", "dataset_revision", "train_file",
+                 "max_train_samples", "filter_keywords")  # fmt: skip
+
+
 def run_identity(prepared: Prepared, objective_name: str) -> dict[str, Any]:
-    """What must not change between a run and its resumption (stored in each checkpoint)."""
+    """What must not change between a run and its resumption (stored in each checkpoint; the
+    data only when a rerun finds the checkpoint in output_dir)."""
     return {
         "objective": objective_name,
         "seed": prepared.cfg.seed,
@@ -305,6 +364,7 @@ def run_identity(prepared: Prepared, objective_name: str) -> dict[str, Any]:
         "seq_len": prepared.seq_len,
         "data_shards": prepared.cfg.data_shards,
         "model": model_identity(prepared.model_config),
+        "dataset": {name: getattr(prepared.cfg, name) for name in DATA_IDENTITY},
     }
 
 

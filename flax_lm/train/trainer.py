@@ -58,6 +58,7 @@ from flax_lm.train.metrics import (
 )
 from flax_lm.train.optim import make_schedule, make_training_optimizer, warmup_steps
 from flax_lm.train.prepare import Prepared, prepare, run_identity
+from flax_lm.train.runlock import RunLock
 from flax_lm.train.step import (
     TrainState,
     compile_eval_step,
@@ -151,8 +152,8 @@ class Interrupted(Exception):
     def __init__(self, signum: int, step: int, saved: Path):
         name = signal.Signals(signum).name
         super().__init__(
-            f"interrupted by {name} at step {step}: saved checkpoint {saved}; continue with "
-            "the same command and --resume_from_checkpoint"
+            f"interrupted by {name} at step {step}: saved checkpoint {saved}; rerun the same "
+            "command to continue"
         )
         self.exit_status = 128 + signum
 
@@ -311,6 +312,7 @@ class Trainer:
         self.eval_batches: int | None = None  # eval batches of the run, with several data shards
         self.last_checkpoint: Path | None = None  # the newest checkpoint saved (or resumed from)
         self.hub: HubPusher | None = None  # with --push_to_hub, on process 0
+        self.lock: RunLock | None = None  # output_dir's, held by process 0 while it runs
 
     def run(self) -> dict[str, Any]:
         model = self.build_model()
@@ -325,7 +327,14 @@ class Trainer:
                 self.cfg.hub_model_id, self.cfg.output_dir, token, self.cfg.hub_private_repo
             )
             self.hub = HubPusher(repo_id, self.p.output_dir, token, self.cfg.hub_strategy)
-        self.start_output_dir()  # the first write: everything above only reads
+        try:
+            self.start_output_dir()  # the first write: everything above only reads
+            return self.run_holding_the_lock(params, training)
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def run_holding_the_lock(self, params, training: Training | None) -> dict[str, Any]:
         wandb_run = None
         if self.is_main and "wandb" in self.cfg.report_to:
             wandb_run = start_wandb(
@@ -381,12 +390,25 @@ class Trainer:
             )
 
     def start_output_dir(self) -> None:
-        """Create output_dir; a fresh training run replaces an earlier run's checkpoints and
-        metrics, a resumed one drops the metrics logged after its checkpoint."""
+        """Create output_dir and take its lock (every process fails if another run holds it);
+        then a fresh training run replaces an earlier run's checkpoints and metrics, a resumed
+        one drops the metrics logged after its checkpoint."""
+        out, refused = self.p.output_dir, None
+        if self.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            try:
+                lock = RunLock(out)
+                lock.acquire()
+                self.lock = lock
+            except UserError as err:
+                refused = err
+        if jax.process_count() > 1:
+            held = multihost_utils.broadcast_one_to_all(np.int32(refused is None))
+            refused = refused or (None if held else UserError(f"--output_dir {out} is in use"))
+        if refused is not None:
+            raise refused
         if not self.is_main:
             return
-        out = self.p.output_dir
-        out.mkdir(parents=True, exist_ok=True)
         if self.p.resume is not None:
             keep_records_up_to(out / METRICS_FILE, self.p.resume.step)
         elif self.cfg.do_train:
@@ -439,7 +461,7 @@ class Trainer:
         )
         try:
             if p.resume is not None:
-                self.continue_from_checkpoint(manager, log)
+                self.continue_from_checkpoint(manager)
             train_step = make_train_step(
                 self.graphdef, p.objective, training.optimizer, training.schedule
             )
@@ -461,22 +483,13 @@ class Trainer:
         """Examples in the training set (a stream: examples read in all)."""
         return self.p.train_batches.num_examples or steps * self.p.global_batch_size
 
-    def continue_from_checkpoint(self, manager, log: RunLog) -> None:
-        """The resumed run replaces what came after its checkpoint, and says where it starts."""
+    def continue_from_checkpoint(self, manager) -> None:
+        """The resumed run replaces what came after its checkpoint (prepare said so)."""
         resume = self.p.resume
         self.last_checkpoint = resume.directory / str(resume.step)
-        skipped = [path.name for path in resume.interrupted]
-        later = [s for s in manager.all_steps() if s > resume.step]
-        for step in later:
-            manager.delete(step)
-        dropped = [step for step in later if str(step) not in skipped]
-        notes = [f"dropped later checkpoints {dropped}"] if dropped else []
-        if skipped:
-            notes.append(f"skipped incomplete checkpoints {skipped}: their saves were interrupted")
-        log.message(
-            f"resumed from checkpoint {self.last_checkpoint} at step {resume.step}"
-            + (f" ({'; '.join(notes)})" if notes else "")
-        )
+        for step in manager.all_steps():
+            if step > resume.step:
+                manager.delete(step)
 
     def loop(self, training: Training, train_step, manager, log: RunLog):
         """Steps from the state's step to total_steps; returns (state, steady tokens/s, last
