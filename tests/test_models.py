@@ -21,6 +21,7 @@ from flax_lm.models import (
     SUPPORTED_MODEL_TYPES,
     attention,
     create_model,
+    layers,
     matmul_param_count,
     weight_decay_mask,
 )
@@ -481,3 +482,33 @@ def test_gpt2_with_blocked_attention_matches_transformers(monkeypatch):
             expected = reference(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits
         assert np.isfinite(got).all()
         assert np.abs(got - expected.numpy())[mask == 1].max() <= LOGITS_TOL
+
+
+def test_bfloat16_lm_head_backward_multiplies_in_bfloat16():
+    """The bfloat16 head's gradient: its matmuls take bfloat16 operands (none float32 x
+    bfloat16), the logits are the plain product's exactly, and the gradients are autodiff's of
+    the plain product within bfloat16 rounding of the logits' cotangent (relative 2e-2)."""
+    x = jax.random.normal(jax.random.key(0), (2, 6, 32)).astype(jnp.bfloat16)
+    table = 0.2 * jax.random.normal(jax.random.key(1), (50, 32))
+    labels = jnp.arange(12).reshape(2, 6)
+
+    def loss(head):
+        def f(x, table):
+            return optax.softmax_cross_entropy_with_integer_labels(head(x, table), labels).sum()
+        return f
+
+    def plain(x, table):
+        return jnp.einsum("...d,vd->...v", x, table.astype(x.dtype),
+                          preferred_element_type=jnp.float32)
+
+    np.testing.assert_array_equal(layers.low_precision_head(x, table), plain(x, table))
+    grad = jax.grad(loss(layers.low_precision_head), argnums=(0, 1))
+    dots = [eqn for eqn in jax.make_jaxpr(grad)(x, table).jaxpr.eqns
+            if eqn.primitive.name == "dot_general"]
+    assert len(dots) == 2  # the backward's (the forward's is inside the custom_vjp call)
+    assert all(v.aval.dtype == jnp.bfloat16 for eqn in dots for v in eqn.invars)
+    got, want = grad(x, table), jax.grad(loss(plain), argnums=(0, 1))(x, table)
+    assert got[1].dtype == jnp.float32
+    for a, b in zip(got, want, strict=True):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        assert np.abs(a - b).max() <= 2e-2 * np.abs(b).max()

@@ -149,8 +149,39 @@ class Embed(nnx.Module):
 
     def attend(self, x: jax.Array) -> jax.Array:
         """x @ table.T with float32 accumulation and output: the tied LM head."""
-        table = self.embedding[...].astype(x.dtype)
-        return jnp.einsum("...d,vd->...v", x, table, preferred_element_type=jnp.float32)
+        if x.dtype == jnp.float32:
+            return jnp.einsum("...d,vd->...v", x, self.embedding[...],
+                              preferred_element_type=jnp.float32)
+        return low_precision_head(x, self.embedding[...])
+
+
+@jax.custom_vjp
+def low_precision_head(x: jax.Array, table: jax.Array) -> jax.Array:
+    """Float32 logits x @ table.T of bfloat16 `x` and a float32 `table` multiplied in x's dtype.
+
+    Differentiated as is, the float32 cotangent of the logits would make both backward matmuls
+    (the largest of the model at a large vocabulary) float32 x bfloat16 products, which GPUs run at
+    float32 speed. Here the cotangent is rounded to x's dtype, as the logits' gradient is under
+    PyTorch autocast, and both products accumulate in float32; the table's gradient stays float32.
+    """
+    return jnp.einsum("...d,vd->...v", x, table.astype(x.dtype),
+                      preferred_element_type=jnp.float32)
+
+
+def _low_precision_head_forward(x, table):
+    return low_precision_head(x, table), (x, table)
+
+
+def _low_precision_head_backward(residuals, grad):
+    x, table = residuals
+    grad = grad.astype(x.dtype)
+    dx = jnp.einsum("...v,vd->...d", grad, table.astype(x.dtype),
+                    preferred_element_type=jnp.float32).astype(x.dtype)
+    dtable = jnp.einsum("...v,...d->vd", grad, x, preferred_element_type=jnp.float32)
+    return dx, dtable.astype(table.dtype)
+
+
+low_precision_head.defvjp(_low_precision_head_forward, _low_precision_head_backward)
 
 
 class LayerNorm(nnx.Module):
