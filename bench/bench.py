@@ -436,6 +436,9 @@ def markdown(results: dict) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=("cpu", "gpu", "tpu"),
+                        help="gpu/tpu: bench/accel.py (flax-lm's step vs PyTorch bf16, eager and "
+                             "torch.compile); the other options are then accel.py's")
     parser.add_argument("--configs", default=DEFAULT_CONFIGS,
                         help=f"comma-separated, from: {', '.join(CONFIGS)}")
     parser.add_argument("--steps", type=int, help="training steps per run (default: per config)")
@@ -455,6 +458,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.steps is not None and args.steps < 3:
         parser.error("--steps must be at least 3 (the first step is not steady state)")
     return args
+
+
+def accelerator(argv: list[str]) -> tuple[str, list[str]]:
+    """(--device's value, the other arguments): gpu and tpu runs go to bench/accel.py."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "gpu", "tpu"))
+    known, rest = parser.parse_known_args(argv)
+    return known.device, rest
 
 
 def save(results: dict, out: Path) -> None:
@@ -494,6 +505,12 @@ def run_benchmark(args: argparse.Namespace, work: Path, out: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    device, rest = accelerator(argv)
+    if device != "cpu":
+        import accel
+
+        return accel.main([*rest, "--expect_platform", device])
     args = parse_args(argv)
     if args.peer_huge_pages:  # both sides inherit it; our side's re-execution is then a no-op
         os.environ.update(huge_pages_env(dict(os.environ)) or {})

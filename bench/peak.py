@@ -52,13 +52,14 @@ def jax_chain(dtype: str, n: int, iters: int):
 
 
 def torch_chain(dtype: str, n: int, iters: int):
-    """A call running `iters` chained n x n `torch.mm`."""
+    """A call running `iters` chained n x n `torch.mm` (on the GPU when torch has one)."""
     import torch
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     torch_dtype = getattr(torch, dtype)
     generator = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=generator).to(torch_dtype)
-    b = (torch.randn(n, n, generator=generator) / n**0.5).to(torch_dtype)
+    a = torch.randn(n, n, generator=generator).to(device, torch_dtype)
+    b = (torch.randn(n, n, generator=generator) / n**0.5).to(device, torch_dtype)
 
     def chain():
         y = a
@@ -69,6 +70,8 @@ def torch_chain(dtype: str, n: int, iters: int):
     def run():
         with torch.inference_mode():
             chain()
+        if device == "cuda":
+            torch.cuda.synchronize()
 
     return run
 

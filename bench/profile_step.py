@@ -26,7 +26,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from bench import CONFIGS, HYPERPARAMETERS, TOKENIZER_VOCAB
+from bench import CONFIGS, HYPERPARAMETERS, TOKENIZER_VOCAB, BenchConfig
 from flax_lm import perf
 from flax_lm.config import build_config
 from flax_lm.hostmem import reexec_with_huge_pages
@@ -39,14 +39,17 @@ from flax_lm.train.optim import make_schedule, make_training_optimizer
 RUNTIME_EVENTS = ("ThunkExecutor", "SlinkyThreadPool", "$", "Thunk")  # not operations
 
 
-def build_step(name: str, scan_layers: bool = True):
-    """(compiled step, state, device batch, model config) for bench config `name`."""
-    bench = CONFIGS[name]
+def build_step(bench: BenchConfig, *, scan_layers: bool = True, dtype: str = "float32",
+               attention: str = "auto", dropout: float | None = None, batch_size: int | None = None):
+    """(compiled step, compile seconds, state, device batch, model config) for a bench config:
+    the trainer's model, objective, AdamW with clipping and the finite-update guard, compiled once
+    with the state donated, on one batch of random token ids (MLM-masked for RoBERTa)."""
     overrides = bench.overrides
     if bench.tokenizer_vocab:  # the bench's own tokenizer's vocabulary, without training it
         overrides += f",vocab_size={TOKENIZER_VOCAB}"
-    config = build_config(bench.model_type, overrides=overrides or None)
-    model = create_model(config, seed=0, scan_layers=scan_layers)
+    config = build_config(bench.model_type, dropout=dropout, overrides=overrides or None)
+    model = create_model(config, seed=0, scan_layers=scan_layers, dtype=dtype,
+                         attention=attention)
     graphdef, params = nnx.split(model, nnx.Param)
     cfg = TrainConfig(learning_rate=bench.learning_rate, **HYPERPARAMETERS)
     schedule = make_schedule(cfg, bench.steps)
@@ -57,14 +60,15 @@ def build_step(name: str, scan_layers: bool = True):
         objective = MaskedLM(mask_token_id=4, vocab_size=config.vocab_size,
                              special_token_ids=(0, 1, 2, 3, 4))
     rng = np.random.default_rng(0)
-    ids = rng.integers(5, config.vocab_size, (bench.batch_size, bench.seq_len), dtype=np.int32)
+    shape = (batch_size or bench.batch_size, bench.seq_len)
+    ids = rng.integers(5, config.vocab_size, shape, dtype=np.int32)
     host_batch = {k: v[None] for k, v in objective.make_batch({"input_ids": ids}, rng).items()}
     mesh = train_step_lib.make_mesh()
     batch = train_step_lib.make_put(mesh, batch_axis=1)(host_batch)
     state = train_step_lib.init_state(params, optimizer, 0, mesh)
     step = train_step_lib.make_train_step(graphdef, objective, optimizer, schedule)
-    compiled, _ = train_step_lib.compile_train_step(step, state, batch, mesh)
-    return compiled, state, batch, config
+    compiled, seconds = train_step_lib.compile_train_step(step, state, batch, mesh)
+    return compiled, seconds, state, batch, config
 
 
 def matmul_ops(hlo_text: str) -> set[str]:
@@ -109,12 +113,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="gpt2-124m", choices=sorted(CONFIGS))
     parser.add_argument("--top", type=int, default=25, help="operations listed")
     parser.add_argument("--unrolled", action="store_true", help="unroll the layers (no scan)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--attn_implementation", default="auto",
+                        choices=("auto", "reference", "xla", "cudnn"))
+    parser.add_argument("--batch_size", type=int, help="default: the bench config's")
     parser.add_argument("--trace_dir", help="keep the trace here (default: a temporary dir)")
     args = parser.parse_args(argv)
     if argv is None:  # as a command: profile the step as the training commands run it
         reexec_with_huge_pages()
 
-    compiled, state, batch, config = build_step(args.config, not args.unrolled)
+    compiled, _, state, batch, config = build_step(
+        CONFIGS[args.config], scan_layers=not args.unrolled, dtype=args.dtype,
+        attention=args.attn_implementation, batch_size=args.batch_size)
     for _ in range(2):
         state, metrics = compiled(state, batch)
     jax.block_until_ready(metrics)
@@ -135,12 +145,13 @@ def main(argv: list[str] | None = None) -> int:
     matmul_seconds = sum(s for op, s in leaf.items() if op in matmuls)
     other_seconds = sum(s for op, s in leaf.items() if op not in matmuls)
     bench = CONFIGS[args.config]
-    tokens = bench.tokens_per_step
+    tokens = bench.seq_len * (args.batch_size or bench.batch_size)
     flops = perf.model_flops_per_token(config, bench.seq_len) * tokens
     print(f"{args.config}: step {step_seconds:.2f} s, {tokens / step_seconds:,.0f} tokens/s, "
           f"{flops / step_seconds / 1e9:.1f} model GFLOP/s")
-    print(f"  matmuls {matmul_seconds:.3f} s ({flops / matmul_seconds / 1e9:.1f} GFLOP/s of "
-          f"model FLOPs), everything else {other_seconds:.3f} s")
+    if matmul_seconds:  # operations are found by HLO name: on a GPU, kernels may carry others
+        print(f"  matmuls {matmul_seconds:.3f} s ({flops / matmul_seconds / 1e9:.1f} GFLOP/s of "
+              f"model FLOPs), everything else {other_seconds:.3f} s")
     print(f"\n{'seconds':>8} {'kind':6} {'operation':34} {'output shape':34} from")
     for op, s in sorted(leaf.items(), key=lambda item: -item[1])[: args.top]:
         shape, source = described[op]

@@ -144,3 +144,35 @@ def test_profile_step_splits_a_traced_step_into_matmuls_and_the_rest(tmp_path):
     rows = [line.split() for line in lines[3:] if line[:8].strip().replace(".", "").isdigit()]
     assert sum(row[1] == "matmul" for row in rows) >= 3  # qkv, projections, head: fwd and bwd
     assert list((tmp_path / "trace").rglob("*.xplane.pb"))
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="there is a GPU: it would run")
+def test_bench_on_a_missing_accelerator_says_so():
+    done = subprocess.run([sys.executable, "bench/bench.py", "--device", "gpu"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "--device gpu" in done.stderr and "cpu" in done.stderr
+
+
+@pytest.mark.slow
+def test_accelerator_bench_harness_on_the_cpu(tmp_path):
+    """bench.py --device gpu's harness (bench/accel.py) with micro models on the CPU: flax-lm's
+    train step and PyTorch's bf16 autocast step, each in its own process, start from the loss
+    of a random model, and the MFU columns are tokens/s x FLOPs over the peaks."""
+    out = tmp_path / "accel.json"
+    command = [sys.executable, "bench/accel.py", "--configs", "micro-clm,micro-mlm", "--steps",
+               "2", "--torch_modes", "eager", "--peak_sizes", "64", "--out", str(out)]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert [run["config"] for run in results["runs"]] == ["micro-clm", "micro-mlm"]
+    for run in results["runs"]:
+        ours, peer = run["sides"]["flax-lm"], run["sides"]["torch eager"]
+        assert ours["attention"] == "reference" and ours["vocab_size"] == 8192
+        for side in (ours, peer):
+            assert side["tokens_per_second"] > 0 and side["compile_seconds"] > 0
+            assert side["mfu_measured_peak"] == pytest.approx(
+                side["tokens_per_second"] * run["flops_per_token"]
+                / results["peak"]["jax"]["bfloat16"])
+            assert abs(side["first_loss"] - math.log(8192)) < 0.5
+        assert f"| {run['config']} | 4 | torch eager |" in done.stdout
