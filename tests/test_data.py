@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import threading
 import time
 from types import SimpleNamespace
@@ -250,8 +251,9 @@ def test_a_stream_is_cut_into_the_same_blocks(lines_file, tokenizer):
     expected = tokenize_splits(load_raw_splits(cfg), tokenizer, cfg, "clm")
     cfg.streaming = True
     streamed = tokenize_splits(load_raw_splits(cfg), tokenizer, cfg, "clm")
-    for name in ("train", "validation"):  # under STREAM_GROUP_DOCUMENTS lines: one token stream
-        assert [row["input_ids"] for row in streamed[name]] == list(expected[name]["input_ids"])
+    for name in ("train", "validation"):  # a stream is one token stream too
+        streamed_blocks = [row["input_ids"].tolist() for row in streamed[name].reader()]
+        assert streamed_blocks == list(expected[name]["input_ids"])
 
 
 def test_too_small_corpus_says_how_much_text_there_is(tmp_path, tokenizer):
@@ -311,25 +313,59 @@ def test_resume_continues_exactly(clm_blocks, consumed):
         np.testing.assert_array_equal(got["input_ids"], want["input_ids"])
 
 
-@pytest.mark.parametrize("consumed", [4, 10])  # mid-epoch, end of the first epoch
-def test_streamed_batches_resume_exactly(clm_blocks, consumed):
-    dataset = with_row_numbers(clm_blocks["train"].select(range(16 * 10 + 5)))
-    stream = dataset.to_iterable_dataset(num_shards=4)
-    straight = TrainBatches(stream, batch_size=16, seed=0, shuffle_buffer=64)
-    assert straight.steps_per_epoch is None
-    expected = take(iter(straight), 2 * 10 + 3)
-    epochs = [np.concatenate([b["row"] for b in expected[e * 10 : (e + 1) * 10]]) for e in range(2)]
-    assert all(len(set(rows.tolist())) == 10 * 16 for rows in epochs)
-    assert not np.array_equal(*epochs)
+def counting_tokenized_documents(monkeypatch) -> dict[str, int]:
+    """{"documents": how many documents the pipeline has tokenized} from now on."""
+    tokenize, counted = data._tokenize_documents, {"documents": 0}
 
-    first = TrainBatches(stream, batch_size=16, seed=0, shuffle_buffer=64)
+    def counting(batch, **kwargs):
+        counted["documents"] += len(batch["text"])
+        return tokenize(batch, **kwargs)
+
+    monkeypatch.setattr(data, "_tokenize_documents", counting)
+    return counted
+
+
+def streamed_lines(lines_file, tokenizer, shards: range) -> TrainBatches:
+    """Batches of 8 of the lines of lines_file, streamed, in 2 data shards (`shards` here)."""
+    cfg = make_cfg(train_file=[str(lines_file)], streaming=True, max_eval_samples=10,
+                   block_size=64, do_eval=False)  # fmt: skip
+    streams = tokenize_shards(load_raw_splits(cfg), tokenizer, cfg, "clm", shards, 2)["train"]
+    return TrainBatches(streams, 8, seed=4, shard_ids=shards, num_shards=2, shuffle_buffer=40)
+
+
+@pytest.mark.parametrize("where", ["mid-epoch", "emptying the buffer", "end of epoch"])
+def test_a_stream_resumes_from_its_position_without_reading_again(
+    lines_file, tokenizer, monkeypatch, where
+):
+    """A stream in two data shards (every other line each) is checkpointed after some batches
+    and resumed with each shard in its own process: the batches go on exactly as without the
+    interruption, into later epochs, and no document is tokenized twice (the position holds
+    the shuffle buffer, the tokens not yet cut and the blocks not yet handed out)."""
+    counted = counting_tokenized_documents(monkeypatch)
+    straight = streamed_lines(lines_file, tokenizer, range(2))
+    expected, epochs = [], []
+    for batch in itertools.islice(iter(straight), 60):
+        expected.append(batch)
+        epochs.append(straight.state()["shards"]["0"]["epoch"])
+    read_straight = counted["documents"]
+    epoch_length = epochs.index(1)  # shard 0's batches in its first epoch
+    assert 10 < epoch_length < 30
+    consumed = {"mid-epoch": 4, "emptying the buffer": epoch_length - 2,
+                "end of epoch": epoch_length}[where]  # fmt: skip
+
+    counted["documents"] = 0
+    first = streamed_lines(lines_file, tokenizer, range(2))
     before = take(iter(first), consumed)
-    resumed = TrainBatches(stream, batch_size=16, seed=0, shuffle_buffer=64)
-    resumed.load_state(first.state())
-    after = take(iter(resumed), len(expected) - consumed)
+    saved = json.loads(json.dumps(data.run_position(first.state())))  # as checkpoints hold it
+    assert saved["shards"]["0"]["draining"] == (where != "mid-epoch")
+    halves = [streamed_lines(lines_file, tokenizer, range(i, i + 1)) for i in range(2)]
+    for half in halves:
+        half.load_state(saved)
+    pieces = [take(iter(half), len(expected) - consumed) for half in halves]
+    after = [data.concatenated(pair) for pair in zip(*pieces, strict=True)]
     for got, want in zip(before + after, expected, strict=True):
-        np.testing.assert_array_equal(got["row"], want["row"])
         np.testing.assert_array_equal(got["input_ids"], want["input_ids"])
+    assert counted["documents"] == read_straight
 
 
 def test_each_process_tokenizes_its_half_and_the_batches_are_one_processs(
@@ -391,11 +427,15 @@ def test_fewer_examples_than_one_batch_is_an_error(clm_blocks):
 
 
 @pytest.mark.parametrize("streaming", [False, True])
-def test_eval_batches_cover_every_example_once(clm_blocks, streaming):
-    dataset = clm_blocks["validation"].select(range(10 * 6 + 4))  # a partial last batch to pad
-    expected = dataset.with_format("numpy")[:]["input_ids"]
-    source = dataset.to_iterable_dataset(num_shards=2) if streaming else dataset
-    batches = list(eval_batches(source, batch_size=10))
+def test_eval_batches_cover_every_example_once(lines_file, tokenizer, streaming):
+    cfg = make_cfg(train_file=[str(lines_file)], validation_file=[str(lines_file)],
+                   max_eval_samples=64, block_size=32)  # fmt: skip
+    expected = tokenize_splits(load_raw_splits(cfg), tokenizer, cfg, "clm")["validation"]
+    expected = expected.with_format("numpy")[:]["input_ids"]
+    cfg.streaming = streaming
+    source = tokenize_splits(load_raw_splits(cfg), tokenizer, cfg, "clm")["validation"]
+    assert len(expected) % 10  # a partial last batch to pad
+    batches = list(eval_batches(source, batch_size=10, num_batches=len(expected) // 10 + 2))
     assert all(batch["input_ids"].shape == (10, 32) for batch in batches)
     weights = np.concatenate([batch["example_weight"] for batch in batches])
     rows = np.concatenate([batch["input_ids"] for batch in batches])

@@ -283,6 +283,23 @@ def test_resume_skips_interrupted_saves(clm_reference, tmp_path):
         np.testing.assert_array_equal(load_file(str(out / "model.safetensors"))[name], array)
 
 
+def test_a_streamed_run_resumes_exactly_from_its_saved_position(clm_reference, tmp_path):
+    """--streaming: a run resumed from its step-6 checkpoint (the stream's position, shuffle
+    buffer included) ends exactly as the uninterrupted streamed run."""
+    argv, _ = clm_reference
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_in_process([*with_output_dir(argv, straight), "--streaming"], "clm")
+    meta = json.loads((straight / "checkpoints" / "6" / "meta" / "metadata").read_text())
+    assert meta["data"]["shards"]["0"]["batch_in_epoch"] == 6
+    shutil.copytree(straight / "checkpoints" / "6", resumed / "checkpoints" / "6")
+    run_in_process([*with_output_dir(argv, resumed), "--streaming", "--resume_from_checkpoint"],
+                   "clm")  # fmt: skip
+    later = [r for r in metrics_records(straight) if r["step"] > 6]
+    assert metrics_records(resumed) == later
+    for name, array in load_file(str(straight / "model.safetensors")).items():
+        np.testing.assert_array_equal(load_file(str(resumed / "model.safetensors"))[name], array)
+
+
 @pytest.mark.parametrize("objective", ["clm", "mlm"])
 def test_checkpoints_hold_the_whole_run_and_no_pickle(objective, request):
     _, expected = request.getfixturevalue(f"{objective}_reference")

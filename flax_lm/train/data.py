@@ -13,6 +13,8 @@ them, and one process owning every shard makes the very same global batches.
 
 from __future__ import annotations
 
+import base64
+import collections
 import itertools
 import json
 import queue
@@ -36,8 +38,8 @@ Split = Dataset | IterableDataset
 Batch = dict[str, np.ndarray]
 
 KEYWORD_SAMPLE_DOCUMENTS = 1_000  # streaming: documents read to report what filter_keywords keeps
-STREAM_GROUP_DOCUMENTS = 1_000  # streaming: documents concatenated at a time (remainder dropped)
-SHUFFLE_BUFFER = 10_000  # streaming: examples in the shuffle buffer
+STREAM_CHUNK_DOCUMENTS = 64  # streaming: documents tokenized at a time
+SHUFFLE_BUFFER = 10_000  # streaming: examples in the shuffle buffers (of all data shards)
 
 
 # ---------------------------------------------------------------------------- raw text splits
@@ -127,13 +129,11 @@ def _hold_out_validation(train: Split, cfg) -> tuple[Split, Split]:
     return train.select(range(held_out, len(train))), train.select(range(held_out))
 
 
-def _first(split: Split, n: int | None) -> Split:
+def _first(split: Dataset, n: int | None) -> Dataset:
     if n is None:
         return split
     if n <= 0:
         raise UserError(f"max_train_samples / max_eval_samples must be positive, got {n}")
-    if isinstance(split, IterableDataset):
-        return split.take(n)
     return split.select(range(min(n, len(split))))
 
 
@@ -249,8 +249,8 @@ def tokenize_splits(
     "input_ids" and "special_tokens_mask" blocks of documents encoded as `<s> ... </s>`, or with
     line_by_line one `<s> line </s>` example per non-empty line, truncated and always padded to
     max_seq_length, so shapes stay static ("input_ids", "attention_mask", "special_tokens_mask").
-    A map-style split is concatenated whole, so it only loses the final remainder; a stream
-    drops a remainder per STREAM_GROUP_DOCUMENTS documents, like HF's streaming example.
+    A map-style split is concatenated whole, so it only loses the final remainder; so does a
+    stream, which is tokenized as it is read (`StreamExamples`).
     Then train keeps its first `max_train_samples` examples and validation its first
     `max_eval_samples`, as HF's run_clm.py / run_mlm.py cut them after grouping (each of
     `num_shards` data shards its first 1/num_shards of them).
@@ -275,6 +275,14 @@ def tokenize_splits(
     special_ids = list(tokenizer.all_special_ids) if objective == "mlm" else None
     splits = {}
     for name, split in raw.items():
+        limit = cfg.max_train_samples if name == "train" else cfg.max_eval_samples
+        limit = limit and max(1, limit // num_shards)
+        if isinstance(split, IterableDataset):
+            block_size = None if line_by_line else length
+            splits[name] = StreamExamples(
+                split, tokenize, fn_kwargs, block_size, special_ids, limit=limit
+            )
+            continue
         tokens = _map(
             split,
             cfg,
@@ -289,8 +297,7 @@ def tokenize_splits(
         )
         if isinstance(examples, Dataset) and len(examples) == 0:
             raise UserError(_too_small_message(name, split, tokens, length, flag, line_by_line))
-        limit = cfg.max_train_samples if name == "train" else cfg.max_eval_samples
-        splits[name] = _first(examples, limit and max(1, limit // num_shards))
+        splits[name] = _first(examples, limit)
     return splits
 
 
@@ -386,7 +393,7 @@ def _concatenate_into_blocks(
 
 
 def _group_into_blocks(
-    tokens: Split, block_size: int, special_ids: list[int] | None, cfg, name: str
+    tokens: Dataset, block_size: int, special_ids: list[int] | None, cfg, name: str
 ) -> Split:
     """Fixed-length blocks, cached like the tokens. Cutting a map-style split holds its token
     stream in memory once (4 bytes a token: 1B tokens, 4 GB); stream bigger corpora."""
@@ -397,18 +404,122 @@ def _group_into_blocks(
         "features": features,
         "fn_kwargs": {"block_size": block_size, "special_ids": special_ids},
     }
-    as_arrow = tokens.with_format("arrow")
-    if isinstance(tokens, Dataset):  # the whole split in one batch: one token stream
-        blocks = as_arrow.map(
-            _concatenate_into_blocks,
-            batch_size=None,
-            load_from_cache_file=not cfg.overwrite_cache,
-            desc=f"cutting {name} into blocks of {block_size}",
-            **kwargs,
-        )
-    else:
-        blocks = as_arrow.map(_concatenate_into_blocks, batch_size=STREAM_GROUP_DOCUMENTS, **kwargs)
+    blocks = tokens.with_format("arrow").map(  # the whole split in one batch: one token stream
+        _concatenate_into_blocks,
+        batch_size=None,
+        load_from_cache_file=not cfg.overwrite_cache,
+        desc=f"cutting {name} into blocks of {block_size}",
+        **kwargs,
+    )
     return blocks.with_format(None)
+
+
+class StreamExamples:
+    """A streamed split, tokenized and cut into examples as it is read, whose position is exact
+    and small: the document stream's own (datasets' `state_dict()`), the tokens read but not yet
+    cut into a block (fewer than one block) and the examples made but not yet handed out (those
+    of at most STREAM_CHUNK_DOCUMENTS documents). Resuming from it tokenizes no document twice.
+
+    Documents are cut into blocks as one token stream, like a map-style split.
+    """
+
+    def __init__(
+        self,
+        documents: IterableDataset,
+        tokenize: Callable,
+        fn_kwargs: dict[str, Any],
+        block_size: int | None,  # None: the tokenizer makes whole examples (line_by_line)
+        special_ids: list[int] | None,
+        limit: int | None = None,  # examples a pass stops after (max_*_samples)
+    ):
+        self.documents = documents
+        self.tokenize, self.fn_kwargs = tokenize, fn_kwargs
+        self.block_size, self.special_ids = block_size, special_ids
+        self.limit = limit
+
+    def reader(self, position: dict[str, Any] | None = None) -> StreamReader:
+        """Examples from `position` (a StreamReader.position()), or from the start."""
+        return StreamReader(self, position)
+
+    def examples_of(self, texts: list[str], carry: np.ndarray) -> tuple[list[Batch], np.ndarray]:
+        """(the examples of `texts`, the tokens left over) after the tokens `carry`."""
+        tokens = self.tokenize({"text": texts}, **self.fn_kwargs)
+        if self.block_size is None:
+            return _rows({key: np.asarray(value, np.int32) for key, value in tokens.items()}), carry
+        ids = np.concatenate([carry, *(np.asarray(row, np.int32) for row in tokens["input_ids"])])
+        usable = len(ids) // self.block_size * self.block_size
+        blocks = {"input_ids": ids[:usable].reshape(-1, self.block_size)}
+        if self.special_ids is not None:
+            blocks["special_tokens_mask"] = np.isin(blocks["input_ids"], self.special_ids).astype(
+                np.int32
+            )
+        return _rows(blocks), ids[usable:]
+
+
+class StreamReader:
+    """One pass over a StreamExamples from a position; `position()` is valid between examples."""
+
+    def __init__(self, stream: StreamExamples, position: dict[str, Any] | None):
+        self.stream = stream
+        position = position or {"documents": None, "carry": [], "pending": None, "handed": 0}
+        stream.documents.load_state_dict(position["documents"])  # None: from the start
+        self._documents = iter(stream.documents)
+        self._state = position["documents"]
+        self._carry = np.asarray(position["carry"], np.int32)
+        self._pending = collections.deque(decode_examples(position["pending"]))
+        self._handed = position["handed"]
+
+    def __iter__(self) -> StreamReader:
+        return self
+
+    def __next__(self) -> Batch:
+        if self._handed == self.stream.limit:
+            raise StopIteration
+        while not self._pending:
+            texts = [doc["text"] for doc in itertools.islice(self._documents, STREAM_CHUNK_DOCUMENTS)]
+            if not texts:
+                raise StopIteration
+            self._state = self.stream.documents.state_dict()
+            examples, self._carry = self.stream.examples_of(texts, self._carry)
+            self._pending.extend(examples)
+        self._handed += 1
+        return self._pending.popleft()
+
+    def position(self) -> dict[str, Any]:
+        """Where the next example comes from (its "pending" examples still as arrays)."""
+        return {"documents": self._state, "carry": self._carry.tolist(),
+                "pending": list(self._pending), "handed": self._handed}
+
+
+def _rows(columns: dict[str, np.ndarray]) -> list[Batch]:
+    n = len(next(iter(columns.values())))
+    return [{key: value[i] for key, value in columns.items()} for i in range(n)]
+
+
+def encode_examples(examples: list[Batch] | dict | None) -> dict[str, Any] | None:
+    """Examples (dicts of equal-length int32 rows) as JSON: each column's rows stacked, in base64."""
+    if not isinstance(examples, list):
+        return examples  # already encoded, or nothing
+    if not examples:
+        return {"rows": 0}
+    encoded = {"rows": len(examples)}
+    for key in examples[0]:
+        stacked = np.stack([example[key] for example in examples]).astype("<i4")
+        encoded[key] = {"shape": list(stacked.shape),
+                        "int32": base64.b64encode(stacked.tobytes()).decode("ascii")}
+    return encoded
+
+
+def decode_examples(encoded: dict[str, Any] | list | None) -> list[Batch]:
+    if encoded is None:
+        return []
+    if isinstance(encoded, list):
+        return encoded
+    columns = {
+        key: np.frombuffer(base64.b64decode(value["int32"]), "<i4").reshape(value["shape"])
+        for key, value in encoded.items() if key != "rows"
+    }
+    return _rows(columns) if columns else []
 
 
 def _too_small_message(
@@ -461,7 +572,7 @@ class TrainBatches:
         all_lengths: list[int] | None = None,
         shuffle_buffer: int = SHUFFLE_BUFFER,
     ):
-        shards = [shards] if isinstance(shards, Dataset | IterableDataset) else list(shards)
+        shards = [shards] if isinstance(shards, Dataset | StreamExamples) else list(shards)
         if batch_size % num_shards:
             raise UserError(
                 f"the global batch of {batch_size} rows cannot take equal rows from "
@@ -472,9 +583,9 @@ class TrainBatches:
         self.seed = seed
         self.shuffle_buffer = shuffle_buffer
         self.num_shards = num_shards
-        self.shards = [shard.with_format("numpy") for shard in shards]
+        self.streaming = isinstance(shards[0], StreamExamples)
+        self.shards = shards if self.streaming else [s.with_format("numpy") for s in shards]
         self.shard_ids = list(shard_ids if shard_ids is not None else range(len(shards)))
-        self.streaming = isinstance(shards[0], IterableDataset)
         self.steps_per_epoch: int | None = None
         self.num_examples: int | None = None  # of every shard (streams: unknown)
         if not self.streaming:
@@ -489,15 +600,15 @@ class TrainBatches:
                 )
         self._epoch = 0
         self._batch = 0
-        self._positions = [[0, 0] for _ in self.shards]  # streams: [epoch, batch] per shard
+        self._positions = [_stream_start(0) for _ in self.shards]  # streams: each shard's
 
     def require_one_batch(self) -> None:
         """Fail now, before a run writes anything, if a stream shard holds less than one batch
         (a map-style dataset was checked on construction): reads each one's first batch."""
         if self.streaming:
-            for shard in self.shards:
-                first = next(iter(shard.iter(batch_size=self.rows_per_shard)), None)
-                if first is None or _num_rows(first) < self.rows_per_shard:
+            for stream in self.shards:
+                first = list(itertools.islice(stream.reader(), self.rows_per_shard))
+                if len(first) < self.rows_per_shard:
                     raise self._too_small()
 
     def _too_small(self) -> UserError:
@@ -513,12 +624,13 @@ class TrainBatches:
         return f" ({self.rows_per_shard} rows from each of {self.num_shards} data shards{held})"
 
     def state(self) -> dict[str, Any]:
-        """The NEXT batch to produce (streams: of each of this process's shards)."""
+        """The NEXT batch to produce (streams: each of this process's shards' position, shuffle
+        buffer included, its examples as arrays until `run_position` encodes them)."""
         if self.streaming:
             return {
                 "shards": {
-                    str(shard): {"epoch": epoch, "batch_in_epoch": batch}
-                    for shard, (epoch, batch) in zip(self.shard_ids, self._positions, strict=True)
+                    str(shard): dict(position)
+                    for shard, position in zip(self.shard_ids, self._positions, strict=True)
                 }
             }
         if self._batch >= self.steps_per_epoch:
@@ -528,8 +640,7 @@ class TrainBatches:
     def load_state(self, state: dict[str, Any]) -> None:
         if self.streaming:
             for shard, position in zip(self.shard_ids, self._positions, strict=True):
-                saved = state["shards"][str(shard)]
-                position[:] = [int(saved["epoch"]), int(saved["batch_in_epoch"])]
+                position.update(state["shards"][str(shard)])
             return
         self._epoch = int(state["epoch"])
         self._batch = int(state["batch_in_epoch"])
@@ -562,24 +673,48 @@ class TrainBatches:
 
     def _streamed_shard(self, index: int) -> Iterator[Batch]:
         """Endless batches of one stream shard, epoch after epoch, from its position."""
-        dataset, position = self.shards[index], self._positions[index]
-        seed = [self.seed, self.shard_ids[index]]
-        shuffle_seed = int(np.random.SeedSequence(seed).generate_state(1)[0])
+        stream, position = self.shards[index], self._positions[index]
         while True:
-            epoch, start = position
-            stream = dataset.shuffle(seed=shuffle_seed, buffer_size=self.shuffle_buffer)
-            stream.set_epoch(epoch)
-            produced = 0
-            batches = stream.iter(batch_size=self.rows_per_shard)
-            for batch in itertools.islice(batches, start, None):
+            reader = stream.reader(position["stream"])
+            buffer = decode_examples(position["buffer"])
+            rng = np.random.default_rng([self.seed, self.shard_ids[index], position["epoch"]])
+            if position["rng"] is not None:
+                rng.bit_generator.state = position["rng"]
+            examples = self._shuffled(reader, buffer, rng, position)
+            for batch in _stacked_runs(examples, self.rows_per_shard):
                 if _num_rows(batch) < self.rows_per_shard:
                     break
-                produced += 1
-                position[1] = start + produced
+                position.update(
+                    batch_in_epoch=position["batch_in_epoch"] + 1, stream=reader.position(),
+                    buffer=list(buffer), rng=rng.bit_generator.state,
+                )
                 yield _int32(batch)
-            if start == 0 and produced == 0:
+            if position["batch_in_epoch"] == 0:
                 raise self._too_small()
-            position[:] = [epoch + 1, 0]
+            position.update(_stream_start(position["epoch"] + 1))
+
+    def _shuffled(self, reader, buffer: list, rng: np.random.Generator, position: dict):
+        """The reader's examples through a seeded shuffle buffer (a reservoir: each example read
+        replaces a random one, which is handed out), emptied in a seeded order at the end."""
+        size = max(1, self.shuffle_buffer // self.num_shards)
+        if not position["draining"]:
+            for example in reader:
+                if len(buffer) < size:
+                    buffer.append(example)
+                    continue
+                slot = int(rng.integers(size))
+                handed, buffer[slot] = buffer[slot], example
+                yield handed
+            buffer[:] = [buffer[i] for i in rng.permutation(len(buffer))]
+            position["draining"] = True
+        while buffer:
+            yield buffer.pop()
+
+
+def _stream_start(epoch: int) -> dict[str, Any]:
+    """The position of a stream shard at the start of `epoch`."""
+    return {"epoch": epoch, "batch_in_epoch": 0, "stream": None, "buffer": None, "rng": None,
+            "draining": False}
 
 
 def concatenated(pieces: list[Batch]) -> Batch:
@@ -596,10 +731,10 @@ def eval_batches(dataset: Split, batch_size: int, num_batches: int | None = None
 
     Each batch has "example_weight" [batch] float32: 1 for real rows, 0 for padding rows.
     """
-    dataset = dataset.with_format("numpy")
-    if isinstance(dataset, IterableDataset):
-        batches = dataset.iter(batch_size=batch_size)
+    if isinstance(dataset, StreamExamples):
+        batches = _stacked_runs(dataset.reader(), batch_size)
     else:
+        dataset = dataset.with_format("numpy")
         batches = (
             dataset[start : start + batch_size] for start in range(0, len(dataset), batch_size)
         )
@@ -620,10 +755,16 @@ def eval_batch_count(shards: list[Split], rows_per_shard: int) -> int:
     return max(-(-n // rows_per_shard) for process in lengths for n in process)
 
 
-def _length(split: Split) -> int:
+def _length(split: Dataset | StreamExamples) -> int:
     if isinstance(split, Dataset):
         return len(split)
-    return sum(_num_rows(batch) for batch in split.iter(batch_size=1024))
+    return sum(1 for _ in split.reader())
+
+
+def _stacked_runs(examples: Iterator[Batch], size: int) -> Iterator[Batch]:
+    """Batches of `size` examples (the last one shorter)."""
+    while rows := list(itertools.islice(examples, size)):
+        yield {key: np.stack([row[key] for row in rows]) for key in rows[0]}
 
 
 def run_position(state: dict[str, Any]) -> dict[str, Any]:
@@ -631,7 +772,17 @@ def run_position(state: dict[str, Any]) -> dict[str, Any]:
     map-style position is every process's; stream shards' positions come from their processes."""
     if "shards" not in state:
         return state
-    return {"shards": {k: v for each in every_process(state) for k, v in each["shards"].items()}}
+    encoded = {
+        shard: {
+            **position,
+            "buffer": encode_examples(position["buffer"]),
+            "stream": position["stream"] and {
+                **position["stream"], "pending": encode_examples(position["stream"]["pending"])
+            },
+        }
+        for shard, position in state["shards"].items()
+    }
+    return {"shards": {k: v for each in every_process(encoded) for k, v in each.items()}}
 
 
 def _padded(batch: Batch, batch_size: int) -> Batch:
