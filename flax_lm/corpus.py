@@ -5,10 +5,10 @@ Local files are checked before `datasets` touches them: a bad file is reported b
 UserError instead of surfacing as a traceback halfway through a run.
 
 Hub datasets that are loading scripts (the original `oscar` among them) no longer load with
-`datasets` 4 and later. They still load from the Hub's Parquet conversion
-(`revision="refs/convert/parquet"`, where each config is a folder), with `datasets` < 4 and
-`trust_remote_code`, or a Parquet-native corpus replaces them (FineWeb-2's `nob_Latn` for
-Norwegian); asking for a script gets one error line naming these routes.
+`datasets` 4 and later, and flax-lm never runs code from the Hub. They still load from the Hub's
+Parquet conversion (`revision="refs/convert/parquet"`, where each config is a folder), or a
+Parquet-native corpus replaces them (FineWeb-2's `nob_Latn` for Norwegian); asking for a script
+(or for --trust_remote_code) gets one error line naming these routes.
 """
 
 from __future__ import annotations
@@ -38,11 +38,11 @@ DOCUMENT_LOADER = "document"
 TEXT_LOADERS = ("text", DOCUMENT_LOADER, "json", "csv")  # loaders whose files must be UTF-8 text
 READ_CHUNK_BYTES = 1 << 20
 PARQUET_CONVERSION = "refs/convert/parquet"  # the Hub's Parquet copy of a dataset
-RUNS_SCRIPTS = int(datasets.__version__.split(".")[0]) < 4  # datasets 4 dropped loading scripts
 SCRIPT_ROUTES = (
     f"its Hub Parquet conversion (--dataset_revision {PARQUET_CONVERSION}), a Parquet corpus "
     "(e.g. --dataset_name HuggingFaceFW/fineweb-2 --dataset_config_name nob_Latn for "
-    "Norwegian), or datasets<4 with --trust_remote_code"
+    "Norwegian), or Parquet files made from it with datasets<4 and trust_remote_code, "
+    "given as --train_file"
 )
 
 Corpus = datasets.Dataset | datasets.IterableDataset
@@ -149,7 +149,6 @@ def load_text_dataset(
     max_samples: int | None = None,
     token: str | None = None,
     revision: str | None = None,
-    trust_remote_code: bool = False,
 ) -> Corpus:
     """A corpus with exactly one column, "text", from a hub dataset or local files/dirs/globs.
 
@@ -158,14 +157,14 @@ def load_text_dataset(
     With `streaming` nothing is materialised: examples are read lazily as they are iterated.
     `token`: for a gated or private hub dataset (default: HF_TOKEN or `hf auth login`'s).
     `revision`: a hub dataset's branch, tag or commit (`refs/convert/parquet`: its Parquet
-    conversion); `trust_remote_code`: run a loading script (datasets < 4 only).
+    conversion).
     """
     if (dataset_name is None) == (data_files is None):
         raise UserError("give either a dataset name or data files, not both or neither")
     if max_samples is not None and max_samples <= 0:
         raise UserError(f"max_samples must be positive, got {max_samples}")
     if dataset_name is not None:
-        options = hub_dataset_options(dataset_config_name, revision, trust_remote_code)
+        options = hub_dataset_options(dataset_config_name, revision)
         dataset = _load_hub_dataset(dataset_name, split, streaming, cache_dir, token, options)
     else:
         dataset = _load_local_files(data_files, streaming, cache_dir, keep_linebreaks)
@@ -205,19 +204,19 @@ def hub_retry_warnings_silenced():
         logger.setLevel(level)
 
 
-def hub_dataset_options(
-    config_name: str | None, revision: str | None, trust_remote_code: bool = False
-) -> dict:
+def refuse_remote_code(trust_remote_code: bool) -> None:
+    """--trust_remote_code (Hugging Face's flag) is refused: a loading script is code from the
+    Hub, which flax-lm never runs; the error names what to use instead."""
+    if trust_remote_code:
+        raise UserError(
+            f"--trust_remote_code: flax-lm never runs a dataset's loading script; use {SCRIPT_ROUTES}"
+        )
+
+
+def hub_dataset_options(config_name: str | None, revision: str | None) -> dict:
     """load_dataset's arguments for a hub dataset's config and revision. On the Parquet
     conversion branch a config is a folder (`data_dir`), elsewhere a builder config name."""
-    if trust_remote_code and not RUNS_SCRIPTS:
-        raise UserError(
-            f"--trust_remote_code: datasets {datasets.__version__} no longer runs loading "
-            f"scripts; use {SCRIPT_ROUTES}"
-        )
     options = {"revision": revision}
-    if trust_remote_code:
-        options["trust_remote_code"] = True
     if revision == PARQUET_CONVERSION and config_name:
         return {**options, "name": None, "data_dir": config_name}
     return {**options, "name": config_name}

@@ -21,7 +21,7 @@ from pathlib import Path
 from tokenizers import AddedToken, ByteLevelBPETokenizer, Tokenizer
 from tqdm.auto import tqdm
 
-from flax_lm.corpus import Corpus, iter_text_batches, load_text_dataset
+from flax_lm.corpus import Corpus, iter_text_batches, load_text_dataset, refuse_remote_code
 from flax_lm.errors import ArgParser, UserError, report_user_errors
 
 SPECIAL_TOKENS = {  # role -> token; list order gives ids 0..4, as in roberta-base
@@ -104,7 +104,7 @@ def build_parser() -> ArgParser:
     source.add_argument("--dataset_revision", help="its branch, tag or commit "
                         "(refs/convert/parquet: the Hub's Parquet conversion)")
     source.add_argument("--trust_remote_code", action="store_true",
-                        help="run a dataset's loading script (datasets<4 only)")
+                        help="refused: flax-lm never runs a dataset's loading script")
     source.add_argument("--dataset_split", default="train", help="hub split (default: train)")
     source.add_argument(
         "--streaming", action="store_true", help="read lazily, without a datasets cache"
@@ -127,6 +127,7 @@ def build_parser() -> ArgParser:
 def check_args(args) -> None:
     if (args.dataset_name is None) == (args.train_file is None):
         raise UserError("give exactly one of --dataset_name and --train_file")
+    refuse_remote_code(args.trust_remote_code)
     check_vocab_size(args.vocab_size)
     if args.min_frequency < 1:
         raise UserError(f"--min_frequency must be at least 1, got {args.min_frequency}")
@@ -155,7 +156,6 @@ def load_corpus(args) -> Corpus:
         max_samples=args.max_samples,
         token=args.token,
         revision=args.dataset_revision,
-        trust_remote_code=args.trust_remote_code,
     )
 
 

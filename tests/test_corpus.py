@@ -10,7 +10,12 @@ from pathlib import Path
 import datasets
 import pytest
 
-from flax_lm.corpus import iter_text_batches, load_text_dataset, resolve_data_files
+from flax_lm.corpus import (
+    iter_text_batches,
+    load_text_dataset,
+    refuse_remote_code,
+    resolve_data_files,
+)
 from flax_lm.errors import UserError
 
 
@@ -278,15 +283,15 @@ def test_a_parquet_native_corpus_config_such_as_fineweb2_nob_latn(tmp_path, stdl
 def test_a_loading_script_dataset_is_one_line_naming_the_routes(tmp_path):
     repo = tmp_path / "oscar"
     write(repo / "oscar.py", "import datasets\n")  # what the original OSCAR repo holds
-    for options in ({}, {"trust_remote_code": True}):
-        with pytest.raises(UserError) as raised:
-            load_text_dataset(dataset_name=str(repo),
-                              dataset_config_name="unshuffled_deduplicated_no", **options)
-        message = str(raised.value)
+    with pytest.raises(UserError) as raised:
+        load_text_dataset(dataset_name=str(repo), dataset_config_name="unshuffled_deduplicated_no")
+    with pytest.raises(UserError) as refused:  # flax-lm never runs code from the Hub
+        refuse_remote_code(True)
+    for message in (str(raised.value), str(refused.value)):
         assert "\n" not in message and "loading script" in message
         for route in ("--dataset_revision refs/convert/parquet",
                       "--dataset_name HuggingFaceFW/fineweb-2 --dataset_config_name nob_Latn",
-                      "--trust_remote_code"):
+                      "datasets<4", "--train_file"):
             assert route in message
 
 
@@ -299,14 +304,16 @@ def test_commands_asked_for_a_loading_script_print_one_line_and_write_nothing(
     write(repo / "oscar.py", "import datasets\n")
     dataset = ["--dataset_name", str(repo), "--dataset_config_name", "unshuffled_deduplicated_no"]
     commands = [
-        lambda out: train_tokenizer([*dataset, "--output_dir", str(out)]),
-        lambda out: train([*dataset, "--output_dir", str(out), "--config_name", "gpt2",
-                           "--config_overrides", "vocab_size=512", "--tokenizer_name",
-                           str(tiny_tokenizer_dir)], objective="clm"),
+        lambda out, *extra: train_tokenizer([*dataset, "--output_dir", str(out), *extra]),
+        lambda out, *extra: train([*dataset, "--output_dir", str(out), "--config_name", "gpt2",
+                                   "--config_overrides", "vocab_size=512", "--tokenizer_name",
+                                   str(tiny_tokenizer_dir), *extra], objective="clm"),
     ]
     for number, command in enumerate(commands):
-        out = tmp_path / f"out-{number}"
-        assert command(out) == 2
-        (line,) = capsys.readouterr().err.strip().splitlines()
-        assert line.startswith(f"error: dataset '{repo}' is a loading script")
-        assert "--dataset_revision refs/convert/parquet" in line and not out.exists()
+        for extra, expected in (((), f"error: dataset '{repo}' is a loading script"),
+                                (("--trust_remote_code",), "error: --trust_remote_code: flax-lm")):
+            out = tmp_path / f"out-{number}"
+            assert command(out, *extra) == 2
+            (line,) = capsys.readouterr().err.strip().splitlines()
+            assert line.startswith(expected), line
+            assert "--dataset_revision refs/convert/parquet" in line and not out.exists()

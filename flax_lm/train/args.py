@@ -108,7 +108,7 @@ class TrainConfig:
         None, "the dataset's branch, tag or commit (refs/convert/parquet: the Hub's Parquet copy)"
     )
     trust_remote_code: bool = opt(
-        False, "run a dataset's loading script (datasets<4 only; models never run Hub code)"
+        False, "refused: flax-lm never runs code from the Hub (a dataset's loading script)"
     )
     train_file: list[str] | None = opt(None, "training files, dirs or globs")
     validation_file: list[str] | None = opt(None, "validation files, dirs or globs")
@@ -438,6 +438,10 @@ def check_trainer_flags(cfg: TrainConfig) -> None:
     if cfg.fp16:
         raise UserError("--fp16: flax-lm does not compute in float16; use --bf16 "
                         "(--dtype bfloat16), which needs no loss scaling")
+    if cfg.trust_remote_code:
+        from flax_lm.corpus import refuse_remote_code  # imports datasets: only when needed
+
+        refuse_remote_code(cfg.trust_remote_code)
     if cfg.gradient_checkpointing and cfg.remat not in (None, "full"):
         raise UserError(
             f"--gradient_checkpointing is --remat full, but --remat {cfg.remat} is given too: "

@@ -90,7 +90,6 @@ def _load(cfg, split: str, data_files: list[str] | None, name: str) -> Split:
         keep_linebreaks=cfg.keep_linebreaks,
         token=cfg.token,
         revision=cfg.dataset_revision,
-        trust_remote_code=cfg.trust_remote_code,
     )
     return _keep_documents_with_keywords(documents, cfg, name)
 
@@ -110,9 +109,7 @@ def _load_validation(cfg) -> Split | None:
 
 
 def _hub_has_validation_split(cfg) -> bool:
-    options = hub_dataset_options(
-        cfg.dataset_config_name, cfg.dataset_revision, cfg.trust_remote_code
-    )
+    options = hub_dataset_options(cfg.dataset_config_name, cfg.dataset_revision)
     return "validation" in hub_split_names(cfg.dataset_name, options, cfg.token)
 
 
