@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,7 @@ def test_save_strategy_no_saves_no_checkpoint_but_the_model(code_corpus, tiny_to
 # ------------------------------------------------------------------------------------- wandb
 
 WANDB_BLOCK, WANDB_RECORD_HEADER = 32768, 7  # the .wandb file: LevelDB log blocks of records
+WANDB_WRITE_SECONDS = 60  # how long wandb's service may take to finish writing a run
 
 
 def wandb_records(path: Path):
@@ -92,8 +94,20 @@ def wandb_records(path: Path):
             yield record
 
 
+def wandb_run_finished(path: Path) -> bool:
+    try:
+        return any(r.WhichOneof("record_type") == "exit" for r in wandb_records(path))
+    except Exception:  # noqa: BLE001 - a record still being written does not parse yet
+        return False
+
+
 def wandb_history(path: Path) -> tuple[dict, dict[int, dict]]:
-    """(the run record, {step: the metrics logged at that step})."""
+    """(the run record, {step: the metrics logged at that step}), once wandb's service has
+    written the run's exit record (it writes the file in the background)."""
+    deadline = time.monotonic() + WANDB_WRITE_SECONDS
+    while not wandb_run_finished(path):
+        assert time.monotonic() < deadline, f"{path} holds no exit record"
+        time.sleep(0.2)
     run, history = None, {}
     for record in wandb_records(path):
         if record.WhichOneof("record_type") == "run":
