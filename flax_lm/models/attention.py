@@ -190,8 +190,8 @@ class SelfAttention(nnx.Module):
                  implementation: str = "reference"):
         qkv_key, out_key = jax.random.split(key)
         self.causal = causal
-        self.qkv = Dense(features, 3 * features, qkv_key, std=std)
-        self.out = Dense(features, features, out_key, std=out_std)
+        self.qkv = Dense(features, 3 * features, qkv_key, std=std, axes=("embed", "heads"))
+        self.out = Dense(features, features, out_key, std=out_std, axes=("heads", "embed"))
         self.num_heads = num_heads
         self.attn_dropout = float(attn_dropout)
         self.out_dropout = float(out_dropout)

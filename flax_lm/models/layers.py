@@ -1,6 +1,12 @@
 """Pieces shared by GPT-2 and RoBERTa: parameter kinds, dense/embedding/LayerNorm, MLP, dropout,
 and the scanned layer stack (attention is in attention.py).
 
+Every parameter names its axes with logical names (Flax's `out_sharding` metadata): "vocab" (rows
+of an embedding table: tokens, positions or token types), "embed" (the model width), "heads"
+(attention's heads x head_dim, q|k|v fused), "mlp" (the MLP's hidden width) and "layers" (the
+stacked layers' leading axis). A model never names a device-mesh axis: the trainer maps logical
+names to mesh axes with its rules table (flax_lm/train/step.py), so placement changes there only.
+
 Parameters are float32. Every layer computes in the dtype of its input (float32 or bfloat16), so
 the model casts the embeddings once and the parameters are cast where they are used. LayerNorm
 statistics and the attention softmax are computed in float32 whatever the compute dtype.
@@ -19,6 +25,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flax_lm.errors import UserError
+
+
+def param(kind: type[nnx.Param], value: jax.Array, axes: tuple[str, ...]) -> nnx.Param:
+    """A parameter of type `kind` whose axes have the logical names `axes`. Placement is never
+    applied when it is created (no mesh is needed to build a model): the trainer reads the names."""
+    return kind(value, out_sharding=axes, eager_sharding=False)
 
 
 class Embedding(nnx.Param):
@@ -122,12 +134,14 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None, **block) -> jax.Ar
 
 
 class Dense(nnx.Module):
-    """y = x @ kernel + bias, with kernel stored [in, out] (transformers' Conv1D layout)."""
+    """y = x @ kernel + bias, with kernel stored [in, out] (transformers' Conv1D layout);
+    `axes`: the logical names of (in, out)."""
 
     def __init__(self, in_features: int, out_features: int, key: jax.Array, *, std: float,
-                 use_bias: bool = True):
-        self.kernel = nnx.Param(normal(key, (in_features, out_features), std))
-        self.bias = Bias(jnp.zeros((out_features,), jnp.float32)) if use_bias else None
+                 axes: tuple[str, str], use_bias: bool = True):
+        self.kernel = param(nnx.Param, normal(key, (in_features, out_features), std), axes)
+        bias = jnp.zeros((out_features,), jnp.float32)
+        self.bias = param(Bias, bias, axes[1:]) if use_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = x @ self.kernel[...].astype(x.dtype)
@@ -142,7 +156,7 @@ class Embed(nnx.Module):
         table = normal(key, (num, features), std)
         if padding_idx is not None:
             table = table.at[padding_idx].set(0.0)
-        self.embedding = Embedding(table)
+        self.embedding = param(Embedding, table, ("vocab", "embed"))
 
     def __call__(self, ids: jax.Array, dtype: Any) -> jax.Array:
         return jnp.take(self.embedding[...], ids, axis=0).astype(dtype)
@@ -188,8 +202,8 @@ class LayerNorm(nnx.Module):
     """LayerNorm over the last axis (biased variance, as torch), statistics in float32."""
 
     def __init__(self, features: int, eps: float):
-        self.scale = LayerNormParam(jnp.ones((features,), jnp.float32))
-        self.bias = LayerNormParam(jnp.zeros((features,), jnp.float32))
+        self.scale = param(LayerNormParam, jnp.ones((features,), jnp.float32), ("embed",))
+        self.bias = param(LayerNormParam, jnp.zeros((features,), jnp.float32), ("embed",))
         self.eps = float(eps)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -206,8 +220,8 @@ class MLP(nnx.Module):
     def __init__(self, features: int, hidden: int, key: jax.Array, *, activation: str, std: float,
                  out_std: float, dropout_rate: float):
         fc_key, proj_key = jax.random.split(key)
-        self.fc = Dense(features, hidden, fc_key, std=std)
-        self.proj = Dense(hidden, features, proj_key, std=out_std)
+        self.fc = Dense(features, hidden, fc_key, std=std, axes=("embed", "mlp"))
+        self.proj = Dense(hidden, features, proj_key, std=out_std, axes=("mlp", "embed"))
         self.activation = check_activation(activation)
         self.dropout_rate = float(dropout_rate)
 
@@ -217,8 +231,10 @@ class MLP(nnx.Module):
 
 
 def stacked(make_layer: Callable[[jax.Array], nnx.Module], key: jax.Array, num: int) -> nnx.Module:
-    """`num` layers as ONE module whose parameters have a leading [num] axis."""
-    return nnx.vmap(make_layer, in_axes=0, out_axes=0)(jax.random.split(key, num))
+    """`num` layers as ONE module whose parameters have a leading [num] axis, named "layers"."""
+    vmapped = nnx.vmap(make_layer, in_axes=0, out_axes=0,
+                       transform_metadata={nnx.PARTITION_NAME: "layers"})
+    return vmapped(jax.random.split(key, num))
 
 
 def run_stacked(layers: nnx.Module, step: Callable, x: jax.Array, xs: Any, *, scan: bool,

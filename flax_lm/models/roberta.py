@@ -34,6 +34,7 @@ from flax_lm.models.layers import (
     check_remat,
     compute_dtype,
     dropout,
+    param,
     run_stacked,
     split_key,
     stacked,
@@ -82,9 +83,9 @@ class MaskedLMHead(nnx.Module):
     def __init__(self, config: RobertaConfig, key: jax.Array):
         width, std = config.hidden_size, config.initializer_range
         dense_key, decoder_key = jax.random.split(key)
-        self.dense = Dense(width, width, dense_key, std=std)
+        self.dense = Dense(width, width, dense_key, std=std, axes=("embed", "embed"))
         self.layer_norm = LayerNorm(width, config.layer_norm_eps)
-        self.bias = Bias(jnp.zeros((config.vocab_size,), jnp.float32))
+        self.bias = param(Bias, jnp.zeros((config.vocab_size,), jnp.float32), ("vocab",))
         tied = config.tie_word_embeddings
         self.decoder = None if tied else Embed(config.vocab_size, width, decoder_key, std=std)
 

@@ -101,6 +101,10 @@ class TrainConfig:
         "auto", "attention: auto picks cuDNN's fused attention on NVIDIA GPUs in bfloat16, "
         "XLA's on TPUs, the reference on CPUs", choices=("auto", "reference", "xla", "cudnn")
     )
+    mesh: str | None = opt(
+        None, "device mesh, e.g. data=2,fsdp=4: parameters and optimizer state sharded over "
+        "fsdp (default: all devices on data, replicated)"
+    )
     # data
     dataset_name: str | None = opt(None, "a datasets hub name")
     dataset_config_name: str | None = opt(None, "its config name")

@@ -1,13 +1,20 @@
-"""The compiled train and eval steps, data-parallel over a device mesh.
+"""The compiled train and eval steps over a device mesh with `data` and `fsdp` axes.
 
-Parameters and optimizer state are replicated; batches are split along their batch axis over the
-`data` mesh axis. All placement comes from `state_sharding` and `batch_sharding`, the one place an
-`fsdp` axis would change. The mesh uses Auto axis types: inputs and outputs carry explicit
-NamedShardings and XLA propagates them through the step.
+Batches are split along their batch axis over both axes (every device gets its own rows).
+Parameters and optimizer state are sharded along `fsdp` (fully sharded data parallelism: each
+device of an fsdp group holds 1/fsdp of every array, XLA gathers a layer's weights where it is
+used and reduce-scatters its gradients) and replicated along `data`. With the default mesh (all
+devices on `data`, fsdp = 1) everything is replicated: plain data parallelism.
+
+All placement comes from `state_sharding` and `batch_sharding`. The models name their parameters'
+axes with logical names (flax_lm/models/layers.py); LOGICAL_AXIS_RULES maps those names to mesh
+axes, as MaxText's logical_axis_rules do. The mesh uses Auto axis types: inputs and outputs carry
+explicit NamedShardings and XLA propagates them through the step.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -19,7 +26,19 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-DATA_AXIS = "data"
+from flax_lm.errors import UserError
+
+DATA_AXIS, FSDP_AXIS = "data", "fsdp"
+MESH_AXES = (DATA_AXIS, FSDP_AXIS)
+BATCH_AXES = (DATA_AXIS, FSDP_AXIS)  # a batch's rows are split over every device
+# Logical axis name (as the models name their parameters' axes) -> the mesh axis sharding it.
+LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
+    ("layers", None),  # the stacked layers' axis: lax.scan walks it, so it is never split
+    ("vocab", None),  # embedding rows are gathered by token id: their width is split instead
+    ("embed", FSDP_AXIS),
+    ("heads", FSDP_AXIS),
+    ("mlp", FSDP_AXIS),
+)
 Batch = dict[str, jax.Array]
 
 
@@ -32,28 +51,98 @@ class TrainState(NamedTuple):
     rng: jax.Array  # uint32 key data of jax.random.key(seed); dropout keys derive from it and step
 
 
-def make_mesh(devices: list | None = None) -> Mesh:
-    """A one-axis mesh over all devices (of every process) for data parallelism."""
+def parse_mesh(spec: str | None, num_devices: int) -> dict[str, int]:
+    """Axis sizes from a --mesh value such as "data=2,fsdp=4" for `num_devices` devices.
+
+    An axis given as -1 or without a size takes the devices the others leave; so does `data`
+    when it is not named. Unnamed axes have size 1; the sizes must multiply to `num_devices`."""
+    sizes: dict[str, int] = {}
+    rest = None
+    for item in (spec or "").split(","):
+        name, has_size, size = (part.strip() for part in item.partition("="))
+        if not name and not has_size:
+            continue
+        if name not in MESH_AXES:
+            raise mesh_error(spec, f"unknown axis {name!r} (axes: {', '.join(MESH_AXES)})")
+        if name in sizes or name == rest:
+            raise mesh_error(spec, f"axis {name!r} is given twice")
+        if not has_size or size == "-1":
+            if rest is not None:
+                raise mesh_error(spec, f"only one axis may take the rest ({rest!r} and {name!r})")
+            rest = name
+        elif size.isdigit() and int(size) > 0:
+            sizes[name] = int(size)
+        else:
+            raise mesh_error(spec, f"size {size!r} of {name!r} is not a positive integer or -1")
+    if rest is None and DATA_AXIS not in sizes:
+        rest = DATA_AXIS
+    named = math.prod(sizes.values())
+    if rest is not None:
+        if num_devices % named:
+            raise mesh_error(spec, f"{named} devices of the named axes do not divide "
+                                   f"the {num_devices} devices")
+        sizes[rest] = num_devices // named
+    if math.prod(sizes.values()) != num_devices:
+        raise mesh_error(spec, f"the axes make {math.prod(sizes.values())} devices, "
+                               f"but there are {num_devices}")
+    return {axis: sizes.get(axis, 1) for axis in MESH_AXES}
+
+
+def mesh_error(spec: str | None, reason: str) -> UserError:
+    return UserError(f"--mesh {spec!r}: {reason} (e.g. --mesh data=2,fsdp=4)")
+
+
+def make_mesh(devices: list | None = None, spec: str | None = None) -> Mesh:
+    """The (data, fsdp) mesh over all devices (of every process) as `spec` (--mesh) lays it out;
+    by default all devices on `data`."""
     devices = list(jax.devices() if devices is None else devices)
-    return jax.make_mesh(
-        (len(devices),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices
-    )
+    sizes = parse_mesh(spec, len(devices))
+    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    shape = tuple(sizes[axis] for axis in MESH_AXES)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+
+
+def logical_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+    """The PartitionSpec of an array whose dimensions have the logical names `axes`: each mesh
+    axis shards the first dimension whose rule names it and whose size it divides. A dimension
+    the mesh axis does not divide stays whole (replicated) on every device."""
+    rules = dict(LOGICAL_AXIS_RULES)
+    spec: list[str | None] = []
+    for name, size in zip(axes, shape, strict=True):
+        if name not in rules:
+            raise ValueError(f"logical axis {name!r} has no rule in LOGICAL_AXIS_RULES")
+        mesh_axis = rules[name]
+        fits = mesh_axis is not None and size % mesh.shape[mesh_axis] == 0
+        spec.append(mesh_axis if fits and mesh_axis not in spec else None)
+    return PartitionSpec(*spec)
 
 
 def state_sharding(mesh: Mesh, state: Any) -> Any:
-    """Sharding of every leaf of a state pytree: replicated on each device."""
-    return jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), state)
+    """Sharding of every leaf of a state pytree (parameters, a TrainState, abstract or not).
+
+    A parameter's comes from its logical axis names; its optimizer moments are Variables of the
+    same kind and names (optax maps over the parameters), so they follow it. Leaves without
+    names, or whose rank differs from the names' (scalars, step, RNG, Adafactor's factored
+    moments) are replicated."""
+
+    def sharding(leaf: Any) -> Any:
+        if isinstance(leaf, nnx.Variable):
+            axes = leaf.get_metadata().get("out_sharding")
+            value = leaf.get_value()
+            spec = PartitionSpec()
+            if axes and len(axes) == np.ndim(value):
+                spec = logical_spec(tuple(axes), np.shape(value), mesh)
+            return leaf.replace(NamedSharding(mesh, spec))
+        return NamedSharding(mesh, PartitionSpec())
+
+    return jax.tree.map(sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 0) -> NamedSharding:
-    """Split axis `batch_axis` of an `ndim`-dimensional batch array over the data axis."""
-    spec = [None] * ndim
-    spec[batch_axis] = DATA_AXIS
+    """Split axis `batch_axis` of an `ndim`-dimensional batch array over every device."""
+    spec: list[Any] = [None] * ndim
+    spec[batch_axis] = BATCH_AXES
     return NamedSharding(mesh, PartitionSpec(*spec))
-
-
-def num_data_shards(mesh: Mesh) -> int:
-    return mesh.shape[DATA_AXIS]
 
 
 def make_put(mesh: Mesh, batch_axis: int) -> Callable[[dict[str, np.ndarray]], Batch]:
@@ -83,14 +172,19 @@ def process_rows(batch: dict[str, np.ndarray], batch_axis: int) -> dict[str, np.
 def init_state(
     params: nnx.State, optimizer: optax.GradientTransformation, seed: int, mesh: Mesh
 ) -> TrainState:
-    """A replicated TrainState at step 0."""
-    state = TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        opt_state=optimizer.init(params),
-        rng=jax.random.key_data(jax.random.key(seed)),
-    )
-    return jax.device_put(state, state_sharding(mesh, state))
+    """The TrainState at step 0, laid out by `state_sharding`: the optimizer state is made in
+    place on the devices, each one creating only its shards."""
+
+    def fresh(params: nnx.State) -> TrainState:
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=optimizer.init(params),
+            rng=jax.random.key_data(jax.random.key(seed)),
+        )
+
+    shardings = state_sharding(mesh, jax.eval_shape(fresh, params))
+    return jax.jit(fresh, out_shardings=shardings)(jax.device_put(params, shardings.params))
 
 
 def make_train_step(
@@ -168,7 +262,8 @@ def compile_ahead(
 def compile_train_step(
     train_step: Callable, state: TrainState, batch: Batch, mesh: Mesh
 ) -> tuple[Callable, float]:
-    """The train step compiled once: state donated and kept replicated, metrics replicated."""
+    """The train step compiled once: state donated and kept as `state_sharding` lays it out,
+    metrics replicated."""
     metrics_sharding = NamedSharding(mesh, PartitionSpec())
     return compile_ahead(
         train_step,

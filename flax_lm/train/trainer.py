@@ -80,7 +80,7 @@ PROCESS_COUNT_ENV = ("JAX_NUM_PROCESSES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"
 def run(cfg: TrainConfig, objective_name: str) -> dict[str, Any]:
     """Train and/or evaluate as `cfg` says; returns all_results."""
     setup_jax(cfg)
-    mesh = make_mesh()
+    mesh = make_mesh(spec=cfg.mesh)
     prepared = prepare(cfg, objective_name, num_devices=mesh.size)
     return Trainer(prepared, mesh, objective_name).run()
 
@@ -709,7 +709,10 @@ class Trainer:
     def save_outputs(self, params) -> None:
         """config.json, model.safetensors (PyTorch layout) and the tokenizer in output_dir: at
         every checkpoint, as Hugging Face's scripts do, so output_dir always holds the newest
-        saved model, and at the end."""
+        saved model, and at the end. With several processes each parameter is first gathered
+        (by all of them, one array at a time): process 0 may hold only some of its shards."""
+        if jax.process_count() > 1:
+            params = multihost_utils.process_allgather(params, tiled=True)
         if self.is_main:
             save_model(nnx.merge(self.graphdef, params), self.p.output_dir)
             self.p.tokenizer.save_pretrained(self.p.output_dir)
