@@ -74,7 +74,7 @@ from flax_lm.train.step import (
 PREFETCH_BATCHES = 2
 EVAL_MASK_STREAM = 2**32  # eval masks come from (seed, this): the same masks at every evaluation
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-PROCESS_COUNT_ENV = ("JAX_NUM_PROCESSES", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
+PROCESS_COUNT_ENV = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
 
 
 def run(cfg: TrainConfig, objective_name: str) -> dict[str, Any]:
@@ -96,7 +96,7 @@ def setup_jax(cfg: TrainConfig) -> None:
 
 def process_env() -> dict[str, int]:
     """num_processes and process_id from JAX_NUM_PROCESSES and JAX_PROCESS_ID, for a launch by
-    hand (jax reads only JAX_COORDINATOR_ADDRESS itself; TPU pods, SLURM and MPI are detected)."""
+    hand (jax reads only JAX_COORDINATOR_ADDRESS itself; clusters it detects need neither)."""
     found = {}
     names = {"num_processes": "JAX_NUM_PROCESSES", "process_id": "JAX_PROCESS_ID"}
     for argument, name in names.items():
@@ -109,13 +109,36 @@ def process_env() -> dict[str, int]:
 
 
 def several_processes() -> bool:
-    """Whether the environment describes a multi-process (multi-host) launch."""
-    if os.environ.get("JAX_COORDINATOR_ADDRESS") or "," in os.environ.get(
-        "TPU_WORKER_HOSTNAMES", ""
-    ):
+    """Whether this process is one of several of one run: started by hand (JAX_COORDINATOR_ADDRESS
+    or JAX_NUM_PROCESSES > 1), or in a cluster of more than one process that JAX detects."""
+    by_hand = os.environ.get("JAX_NUM_PROCESSES", "")
+    if os.environ.get("JAX_COORDINATOR_ADDRESS") or (by_hand.isdigit() and int(by_hand) > 1):
         return True
-    counts = (os.environ.get(name, "") for name in PROCESS_COUNT_ENV)
-    return any(count.isdigit() and int(count) > 1 for count in counts)
+    cluster = detected_cluster()
+    return cluster is not None and cluster[1] > 1
+
+
+def detected_cluster() -> tuple[str, int] | None:
+    """(name, process count) of the cluster environment that `jax.distributed.initialize()`
+    would use, or None: JAX's own detection, in its order (Open MPI, SLURM, Cloud TPU on GKE
+    or on TPU VMs through their metadata server, Kubernetes). Its registry of cluster kinds is
+    not public API, so without it (another JAX version) only the process-count variables of
+    SLURM and Open MPI are read. A single-host TPU VM or a one-task job is a cluster of one
+    process: it is run alone, without jax.distributed."""
+    try:
+        from jax._src.clusters import ClusterEnv
+
+        kinds = [kind for kind in ClusterEnv._cluster_types if not kind.opt_in_only_method]
+    except (ImportError, AttributeError):
+        for name in PROCESS_COUNT_ENV:
+            count = os.environ.get(name, "")
+            if count.isdigit():
+                return name, int(count)
+        return None
+    for kind in kinds:
+        if kind.is_env_present():
+            return kind.name, kind.get_process_count()
+    return None
 
 
 class Throughput:
