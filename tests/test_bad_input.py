@@ -143,6 +143,12 @@ def as_argv(flags: Flags) -> list[str]:
         ("clm", {"--output_dir": ["{tiny_txt}/run"]},
          "--output_dir {tiny_txt}/run cannot be written"),
         ("clm", {"--resume_from_checkpoint": ["{missing}"]}, "no checkpoint to resume from"),
+        ("clm", {"--output_dir": ["s3://bucket/run"]},
+         "--output_dir s3://bucket/run: s3:// paths cannot be written here"),
+        ("clm", {"--output_dir": ["gs://bucket/run"]},
+         "--output_dir gs://bucket/run needs Google Cloud Storage support, which is not "
+         "installed: pip install 'flax-lm[gcs]'"),
+        ("clm", {"--checkpoint_dir": ["gs:///run"]}, "--checkpoint_dir gs:///run names no bucket"),
         ("clm", {"--dataset_name": ["no_such_dataset"], "--train_file": None},
          "cannot load dataset 'no_such_dataset'"),
     ],

@@ -8,6 +8,7 @@ signals itself right after step KILL_AFTER is logged, which makes the kill point
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import json
 import os
@@ -20,8 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fsspec.implementations.local import LocalFileSystem
+from fsspec.utils import stringify_path
 from safetensors.numpy import load_file
 
+from flax_lm.train import runlock
 from flax_lm.train.cli import main
 from flax_lm.train.runlock import LOCK_FILE
 
@@ -44,6 +48,7 @@ CHECKPOINT_FILE_MAGIC = (b"{", b"Checkpoint commit", b"\x0c\xdb", b"\x28\xb5\x2f
 DRIVER = """
 import os, sys
 from flax_lm.train import metrics
+from flax_lm.train import runlock
 from flax_lm.train.cli import main
 from flax_lm.train.runlock import LOCK_FILE
 
@@ -236,13 +241,10 @@ def test_a_second_run_in_the_same_output_dir_is_refused(clm_reference, tmp_path,
     assert_same_run(expected, out)  # checkpoints, every metrics line, the same final model
 
 
-def test_sigint_saves_a_checkpoint_and_the_resume_matches(mlm_reference, tmp_path, monkeypatch):
-    """Ctrl-C in this very process: exit 130 after a checkpoint, then an exact resume."""
-    objective, (argv, expected) = "mlm", mlm_reference
+def run_interrupted(argv: list[str], objective: str, monkeypatch) -> tuple[str, str]:
+    """The run in this process, Ctrl-C'd once step KILL_AFTER is logged (exit 130)."""
     from flax_lm.train import metrics
 
-    out = tmp_path / "interrupted"
-    argv = with_output_dir(argv, out)
     write = metrics.RunLog.train
 
     def train_then_interrupt(self, record):
@@ -251,14 +253,92 @@ def test_sigint_saves_a_checkpoint_and_the_resume_matches(mlm_reference, tmp_pat
             os.kill(os.getpid(), signal.SIGINT)
 
     monkeypatch.setattr(metrics.RunLog, "train", train_then_interrupt)
+    try:
+        return run_in_process(argv, objective, status=128 + signal.SIGINT)
+    finally:
+        monkeypatch.setattr(metrics.RunLog, "train", write)
+
+
+def test_sigint_saves_a_checkpoint_and_the_resume_matches(mlm_reference, tmp_path, monkeypatch):
+    """Ctrl-C in this very process: exit 130 after a checkpoint, then an exact resume."""
+    objective, (argv, expected) = "mlm", mlm_reference
+    out = tmp_path / "interrupted"
+    argv = with_output_dir(argv, out)
     handler = signal.getsignal(signal.SIGINT)
-    _, stderr = run_in_process(argv, objective, status=128 + signal.SIGINT)
-    monkeypatch.undo()
+    _, stderr = run_interrupted(argv, objective, monkeypatch)
     assert stderr.strip().splitlines()[-1].startswith(f"interrupted by SIGINT at step {KILL_AFTER}")
     assert signal.getsignal(signal.SIGINT) is handler  # restored after training
 
     run_in_process([*argv, "--resume_from_checkpoint"], objective)
     assert_same_run(expected, out)
+
+
+class FakeGCS(LocalFileSystem):
+    """fsspec's gs:// (and gcs://) protocol kept in a local folder, `root`."""
+
+    protocol = ("gs", "gcs")
+    root = ""
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        path = stringify_path(path)
+        for prefix in ("gs://", "gcs://"):
+            if path.startswith(prefix):
+                path = os.path.join(cls.root, path.removeprefix(prefix))
+        return super()._strip_protocol(path)
+
+    def glob(self, path, **kwargs):  # "bucket/path" names, as gcsfs gives (epath adds gs://)
+        return [os.path.relpath(p, self.root) for p in super().glob(path, **kwargs)]
+
+
+@pytest.fixture
+def fake_gcs(tmp_path, monkeypatch) -> Path:
+    """gs://BUCKET/PATH lives in tmp_path/gcs/BUCKET/PATH, for both ways a run reaches it:
+    epath's fsspec backend (what it uses without TensorFlow) and the TensorStore specs orbax
+    builds for checkpoint arrays (for gs:// its GCS driver; here its local one). The Cloud Storage client
+    orbax asks whether the bucket has a hierarchical namespace is answered: no. No network."""
+    from etils.epath import backend
+    from orbax.checkpoint._src.path import gcs_utils
+    from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+
+    root = tmp_path / "gcs"
+    root.mkdir()
+    monkeypatch.setattr(FakeGCS, "root", str(root))
+    for protocol in FakeGCS.protocol:
+        monkeypatch.setitem(importlib.import_module("fsspec.registry")._registry, protocol, FakeGCS)
+    backend.fsspec_backend._get_filesystem.cache_clear()
+
+    def local_path(path: str) -> str:  # orbax's kvstore specs then take their local route
+        path = os.path.normpath(path).replace("gs:/", "gs://")
+        return str(root / path.removeprefix("gs://")) if path.startswith("gs://") else path
+
+    monkeypatch.setattr(ts_utils, "_normalize_path", local_path)
+    monkeypatch.setattr(gcs_utils, "is_hierarchical_namespace_enabled", lambda path: False)
+    monkeypatch.setattr(runlock, "CLAIM_SETTLE_SECONDS", 0.1)
+    monkeypatch.chdir(tmp_path)
+    yield root
+    backend.fsspec_backend._get_filesystem.cache_clear()
+
+
+def test_a_gs_output_dir_saves_resumes_and_exports(clm_reference, fake_gcs, monkeypatch):
+    """Checkpoints, metrics, results and the exported model go to gs://; a run stopped by a
+    signal there is continued by its rerun exactly; nothing local is named after the URL."""
+    objective, (argv, expected) = "clm", clm_reference
+    argv = with_output_dir(argv, "gs://bucket/run")
+    run_interrupted(argv, objective, monkeypatch)
+    run = fake_gcs / "bucket" / "run"
+    assert sorted(int(p.name) for p in (run / "checkpoints").iterdir()) == [3, 6, KILL_AFTER]
+    assert metrics_records(run)[-1]["step"] == KILL_AFTER  # copied there at the checkpoint
+
+    stdout, _ = run_in_process(argv, objective)  # the same command, rerun
+    assert stdout.splitlines()[0].startswith(
+        f"resumed from checkpoint gs://bucket/run/checkpoints/{KILL_AFTER} at step {KILL_AFTER}"
+    )
+    assert_same_run(expected, run)
+    assert sorted(int(p.name) for p in (run / "checkpoints").iterdir()) == [3, 6, 7, 9, 10]
+    assert {"config.json", "tokenizer.json", "all_results.json"} <= {p.name for p in run.iterdir()}
+    assert not (run / LOCK_FILE).exists()
+    assert [p.name for p in Path.cwd().iterdir()] == ["gcs"]  # no local "gs:" folder
 
 
 def test_resume_skips_interrupted_saves(clm_reference, tmp_path):

@@ -11,19 +11,20 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file, save
 
 from flax_lm.errors import UserError
 from flax_lm.models import Model, create_model, model_class
 from flax_lm.models.layers import TorchTensor
+from flax_lm.storage import save_pretrained, write_bytes_atomically
 
 __all__ = ["create_model", "export_state_dict", "import_state_dict", "load_model", "save_model"]
 
@@ -137,12 +138,11 @@ def save_model(model: Model, out_dir: str | Path) -> None:
     config = copy.deepcopy(model.config)
     config.architectures = [model.ARCHITECTURE]
     config.dtype = "float32"
-    out = Path(out_dir)
+    out = epath.Path(out_dir)  # a local dir or gs://...
     out.mkdir(parents=True, exist_ok=True)
-    partial = out / f".{WEIGHTS}.partial"  # replaced in one step: never a half-written file
-    save_file(tensors, str(partial), metadata={"format": "pt"})
-    os.replace(partial, out / WEIGHTS)
-    config.save_pretrained(str(out))
+    # replaced in one step: never a half-written file
+    write_bytes_atomically(out / WEIGHTS, save(tensors, metadata={"format": "pt"}))
+    save_pretrained(config, out)
 
 
 def weight_files(model_dir: Path) -> list[Path]:

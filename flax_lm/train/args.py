@@ -49,7 +49,12 @@ class TrainConfig:
     """Every setting of a training run; field names are the flag names."""
 
     # output
-    output_dir: str | None = opt(None, "where checkpoints, metrics and the final model go")
+    output_dir: str | None = opt(
+        None, "where checkpoints, metrics and the final model go (a local path or gs://bucket/path)"
+    )
+    checkpoint_dir: str | None = opt(
+        None, "the run's checkpoints folder (default: output_dir/checkpoints), e.g. gs://bucket/run"
+    )
     overwrite_output_dir: bool = opt(
         False, "start over in an output_dir that holds files (replaces its checkpoints)"
     )

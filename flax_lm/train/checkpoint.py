@@ -16,12 +16,13 @@ import logging
 import re
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import orbax.checkpoint as ocp
+from etils import epath
 
 from flax_lm.errors import UserError
+from flax_lm.storage import absolute, location
 from flax_lm.train.args import LATEST_CHECKPOINT
 from flax_lm.train.step import TrainState, abstract
 
@@ -33,7 +34,7 @@ STEP_PREFIX = re.compile(r"^(\d+)(\D|$)")
 
 
 def open_manager(
-    directory: Path,
+    directory: epath.Path,
     *,
     max_to_keep: int | None = None,
     create: bool = True,
@@ -43,7 +44,7 @@ def open_manager(
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, create=create, cleanup_tmp_directories=remove_interrupted_saves
     )
-    return ocp.CheckpointManager(directory.absolute(), options=options, item_names=ITEMS)
+    return ocp.CheckpointManager(absolute(directory), options=options, item_names=ITEMS)
 
 
 def save(manager: ocp.CheckpointManager, state: TrainState, meta: dict[str, Any]) -> None:
@@ -65,7 +66,7 @@ def restore(
         restored = manager.restore(step, args=args)
     except RESTORE_ERRORS as err:  # the hook stays: reads still in flight finish later
         logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # and their pending tasks
-        raise cannot_restore(Path(manager.directory) / str(step), err) from None
+        raise cannot_restore(epath.Path(manager.directory) / str(step), err) from None
     sys.unraisablehook = previous_hook
     return restored.state, restored.meta
 
@@ -83,7 +84,7 @@ def without_closed_loop_errors(hook: Callable) -> Callable:
     return filtered
 
 
-def read_meta(directory: Path, step: int) -> dict[str, Any]:
+def read_meta(directory: epath.Path, step: int) -> dict[str, Any]:
     """The JSON part of a checkpoint, without loading its arrays."""
     manager = open_manager(directory, create=False)
     try:
@@ -94,7 +95,7 @@ def read_meta(directory: Path, step: int) -> dict[str, Any]:
         manager.close()
 
 
-def cannot_restore(step_dir: Path, err: Exception) -> UserError:
+def cannot_restore(step_dir: epath.Path, err: Exception) -> UserError:
     reason = " ".join(str(err).split()).split(" [tensorstore_spec")[0][:300] or type(err).__name__
     return UserError(
         f"checkpoint {step_dir} cannot be restored (damaged, or saved by another model): "
@@ -102,10 +103,14 @@ def cannot_restore(step_dir: Path, err: Exception) -> UserError:
     )
 
 
-def find_checkpoint(spec: str, output_dir: Path) -> tuple[Path, int]:
+def find_checkpoint(spec: str, own_checkpoints: epath.Path) -> tuple[epath.Path, int]:
     """(checkpoints dir, step) named by --resume_from_checkpoint: `latest` (the newest complete one
-    under output_dir), a checkpoints dir (its newest complete one), or one step's dir inside it."""
-    path = output_dir / CHECKPOINTS_SUBDIR if spec == LATEST_CHECKPOINT else Path(spec)
+    of the run's own checkpoints), a checkpoints dir (its newest complete one), or one step's dir
+    inside it (local or gs://)."""
+    if spec == LATEST_CHECKPOINT:
+        path = own_checkpoints
+    else:
+        path = location(spec, "--resume_from_checkpoint")
     if not path.is_dir():
         raise UserError(f"no checkpoint to resume from: {path} is not a directory")
     if STEP_PREFIX.match(path.name) and (path / ITEMS[0]).is_dir():
@@ -122,7 +127,7 @@ def find_checkpoint(spec: str, output_dir: Path) -> tuple[Path, int]:
     raise UserError(f"no checkpoint to resume from: {path} holds no complete saved step")
 
 
-def is_complete(step_dir: Path) -> bool:
+def is_complete(step_dir: epath.Path) -> bool:
     """A finished save: named by its step alone, with its commit marker and every item."""
     return (
         step_dir.name.isdigit()
@@ -131,14 +136,14 @@ def is_complete(step_dir: Path) -> bool:
     )
 
 
-def checkpoint_steps(root: Path) -> list[int]:
+def checkpoint_steps(root: epath.Path) -> list[int]:
     """Steps saved completely under `root`, in increasing order."""
     if not root.is_dir():
         return []
     return sorted(int(p.name) for p in root.iterdir() if p.is_dir() and is_complete(p))
 
 
-def interrupted_saves(root: Path, after: int = -1) -> list[Path]:
+def interrupted_saves(root: epath.Path, after: int = -1) -> list[epath.Path]:
     """Step directories under `root` (of steps after `after`) whose save never finished."""
     if not root.is_dir():
         return []

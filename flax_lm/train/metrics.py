@@ -16,7 +16,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from flax_lm.errors import UserError
+from flax_lm.storage import copy_into, is_cloud
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_SUBDIR = "runs"
@@ -65,7 +68,7 @@ def start_wandb(output_dir: Path, run_name: str | None, config: dict[str, Any]):
         return wandb.init(
             project=os.environ.get("WANDB_PROJECT", WANDB_DEFAULT_PROJECT),
             name=run_name or str(output_dir),
-            dir=str(output_dir),
+            dir=None if is_cloud(output_dir) else str(output_dir),  # gs://: W&B's ./wandb
             config=config,
         )
     except Exception as err:  # no login, no network, a bad setting: one line before training
@@ -99,15 +102,20 @@ class RunLog:
         wandb_run=None,
         enabled: bool = True,
     ):
-        self.enabled = enabled
+        self.enabled, self.output_dir, self.staging = enabled, output_dir, None
         self.wandb = wandb_run if enabled else None
         self.start = time.perf_counter()
-        self.jsonl = (output_dir / METRICS_FILE).open("a", encoding="utf-8") if enabled else None
+        files = Path(output_dir)
+        if enabled and is_cloud(output_dir):  # appended here, copied there by sync()
+            files = self.staging = Path(tempfile.mkdtemp(prefix="flax-lm-log-"))
+            if (output_dir / METRICS_FILE).exists():
+                (files / METRICS_FILE).write_bytes((output_dir / METRICS_FILE).read_bytes())
+        self.jsonl = (files / METRICS_FILE).open("a", encoding="utf-8") if enabled else None
         self.board = None
         if enabled and tensorboard:
             from tensorboardX import SummaryWriter
 
-            self.board = SummaryWriter(logdir=str(output_dir / TENSORBOARD_SUBDIR))
+            self.board = SummaryWriter(logdir=str(files / TENSORBOARD_SUBDIR))
         self.bar = tqdm(
             total=total_steps,
             initial=initial_step,
@@ -156,11 +164,24 @@ class RunLog:
         if self.enabled:
             self.bar.write(text)
 
+    def sync(self) -> None:
+        """A gs:// output_dir: copy metrics.jsonl and the TensorBoard events there (at every
+        checkpoint and at the end; a resumed run drops the lines after its checkpoint anyway)."""
+        if self.staging is None:
+            return
+        self.jsonl.flush()
+        if self.board is not None:
+            self.board.flush()
+        copy_into(self.staging, self.output_dir)
+
     def close(self) -> None:
         self.bar.close()
         if self.jsonl is not None:
             self.jsonl.close()
         if self.board is not None:
             self.board.close()
+        if self.staging is not None:
+            copy_into(self.staging, self.output_dir)
+            shutil.rmtree(self.staging, ignore_errors=True)
         if self.wandb is not None:
             self.wandb.finish()

@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import jax
+from etils import epath
 from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from flax_lm.config import apply_config_overrides, base_config_names, load_base_config
 from flax_lm.corpus import progress_bars_on_terminal_only
 from flax_lm.errors import UserError
 from flax_lm.hub_models import download_config, download_model, is_hub_id
+from flax_lm.storage import is_cloud, is_inside, location, same_place
 from flax_lm.train import checkpoint
 from flax_lm.train.args import SCRIPT_NAMES, TrainConfig
 from flax_lm.train.data import (
@@ -44,10 +46,10 @@ MAX_DEFAULT_LENGTH = 1024  # default block_size / max_seq_length cap, as in HF's
 class Resume:
     """The checkpoint a run continues from and what it recorded about its run."""
 
-    directory: Path  # the checkpoints dir holding it
+    directory: epath.Path  # the checkpoints dir holding it
     step: int
     meta: dict[str, Any]
-    interrupted: list[Path]  # newer step dirs whose save never finished (skipped)
+    interrupted: list[epath.Path]  # newer step dirs whose save never finished (skipped)
     later: list[int] = dataclasses.field(default_factory=list)  # newer complete ones (dropped)
     rerun: bool = False  # found in output_dir by rerunning the command, not named by a flag
 
@@ -80,8 +82,12 @@ class Prepared:
     model_dir: Path | None = None  # --model_name_or_path as a local dir (a Hub id: its cache)
 
     @property
-    def output_dir(self) -> Path:
-        return Path(self.cfg.output_dir)
+    def output_dir(self) -> epath.Path:
+        return epath.Path(self.cfg.output_dir)
+
+    @property
+    def checkpoint_dir(self) -> epath.Path:
+        return checkpoints_of(self.cfg)
 
     @property
     def shard_ids(self) -> range:
@@ -100,8 +106,16 @@ def prepare(cfg: TrainConfig, objective_name: str, num_devices: int) -> Prepared
 
 
 def load_and_check(cfg: TrainConfig, objective_name: str, num_devices: int) -> Prepared:
-    output_dir = Path(cfg.output_dir)
-    check_not_locked(output_dir)
+    output_dir = location(cfg.output_dir, "--output_dir")
+    if cfg.checkpoint_dir:
+        location(cfg.checkpoint_dir, "--checkpoint_dir")
+    if cfg.push_to_hub and is_cloud(output_dir):
+        raise UserError(
+            f"--push_to_hub uploads a local output_dir, not {output_dir}: give a local "
+            "--output_dir and --checkpoint_dir gs://... for the checkpoints"
+        )
+    for directory in run_dirs(cfg):
+        check_not_locked(directory)
     resume = find_resume(cfg, output_dir)
     check_output_dir(cfg, output_dir, resuming=resume is not None)
     model_dir = pretrained_model_dir(cfg)
@@ -154,14 +168,27 @@ def resolve_data_shards(cfg: TrainConfig, resume: Resume | None, num_devices: in
     return dataclasses.replace(cfg, data_shards=shards)
 
 
-def find_resume(cfg: TrainConfig, output_dir: Path) -> Resume | None:
+def checkpoints_of(cfg: TrainConfig) -> epath.Path:
+    """The run's checkpoints folder: --checkpoint_dir, or output_dir/checkpoints."""
+    if cfg.checkpoint_dir:
+        return epath.Path(cfg.checkpoint_dir)
+    return epath.Path(cfg.output_dir) / checkpoint.CHECKPOINTS_SUBDIR
+
+
+def run_dirs(cfg: TrainConfig) -> list[epath.Path]:
+    """Where the run holds a lock: output_dir, and --checkpoint_dir when it lies elsewhere."""
+    output_dir, checkpoints = epath.Path(cfg.output_dir), checkpoints_of(cfg)
+    return [output_dir] + ([] if is_inside(checkpoints, output_dir) else [checkpoints])
+
+
+def find_resume(cfg: TrainConfig, output_dir: epath.Path) -> Resume | None:
     """The checkpoint named by --resume_from_checkpoint or, when the command is rerun on an
     output_dir holding complete checkpoints (without --overwrite_output_dir), its newest."""
-    own_checkpoints = output_dir / checkpoint.CHECKPOINTS_SUBDIR
+    own_checkpoints = checkpoints_of(cfg)
     if cfg.resume_from_checkpoint:
         if not cfg.do_train:
             raise UserError("--resume_from_checkpoint continues training: it needs --do_train")
-        directory, step = checkpoint.find_checkpoint(cfg.resume_from_checkpoint, output_dir)
+        directory, step = checkpoint.find_checkpoint(cfg.resume_from_checkpoint, own_checkpoints)
         rerun = False
     else:
         steps = checkpoint.checkpoint_steps(own_checkpoints)
@@ -183,16 +210,16 @@ MODEL_DIR_INPUTS = ("config.json", "tokenizer.json", "tokenizer_config.json",
                     "special_tokens_map.json", "vocab.json", "merges.txt")  # fmt: skip
 
 
-def may_start_in(cfg: TrainConfig, output_dir: Path) -> set[str]:
+def may_start_in(cfg: TrainConfig, output_dir: epath.Path) -> set[str]:
     """Names a fresh run may find in output_dir without --overwrite_output_dir."""
     allowed = set(FIRST_WRITES)
     sources = (cfg.config_name, cfg.tokenizer_name)
-    if any(name and Path(name).resolve() == output_dir.resolve() for name in sources):
+    if any(name and same_place(name, output_dir) for name in sources):
         allowed.update(MODEL_DIR_INPUTS)
     return allowed
 
 
-def check_output_dir(cfg: TrainConfig, output_dir: Path, *, resuming: bool) -> None:
+def check_output_dir(cfg: TrainConfig, output_dir: epath.Path, *, resuming: bool) -> None:
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"--output_dir {output_dir} exists and is not a directory")
     names = {path.name for path in output_dir.iterdir()} if output_dir.is_dir() else set()
@@ -201,6 +228,9 @@ def check_output_dir(cfg: TrainConfig, output_dir: Path, *, resuming: bool) -> N
             f"--output_dir {output_dir} already holds files and no checkpoint to continue: add "
             "--overwrite_output_dir to write into it, or use another --output_dir"
         )
+    if is_cloud(output_dir):  # taking the run's lock is the first write, before training
+        return
+    output_dir = Path(output_dir)
     existing = next(p for p in (output_dir, *output_dir.absolute().parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -29,6 +28,7 @@ from typing import Any
 import jax
 import numpy as np
 import optax
+from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
@@ -36,6 +36,7 @@ from flax_lm.errors import UserError
 from flax_lm.models import create_model
 from flax_lm.models.hf_io import load_model, save_model
 from flax_lm.perf import achieved_flops_per_second, model_flops_per_token
+from flax_lm.storage import save_pretrained
 from flax_lm.train import checkpoint
 from flax_lm.train.args import TrainConfig, recorded_config
 from flax_lm.train.data import (
@@ -57,8 +58,8 @@ from flax_lm.train.metrics import (
     write_json,
 )
 from flax_lm.train.optim import make_schedule, make_training_optimizer, warmup_steps
-from flax_lm.train.prepare import Prepared, prepare, run_identity
-from flax_lm.train.runlock import RunLock
+from flax_lm.train.prepare import Prepared, prepare, run_dirs, run_identity
+from flax_lm.train.runlock import LOCK_FILE, RunLock
 from flax_lm.train.step import (
     TrainState,
     compile_eval_step,
@@ -139,6 +140,11 @@ def detected_cluster() -> tuple[str, int] | None:
         if kind.is_env_present():
             return kind.name, kind.get_process_count()
     return None
+
+
+def cannot_write(output_dir: epath.Path, err: Exception) -> UserError:
+    reason = " ".join(str(err).split())[:300] or type(err).__name__
+    return UserError(f"--output_dir {output_dir} cannot be written: {reason}")
 
 
 class Throughput:
@@ -333,9 +339,9 @@ class Trainer:
         self.eval_step = None
         self.eval_samples = 0  # this process's
         self.eval_batches: int | None = None  # eval batches of the run, with several data shards
-        self.last_checkpoint: Path | None = None  # the newest checkpoint saved (or resumed from)
+        self.last_checkpoint: epath.Path | None = None  # the newest checkpoint saved (or resumed from)
         self.hub: HubPusher | None = None  # with --push_to_hub, on process 0
-        self.lock: RunLock | None = None  # output_dir's, held by process 0 while it runs
+        self.locks: list[RunLock] = []  # of output_dir (and checkpoint_dir), on process 0
 
     def run(self) -> dict[str, Any]:
         model = self.build_model()
@@ -354,8 +360,8 @@ class Trainer:
             self.start_output_dir()  # the first write: everything above only reads
             return self.run_holding_the_lock(params, training)
         finally:
-            if self.lock is not None:
-                self.lock.release()
+            for lock in self.locks:
+                lock.release()
 
     def run_holding_the_lock(self, params, training: Training | None) -> dict[str, Any]:
         wandb_run = None
@@ -418,13 +424,14 @@ class Trainer:
         one drops the metrics logged after its checkpoint."""
         out, refused = self.p.output_dir, None
         if self.is_main:
-            out.mkdir(parents=True, exist_ok=True)
             try:
-                lock = RunLock(out)
-                lock.acquire()
-                self.lock = lock
-            except UserError as err:
-                refused = err
+                for directory in run_dirs(self.cfg):
+                    directory.mkdir(parents=True, exist_ok=True)
+                    lock = RunLock(directory)
+                    lock.acquire()
+                    self.locks.append(lock)
+            except (UserError, OSError) as err:
+                refused = err if isinstance(err, UserError) else cannot_write(out, err)
         if jax.process_count() > 1:
             held = multihost_utils.broadcast_one_to_all(np.int32(refused is None))
             refused = refused or (None if held else UserError(f"--output_dir {out} is in use"))
@@ -435,7 +442,10 @@ class Trainer:
         if self.p.resume is not None:
             keep_records_up_to(out / METRICS_FILE, self.p.resume.step)
         elif self.cfg.do_train:
-            shutil.rmtree(out / checkpoint.CHECKPOINTS_SUBDIR, ignore_errors=True)
+            checkpoints = self.p.checkpoint_dir
+            for entry in checkpoints.iterdir() if checkpoints.is_dir() else ():
+                if entry.name != LOCK_FILE:  # (a --checkpoint_dir's lock stays)
+                    entry.rmtree() if entry.is_dir() else entry.unlink()
             (out / METRICS_FILE).unlink(missing_ok=True)
 
     def build_model(self) -> nnx.Module:
@@ -478,7 +488,7 @@ class Trainer:
         cfg, p = self.cfg, self.p
         started = time.perf_counter()
         manager = checkpoint.open_manager(
-            p.output_dir / checkpoint.CHECKPOINTS_SUBDIR,
+            p.checkpoint_dir,
             max_to_keep=cfg.save_total_limit,
             remove_interrupted_saves=True,
         )
@@ -563,6 +573,7 @@ class Trainer:
                     throughput.close()
                     fetched += self.fetch(pending, progress)  # nothing non-finite is saved
                     self.save_checkpoint(manager, state, step, batches, progress)
+                    log.sync()
                     if step < total:  # the final model is written after training
                         self.save_outputs(state.params)
                         if self.hub is not None and not stopping:
@@ -661,7 +672,7 @@ class Trainer:
             "train_config": recorded_config(self.cfg),
         }
         checkpoint.save(manager, state, meta)
-        self.last_checkpoint = Path(manager.directory) / str(step)
+        self.last_checkpoint = epath.Path(manager.directory) / str(step)
 
     def train_record(
         self,
@@ -738,7 +749,7 @@ class Trainer:
             params = multihost_utils.process_allgather(params, tiled=True)
         if self.is_main:
             save_model(nnx.merge(self.graphdef, params), self.p.output_dir)
-            self.p.tokenizer.save_pretrained(self.p.output_dir)
+            save_pretrained(self.p.tokenizer, self.p.output_dir)
 
     def write_results(self, name: str, results: dict[str, Any]) -> None:
         if self.is_main:

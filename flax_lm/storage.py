@@ -1,0 +1,106 @@
+"""Where a training run writes: a local or shared-filesystem path, or Google Cloud Storage.
+
+`gs://bucket/path` output and checkpoint dirs go through `etils.epath` (over fsspec's gcsfs) for
+files and through orbax / TensorStore's own GCS driver for checkpoint arrays, so a run on a
+preemptible VM keeps its checkpoints when the VM goes. No other URL scheme can be written by orbax
+here, so any other `scheme://` is refused before the run starts: never a local folder named after
+a URL. Local paths keep working as plain paths (epath's local backend is `os`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from etils import epath
+
+from flax_lm.errors import UserError
+
+CLOUD_SCHEMES = ("gs",)
+URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$")
+GCS_EXTRA = "pip install 'flax-lm[gcs]'  (gcsfs)"
+
+
+def location(value: str, flag: str) -> epath.Path:
+    """`value` of `flag` as a path runs can write: local (made absolute later by its users) or
+    gs://bucket/...; anything else is a UserError."""
+    match = URL.match(value)
+    if match is None:
+        return epath.Path(value)
+    scheme, rest = match.groups()
+    if scheme not in CLOUD_SCHEMES:
+        raise UserError(
+            f"{flag} {value}: {scheme}:// paths cannot be written here; use a local or "
+            "shared-filesystem path (a mounted bucket works too) or gs://bucket/path"
+        )
+    if not rest.split("/")[0]:
+        raise UserError(f"{flag} {value} names no bucket: write gs://bucket/path")
+    check_cloud_client(scheme, value, flag)
+    return epath.Path(value)
+
+
+def check_cloud_client(scheme: str, value: str, flag: str) -> None:
+    """The filesystem package epath needs for `scheme` (gcsfs for gs://) must be installed."""
+    import fsspec
+
+    try:
+        fsspec.get_filesystem_class(scheme)
+    except (ImportError, ValueError):
+        raise UserError(
+            f"{flag} {value} needs Google Cloud Storage support, which is not installed: "
+            f"{GCS_EXTRA}"
+        ) from None
+
+
+def is_cloud(path: epath.PathLike) -> bool:
+    return URL.match(os.fspath(path)) is not None
+
+
+def absolute(path: epath.PathLike) -> epath.Path:
+    """An absolute path (as orbax wants): local paths resolved, URLs as they are."""
+    path = epath.Path(path)
+    return path if is_cloud(path) else epath.Path(os.path.abspath(path))
+
+
+def same_place(a: epath.PathLike, b: epath.PathLike) -> bool:
+    return os.fspath(absolute(a)).rstrip("/") == os.fspath(absolute(b)).rstrip("/")
+
+
+def is_inside(path: epath.PathLike, folder: epath.PathLike) -> bool:
+    inner, outer = (os.fspath(absolute(p)).rstrip("/") for p in (path, folder))
+    return inner == outer or inner.startswith(outer + "/")
+
+
+def write_bytes_atomically(path: epath.Path, data: bytes) -> None:
+    """Replace `path` in one step: readers see the old file or the new one, never half of one
+    (a cloud object appears only once its upload is complete)."""
+    if is_cloud(path):
+        path.write_bytes(data)
+        return
+    partial = path.parent / f".{path.name}.partial"
+    partial.write_bytes(data)
+    os.replace(partial, path)
+
+
+def copy_into(local_dir: Path, target: epath.Path) -> None:
+    """Every file under `local_dir` to the same relative path under `target`."""
+    for source in sorted(p for p in local_dir.rglob("*") if p.is_file()):
+        destination = target / source.relative_to(local_dir).as_posix()
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomically(destination, source.read_bytes())
+
+
+def save_pretrained(obj, target: epath.Path) -> None:
+    """`obj.save_pretrained` (a tokenizer or config) into a local or cloud dir."""
+    if not is_cloud(target):
+        obj.save_pretrained(os.fspath(target))
+        return
+    staging = Path(tempfile.mkdtemp(prefix="flax-lm-save-"))
+    try:
+        obj.save_pretrained(str(staging))
+        copy_into(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
