@@ -156,14 +156,14 @@ def test_a_signal_to_one_process_stops_every_process_at_one_step(two_process_run
 def test_two_processes_of_four_devices_shard_like_one_process_of_eight(tmp_path, code_corpus,
                                                                         tiny_tokenizer_dir):
     """FSDP over both processes (--mesh fsdp=8: every array split across the two hosts): the
-    run equals one process with 8 devices on the same mesh, and process 0 writes the whole
-    model although it holds half of every parameter."""
+    run equals one process with 8 devices and both data shards on the same mesh, and process 0
+    writes the whole model although it holds half of every parameter."""
     argv = [*train_argv(code_corpus, tiny_tokenizer_dir, tmp_path / "two", tmp_path / "cache"),
             "--per_device_train_batch_size", "1", "--mesh", "fsdp=8"]  # fmt: skip
     devices = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     for done in launch(argv, 2, [devices, devices]):
         assert done.returncode == 0, done.stderr[-3000:]
     eight = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    (done,) = launch(with_output_dir(argv, tmp_path / "one"), 1, [eight])
+    (done,) = launch([*with_output_dir(argv, tmp_path / "one"), "--data_shards", "2"], 1, [eight])
     assert done.returncode == 0, done.stderr[-3000:]
     assert_close_runs(tmp_path / "one", tmp_path / "two")
