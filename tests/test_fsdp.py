@@ -20,6 +20,7 @@ import pytest
 from safetensors.numpy import load_file
 from test_resume import TINY_MODELS, metrics_records, run_argv
 
+from flax_lm.train.cli import main
 from flax_lm.train.step import make_mesh, parse_mesh
 
 TOLERANCE = 1e-5  # float32: sharding changes only the order of the gradient reductions
@@ -194,6 +195,15 @@ def test_a_bad_mesh_is_one_line_naming_the_flag(spec):
         parse_mesh(spec, 8)
     message = str(caught.value)
     assert "--mesh" in message and repr(spec) in message and "\n" not in message
+
+
+def test_a_mesh_that_does_not_fit_the_devices_stops_the_run_before_it_writes(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["--output_dir", str(out), "--train_file", str(tmp_path), "--mesh", "data=2,fsdp=2"]
+    assert main(argv, objective="clm") == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "--mesh 'data=2,fsdp=2'" in lines[0] and "4" in lines[0]
+    assert not out.exists()
 
 
 def test_mesh_sizes():

@@ -2,8 +2,8 @@
 
 Batches are split along their batch axis over both axes (every device gets its own rows).
 Parameters and optimizer state are sharded along `fsdp` (fully sharded data parallelism: each
-device of an fsdp group holds 1/fsdp of every array, XLA gathers a layer's weights where it is
-used and reduce-scatters its gradients) and replicated along `data`. With the default mesh (all
+device of an fsdp group holds 1/fsdp of every array; XLA gathers the weights where they are
+used and reduces the gradients onto the shards that hold them) and replicated along `data`. With the default mesh (all
 devices on `data`, fsdp = 1) everything is replicated: plain data parallelism.
 
 All placement comes from `state_sharding` and `batch_sharding`. The models name their parameters'
