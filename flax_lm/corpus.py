@@ -1,8 +1,10 @@
 """Read a text corpus (local files, directories, globs or a hub dataset) as one "text" column.
 
 Shared by tokenizer training and the training scripts, so every step sees the same documents.
-Local files are checked before `datasets` touches them: a bad file is reported by name as a
-UserError instead of surfacing as a traceback halfway through a run.
+A bad local file is reported by name as a UserError instead of surfacing as a traceback halfway
+through a run: the head of each file is checked before `datasets` reads it (empty, binary), and
+only when `datasets` fails are the files decoded to name the one that is not UTF-8, so a good
+corpus is read once. A stream, read lazily during training, is checked whole beforehand.
 
 Hub datasets that are loading scripts (the original `oscar` among them) no longer load with
 `datasets` 4 and later, and flax-lm never runs code from the Hub. They still load from the Hub's
@@ -114,8 +116,9 @@ def _loader(path: str) -> str:
     return LOADER_BY_EXTENSION.get(Path(path).suffix.lower(), DOCUMENT_LOADER)
 
 
-def check_text_file(path: str) -> None:
-    """UserError unless `path` is a non-empty UTF-8 text file; reads it in chunks."""
+def check_text_file(path: str, whole: bool = True) -> None:
+    """UserError unless `path` is a non-empty UTF-8 text file; reads it in chunks (only the
+    first one unless `whole`)."""
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset = 0
     try:
@@ -125,7 +128,9 @@ def check_text_file(path: str) -> None:
                     raise UserError(f"{path} looks binary (it contains NUL bytes), not text")
                 decoder.decode(chunk)
                 offset += len(chunk)
-            decoder.decode(b"", final=True)
+                if not whole:
+                    break
+            decoder.decode(b"", final=whole)
     except UnicodeDecodeError as err:
         raise UserError(
             f"{path} is not UTF-8 text (bad byte near offset {offset + err.start})"
@@ -149,6 +154,7 @@ def load_text_dataset(
     max_samples: int | None = None,
     token: str | None = None,
     revision: str | None = None,
+    num_proc: int | None = None,
 ) -> Corpus:
     """A corpus with exactly one column, "text", from a hub dataset or local files/dirs/globs.
 
@@ -158,6 +164,7 @@ def load_text_dataset(
     `token`: for a gated or private hub dataset (default: HF_TOKEN or `hf auth login`'s).
     `revision`: a hub dataset's branch, tag or commit (`refs/convert/parquet`: its Parquet
     conversion).
+    `num_proc`: processes that read local files into `datasets`' cache (one file each at a time).
     """
     if (dataset_name is None) == (data_files is None):
         raise UserError("give either a dataset name or data files, not both or neither")
@@ -167,7 +174,7 @@ def load_text_dataset(
         options = hub_dataset_options(dataset_config_name, revision)
         dataset = _load_hub_dataset(dataset_name, split, streaming, cache_dir, token, options)
     else:
-        dataset = _load_local_files(data_files, streaming, cache_dir, keep_linebreaks)
+        dataset = _load_local_files(data_files, streaming, cache_dir, keep_linebreaks, num_proc)
     dataset = _only_text_column(dataset, text_column)
     if max_samples is not None:
         dataset = _first(dataset, max_samples)
@@ -255,12 +262,12 @@ def _load_hub_dataset(name, split, streaming, cache_dir, token, options) -> Corp
         raise hub_dataset_error(name, err) from None
 
 
-def _load_local_files(specs, streaming, cache_dir, keep_linebreaks) -> Corpus:
+def _load_local_files(specs, streaming, cache_dir, keep_linebreaks, num_proc=None) -> Corpus:
     files = resolve_data_files(specs)
     loader = loader_for(files)
     if loader in TEXT_LOADERS:
         for path in files:
-            check_text_file(path)
+            check_text_file(path, whole=streaming)
     elif empty := [f for f in files if os.path.getsize(f) == 0]:
         raise UserError(f"{empty[0]} is empty")
     builder, options = {
@@ -275,9 +282,13 @@ def _load_local_files(specs, streaming, cache_dir, keep_linebreaks) -> Corpus:
                 split="train",
                 streaming=streaming,
                 cache_dir=cache_dir,
+                num_proc=None if streaming or len(files) == 1 else num_proc,
                 **options,
             )
     except datasets.exceptions.DatasetGenerationError as err:
+        if loader in TEXT_LOADERS:  # name the file that is not UTF-8 text, if one is not
+            for path in files:
+                check_text_file(path)
         cause = " ".join(str(err.__cause__ or err).split())[:300]
         raise UserError(f"cannot read the {loader} files ({files[0]}, ...): {cause}") from None
 

@@ -165,6 +165,23 @@ def test_bad_text_files_are_named(tmp_path: Path, name: str):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("loader", ["text", "document"])
+def test_a_bad_byte_past_the_checked_head_is_named_after_datasets_fails(
+    tmp_path: Path, monkeypatch, loader: str
+):
+    """Only each file's head is checked before `datasets` reads the corpus (so a good corpus is
+    read once); a bad byte further on still ends in one line naming the file and the offset,
+    with the workers of preprocessing_num_workers reading the files."""
+    monkeypatch.setattr("flax_lm.corpus.READ_CHUNK_BYTES", 16)
+    suffix = {"text": ".txt", "document": ".py"}[loader]
+    good = write(tmp_path / f"good{suffix}", "fine text\n" * 10)
+    bad = write(tmp_path / f"bad{suffix}", b"x = 1\n" * 20 + "bl\u00e5b\u00e6r\n".encode("latin-1"))
+    with pytest.raises(UserError) as err:
+        load_text_dataset(data_files=[str(good), str(bad)], cache_dir=str(tmp_path / "cache"),
+                          num_proc=2)  # fmt: skip
+    assert str(err.value) == f"{bad} is not UTF-8 text (bad byte near offset 122)"
+
+
 @pytest.mark.parametrize("streaming", [False, True])
 def test_corpus_without_any_text_is_refused(tmp_path: Path, streaming: bool):
     path = write(tmp_path / "blank.txt", "\n   \n\t\n")

@@ -197,6 +197,26 @@ def test_clm_blocks_are_the_token_stream_cut_into_blocks(code_splits, clm_blocks
         assert flat(blocks) == stream[: len(blocks) * 32]
 
 
+def test_blocks_are_cut_per_run_of_documents_by_any_number_of_workers(
+    lines_file, tokenizer, monkeypatch
+):
+    """A map-style split is tokenized and cut in one pass, in runs of PACK_DOCUMENTS documents
+    (each run's remainder dropped, as HF's group_texts does), which any number of
+    preprocessing_num_workers share: two workers give the blocks one gives."""
+    monkeypatch.setattr(data, "PACK_DOCUMENTS", 50)
+    raw = load_raw_splits(make_cfg(train_file=[str(lines_file)], do_eval=False))
+    documents = list(raw["train"]["text"])
+    assert len(documents) > 4 * 50
+    expected = []
+    for start in range(0, len(documents), 50):
+        tokens = flat(encode(tokenizer, documents[start : start + 50]))
+        expected += [tokens[i : i + 16] for i in range(0, len(tokens) // 16 * 16, 16)]
+    for workers in (None, 2):
+        cfg = make_cfg(block_size=16, preprocessing_num_workers=workers, overwrite_cache=True)
+        blocks = tokenize_splits(raw, tokenizer, cfg, "clm")["train"]
+        assert list(blocks["input_ids"]) == expected
+
+
 def test_eos_between_documents(code_splits, tokenizer):
     cfg = make_cfg(block_size=32, add_eos_between_documents=True)
     blocks = tokenize_splits(code_splits, tokenizer, cfg, "clm")["train"]["input_ids"]

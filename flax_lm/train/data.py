@@ -25,8 +25,6 @@ from typing import Any
 
 import jax
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 from datasets import Dataset, Features, IterableDataset, List, Value
 from datasets.distributed import split_dataset_by_node
 from jax.experimental import multihost_utils
@@ -38,6 +36,7 @@ Split = Dataset | IterableDataset
 Batch = dict[str, np.ndarray]
 
 KEYWORD_SAMPLE_DOCUMENTS = 1_000  # streaming: documents read to report what filter_keywords keeps
+PACK_DOCUMENTS = 1_000  # map-style: documents tokenized and cut into blocks together
 STREAM_CHUNK_DOCUMENTS = 64  # streaming: documents tokenized at a time
 SHUFFLE_BUFFER = 10_000  # streaming: examples in the shuffle buffers (of all data shards)
 
@@ -90,6 +89,7 @@ def _load(cfg, split: str, data_files: list[str] | None, name: str) -> Split:
         keep_linebreaks=cfg.keep_linebreaks,
         token=cfg.token,
         revision=cfg.dataset_revision,
+        num_proc=cfg.preprocessing_num_workers,
     )
     return _keep_documents_with_keywords(documents, cfg, name)
 
@@ -246,8 +246,10 @@ def tokenize_splits(
     "input_ids" and "special_tokens_mask" blocks of documents encoded as `<s> ... </s>`, or with
     line_by_line one `<s> line </s>` example per non-empty line, truncated and always padded to
     max_seq_length, so shapes stay static ("input_ids", "attention_mask", "special_tokens_mask").
-    A map-style split is concatenated whole, so it only loses the final remainder; so does a
-    stream, which is tokenized as it is read (`StreamExamples`).
+    A map-style split is tokenized and cut in runs of PACK_DOCUMENTS documents, each by one of
+    `preprocessing_num_workers` processes and written to the cache as it goes (memory does not
+    grow with the corpus), each run dropping its remainder as HF's group_texts does; a stream is
+    tokenized as it is read and cut as one token stream (`StreamExamples`).
     Then train keeps its first `max_train_samples` examples and validation its first
     `max_eval_samples`, as HF's run_clm.py / run_mlm.py cut them after grouping (each of
     `num_shards` data shards its first 1/num_shards of them).
@@ -266,9 +268,6 @@ def tokenize_splits(
     else:
         tokenize, fn_kwargs = _tokenize_documents, _document_kwargs(tokenizer, cfg, objective)
         columns = ["input_ids"]
-    token_features = Features(
-        {name: List(Value("int32"), length=length if line_by_line else -1) for name in columns}
-    )
     special_ids = list(tokenizer.all_special_ids) if objective == "mlm" else None
     splits = {}
     for name, split in raw.items():
@@ -280,20 +279,24 @@ def tokenize_splits(
                 split, tokenize, fn_kwargs, block_size, special_ids, limit=limit
             )
             continue
-        tokens = _map(
+        if line_by_line:
+            function, kwargs = tokenize, fn_kwargs
+        else:
+            function = _document_blocks
+            kwargs = {"tokenize": tokenize, "fn_kwargs": fn_kwargs, "block_size": length,
+                      "special_ids": special_ids}  # fmt: skip
+        examples = _map(
             split,
             cfg,
-            tokenize,
-            fn_kwargs=fn_kwargs,
+            function,
+            fn_kwargs=kwargs,
             remove_columns=["text"],
-            features=token_features,
-            desc=f"tokenizing {name}",
+            features=_example_features(columns, length, special_ids),
+            batch_size=PACK_DOCUMENTS,
+            desc=f"tokenizing {name}" + ("" if line_by_line else f" into blocks of {length}"),
         )
-        examples = (
-            tokens if line_by_line else _group_into_blocks(tokens, length, special_ids, cfg, name)
-        )
-        if isinstance(examples, Dataset) and len(examples) == 0:
-            raise UserError(_too_small_message(name, split, tokens, length, flag, line_by_line))
+        if len(examples) == 0:
+            raise UserError(_too_small_message(name, split, length, flag, line_by_line, kwargs))
         splits[name] = _first(examples, limit)
     return splits
 
@@ -373,42 +376,32 @@ def _tokenize_lines(
     }
 
 
-def _concatenate_into_blocks(
-    table: pa.Table, block_size: int, special_ids: list[int] | None
-) -> pa.Table:
-    """The token lists concatenated and cut into rows of block_size (remainder dropped), with
-    their "special_tokens_mask" when special_ids are given."""
-    ids = pc.list_flatten(table.column("input_ids")).combine_chunks()
-    ids = ids.slice(0, len(ids) // block_size * block_size)
-    blocks = {"input_ids": pa.FixedSizeListArray.from_arrays(ids, block_size)}
+def _cut_into_blocks(
+    token_lists: list[list[int]], carry: np.ndarray, block_size: int, special_ids: list[int] | None
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """(blocks, tokens left over): `carry` and the token lists, concatenated and cut into rows of
+    block_size, with their "special_tokens_mask" when special_ids are given."""
+    ids = np.concatenate([carry, *(np.asarray(row, np.int32) for row in token_lists)])
+    usable = len(ids) // block_size * block_size
+    blocks = {"input_ids": ids[:usable].reshape(-1, block_size)}
     if special_ids is not None:
-        special = np.isin(ids.to_numpy(zero_copy_only=False), special_ids).astype(np.int32)
-        blocks["special_tokens_mask"] = pa.FixedSizeListArray.from_arrays(
-            pa.array(special), block_size
-        )
-    return pa.table(blocks)
+        blocks["special_tokens_mask"] = np.isin(blocks["input_ids"], special_ids).astype(np.int32)
+    return blocks, ids[usable:]
 
 
-def _group_into_blocks(
-    tokens: Dataset, block_size: int, special_ids: list[int] | None, cfg, name: str
-) -> Split:
-    """Fixed-length blocks, cached like the tokens. Cutting a map-style split holds its token
-    stream in memory once (4 bytes a token: 1B tokens, 4 GB); stream bigger corpora."""
-    columns = ["input_ids"] + (["special_tokens_mask"] if special_ids is not None else [])
-    features = Features({column: List(Value("int32"), length=block_size) for column in columns})
-    kwargs = {
-        "batched": True,
-        "features": features,
-        "fn_kwargs": {"block_size": block_size, "special_ids": special_ids},
-    }
-    blocks = tokens.with_format("arrow").map(  # the whole split in one batch: one token stream
-        _concatenate_into_blocks,
-        batch_size=None,
-        load_from_cache_file=not cfg.overwrite_cache,
-        desc=f"cutting {name} into blocks of {block_size}",
-        **kwargs,
-    )
-    return blocks.with_format(None)
+def _document_blocks(
+    batch: dict[str, list], tokenize: Callable, fn_kwargs: dict[str, Any], block_size: int,
+    special_ids: list[int] | None,
+) -> dict[str, np.ndarray]:
+    """The batch's documents tokenized and cut into blocks (remainder dropped)."""
+    token_lists = tokenize(batch, **fn_kwargs)["input_ids"]
+    return _cut_into_blocks(token_lists, np.zeros(0, np.int32), block_size, special_ids)[0]
+
+
+def _example_features(columns: list[str], length: int, special_ids: list[int] | None) -> Features:
+    if special_ids is not None and "special_tokens_mask" not in columns:
+        columns = [*columns, "special_tokens_mask"]
+    return Features({column: List(Value("int32"), length=length) for column in columns})
 
 
 class StreamExamples:
@@ -417,7 +410,7 @@ class StreamExamples:
     cut into a block (fewer than one block) and the examples made but not yet handed out (those
     of at most STREAM_CHUNK_DOCUMENTS documents). Resuming from it tokenizes no document twice.
 
-    Documents are cut into blocks as one token stream, like a map-style split.
+    Documents are cut into blocks as one token stream (no remainder dropped but the last).
     """
 
     def __init__(
@@ -443,14 +436,10 @@ class StreamExamples:
         tokens = self.tokenize({"text": texts}, **self.fn_kwargs)
         if self.block_size is None:
             return _rows({key: np.asarray(value, np.int32) for key, value in tokens.items()}), carry
-        ids = np.concatenate([carry, *(np.asarray(row, np.int32) for row in tokens["input_ids"])])
-        usable = len(ids) // self.block_size * self.block_size
-        blocks = {"input_ids": ids[:usable].reshape(-1, self.block_size)}
-        if self.special_ids is not None:
-            blocks["special_tokens_mask"] = np.isin(blocks["input_ids"], self.special_ids).astype(
-                np.int32
-            )
-        return _rows(blocks), ids[usable:]
+        blocks, carry = _cut_into_blocks(
+            tokens["input_ids"], carry, self.block_size, self.special_ids
+        )
+        return _rows(blocks), carry
 
 
 class StreamReader:
@@ -520,15 +509,16 @@ def decode_examples(encoded: dict[str, Any] | list | None) -> list[Batch]:
 
 
 def _too_small_message(
-    name: str, raw: Dataset, tokens: Dataset, length: int, flag: str, line_by_line: bool
+    name: str, raw: Dataset, length: int, flag: str, line_by_line: bool, kwargs: dict[str, Any]
 ) -> str:
     characters = sum(len(text) for text in raw["text"])
     if line_by_line:
         return f"the {name} split has no non-empty line ({characters} characters of text)"
-    n_tokens = sum(len(ids) for ids in tokens["input_ids"])
+    tokens = kwargs["tokenize"]({"text": list(raw["text"])}, **kwargs["fn_kwargs"])["input_ids"]
     return (
-        f"the {name} split is too small: {characters} characters of text make {n_tokens} tokens, "
-        f"and one block of {flag}={length} needs {length}; add text or lower --{flag}"
+        f"the {name} split is too small: {characters} characters of text make "
+        f"{sum(map(len, tokens))} tokens, and one block of {flag}={length} needs {length}; add "
+        f"text or lower --{flag}"
     )
 
 
