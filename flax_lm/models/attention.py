@@ -41,7 +41,8 @@ def platform() -> str:
     backend = jax.default_backend()
     if backend != "gpu":
         return backend
-    version = jax.devices()[0].client.platform_version.lower()
+    client = getattr(jax.devices()[0], "client", None)
+    version = str(getattr(client, "platform_version", "")).lower()
     return "rocm" if "rocm" in version else "cuda"
 
 
