@@ -21,7 +21,7 @@ from pathlib import Path
 
 from transformers import GPT2Config, PretrainedConfig, RobertaConfig
 
-from flax_lm.errors import ArgParser, UserError, report_user_errors
+from flax_lm.errors import ArgParser, UserError, damaged, report_user_errors
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 CONFIG_CLASSES: dict[str, type[PretrainedConfig]] = {"gpt2": GPT2Config, "roberta": RobertaConfig}
@@ -56,7 +56,9 @@ def load_base_config(name_or_path: str, model_type: str | None = None) -> Pretra
     path = _config_path(name_or_path)
     try:
         values = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise damaged(path, err) from None
+    except OSError as err:
         raise UserError(f"cannot read config {path}: {err}") from None
     found_type = values.get("model_type") if isinstance(values, dict) else None
     if found_type not in CONFIG_CLASSES:
@@ -185,7 +187,27 @@ def load_tokenizer(tokenizer_dir: str):
         return AutoTokenizer.from_pretrained(tokenizer_dir)
     except (OSError, ValueError) as err:
         reason = " ".join(str(err).split())[:300] or type(err).__name__
-        raise UserError(f"cannot load a tokenizer from {tokenizer_dir}: {reason}") from None
+        raise damaged_file(tokenizer_dir) or UserError(
+            f"cannot load a tokenizer from {tokenizer_dir}: {reason}"
+        ) from None
+
+
+# What transformers reads from a model or tokenizer dir as JSON.
+JSON_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+              "vocab.json", "model.safetensors.index.json")  # fmt: skip
+
+
+def damaged_file(directory: str | Path) -> UserError | None:
+    """The error naming a JSON file of `directory` that does not parse (as an interrupted copy
+    or download leaves it), if there is one."""
+    for name in JSON_FILES:
+        path = Path(directory) / name
+        if path.is_file():
+            try:
+                json.loads(path.read_bytes())
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                return damaged(path, err)
+    return None
 
 
 def check_config(config: PretrainedConfig, tokenizer_size: int | None = None) -> None:

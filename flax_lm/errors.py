@@ -39,6 +39,15 @@ class ArgParser(argparse.ArgumentParser):
         return f"unrecognized argument {flag!r}{hint}"
 
 
+def damaged(path, err: Exception) -> UserError:
+    """The error for a file that cannot be parsed, as an interrupted copy or download leaves it."""
+    reason = " ".join(str(err).split())[:200] or type(err).__name__
+    return UserError(
+        f"{path} is damaged ({reason}): cut short by an interrupted copy or download? "
+        "copy or download it again"
+    )
+
+
 def report_user_errors(main: Callable[..., object]) -> Callable[..., int]:
     """Wrap a command's main(): UserError -> `error: ...` on stderr and exit status 2."""
 

@@ -361,6 +361,82 @@ def test_a_rerun_never_continues_another_runs_checkpoints(
     assert "--overwrite_output_dir to replace it" in message
 
 
+# ---------------------------------------------------------------- damaged model and tokenizer
+
+
+@pytest.fixture(scope="session")
+def saved_models(tiny_tokenizer_dir, tmp_path_factory) -> dict[str, Path]:
+    """Tiny untrained GPT-2 and RoBERTa model dirs (config, safetensors, tokenizer)."""
+    from transformers import GPT2Config, RobertaConfig
+
+    from flax_lm.models import create_model
+    from flax_lm.models.hf_io import save_model
+
+    configs = {
+        "gpt2": GPT2Config(n_embd=16, n_layer=1, n_head=2, n_positions=64, vocab_size=512,
+                           bos_token_id=2, eos_token_id=2, pad_token_id=1),
+        "roberta": RobertaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=32, vocab_size=512, max_position_embeddings=66,
+                                 pad_token_id=1, bos_token_id=0, eos_token_id=2),
+    }  # fmt: skip
+    root = tmp_path_factory.mktemp("saved_models")
+    for name, config in configs.items():
+        save_model(create_model(config, seed=0), root / name)
+        for file in tiny_tokenizer_dir.iterdir():
+            shutil.copy(file, root / name / file.name)
+    return {name: root / name for name in configs}
+
+
+def command_on(command: str, model: Path, data: Path, out: Path, tiny_run: Path) -> list[str]:
+    """argv of `command` reading the damaged `model` dir (for export: the run dir, as a copy of
+    tiny_run's output_dir, whose config and tokenizer export reads)."""
+    train = ["run-clm", "--output_dir", str(out), "--train_file", str(data), "--validation_file",
+             str(data), "--block_size", "32", "--max_steps", "1", "--report_to", "none"]  # fmt: skip
+    return {
+        "evaluate": ["evaluate", "--model", str(model), "--validation_file", str(data),
+                     "--block_size", "32"],
+        "generate": ["generate", "--model", str(model), "--prompt", "def", "--max_new_tokens", "2"],
+        "fill-mask": ["fill-mask", "--model", str(model), "x = <mask>"],
+        "train --model_name_or_path": [*train, "--model_name_or_path", str(model)],
+        "train --config_name": [*train, "--config_name", str(model), "--tokenizer_name",
+                                str(tiny_run)],
+        "train --tokenizer_name": [*train, "--tokenizer_name", str(model), "--config_name",
+                                   str(tiny_run)],
+        "export": ["export", str(model / "checkpoints" / "2"), "--output_dir", str(out)],
+    }[command]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("command", "file"),
+    [(command, file) for command in ("evaluate", "generate", "fill-mask",
+                                     "train --model_name_or_path")
+     for file in ("model.safetensors", "config.json", "tokenizer.json")]
+    + [("train --config_name", "config.json"), ("train --tokenizer_name", "tokenizer.json"),
+       ("export", "config.json"), ("export", "tokenizer.json")],
+)  # fmt: skip
+def test_a_file_cut_short_is_named_in_one_line(
+    command, file, saved_models, tiny_run, code_corpus, tmp_path, capsys
+):
+    """Half of the file, as an interrupted copy or download leaves it: every command names it in
+    one line, exit 2, and nothing is written."""
+    from flax_lm.cli import main as flax_lm
+
+    _, run, _ = tiny_run
+    source = run if command == "export" else saved_models[
+        "roberta" if command == "fill-mask" else "gpt2"]  # fmt: skip
+    model = tmp_path / "model"
+    shutil.copytree(source, model)
+    data = (model / file).read_bytes()
+    (model / file).write_bytes(data[: len(data) // 2])
+    out = tmp_path / "out"
+    argv = command_on(command, model, code_corpus.validation, out, run)
+    before = snapshot(model)
+    assert flax_lm(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {model / file} is damaged ("), lines
+    assert not out.exists() and snapshot(model) == before
+
+
 # ------------------------------------------------------------------------ real subprocesses
 
 

@@ -189,7 +189,7 @@ def test_pickle_weights_are_refused_without_unpickling(tmp_path, monkeypatch):
     (lambda d: None, "has no config.json"),
     (lambda d: (d / "config.json").write_text('{"model_type": "bert"}'),
      "unsupported model_type 'bert'; supported: gpt2, roberta"),
-    (lambda d: (d / "config.json").write_text("{not json"), "is not valid JSON"),
+    (lambda d: (d / "config.json").write_text("{not json"), "config.json is damaged"),
     (lambda d: gpt2_config().save_pretrained(d), "has no model.safetensors"),
 ])
 def test_bad_model_directories_are_user_errors(write, message, tmp_path):

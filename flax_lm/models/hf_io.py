@@ -19,9 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 from flax import nnx
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save
 
-from flax_lm.errors import UserError
+from flax_lm.errors import UserError, damaged
 from flax_lm.models import Model, create_model, model_class
 from flax_lm.models.layers import TorchTensor
 from flax_lm.storage import save_pretrained, write_bytes_atomically
@@ -150,7 +151,10 @@ def weight_files(model_dir: Path) -> list[Path]:
     if (model_dir / WEIGHTS).is_file():
         return [model_dir / WEIGHTS]
     if (model_dir / WEIGHTS_INDEX).is_file():
-        weight_map = json.loads((model_dir / WEIGHTS_INDEX).read_text())["weight_map"]
+        try:
+            weight_map = json.loads((model_dir / WEIGHTS_INDEX).read_text())["weight_map"]
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError) as err:
+            raise damaged(model_dir / WEIGHTS_INDEX, err) from None
         shards = [model_dir / name for name in sorted(set(weight_map.values()))]
         absent = [shard.name for shard in shards if not shard.is_file()]
         if absent:
@@ -165,6 +169,19 @@ def weight_files(model_dir: Path) -> list[Path]:
     raise UserError(f"{model_dir} has no {WEIGHTS} or {WEIGHTS_INDEX}")
 
 
+def check_weight_files(model_dir: Path) -> list[Path]:
+    """The weight files of `model_dir`, each with a readable header that covers the whole file
+    (cheap: no tensor is read), so one cut short is named before any work starts."""
+    files = weight_files(Path(model_dir))
+    for file in files:
+        try:
+            with safe_open(str(file), framework="np"):
+                pass
+        except (SafetensorError, OSError) as err:
+            raise damaged(file, err) from None
+    return files
+
+
 def read_config(model_dir: Path) -> Any:
     from transformers import AutoConfig
 
@@ -173,8 +190,8 @@ def read_config(model_dir: Path) -> Any:
         raise UserError(f"{model_dir} has no config.json")
     try:
         model_type = json.loads(config_file.read_text()).get("model_type")
-    except json.JSONDecodeError as err:
-        raise UserError(f"{config_file} is not valid JSON: {err}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise damaged(config_file, err) from None
     model_class(model_type)
     return AutoConfig.from_pretrained(str(model_dir))
 
@@ -187,7 +204,7 @@ def load_model(model_dir: str | Path, *, dtype: Any = "float32", scan_layers: bo
     if not model_dir.is_dir():
         raise UserError(f"model directory {model_dir} does not exist")
     config = read_config(model_dir)
-    files = weight_files(model_dir)
+    files = check_weight_files(model_dir)
     model = nnx.eval_shape(lambda: create_model(config, dtype=dtype, scan_layers=scan_layers,
                                                 remat=remat, attention=attention))
     tensors: dict[str, np.ndarray] = {}

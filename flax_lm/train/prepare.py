@@ -19,10 +19,16 @@ import jax
 from etils import epath
 from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
-from flax_lm.config import apply_config_overrides, base_config_names, load_base_config
+from flax_lm.config import (
+    apply_config_overrides,
+    base_config_names,
+    damaged_file,
+    load_base_config,
+)
 from flax_lm.corpus import progress_bars_on_terminal_only
 from flax_lm.errors import UserError
 from flax_lm.hub_models import download_config, download_model, is_hub_id
+from flax_lm.models.hf_io import check_weight_files
 from flax_lm.storage import is_cloud, is_inside, location, same_place
 from flax_lm.train import checkpoint
 from flax_lm.train.args import SCRIPT_NAMES, TrainConfig
@@ -120,6 +126,8 @@ def load_and_check(cfg: TrainConfig, objective_name: str, num_devices: int) -> P
     check_output_dir(cfg, output_dir, resuming=resume is not None)
     model_dir = pretrained_model_dir(cfg)
     model_config = load_model_config(cfg, objective_name, model_dir)
+    if model_dir is not None:
+        check_weight_files(model_dir)  # before the data is loaded, which may take long
     tokenizer = load_tokenizer(cfg)
     check_vocab(tokenizer, model_config)
     cfg = resolve_sequence_length(cfg, objective_name, model_config, tokenizer)
@@ -296,7 +304,8 @@ def load_tokenizer(cfg: TrainConfig) -> PreTrainedTokenizerBase:
         return AutoTokenizer.from_pretrained(name, cache_dir=cfg.cache_dir, token=cfg.token)
     except (OSError, ValueError) as err:
         reason = " ".join(str(err).split())[:300]
-        raise UserError(f"cannot load the tokenizer {name!r}: {reason}") from None
+        damaged = damaged_file(name) if Path(name).is_dir() else None
+        raise damaged or UserError(f"cannot load the tokenizer {name!r}: {reason}") from None
 
 
 def check_vocab(tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig) -> None:
