@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "create-config": ("flax_lm.config", "save a RoBERTa or GPT-2 config.json"),
     "run-clm": ("flax_lm.train.cli", "train GPT-2 with causal LM (same flags as run_clm_flax.py)"),
     "run-mlm": ("flax_lm.train.cli", "train RoBERTa with masked LM (same flags as run_mlm_flax.py)"),
+    "plan": ("flax_lm.plan", "will a run's train step fit its devices (compiled, not run)"),
     "export": ("flax_lm.export", "write a training checkpoint as a transformers model dir"),
     "evaluate": ("flax_lm.evaluate", "eval loss, accuracy and perplexity of a saved model"),
     "generate": ("flax_lm.generate", "generate text with a GPT-2 model"),

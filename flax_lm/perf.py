@@ -20,6 +20,8 @@ MFU = tokens/s * flops_per_token / peak FLOP/s, with the peak measured on the sa
 
 from __future__ import annotations
 
+import math
+
 from transformers import PretrainedConfig
 
 FLOPS_FORMULA = (
@@ -62,3 +64,44 @@ def mfu(tokens_per_second: float, flops_per_token: float, peak_flops_per_second:
     if peak_flops_per_second <= 0:
         raise ValueError(f"peak FLOP/s must be positive, got {peak_flops_per_second}")
     return achieved_flops_per_second(tokens_per_second, flops_per_token) / peak_flops_per_second
+
+
+def traced_matmul_flops(fn, *args) -> float:
+    """FLOPs of every matrix multiplication `fn(*args)` traces to (args may be shapes): its
+    forward, backward and any recomputation a remat policy adds, scan bodies counted once per
+    iteration and each branch of a cond at its most. XLA's own count (`cost_analysis`) counts a
+    loop body once, whatever its trip count, so it cannot say what a scanned model recomputes."""
+    import jax.extend.core
+
+    return _jaxpr_matmul_flops(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def _jaxpr_matmul_flops(jaxpr) -> float:
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            total += _dot_flops(eqn)
+        elif eqn.primitive.name == "cond":
+            total += max(_jaxpr_matmul_flops(branch.jaxpr) for branch in eqn.params["branches"])
+        else:
+            inner = sum(_jaxpr_matmul_flops(sub) for sub in _sub_jaxprs(eqn.params))
+            total += inner * eqn.params.get("length", 1) if eqn.primitive.name == "scan" else inner
+    return total
+
+
+def _sub_jaxprs(params: dict):
+    import jax.extend.core
+
+    for value in params.values():
+        for item in value if isinstance(value, tuple | list) else (value,):
+            if isinstance(item, jax.extend.core.ClosedJaxpr):
+                yield item.jaxpr
+            elif isinstance(item, jax.extend.core.Jaxpr):
+                yield item
+
+
+def _dot_flops(eqn) -> float:
+    lhs, rhs = (v.aval.shape for v in eqn.invars)
+    (_, rhs_contract), (_, rhs_batch) = eqn.params["dimension_numbers"]
+    kept = [d for i, d in enumerate(rhs) if i not in (*rhs_contract, *rhs_batch)]
+    return 2.0 * math.prod(lhs) * math.prod(kept)

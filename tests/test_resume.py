@@ -421,10 +421,10 @@ class PoisonedObjective:
 @pytest.fixture
 def poisoned_steps(monkeypatch) -> set[int]:
     """The steps (1-based) whose training batch makes the loss NaN; the test fills the set."""
-    from flax_lm.train import trainer
+    from flax_lm.train import build, trainer
 
     steps: set[int] = set()
-    batches, make_train_step = trainer.TrainStream.__iter__, trainer.make_train_step
+    batches, make_train_step = trainer.TrainStream.__iter__, build.make_train_step
 
     def poisoned_batches(stream):
         for step, batch in enumerate(batches(stream), start=stream.start_step + 1):
@@ -435,7 +435,7 @@ def poisoned_steps(monkeypatch) -> set[int]:
         return make_train_step(graphdef, PoisonedObjective(objective), *args)
 
     monkeypatch.setattr(trainer.TrainStream, "__iter__", poisoned_batches)
-    monkeypatch.setattr(trainer, "make_train_step", poisoned_train_step)
+    monkeypatch.setattr(build, "make_train_step", poisoned_train_step)
     return steps
 
 

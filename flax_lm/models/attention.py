@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from flax_lm.errors import UserError
 from flax_lm.models.layers import Dense, dropout, split_key
@@ -207,7 +208,8 @@ class SelfAttention(nnx.Module):
         reference path: a cache's mask is neither causal from its first slot nor right-padded."""
         batch, length, features = x.shape
         heads = (batch, length, self.num_heads, features // self.num_heads)
-        q, k, v = (t.reshape(heads) for t in jnp.split(self.qkv(x), 3, axis=-1))
+        qkv = checkpoint_name(self.qkv(x), "qkv")  # names for layers.REMAT_POLICIES
+        q, k, v = (t.reshape(heads) for t in jnp.split(qkv, 3, axis=-1))
         implementation = self.implementation
         if kv_cache is not None:
             start = (0, cache_index, 0, 0)
@@ -218,5 +220,5 @@ class SelfAttention(nnx.Module):
         y = attend(implementation, q, k.astype(q.dtype), v.astype(q.dtype), mask, scale=scale,
                    causal=self.causal and kv_cache is None, dropout_rate=self.attn_dropout,
                    dropout_key=probs_key)
-        y = self.out(y.reshape(batch, length, features))
+        y = checkpoint_name(self.out(y.reshape(batch, length, features)), "attn_out")
         return dropout(y, self.out_dropout, out_key), kv_cache

@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from flax_lm.errors import UserError
 
@@ -58,9 +59,18 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "swish": jax.nn.silu,
 }
 
-# "full" recomputes the whole block in the backward pass; "dots" keeps the matmul outputs that
-# have no batch dimension (the projections), recomputing the attention matrices and elementwise ops.
-REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+# What each block keeps for the backward pass, which recomputes the rest (same numbers, more
+# FLOPs, less memory). In units of batch x seq x width activations a layer (GPT-2, MLP 4x wide):
+# "full" keeps only the block's input; "qkv_out" the q/k/v projection and the attention's output
+# projection (4 units); "mlp" the MLP's hidden layer before its activation and the attention's
+# output projection (5 units, and it skips recomputing the widest matmul); "dots" every
+# projection's output (9 units: the least recomputed). The names are set in attention.py and MLP.
+REMAT_POLICIES = {
+    "full": None,
+    "qkv_out": jax.checkpoint_policies.save_only_these_names("qkv", "attn_out"),
+    "mlp": jax.checkpoint_policies.save_only_these_names("mlp_hidden", "attn_out"),
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 def check_heads(features: int, num_heads: int) -> None:
@@ -226,7 +236,8 @@ class MLP(nnx.Module):
         self.dropout_rate = float(dropout_rate)
 
     def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
-        y = self.proj(ACTIVATIONS[self.activation](self.fc(x)))
+        hidden = checkpoint_name(self.fc(x), "mlp_hidden")
+        y = self.proj(ACTIVATIONS[self.activation](hidden))
         return dropout(y, self.dropout_rate, dropout_key)
 
 

@@ -97,7 +97,9 @@ class TrainConfig:
         True, "scan over stacked layers (fast compile); --no_scan_layers unrolls"
     )
     remat: str | None = opt(
-        None, "rematerialise each block to save memory", choices=("full", "dots")
+        None,
+        "rematerialise each block to save memory: what it keeps for the backward pass",
+        choices=("full", "qkv_out", "mlp", "dots"),  # models.layers.REMAT_POLICIES
     )
     gradient_checkpointing: bool = opt(
         False, "recompute activations in the backward pass: the same as --remat full"
@@ -372,21 +374,34 @@ def is_config_file_argument(argv: list[str]) -> bool:
 
 def parse_config(argv: list[str] | None, objective: str) -> TrainConfig:
     """The resolved, checked TrainConfig of a command line (and its --config YAML file)."""
-    argv = join_negative_values(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
     if is_config_file_argument(argv):
         argv = ["--config", argv[0]]
-    parser = build_parser(objective)
+    cfg = TrainConfig(**vars(parse_flags(argv, objective, build_parser(objective))))
+    return resolve_defaults(check_config(cfg, objective))
+
+
+def parse_flags(argv: list[str], objective: str, parser: ArgParser) -> argparse.Namespace:
+    """`parser`'s values for `argv`, with --config's YAML file as the defaults."""
+    argv = join_negative_values(argv)
     pre = ArgParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
     if known.config:
         parser.set_defaults(**read_yaml_config(known.config, objective))
-    cfg = TrainConfig(**vars(parser.parse_args(argv)))
-    return resolve_defaults(check_config(cfg, objective))
+    return parser.parse_args(argv)
 
 
 def check_config(cfg: TrainConfig, objective: str) -> TrainConfig:
     """Reject values no run can use, before anything is loaded or written."""
+    check_values(cfg, objective)
+    if not cfg.print_config:
+        check_run_inputs(cfg)
+    return cfg
+
+
+def check_values(cfg: TrainConfig, objective: str) -> TrainConfig:
+    """Reject flag values that are wrong whatever the run (ranges, choices)."""
     for f in dataclasses.fields(cfg):
         value, choices = getattr(cfg, f.name), f.metadata["choices"]
         if choices and value is not None and value not in choices:
@@ -422,8 +437,11 @@ def check_config(cfg: TrainConfig, objective: str) -> TrainConfig:
         )
     if not cfg.use_fast_tokenizer:
         raise UserError("--use_fast_tokenizer False: flax-lm uses fast (Rust) tokenizers only")
-    if cfg.print_config:
-        return cfg
+    return cfg
+
+
+def check_run_inputs(cfg: TrainConfig) -> None:
+    """A run needs somewhere to write and something to read."""
     if not cfg.output_dir:
         raise UserError("--output_dir is required")
     if not (cfg.dataset_name or cfg.train_file or cfg.validation_file):
@@ -439,7 +457,6 @@ def check_config(cfg: TrainConfig, objective: str) -> TrainConfig:
                 f"--{name} epoch needs epochs, which a stream (--streaming) does not have: "
                 f"use --{name} steps with --{name.split('_')[0]}_steps"
             )
-    return cfg
 
 
 def check_trainer_flags(cfg: TrainConfig) -> None:

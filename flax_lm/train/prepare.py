@@ -124,27 +124,20 @@ def load_and_check(cfg: TrainConfig, objective_name: str, num_devices: int) -> P
         check_not_locked(directory)
     resume = find_resume(cfg, output_dir)
     check_output_dir(cfg, output_dir, resuming=resume is not None)
-    model_dir = pretrained_model_dir(cfg)
-    model_config = load_model_config(cfg, objective_name, model_dir)
-    if model_dir is not None:
-        check_weight_files(model_dir)  # before the data is loaded, which may take long
-    tokenizer = load_tokenizer(cfg)
-    check_vocab(tokenizer, model_config)
-    cfg = resolve_sequence_length(cfg, objective_name, model_config, tokenizer)
-    seq_len = cfg.block_size if objective_name == "clm" else cfg.max_seq_length
-    objective = make_objective(objective_name, tokenizer, cfg)
-    prepared = Prepared(
-        cfg, objective, model_config, tokenizer, {}, seq_len, num_devices, None, 0, resume,
-        model_dir,
-    )
-    cfg = prepared.cfg = resolve_data_shards(cfg, resume, num_devices)
+    prepared = prepare_model(cfg, objective_name, num_devices)
+    if prepared.model_dir is not None:
+        check_weight_files(prepared.model_dir)  # before the data is loaded, which may take long
+    prepared.resume = resume
+    cfg = prepared.cfg = resolve_data_shards(prepared.cfg, resume, num_devices)
     if resume is not None:
         check_resume_matches(resume, prepared, objective_name)
         if jax.process_index() == 0:
             print(resume.describe(), flush=True)  # the run's first line
     shards = prepared.shard_ids
     raw = load_raw_splits(cfg)
-    prepared.splits = tokenize_shards(raw, tokenizer, cfg, objective_name, shards, cfg.data_shards)
+    prepared.splits = tokenize_shards(
+        raw, prepared.tokenizer, cfg, objective_name, shards, cfg.data_shards
+    )
     if cfg.do_train:
         train = prepared.splits["train"]
         prepared.train_batches = TrainBatches(
@@ -187,6 +180,21 @@ def run_dirs(cfg: TrainConfig) -> list[epath.Path]:
     """Where the run holds a lock: output_dir, and --checkpoint_dir when it lies elsewhere."""
     output_dir, checkpoints = epath.Path(cfg.output_dir), checkpoints_of(cfg)
     return [output_dir] + ([] if is_inside(checkpoints, output_dir) else [checkpoints])
+
+
+def prepare_model(cfg: TrainConfig, objective_name: str, num_devices: int) -> Prepared:
+    """The run without its data: model config, tokenizer, sequence length and objective, which
+    are all the train step's shapes depend on (the corpus is not read; no splits, no steps)."""
+    model_dir = pretrained_model_dir(cfg)
+    model_config = load_model_config(cfg, objective_name, model_dir)
+    tokenizer = load_tokenizer(cfg)
+    check_vocab(tokenizer, model_config)
+    cfg = resolve_sequence_length(cfg, objective_name, model_config, tokenizer)
+    seq_len = cfg.block_size if objective_name == "clm" else cfg.max_seq_length
+    objective = make_objective(objective_name, tokenizer, cfg)
+    return Prepared(
+        cfg, objective, model_config, tokenizer, {}, seq_len, num_devices, None, 0, None, model_dir
+    )
 
 
 def find_resume(cfg: TrainConfig, output_dir: epath.Path) -> Resume | None:

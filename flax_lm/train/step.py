@@ -161,12 +161,28 @@ def make_put(mesh: Mesh, batch_axis: int) -> Callable[[dict[str, np.ndarray]], B
     return put
 
 
+def split_microbatches(batch: dict[str, np.ndarray], accumulation: int) -> dict[str, np.ndarray]:
+    """A global batch [rows, ...] as [accumulation, rows / accumulation, ...]: the train step's
+    layout."""
+    return {k: v.reshape(accumulation, -1, *v.shape[1:]) for k, v in batch.items()}
+
+
 def process_rows(batch: dict[str, np.ndarray], batch_axis: int) -> dict[str, np.ndarray]:
     """This process's contiguous share of a global host batch."""
     count, index = jax.process_count(), jax.process_index()
     if count == 1:
         return batch
     return {k: np.array_split(v, count, axis=batch_axis)[index] for k, v in batch.items()}
+
+
+def new_state(params: nnx.State, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
+    """The TrainState at step 0 (not yet placed on devices)."""
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=optimizer.init(params),
+        rng=jax.random.key_data(jax.random.key(seed)),
+    )
 
 
 def init_state(
@@ -176,15 +192,37 @@ def init_state(
     place on the devices, each one creating only its shards."""
 
     def fresh(params: nnx.State) -> TrainState:
-        return TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            opt_state=optimizer.init(params),
-            rng=jax.random.key_data(jax.random.key(seed)),
-        )
+        return new_state(params, optimizer, seed)
 
     shardings = state_sharding(mesh, jax.eval_shape(fresh, params))
     return jax.jit(fresh, out_shardings=shardings)(jax.device_put(params, shardings.params))
+
+
+def state_shapes(
+    params: nnx.State, optimizer: optax.GradientTransformation, seed: int, mesh: Mesh
+) -> TrainState:
+    """What `init_state` would place, as shapes with their shardings, allocating nothing:
+    `params` may be shapes too. For compiling for devices this process cannot use."""
+    state = jax.eval_shape(lambda p: new_state(p, optimizer, seed), params)
+    return with_shardings(state, state_sharding(mesh, state))
+
+
+def batch_shapes(batch: dict[str, np.ndarray], mesh: Mesh, batch_axis: int) -> Batch:
+    """What `make_put` would place for this (global) host batch, as shapes with shardings."""
+    return {
+        key: jax.ShapeDtypeStruct(
+            value.shape, value.dtype, sharding=batch_sharding(mesh, value.ndim, batch_axis)
+        )
+        for key, value in batch.items()
+    }
+
+
+def with_shardings(shapes: Any, shardings: Any) -> Any:
+    return jax.tree.map(
+        lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+        shapes,
+        shardings,
+    )
 
 
 def make_train_step(

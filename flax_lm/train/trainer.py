@@ -27,18 +27,17 @@ from typing import Any
 
 import jax
 import numpy as np
-import optax
 from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
 from flax_lm.errors import UserError
-from flax_lm.models import create_model
-from flax_lm.models.hf_io import load_model, save_model
+from flax_lm.models.hf_io import save_model
 from flax_lm.perf import achieved_flops_per_second, model_flops_per_token
 from flax_lm.storage import save_pretrained
 from flax_lm.train import checkpoint
 from flax_lm.train.args import TrainConfig, recorded_config
+from flax_lm.train.build import TRAIN_BATCH_AXIS, StepParts, build_model, step_parts
 from flax_lm.train.data import (
     Prefetcher,
     TrainBatches,
@@ -57,7 +56,7 @@ from flax_lm.train.metrics import (
     start_wandb,
     write_json,
 )
-from flax_lm.train.optim import make_schedule, make_training_optimizer, warmup_steps
+from flax_lm.train.optim import warmup_steps
 from flax_lm.train.prepare import Prepared, prepare, run_dirs, run_identity
 from flax_lm.train.runlock import LOCK_FILE, RunLock
 from flax_lm.train.step import (
@@ -68,7 +67,7 @@ from flax_lm.train.step import (
     make_eval_step,
     make_mesh,
     make_put,
-    make_train_step,
+    split_microbatches,
     state_sharding,
 )
 
@@ -263,8 +262,7 @@ class Training:
     """Where the training loop starts: the state (restored when resuming) and how it steps."""
 
     state: TrainState
-    optimizer: optax.GradientTransformation
-    schedule: optax.Schedule
+    parts: StepParts  # the optimizer, schedule and train step
     progress: Progress
 
 
@@ -293,11 +291,10 @@ class TrainStream:
                 for piece, shard in zip(split_rows(examples, len(shard_ids)), shard_ids,
                                         strict=True)
             ]
+            micro = [split_microbatches(piece, self.accum) for piece in pieces]
             yield {
-                key: np.concatenate(
-                    [p[key].reshape(self.accum, -1, *p[key].shape[1:]) for p in pieces], axis=1
-                )
-                for key in pieces[0]
+                key: np.concatenate([m[key] for m in micro], axis=TRAIN_BATCH_AXIS)
+                for key in micro[0]
             }
 
 
@@ -344,7 +341,7 @@ class Trainer:
         self.locks: list[RunLock] = []  # of output_dir (and checkpoint_dir), on process 0
 
     def run(self) -> dict[str, Any]:
-        model = self.build_model()
+        model = build_model(self.p, self.mesh)
         graphdef, params = nnx.split(model, nnx.Param)
         params = jax.device_put(params, state_sharding(self.mesh, params))
         self.graphdef = graphdef
@@ -448,14 +445,6 @@ class Trainer:
                     entry.rmtree() if entry.is_dir() else entry.unlink()
             (out / METRICS_FILE).unlink(missing_ok=True)
 
-    def build_model(self) -> nnx.Module:
-        cfg = self.cfg
-        options = {"dtype": cfg.dtype, "scan_layers": cfg.scan_layers, "remat": cfg.remat,
-                   "attention": cfg.attn_implementation}
-        if self.p.model_dir is not None:
-            return load_model(self.p.model_dir, **options)
-        return create_model(self.p.model_config, seed=cfg.seed, **options)
-
     def start_training(self, params) -> Training:
         """The optimizer and the state to start from: fresh, or read from the checkpoint to
         resume (a damaged or mismatched one is a UserError, raised before anything is written).
@@ -463,9 +452,8 @@ class Trainer:
         The optimizer applies an update only when the whole gradient is finite, so a
         non-finite step leaves params and optimizer state as they were."""
         cfg, p = self.cfg, self.p
-        schedule = make_schedule(cfg, p.total_steps)
-        optimizer = make_training_optimizer(cfg, schedule, params)
-        state = init_state(params, optimizer, cfg.seed, self.mesh)
+        parts = step_parts(p, self.graphdef, params)
+        state = init_state(params, parts.optimizer, cfg.seed, self.mesh)
         progress = Progress()
         if p.resume is None:  # a resumed run's data held a batch: read none of it again
             p.train_batches.require_one_batch()
@@ -477,7 +465,7 @@ class Trainer:
                 source.close()
             p.train_batches.load_state(meta["data"])
             progress = Progress(**meta.get("progress", {}))
-        return Training(state, optimizer, schedule, progress)
+        return Training(state, parts, progress)
 
     # ------------------------------------------------------------------------------ train
 
@@ -495,10 +483,7 @@ class Trainer:
         try:
             if p.resume is not None:
                 self.continue_from_checkpoint(manager)
-            train_step = make_train_step(
-                self.graphdef, p.objective, training.optimizer, training.schedule
-            )
-            state, tokens_per_second, last_eval = self.loop(training, train_step, manager, log)
+            state, tokens_per_second, last_eval = self.loop(training, manager, log)
             manager.wait_until_finished()
         finally:
             manager.close()
@@ -524,7 +509,7 @@ class Trainer:
             if step > resume.step:
                 manager.delete(step)
 
-    def loop(self, training: Training, train_step, manager, log: RunLog):
+    def loop(self, training: Training, manager, log: RunLog):
         """Steps from the state's step to total_steps; returns (state, steady tokens/s, last
         eval). Metrics are fetched from the device only at logging and saving steps."""
         cfg, p = self.cfg, self.p
@@ -541,11 +526,13 @@ class Trainer:
         stream = TrainStream(
             p.train_batches, p.objective, cfg.seed, start, cfg.gradient_accumulation_steps
         )
-        put = make_put(self.mesh, batch_axis=1)
+        put = make_put(self.mesh, batch_axis=TRAIN_BATCH_AXIS)
         signals = StopSignals(several_processes=jax.process_count() > 1)
         with signals, Prefetcher(stream, PREFETCH_BATCHES, put) as batches:
             batch = next(batches)
-            train_step, seconds = compile_train_step(train_step, state, batch, self.mesh)
+            train_step, seconds = compile_train_step(
+                training.parts.train_step, state, batch, self.mesh
+            )
             self.compile_seconds["train_step"] = seconds
             log.message(f"compiled the train step in {seconds:.2f} s")
             pending, fetched = [], []  # (step, metrics) on device / on the host since the last log

@@ -1,0 +1,452 @@
+"""`flax-lm plan`: will a run's train step fit in device memory? Asked of XLA, without running it.
+
+    flax-lm plan --config configs/norwegian-gpt2.yaml --config_name DIR --tokenizer_name DIR \\
+        --topology v3-8 [--json]
+
+It takes the training flags (or a recipe), builds the train step the training command would
+build (flax_lm.train.build: same model, dtype, remat, optimizer, mesh, accumulation and batch)
+and compiles it ahead of time from shapes alone: no weights are made and the corpus is not read.
+XLA then says how many bytes each device needs: parameters and optimizer state (from their
+shard shapes), the batch, the program and its temporaries, against the device's memory.
+
+--topology NAME compiles for TPU devices this machine need not have (any name libtpu knows:
+v3-8, v4:2x2x1, v5e:4x4, ...; needs `pip install -e '.[tpu]'`), with XLA's TPU compiler and the
+HBM it reports. Without it the plan is for the local devices: a GPU's memory limit, or for CPU
+devices the host memory available now, which they share. The schedule's length is the one thing
+the flags cannot give without the corpus; it changes constants, not memory.
+
+On a miss it compiles a few variants (at most four) and says what fits: rematerialisation, or a
+smaller per-device batch with more accumulation for the same global batch.
+Exit status: 0 fits, 1 does not fit, 2 bad input (one `error:` line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from flax_lm.errors import ArgParser, UserError, report_user_errors
+from flax_lm.train.args import (
+    SCRIPT_NAMES,
+    TrainConfig,
+    build_parser,
+    check_values,
+    parse_flags,
+    resolve_defaults,
+)
+
+EXIT_DOES_NOT_FIT = 1
+GIB = 2**30
+OBJECTIVE_OF_MODEL_TYPE = {"gpt2": "clm", "roberta": "mlm"}
+# libtpu reads these to find the TPU host it runs on; a plan only compiles, so it is told that it
+# has none to look for (and needs no lock on TPU chips that a training run may be using).
+COMPILE_ONLY_TPU_ENV = {
+    "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
+    "TPU_ACCELERATOR_TYPE": "v3-8",
+    "TPU_WORKER_HOSTNAMES": "localhost",
+    "TPU_WORKER_ID": "0",
+}
+OUT_OF_MEMORY = re.compile(
+    r"memory required for HLO temporaries \(([\d.]+)([KMGT]?)\) exceeds available HBM "
+    r"\(([\d.]+)([KMGT]?)\)"
+)
+UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+MAX_FALLBACK_COMPILES = 4
+
+
+# ------------------------------------------------------------------------------------ devices
+
+
+@dataclass
+class Target:
+    """The devices a plan compiles for and the memory each one has."""
+
+    name: str  # the topology, or "local"
+    devices: list
+    memory_bytes: int | None  # per device
+    memory_kind: str  # what memory_bytes is
+
+    @property
+    def description(self) -> str:
+        kind = self.devices[0].device_kind
+        return f"{self.name}: {len(self.devices)} x {kind}"
+
+
+def tpu_topology(name: str) -> Target:
+    """The devices of TPU topology `name` (compile-only) and their HBM, as XLA's TPU compiler
+    states it. UserError when libtpu is missing or does not know the name."""
+    import jax
+
+    # The plan runs nothing here: leave a local TPU to training. (A process where a backend
+    # runs already, a test say, keeps its platforms.)
+    with contextlib.suppress(RuntimeError):
+        jax.config.update("jax_platforms", "cpu")
+    from jax.experimental import topologies
+
+    try:
+        with environment(COMPILE_ONLY_TPU_ENV):
+            devices = topologies.get_topology_desc(name, "tpu").devices
+    except RuntimeError as err:  # JaxRuntimeError is one too
+        text = " ".join(str(err).split())
+        if "not installed" in text:
+            raise UserError(
+                f"--topology {name} needs libtpu, the one matching this jax: pip install "
+                f"\"jax[tpu]=={jax.__version__}\", then plan again"
+            ) from None
+        raise UserError(
+            f"--topology {name!r} is not a TPU topology libtpu knows (e.g. v3-8, v4:2x2x1, "
+            f"v5e:4x4): {text[:200]}"
+        ) from None
+    return Target(name, list(devices), hbm_bytes(devices[0]), "HBM")
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str]):
+    """`values` added to os.environ (where unset) while the block runs."""
+    added = {key: value for key, value in values.items() if key not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
+def hbm_bytes(device) -> int:
+    """The HBM XLA lets a program of `device` use: from the out-of-memory refusal of a probe
+    that needs 256 GiB of temporaries (XLA's TPU compiler states no limit otherwise)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import SingleDeviceSharding
+
+    probe = jax.ShapeDtypeStruct((2**18, 128), jnp.float32, sharding=SingleDeviceSharding(device))
+    try:  # sorting the product makes XLA hold all of it
+        jax.jit(lambda x: jnp.sort(x @ x.T, axis=0)[0]).lower(probe).compile()
+    except Exception as err:  # noqa: BLE001 - XLA's error types differ between versions
+        found = OUT_OF_MEMORY.search(str(err))
+        if found:
+            return to_bytes(found.group(3), found.group(4))
+        raise
+    raise RuntimeError(f"XLA compiled a 256 GiB program for {device.device_kind}: no HBM limit")
+
+
+def to_bytes(number: str, unit: str) -> int:
+    return round(float(number) * UNITS[unit])
+
+
+def local_target() -> Target:
+    """The local devices; a GPU's memory limit, or for CPUs the available host memory shared
+    among them."""
+    import jax
+
+    devices = jax.devices()
+    stats = devices[0].memory_stats() if devices[0].platform != "cpu" else None
+    if stats and stats.get("bytes_limit"):
+        return Target("local", devices, int(stats["bytes_limit"]), "device memory")
+    available = available_host_memory()
+    share = None if available is None else available // len(devices)
+    return Target("local", devices, share, f"host memory available now / {len(devices)} devices")
+
+
+def available_host_memory() -> int | None:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+# -------------------------------------------------------------------------------- the plan
+
+
+@dataclass
+class Plan:
+    """The memory of one compiled (or refused) train step, per device."""
+
+    settings: dict[str, Any]
+    per_device_bytes: dict[str, int]
+    fits: bool | None
+    compiled: bool  # False: XLA refused it for memory (temporaries from its message)
+    compile_seconds: float
+    flops: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return self.per_device_bytes["total"]
+
+
+def shard_bytes(tree) -> int:
+    """Bytes one device holds of a pytree of shapes with shardings (the largest shard)."""
+    import jax
+
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shape = leaf.sharding.shard_shape(leaf.shape)
+        total += math.prod(shape) * leaf.dtype.itemsize
+    return total
+
+
+def plan_step(cfg: TrainConfig, objective_name: str, target: Target) -> Plan:
+    """Compile the train step of `cfg` for `target`'s devices and measure it."""
+    from flax_lm.train.build import abstract_step, example_train_batch
+    from flax_lm.train.prepare import prepare_model
+    from flax_lm.train.step import compile_train_step, make_mesh
+
+    mesh = make_mesh(target.devices, spec=cfg.mesh)
+    p = prepare_model(cfg, objective_name, num_devices=mesh.size)
+    batch_bytes = sum(v.nbytes for v in example_train_batch(p).values()) // mesh.size
+    settings = {
+        "per_device_train_batch_size": cfg.per_device_train_batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "global_batch_size": p.global_batch_size,
+        "seq_len": p.seq_len,
+        "dtype": cfg.dtype,
+        "remat": cfg.remat,
+        "mesh": dict(mesh.shape),
+    }
+    train_step, state, batch = abstract_step(p, mesh)
+    flops = step_flops(p, mesh, train_step, state, batch)
+    print(f"compiling the train step for {target.description} ...", file=sys.stderr)
+    try:
+        compiled, seconds = compile_train_step(train_step, state, batch, mesh)
+    except Exception as err:  # noqa: BLE001 - XLA's error types differ between versions
+        refused = OUT_OF_MEMORY.search(str(err))
+        if refused is None:
+            raise
+        per_device = {
+            "parameters": shard_bytes(state.params),
+            "optimizer_state": shard_bytes(state.opt_state),
+            "batch": batch_bytes,
+            "temporaries": to_bytes(refused.group(1), refused.group(2)),
+        }
+        per_device["total"] = shard_bytes(state) + batch_bytes + per_device["temporaries"]
+        return Plan(settings, per_device, False, False, 0.0, flops)
+    memory = compiled.memory_analysis()
+    per_device = {
+        "parameters": shard_bytes(state.params),
+        "optimizer_state": shard_bytes(state.opt_state),
+        "batch": batch_bytes,
+        "arguments": memory.argument_size_in_bytes,
+        "outputs": memory.output_size_in_bytes,
+        "aliased": memory.alias_size_in_bytes,
+        "temporaries": memory.temp_size_in_bytes,
+        "program": memory.generated_code_size_in_bytes,
+    }
+    per_device["total"] = (
+        per_device["arguments"] + per_device["outputs"] - per_device["aliased"]
+        + per_device["temporaries"] + per_device["program"]
+    )  # fmt: skip
+    fits = None if target.memory_bytes is None else per_device["total"] <= target.memory_bytes
+    return Plan(settings, per_device, fits, True, round(seconds, 2), flops)
+
+
+def step_flops(p, mesh, train_step, state, batch) -> dict[str, float]:
+    """Per step, all devices: the model FLOPs (flax_lm.perf), the matmul FLOPs of the step as
+    built (remat's recomputation included) and, with remat, of the same step without it."""
+    from flax_lm.perf import model_flops_per_token, traced_matmul_flops
+    from flax_lm.train.build import abstract_step
+
+    tokens = p.global_batch_size * p.seq_len
+    flops = {
+        "model": model_flops_per_token(p.model_config, p.seq_len) * tokens,
+        "matmul": traced_matmul_flops(train_step, state, batch),
+    }
+    if p.cfg.remat is not None:
+        plain = dataclasses.replace(p, cfg=dataclasses.replace(p.cfg, remat=None))
+        flops["matmul_without_remat"] = traced_matmul_flops(*abstract_step(plain, mesh))
+    return flops
+
+
+# --------------------------------------------------------------------------- what would fit
+
+
+def suggest(cfg: TrainConfig, objective: str, target: Target, missed: Plan) -> list[dict]:
+    """Settings that fit where `cfg` does not, each verified by a compile (at most
+    MAX_FALLBACK_COMPILES): full rematerialisation at the same batch, then the largest
+    per-device batch that fits with accumulation keeping the global batch."""
+    found = []
+    if cfg.remat != "full":
+        plan = plan_step(dataclasses.replace(cfg, remat="full"), objective, target)
+        if plan.fits:
+            found.append({"flags": {"remat": "full"}, "plan": plan})
+    batch, accumulation = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
+    if batch == 1:
+        return found
+    half = dataclasses.replace(
+        cfg, per_device_train_batch_size=batch // 2, gradient_accumulation_steps=accumulation
+    )
+    smaller = plan_step(half, objective, target)
+    per_row = (missed.total - smaller.total) / (batch - batch // 2)
+    fixed = missed.total - per_row * batch
+    estimate = int((target.memory_bytes - fixed) // per_row) if per_row > 0 else batch // 2
+    sizes = [b for b in range(min(estimate, batch - 1), 0, -1) if batch % b == 0]
+    for size in sizes[: MAX_FALLBACK_COMPILES - 2]:
+        flags = {
+            "per_device_train_batch_size": size,
+            "gradient_accumulation_steps": accumulation * (batch // size),
+        }
+        plan = plan_step(dataclasses.replace(cfg, **flags), objective, target)
+        if plan.fits:
+            found.append({"flags": flags, "plan": plan})
+            break
+    return found
+
+
+# ------------------------------------------------------------------------------------ output
+
+
+def gib(n: int) -> str:
+    return f"{n / GIB:.2f} GiB"
+
+
+def report(plan: Plan, target: Target) -> str:
+    s, b = plan.settings, plan.per_device_bytes
+    mesh = ", ".join(f"{k}={v}" for k, v in s["mesh"].items())
+    lines = [
+        f"train step on {target.description} (mesh {mesh})",
+        f"  per-device batch {s['per_device_train_batch_size']} x {s['seq_len']} tokens, "
+        f"accumulation {s['gradient_accumulation_steps']}, global batch "
+        f"{s['global_batch_size']}, dtype {s['dtype']}, remat {s['remat'] or 'none'}",
+        "  per device:",
+    ]
+    rows = ["parameters", "optimizer_state", "batch", "temporaries", "program"]
+    for name in rows:
+        if name in b:
+            lines.append(f"    {name.replace('_', ' '):<18}{gib(b[name]):>12}")
+    if target.memory_bytes is None:
+        lines.append(f"    {'total':<18}{gib(b['total']):>12}")
+    else:
+        spare = 1 - b["total"] / target.memory_bytes
+        lines.append(
+            f"    {'total':<18}{gib(b['total']):>12} of {gib(target.memory_bytes)} "
+            f"{target.memory_kind} ({spare:.0%} spare)"
+        )
+    flops = plan.flops
+    line = f"  FLOPs per step: model {flops['model']:.4g}, matmuls as built {flops['matmul']:.4g}"
+    if "matmul_without_remat" in flops:
+        extra = flops["matmul"] - flops["matmul_without_remat"]
+        line += f" (remat recomputes {extra:.4g}: +{extra / flops['model']:.1%} of the model's)"
+    lines.append(line)
+    if plan.compiled:
+        lines.append(f"  compiled in {plan.compile_seconds:.1f} s")
+    else:
+        lines.append("  XLA refused to compile it: its temporaries do not fit")
+    verdict = {True: "fits", False: "does not fit", None: "no verdict (memory unknown)"}
+    lines.append(verdict[plan.fits])
+    return "\n".join(lines)
+
+
+def suggestion_text(suggestions: list[dict], target: Target) -> str:
+    if not suggestions:
+        return "nothing tried fits: a smaller model, sequence length or more devices"
+    lines = ["what fits:"]
+    for item in suggestions:
+        flags = " ".join(f"--{k} {v}" for k, v in item["flags"].items())
+        total = item["plan"].total
+        lines.append(f"  {flags}: {gib(total)} per device of {gib(target.memory_bytes)}")
+    return "\n".join(lines)
+
+
+def as_json(plan: Plan, target: Target, suggestions: list[dict]) -> dict[str, Any]:
+    return {
+        "topology": target.name,
+        "devices": len(target.devices),
+        "device_kind": target.devices[0].device_kind,
+        "fits": plan.fits,
+        "hbm_bytes": target.memory_bytes,
+        "memory_kind": target.memory_kind,
+        "per_device_bytes": plan.per_device_bytes,
+        "settings": plan.settings,
+        "flops": plan.flops,
+        "compile_seconds": plan.compile_seconds,
+        "compiled": plan.compiled,
+        "suggestions": [
+            {"flags": item["flags"], "per_device_bytes": item["plan"].per_device_bytes}
+            for item in suggestions
+        ],
+    }
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def objective_of(argv: list[str]) -> str:
+    """clm or mlm, from --model_type, the --config recipe's model_type, or the model config."""
+    pre = ArgParser(add_help=False, allow_abbrev=False)
+    for flag in ("--model_type", "--config", "--config_name", "--model_name_or_path"):
+        pre.add_argument(flag)
+    known, _ = pre.parse_known_args(argv)
+    model_type = known.model_type or recipe_model_type(known.config)
+    if model_type is None and (known.model_name_or_path or known.config_name):
+        from flax_lm.config import load_base_config
+
+        model_type = load_base_config(known.model_name_or_path or known.config_name).model_type
+    if model_type is None and {"-h", "--help"} & set(argv):
+        model_type = "gpt2"  # the flags are the same for both scripts but for a few
+    if model_type not in OBJECTIVE_OF_MODEL_TYPE:
+        raise UserError(
+            f"--model_type must be gpt2 (planned as {SCRIPT_NAMES['clm']}) or roberta "
+            f"({SCRIPT_NAMES['mlm']}), got {model_type!r}"
+        )
+    return OBJECTIVE_OF_MODEL_TYPE[model_type]
+
+
+def recipe_model_type(path: str | None) -> str | None:
+    """model_type of a --config YAML file (its errors are reported when the flags are parsed)."""
+    if not path:
+        return None
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as recipe:
+            data = yaml.safe_load(recipe)
+    except (OSError, yaml.YAMLError):
+        return None
+    return data.get("model_type") if isinstance(data, dict) else None
+
+
+def parse_args(argv: list[str]) -> tuple[TrainConfig, str, argparse.Namespace]:
+    objective = objective_of(argv)
+    parser = build_parser(objective)
+    parser.prog = "flax-lm plan"
+    parser.description = __doc__.splitlines()[0]
+    parser.add_argument("--topology", help="TPU topology to compile for, e.g. v3-8, v5e:4x4 "
+                        "(default: the local devices)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    values = vars(parse_flags(argv, objective, parser))
+    options = argparse.Namespace(topology=values.pop("topology"), json=values.pop("json"))
+    cfg = resolve_defaults(check_values(TrainConfig(**values), objective))
+    return cfg, objective, options
+
+
+@report_user_errors
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cfg, objective, options = parse_args(argv)
+    target = tpu_topology(options.topology) if options.topology else local_target()
+    plan = plan_step(cfg, objective, target)
+    suggestions = []
+    if plan.fits is False:
+        suggestions = suggest(cfg, objective, target, plan)
+    if options.json:
+        print(json.dumps(as_json(plan, target, suggestions), indent=2))
+    else:
+        print(report(plan, target))
+        if plan.fits is False:
+            print(suggestion_text(suggestions, target))
+    return EXIT_DOES_NOT_FIT if plan.fits is False else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""The model, optimizer, train state and train step of a run, built in one place: the training
+loop runs them and `flax-lm plan` compiles them for devices it may not have, so the plan is the
+step training runs (same model options, optimizer, state layout, batch layout and shardings)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from flax_lm.models import create_model
+from flax_lm.models.attention import choose_attention
+from flax_lm.models.attention import platform as attention_platform
+from flax_lm.models.hf_io import load_model
+from flax_lm.models.layers import compute_dtype
+from flax_lm.train.args import TrainConfig
+from flax_lm.train.optim import make_schedule, make_training_optimizer
+from flax_lm.train.prepare import Prepared
+from flax_lm.train.step import (
+    Batch,
+    TrainState,
+    batch_shapes,
+    make_train_step,
+    split_microbatches,
+    state_shapes,
+)
+
+TRAIN_BATCH_AXIS = 1  # train batches are [accumulation, rows, seq]: rows go over the devices
+
+
+def model_options(cfg: TrainConfig, mesh: Mesh) -> dict[str, Any]:
+    """The model's options; attention is chosen for the mesh's devices, which for a plan need
+    not be this process's (a TPU topology compiled for on a CPU gets the TPU's attention)."""
+    device = mesh.devices.flat[0]
+    platform = attention_platform() if device.platform == "gpu" else device.platform
+    attention = choose_attention(platform, compute_dtype(cfg.dtype), cfg.attn_implementation)
+    return {"dtype": cfg.dtype, "scan_layers": cfg.scan_layers, "remat": cfg.remat,
+            "attention": attention}
+
+
+def build_model(p: Prepared, mesh: Mesh) -> nnx.Module:
+    """The model a run starts from: --model_name_or_path's weights, or a fresh one."""
+    options = model_options(p.cfg, mesh)
+    if p.model_dir is not None:
+        return load_model(p.model_dir, **options)
+    return create_model(p.model_config, seed=p.cfg.seed, **options)
+
+
+def model_shapes(p: Prepared, mesh: Mesh) -> nnx.Module:
+    """`build_model`'s model as shapes only (a pretrained model has its config's shapes)."""
+    options = model_options(p.cfg, mesh)
+    return nnx.eval_shape(lambda: create_model(p.model_config, seed=p.cfg.seed, **options))
+
+
+@dataclass
+class StepParts:
+    """What a train step is made of, and the step (a pure function, not yet compiled)."""
+
+    graphdef: nnx.GraphDef
+    optimizer: optax.GradientTransformation
+    schedule: optax.Schedule
+    train_step: Callable[[TrainState, Batch], tuple[TrainState, dict]]
+
+
+def step_parts(p: Prepared, graphdef: nnx.GraphDef, params: nnx.State) -> StepParts:
+    """The optimizer, learning-rate schedule and train step of the run `p` (params: arrays or
+    shapes; only their structure and kinds matter)."""
+    schedule = make_schedule(p.cfg, p.total_steps)
+    optimizer = make_training_optimizer(p.cfg, schedule, params)
+    train_step = make_train_step(graphdef, p.objective, optimizer, schedule)
+    return StepParts(graphdef, optimizer, schedule, train_step)
+
+
+def example_train_batch(p: Prepared) -> dict[str, np.ndarray]:
+    """A host train batch with the shapes and dtypes of every real one (the token ids are 0),
+    made by the run's objective from nothing but the flags: no corpus is read."""
+    rows = p.global_batch_size
+    examples = {"input_ids": np.zeros((rows, p.seq_len), np.int32)}
+    batch = p.objective.make_batch(examples, np.random.default_rng(0))
+    return split_microbatches(batch, p.cfg.gradient_accumulation_steps)
+
+
+def abstract_step(p: Prepared, mesh: Mesh) -> tuple[Callable, TrainState, Batch]:
+    """The run's train step with its state and batch as shapes with their shardings on `mesh`:
+    nothing is allocated, so the mesh may be of devices this process cannot run on. Compile
+    them with `compile_train_step`, as the training loop compiles its step."""
+    graphdef, params = nnx.split(model_shapes(p, mesh), nnx.Param)
+    parts = step_parts(p, graphdef, params)
+    state = state_shapes(params, parts.optimizer, p.cfg.seed, mesh)
+    batch = batch_shapes(example_train_batch(p), mesh, TRAIN_BATCH_AXIS)
+    return parts.train_step, state, batch

@@ -1,0 +1,120 @@
+"""`flax-lm plan`: the step it compiles is the training command's (same memory, byte for byte),
+it compiles for a TPU topology through libtpu on this CPU, and bad input gets one line."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+
+import pytest
+
+from flax_lm.plan import main as plan
+from flax_lm.train import trainer
+from flax_lm.train.cli import main as train
+
+TINY_GPT2 = "n_embd=32,n_layer=2,n_head=2,n_positions=64,vocab_size=512"
+MEMORY_FIELDS = {
+    "arguments": "argument_size_in_bytes",
+    "outputs": "output_size_in_bytes",
+    "aliased": "alias_size_in_bytes",
+    "temporaries": "temp_size_in_bytes",
+    "program": "generated_code_size_in_bytes",
+}
+HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
+
+
+def step_flags(tokenizer_dir) -> list[str]:
+    """A tiny GPT-2 run's step settings: bfloat16, remat, two microbatches."""
+    return [
+        "--model_type", "gpt2", "--config_overrides", TINY_GPT2,
+        "--tokenizer_name", str(tokenizer_dir), "--block_size", "32",
+        "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2",
+        "--dtype", "bfloat16", "--remat", "qkv_out",
+    ]  # fmt: skip
+
+
+def run_plan(argv: list[str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = plan(argv)
+    return status, out.getvalue(), err.getvalue()
+
+
+def test_the_plan_is_the_memory_of_the_step_training_compiles(
+    code_corpus, tiny_tokenizer_dir, tmp_path, monkeypatch
+):
+    compiled_steps = []
+
+    def compile_and_keep(*args, **kwargs):
+        compiled, seconds = compile_train_step(*args, **kwargs)
+        compiled_steps.append(compiled)
+        return compiled, seconds
+
+    compile_train_step = trainer.compile_train_step
+    monkeypatch.setattr(trainer, "compile_train_step", compile_and_keep)
+    flags = step_flags(tiny_tokenizer_dir)
+    status = train([
+        *flags, "--train_file", str(code_corpus.train), "--do_train", "--max_steps", "1",
+        "--output_dir", str(tmp_path / "run"), "--report_to", "none",
+        "--compilation_cache_dir", "none",
+    ], objective="clm")  # fmt: skip
+    assert status == 0 and len(compiled_steps) == 1
+    trained = compiled_steps[0].memory_analysis()
+
+    status, stdout, _ = run_plan([*flags, "--json"])
+    assert status == 0
+    result = json.loads(stdout)
+    planned = result["per_device_bytes"]
+    for ours, xla in MEMORY_FIELDS.items():
+        assert planned[ours] == getattr(trained, xla), ours
+    assert planned["total"] == (
+        planned["arguments"] + planned["outputs"] - planned["aliased"]
+        + planned["temporaries"] + planned["program"]
+    )  # fmt: skip
+    # the arguments are the state and the batch, and the step counter and RNG key (12 bytes)
+    state_and_batch = planned["parameters"] + planned["optimizer_state"] + planned["batch"]
+    assert 0 < planned["arguments"] - state_and_batch <= 12
+    assert result["topology"] == "local" and result["fits"] is True
+    assert result["settings"]["global_batch_size"] == 8 and result["settings"]["remat"] == "qkv_out"
+    assert result["flops"]["matmul"] > result["flops"]["matmul_without_remat"] > 0 and result["compile_seconds"] > 0
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed: pip install -e '.[tpu]'")
+def test_a_train_step_compiles_for_a_tpu_v3_8_on_this_cpu(tiny_tokenizer_dir):
+    """On the mesh training would use (--mesh data=2,fsdp=4): parameters sharded 4 ways."""
+    argv = [*step_flags(tiny_tokenizer_dir), "--mesh", "data=2,fsdp=4", "--topology", "v3-8"]
+    status, stdout, _ = run_plan([*argv, "--json"])
+    assert status == 0
+    result = json.loads(stdout)
+    assert (result["topology"], result["devices"], result["device_kind"]) == ("v3-8", 8, "TPU v3")
+    assert 15 * 2**30 < result["hbm_bytes"] <= 16 * 2**30  # 16 GB of HBM, less XLA's reserve
+    assert result["fits"] is True and result["settings"]["mesh"] == {"data": 2, "fsdp": 4}
+    planned = result["per_device_bytes"]
+    assert planned["temporaries"] > 0 and planned["program"] > 0
+    assert planned["total"] < result["hbm_bytes"] / 100
+    # float32 parameters, every width divisible by fsdp=4: a quarter of them on each device
+    params = 512 * 32 + 64 * 32 + 2 * (4 * 32 * 32 + 2 * 32 * 128 + 13 * 32) + 2 * 32
+    assert planned["parameters"] == 4 * params // 4
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["--topology", "v99-1"], "--topology"),
+        (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size"),
+        (["--remat", "everything"], "--remat"),
+    ],
+)
+def test_bad_input_is_one_line(tiny_tokenizer_dir, argv, named):
+    status, stdout, stderr = run_plan([*step_flags(tiny_tokenizer_dir), *argv])
+    assert status == 2 and stdout == ""
+    lines = [line for line in stderr.splitlines() if not line.startswith("compiling")]
+    assert len(lines) == 1 and lines[0].startswith("error:") and named in lines[0]
+    assert argv[1] in lines[0]
+
+
+def test_the_model_type_is_needed_to_know_the_training_script(tiny_tokenizer_dir):
+    status, _, stderr = run_plan(["--tokenizer_name", str(tiny_tokenizer_dir)])
+    assert status == 2 and "--model_type" in stderr and len(stderr.splitlines()) == 1
