@@ -542,9 +542,10 @@ class TrainBatches:
     produces their rows, the whole batch when it holds every shard. A map-style shard is permuted
     with np.random.default_rng([seed, epoch, shard]) and its rows fetched in bulk; an epoch ends
     for all shards together after as many batches as the smallest shard holds (`all_lengths`:
-    every process's shards). A stream shard is shuffled through a seeded buffer (re-seeded per
-    epoch with set_epoch) and starts its next epoch when it runs out, on its own; its position
-    is the number of batches it gave in its epoch, and resuming skips that many.
+    every process's shards). A stream shard (`StreamExamples`) is shuffled through a buffer
+    seeded by (seed, shard, epoch) and starts its next epoch when it runs out, on its own; its
+    position (`state()`) holds its reader's position, the buffer and the buffer's RNG, so a
+    resumed run reads nothing twice.
     Only full batches are produced; `steps_per_epoch` is None for streams.
     """
 
