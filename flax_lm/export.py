@@ -19,6 +19,7 @@ from flax import nnx
 from flax_lm.errors import ArgParser, UserError, report_user_errors
 from flax_lm.evaluate import find_model, load_model_and_tokenizer
 from flax_lm.models.hf_io import save_model
+from flax_lm.storage import location, save_pretrained
 from flax_lm.tokenizer import check_output_dir
 from flax_lm.train.step import make_mesh
 
@@ -33,7 +34,7 @@ def export_checkpoint(spec: str, output_dir: Path, config_name: str | None = Non
         raise UserError(f"checkpoint {spec} is a saved model, not a checkpoint: nothing to export")
     graphdef, params, tokenizer = load_model_and_tokenizer(source, make_mesh(jax.devices()[:1]))
     save_model(nnx.merge(graphdef, params), output_dir)
-    tokenizer.save_pretrained(output_dir)
+    save_pretrained(tokenizer, output_dir)
     return source.describe()
 
 
@@ -41,7 +42,8 @@ def parse_args(argv: list[str] | None):
     parser = ArgParser(prog="flax-lm export", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="a checkpoint step dir (OUTPUT_DIR/checkpoints/STEP) or "
                         "a run's output_dir (its newest complete checkpoint)")
-    parser.add_argument("--output_dir", required=True, help="where the model is written")
+    parser.add_argument("--output_dir", required=True,
+                        help="where the model is written (a local dir or gs://bucket/path)")
     parser.add_argument("--config_name", help="model config (default: the run's config.json)")
     parser.add_argument("--tokenizer_name", help="tokenizer dir (default: the run's output_dir)")
     parser.add_argument("--overwrite_output_dir", action="store_true",
@@ -52,7 +54,7 @@ def parse_args(argv: list[str] | None):
 @report_user_errors
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    out = Path(args.output_dir)
+    out = location(args.output_dir, "--output_dir")  # a local dir or gs://bucket/path
     check_output_dir(out, args.overwrite_output_dir)
     exported = export_checkpoint(args.checkpoint, out, args.config_name, args.tokenizer_name)
     print(f"exported {exported} to {out}", file=sys.stderr)

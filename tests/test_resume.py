@@ -341,6 +341,21 @@ def test_a_gs_output_dir_saves_resumes_and_exports(clm_reference, fake_gcs, monk
     assert [p.name for p in Path.cwd().iterdir()] == ["gcs"]  # no local "gs:" folder
 
 
+def test_export_writes_a_checkpoint_to_gs(clm_reference, fake_gcs):
+    """`flax-lm export CHECKPOINT --output_dir gs://...`: the run's own final model, there."""
+    from flax_lm.cli import main as flax_lm
+
+    _, expected = clm_reference
+    checkpoint = expected / "checkpoints" / str(STEPS)
+    assert flax_lm(["export", str(checkpoint), "--output_dir", "gs://bucket/step-10"]) == 0
+    exported = fake_gcs / "bucket" / "step-10"
+    want, got = (load_file(str(d / "model.safetensors")) for d in (expected, exported))
+    assert want.keys() == got.keys()
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    assert (exported / "tokenizer.json").read_bytes() == (expected / "tokenizer.json").read_bytes()
+
+
 def test_resume_skips_interrupted_saves(clm_reference, tmp_path):
     """The newest step dirs are a save still in its temporary dir and one without its commit
     marker: the resume takes the newest complete checkpoint, says so, and still matches."""
