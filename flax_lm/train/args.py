@@ -446,6 +446,11 @@ def check_run_inputs(cfg: TrainConfig) -> None:
         raise UserError("--output_dir is required")
     if not (cfg.dataset_name or cfg.train_file or cfg.validation_file):
         raise UserError("no data: give --dataset_name or --train_file (and --validation_file)")
+    if cfg.model_name_or_path and cfg.config_overrides:
+        raise UserError(
+            "--config_overrides cannot change a pretrained model (--model_name_or_path); "
+            "use --config_name to train a new one"
+        )
     trains = cfg.do_train or not cfg.do_eval
     if cfg.streaming and trains and cfg.max_steps is None:
         raise UserError("--streaming needs --max_steps: a stream has no known length")

@@ -281,11 +281,6 @@ def load_model_config(
     expected = MODEL_TYPES[objective_name]
     if cfg.model_type and cfg.model_type != expected:
         raise wrong_model_type(objective_name, cfg.model_type)
-    if cfg.model_name_or_path and cfg.config_overrides:
-        raise UserError(
-            "--config_overrides cannot change a pretrained model (--model_name_or_path); "
-            "use --config_name to train a new one"
-        )
     config = load_base_config(config_source(cfg, model_dir, objective_name))
     if config.model_type != expected:
         raise wrong_model_type(objective_name, config.model_type)
