@@ -321,9 +321,9 @@ def test_model_config_and_tokenizer_from_hub_ids_through_the_hub_cache(tiny_toke
     from flax_lm.models import create_model
     from flax_lm.models.hf_io import export_state_dict, save_model
     from flax_lm.train.args import parse_config
+    from flax_lm.train.build import build_model
     from flax_lm.train.prepare import prepare
     from flax_lm.train.step import make_mesh
-    from flax_lm.train.trainer import Trainer
 
     config = apply_config_overrides(load_base_config("gpt2"), "n_embd=32,n_layer=1,n_head=2,"
                                     "n_positions=64,vocab_size=512,bos_token_id=2,eos_token_id=2")
@@ -342,7 +342,7 @@ def test_model_config_and_tokenizer_from_hub_ids_through_the_hub_cache(tiny_toke
     prepared = prepare(cfg, "clm", num_devices=1)
     assert prepared.model_dir == snapshot
     assert prepared.model_config.n_embd == 32 and len(prepared.tokenizer) == 512
-    model = Trainer(prepared, make_mesh(), "clm").build_model()
+    model = build_model(prepared, make_mesh())
     loaded = export_state_dict(model)
     saved = load_file(str(snapshot / "model.safetensors"))
     for name, value in saved.items():

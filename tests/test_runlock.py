@@ -18,8 +18,10 @@ from flax_lm.train import runlock
 from flax_lm.train.runlock import LOCK_FILE, RunLock, check_not_locked
 
 
-def write_lock(out: epath.Path, **changes) -> dict:
-    holder = {**runlock.this_process(), **changes}
+def write_lock(out: epath.Path, heartbeat_age: float = 0.0, **changes) -> dict:
+    """A lock as `changes` alter this process's own, its heartbeat `heartbeat_age` s old (counted
+    from now: parameters are made at collection, long before a test of a full suite runs)."""
+    holder = {**runlock.this_process(), "heartbeat": time.time() - heartbeat_age, **changes}
     (out / LOCK_FILE).write_text(json.dumps(holder))
     return holder
 
@@ -39,7 +41,7 @@ def out(tmp_path) -> epath.Path:
     "changes",
     [
         {"pid": os.getppid()},  # a live process on this host
-        {"host": "tpu-vm-7", "pid": 1234, "heartbeat": time.time() - 60},  # beating elsewhere
+        {"host": "tpu-vm-7", "pid": 1234, "heartbeat_age": 60},  # beating elsewhere
     ],
 )
 def test_a_live_run_blocks(out, changes):
@@ -59,7 +61,7 @@ def test_a_live_run_blocks(out, changes):
         {"pid": "dead"},  # SIGKILLed, on this host
         {"boot_id": "an-earlier-boot"},  # a live pid, but from before a reboot
         {"pid": "me"},  # a container restarted with the same pid
-        {"host": "tpu-vm-7", "heartbeat": time.time() - runlock.STALE_AFTER_SECONDS - 1},
+        {"host": "tpu-vm-7", "heartbeat_age": runlock.STALE_AFTER_SECONDS + 1},
     ],
 )
 def test_a_dead_runs_lock_is_taken_over(out, changes):

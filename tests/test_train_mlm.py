@@ -130,7 +130,7 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(mlm_run, tmp_path):
     assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["4", "8"]
 
 
-def test_find_checkpoint_forms(mlm_run):
+def test_find_checkpoint_forms(mlm_run, tmp_path):
     from flax_lm.errors import UserError
     from flax_lm.train.checkpoint import find_checkpoint, read_meta
 
@@ -144,4 +144,4 @@ def test_find_checkpoint_forms(mlm_run):
     assert meta["step"] == 4 and meta["objective"] == "mlm" and meta["global_batch_size"] == 8
     assert meta["data"] == {"epoch": 0, "batch_in_epoch": 4}
     with pytest.raises(UserError, match="no checkpoint to resume from"):
-        find_checkpoint("latest", root / "4")
+        find_checkpoint("latest", tmp_path)  # a run's checkpoints dir with nothing saved yet
