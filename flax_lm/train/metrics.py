@@ -176,12 +176,12 @@ class RunLog:
 
     def close(self) -> None:
         self.bar.close()
+        self.sync()
         if self.jsonl is not None:
             self.jsonl.close()
         if self.board is not None:
             self.board.close()
         if self.staging is not None:
-            copy_into(self.staging, self.output_dir)
             shutil.rmtree(self.staging, ignore_errors=True)
         if self.wandb is not None:
             self.wandb.finish()

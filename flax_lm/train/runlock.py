@@ -31,6 +31,7 @@ from typing import Any
 from etils import epath
 
 from flax_lm.errors import UserError
+from flax_lm.storage import is_cloud, write_bytes_atomically
 
 LOCK_FILE = "run.lock"
 HEARTBEAT_SECONDS = 60.0
@@ -51,10 +52,6 @@ def this_process() -> dict[str, Any]:
     now = time.time()
     return {"host": socket.gethostname(), "boot_id": boot_id(), "pid": os.getpid(),
             "started": now, "heartbeat": now}  # fmt: skip
-
-
-def is_local(path: epath.Path) -> bool:
-    return "://" not in str(path)
 
 
 def pid_alive(pid: int) -> bool:
@@ -138,7 +135,7 @@ class RunLock:
 
     def claim(self) -> None:
         text = json.dumps(self.holder)
-        if is_local(self.path):
+        if not is_cloud(self.path):
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             with os.fdopen(fd, "w") as f:
                 f.write(text)
@@ -161,12 +158,7 @@ class RunLock:
 
     def write(self, text: str) -> None:
         """Replace the lock's contents in one step (a reader never sees half of it)."""
-        if is_local(self.path):
-            partial = self.path.parent / f".{LOCK_FILE}.partial"
-            partial.write_text(text)
-            os.replace(partial, self.path)
-        else:
-            self.path.write_text(text)
+        write_bytes_atomically(self.path, text.encode())
 
     def release(self) -> None:
         """Stop the heartbeat and remove the lock if it is still this run's."""
