@@ -129,8 +129,6 @@ def _hold_out_validation(train: Split, cfg) -> tuple[Split, Split]:
 def _first(split: Dataset, n: int | None) -> Dataset:
     if n is None:
         return split
-    if n <= 0:
-        raise UserError(f"max_train_samples / max_eval_samples must be positive, got {n}")
     return split.select(range(min(n, len(split))))
 
 

@@ -201,18 +201,18 @@ def find_resume(cfg: TrainConfig, output_dir: epath.Path) -> Resume | None:
     """The checkpoint named by --resume_from_checkpoint or, when the command is rerun on an
     output_dir holding complete checkpoints (without --overwrite_output_dir), its newest."""
     own_checkpoints = checkpoints_of(cfg)
+    own_steps = checkpoint.checkpoint_steps(own_checkpoints)
     if cfg.resume_from_checkpoint:
         if not cfg.do_train:
             raise UserError("--resume_from_checkpoint continues training: it needs --do_train")
         directory, step = checkpoint.find_checkpoint(cfg.resume_from_checkpoint, own_checkpoints)
         rerun = False
     else:
-        steps = checkpoint.checkpoint_steps(own_checkpoints)
-        if not (steps and cfg.do_train and not cfg.overwrite_output_dir):
+        if not (own_steps and cfg.do_train and not cfg.overwrite_output_dir):
             return None
-        directory, step, rerun = own_checkpoints, steps[-1], True
+        directory, step, rerun = own_checkpoints, own_steps[-1], True
     meta = checkpoint.read_meta(directory, step)
-    later = [s for s in checkpoint.checkpoint_steps(own_checkpoints) if s > step]
+    later = [s for s in own_steps if s > step]
     interrupted = checkpoint.interrupted_saves(directory, after=step)
     return Resume(directory, step, meta, interrupted, later, rerun)
 

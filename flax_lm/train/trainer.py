@@ -292,6 +292,9 @@ class TrainStream:
                                         strict=True)
             ]
             micro = [split_microbatches(piece, self.accum) for piece in pieces]
+            if len(micro) == 1:  # one data shard: nothing to join
+                yield micro[0]
+                continue
             yield {
                 key: np.concatenate([m[key] for m in micro], axis=TRAIN_BATCH_AXIS)
                 for key in micro[0]
