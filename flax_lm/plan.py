@@ -197,15 +197,16 @@ def shard_bytes(tree) -> int:
     return total
 
 
-def plan_step(cfg: TrainConfig, objective_name: str, target: Target) -> Plan:
-    """Compile the train step of `cfg` for `target`'s devices and measure it."""
-    from flax_lm.train.build import abstract_step, example_train_batch
+def plan_step(cfg: TrainConfig, objective_name: str, target: Target, *,
+              with_flops: bool = True) -> Plan:
+    """Compile the train step of `cfg` for `target`'s devices and measure it (`with_flops`:
+    also trace its FLOPs, which the variants tried for a suggestion do not need)."""
+    from flax_lm.train.build import abstract_step
     from flax_lm.train.prepare import prepare_model
     from flax_lm.train.step import compile_train_step, make_mesh
 
     mesh = make_mesh(target.devices, spec=cfg.mesh)
     p = prepare_model(cfg, objective_name, num_devices=mesh.size)
-    batch_bytes = sum(v.nbytes for v in example_train_batch(p).values()) // mesh.size
     settings = {
         "per_device_train_batch_size": cfg.per_device_train_batch_size,
         "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
@@ -216,7 +217,12 @@ def plan_step(cfg: TrainConfig, objective_name: str, target: Target) -> Plan:
         "mesh": dict(mesh.shape),
     }
     train_step, state, batch = abstract_step(p, mesh)
-    flops = step_flops(p, mesh, train_step, state, batch)
+    flops = step_flops(p, mesh, train_step, state, batch) if with_flops else {}
+    held = {
+        "parameters": shard_bytes(state.params),
+        "optimizer_state": shard_bytes(state.opt_state),
+        "batch": shard_bytes(batch),
+    }
     print(f"compiling the train step for {target.description} ...", file=sys.stderr)
     try:
         compiled, seconds = compile_train_step(train_step, state, batch, mesh)
@@ -224,19 +230,12 @@ def plan_step(cfg: TrainConfig, objective_name: str, target: Target) -> Plan:
         refused = OUT_OF_MEMORY.search(str(err))
         if refused is None:
             raise
-        per_device = {
-            "parameters": shard_bytes(state.params),
-            "optimizer_state": shard_bytes(state.opt_state),
-            "batch": batch_bytes,
-            "temporaries": to_bytes(refused.group(1), refused.group(2)),
-        }
-        per_device["total"] = shard_bytes(state) + batch_bytes + per_device["temporaries"]
+        per_device = {**held, "temporaries": to_bytes(refused.group(1), refused.group(2))}
+        per_device["total"] = shard_bytes(state) + held["batch"] + per_device["temporaries"]
         return Plan(settings, per_device, False, False, 0.0, flops)
     memory = compiled.memory_analysis()
     per_device = {
-        "parameters": shard_bytes(state.params),
-        "optimizer_state": shard_bytes(state.opt_state),
-        "batch": batch_bytes,
+        **held,
         "arguments": memory.argument_size_in_bytes,
         "outputs": memory.output_size_in_bytes,
         "aliased": memory.alias_size_in_bytes,
@@ -277,7 +276,8 @@ def suggest(cfg: TrainConfig, objective: str, target: Target, missed: Plan) -> l
     per-device batch that fits with accumulation keeping the global batch."""
     found = []
     if cfg.remat != "full":
-        plan = plan_step(dataclasses.replace(cfg, remat="full"), objective, target)
+        plan = plan_step(dataclasses.replace(cfg, remat="full"), objective, target,
+                         with_flops=False)
         if plan.fits:
             found.append({"flags": {"remat": "full"}, "plan": plan})
     batch, accumulation = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
@@ -286,7 +286,7 @@ def suggest(cfg: TrainConfig, objective: str, target: Target, missed: Plan) -> l
     half = dataclasses.replace(
         cfg, per_device_train_batch_size=batch // 2, gradient_accumulation_steps=accumulation
     )
-    smaller = plan_step(half, objective, target)
+    smaller = plan_step(half, objective, target, with_flops=False)
     per_row = (missed.total - smaller.total) / (batch - batch // 2)
     fixed = missed.total - per_row * batch
     estimate = int((target.memory_bytes - fixed) // per_row) if per_row > 0 else batch // 2
@@ -296,7 +296,7 @@ def suggest(cfg: TrainConfig, objective: str, target: Target, missed: Plan) -> l
             "per_device_train_batch_size": size,
             "gradient_accumulation_steps": accumulation * (batch // size),
         }
-        plan = plan_step(dataclasses.replace(cfg, **flags), objective, target)
+        plan = plan_step(dataclasses.replace(cfg, **flags), objective, target, with_flops=False)
         if plan.fits:
             found.append({"flags": flags, "plan": plan})
             break
