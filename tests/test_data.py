@@ -388,6 +388,22 @@ def test_a_stream_resumes_from_its_position_without_reading_again(
     assert counted["documents"] == read_straight
 
 
+def test_a_streamed_epoch_hands_out_each_block_once_in_a_new_order(lines_file, tokenizer):
+    """One shard of a stream over two epochs: every block once per epoch, the same blocks in
+    both epochs, shuffled differently."""
+    stream = streamed_lines(lines_file, tokenizer, range(1))
+    epochs: dict[int, list[tuple]] = {}
+    for batch in stream:
+        epoch = stream.state()["shards"]["0"]["epoch"]
+        if epoch > 1:
+            break
+        epochs.setdefault(epoch, []).extend(map(tuple, batch["input_ids"].tolist()))
+    first, second = epochs[0], epochs[1][: len(epochs[0])]
+    assert len(first) > 40 and len(set(first)) == len(first)
+    assert len(set(epochs[1])) == len(epochs[1]) and set(epochs[1]) <= set(first)
+    assert first != second
+
+
 def test_each_process_tokenizes_its_half_and_the_batches_are_one_processs(
     code_corpus, tokenizer, monkeypatch
 ):
