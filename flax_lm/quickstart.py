@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     import datasets
 
     from flax_lm.train.args import TrainConfig
-    from flax_lm.train.trainer import setup_jax
+    from flax_lm.train.distributed import setup_jax
 
     datasets.disable_progress_bars()
     setup_jax(TrainConfig())  # the compilation cache, so later stages reuse compiled steps

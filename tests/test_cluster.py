@@ -8,7 +8,7 @@ from __future__ import annotations
 import jax
 import pytest
 
-from flax_lm.train import trainer
+from flax_lm.train import distributed
 from flax_lm.train.args import TrainConfig
 
 CLUSTER_VARIABLES = (
@@ -35,7 +35,7 @@ def initialized(monkeypatch) -> list[dict]:
 def setup(monkeypatch, **variables: str) -> None:
     for name, value in variables.items():
         monkeypatch.setenv(name, value)
-    trainer.setup_jax(TrainConfig(compilation_cache_dir="none"))
+    distributed.setup_jax(TrainConfig(compilation_cache_dir="none"))
 
 
 def slurm(tasks: int, task: int = 0) -> dict[str, str]:
@@ -53,7 +53,7 @@ def test_slurm_one_task_runs_alone_and_two_tasks_join(initialized, monkeypatch):
     assert initialized == []
     setup(monkeypatch, **slurm(2, task=1))
     assert initialized == [{}]  # no arguments: jax.distributed finds them itself
-    assert trainer.detected_cluster() == ("slurm", 2)
+    assert distributed.detected_cluster() == ("slurm", 2)
     # ... and what it finds is a complete launch: coordinator on the job's first node
     from jax._src.clusters import ClusterEnv
 
@@ -81,7 +81,7 @@ def test_a_tpu_vm_joins_when_its_slice_has_several_hosts(initialized, monkeypatc
     monkeypatch.setattr(tpu, "running_in_cloud_tpu_vm", True)
     monkeypatch.setattr(tpu, "get_metadata", lambda key: (metadata.get(key, ""), 200))
     setup(monkeypatch)
-    assert trainer.detected_cluster() == ("gcetpu", len(workers))
+    assert distributed.detected_cluster() == ("gcetpu", len(workers))
     assert initialized == ([{}] if joins else [])
 
 

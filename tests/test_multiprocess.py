@@ -24,13 +24,13 @@ SIGNAL_AFTER = 3  # process 1 receives the signal when it has run this step
 
 DRIVER = """
 import os, signal, sys, time
-from flax_lm.train import trainer
+from flax_lm.train import distributed
 from flax_lm.train.cli import main
 
 signal_after = int(os.environ.get("SIGNAL_AFTER", "0"))
 signum = int(os.environ.get("SIGNAL", signal.SIGTERM))
 STEP_SECONDS = 0.5
-should_stop = trainer.StopSignals.should_stop
+should_stop = distributed.StopSignals.should_stop
 
 
 def notice_then_check(self, step):
@@ -41,7 +41,7 @@ def notice_then_check(self, step):
     return should_stop(self, step)
 
 
-trainer.StopSignals.should_stop = notice_then_check
+distributed.StopSignals.should_stop = notice_then_check
 sys.exit(main(sys.argv[1:], objective="clm"))
 """
 

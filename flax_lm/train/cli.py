@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None, objective: str = "clm") -> int:
         print(config_yaml(cfg, objective), end="")
         return 0
     # JAX and the models load only for a real run
-    from flax_lm.train.trainer import Interrupted, NonFiniteLoss, run
+    from flax_lm.train.distributed import Interrupted
+    from flax_lm.train.trainer import NonFiniteLoss, run
 
     try:
         run(cfg, objective)

@@ -16,13 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -47,6 +43,7 @@ from flax_lm.train.data import (
     every_process,
     run_position,
 )
+from flax_lm.train.distributed import Interrupted, StopSignals, setup_jax
 from flax_lm.train.hub import CHECKPOINTS_UPLOADED, HubPusher, prepare_hub_repo
 from flax_lm.train.metrics import (
     METRICS_FILE,
@@ -73,8 +70,6 @@ from flax_lm.train.step import (
 
 PREFETCH_BATCHES = 2
 EVAL_MASK_STREAM = 2**32  # eval masks come from (seed, this): the same masks at every evaluation
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-PROCESS_COUNT_ENV = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
 
 
 def run(cfg: TrainConfig, objective_name: str) -> dict[str, Any]:
@@ -83,62 +78,6 @@ def run(cfg: TrainConfig, objective_name: str) -> dict[str, Any]:
     mesh = make_mesh(spec=cfg.mesh)
     prepared = prepare(cfg, objective_name, num_devices=mesh.size)
     return Trainer(prepared, mesh, objective_name).run()
-
-
-def setup_jax(cfg: TrainConfig) -> None:
-    """Join the other processes of a multi-host run; cache compiled steps across runs."""
-    if several_processes() and not jax.distributed.is_initialized():
-        jax.distributed.initialize(**process_env())
-    if cfg.compilation_cache_dir.lower() != "none":
-        cache = Path(cfg.compilation_cache_dir).expanduser()
-        jax.config.update("jax_compilation_cache_dir", str(cache))
-
-
-def process_env() -> dict[str, int]:
-    """num_processes and process_id from JAX_NUM_PROCESSES and JAX_PROCESS_ID, for a launch by
-    hand (jax reads only JAX_COORDINATOR_ADDRESS itself; clusters it detects need neither)."""
-    found = {}
-    names = {"num_processes": "JAX_NUM_PROCESSES", "process_id": "JAX_PROCESS_ID"}
-    for argument, name in names.items():
-        value = os.environ.get(name, "")
-        if value:
-            if not value.isdigit():
-                raise UserError(f"{name} must be a non-negative integer, got {value!r}")
-            found[argument] = int(value)
-    return found
-
-
-def several_processes() -> bool:
-    """Whether this process is one of several of one run: started by hand (JAX_COORDINATOR_ADDRESS
-    or JAX_NUM_PROCESSES > 1), or in a cluster of more than one process that JAX detects."""
-    by_hand = os.environ.get("JAX_NUM_PROCESSES", "")
-    if os.environ.get("JAX_COORDINATOR_ADDRESS") or (by_hand.isdigit() and int(by_hand) > 1):
-        return True
-    cluster = detected_cluster()
-    return cluster is not None and cluster[1] > 1
-
-
-def detected_cluster() -> tuple[str, int] | None:
-    """(name, process count) of the cluster environment that `jax.distributed.initialize()`
-    would use, or None: JAX's own detection, in its order (Open MPI, SLURM, Cloud TPU on GKE
-    or on TPU VMs through their metadata server, Kubernetes). Its registry of cluster kinds is
-    not public API, so without it (another JAX version) only the process-count variables of
-    SLURM and Open MPI are read. A single-host TPU VM or a one-task job is a cluster of one
-    process: it is run alone, without jax.distributed."""
-    try:
-        from jax._src.clusters import ClusterEnv
-
-        kinds = [kind for kind in ClusterEnv._cluster_types if not kind.opt_in_only_method]
-    except (ImportError, AttributeError):
-        for name in PROCESS_COUNT_ENV:
-            count = os.environ.get(name, "")
-            if count.isdigit():
-                return name, int(count)
-        return None
-    for kind in kinds:
-        if kind.is_env_present():
-            return kind.name, kind.get_process_count()
-    return None
 
 
 def cannot_write(output_dir: epath.Path, err: Exception) -> UserError:
@@ -174,73 +113,8 @@ class Throughput:
         return self.total_tokens / self.total_seconds if self.total_seconds else self.last_rate
 
 
-class Interrupted(Exception):
-    """Training stopped on SIGTERM/SIGINT after saving a checkpoint; exit status 128 + signal."""
-
-    def __init__(self, signum: int, step: int, saved: Path):
-        name = signal.Signals(signum).name
-        super().__init__(
-            f"interrupted by {name} at step {step}: saved checkpoint {saved}; rerun the same "
-            "command to continue"
-        )
-        self.exit_status = 128 + signum
-
-
 class NonFiniteLoss(Exception):
     """A step's loss or gradient was not finite, more often than --skip_nonfinite_steps allows."""
-
-
-class StopSignals:
-    """While training, SIGTERM (a preemption notice) and SIGINT (Ctrl-C) ask the loop to save a
-    checkpoint at a step boundary and stop; a second signal stops at once.
-
-    With several processes, every process must stop at the same step (a checkpoint save is
-    collective: one host saving alone waits forever for the others). There JAX's preemption
-    service owns SIGTERM: a notice on any host reaches all of them, and `should_stop` turns true
-    on every host at the same step (the first after the highest step any host had reached). SIGINT
-    is passed on as a SIGTERM of this process, so Ctrl-C on one host stops the run the same way.
-    """
-
-    def __init__(self, several_processes: bool = False):
-        self.several_processes = several_processes
-        self.received: int | None = None
-        self.previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():  # handlers live there only
-            handled = (signal.SIGINT,) if self.several_processes else STOP_SIGNALS
-            self.previous = {s: signal.signal(s, self.handle) for s in handled}
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
-
-    def handle(self, signum: int, frame) -> None:
-        if self.received is not None:
-            raise KeyboardInterrupt
-        self.received = signum
-        if self.several_processes:  # to JAX's preemption notifier, which tells every host
-            print(f"received {signal.Signals(signum).name}: passing it on to all processes as a "
-                  "preemption notice (send it again to stop at once)", file=sys.stderr)
-            os.kill(os.getpid(), signal.SIGTERM)
-            return
-        print(
-            f"received {signal.Signals(signum).name}: saving a checkpoint after this step, "
-            "then stopping (send it again to stop at once)",
-            file=sys.stderr,
-        )
-
-    def should_stop(self, step: int) -> bool:
-        """Whether to save and stop after `step`: called once at every step, on every process."""
-        if not self.several_processes:
-            return self.received is not None
-        if not multihost_utils.reached_preemption_sync_point(step):
-            return False
-        self.received = self.received or signal.SIGTERM
-        print(f"preemption notice: all processes save a checkpoint at step {step}, then stop",
-              file=sys.stderr)
-        return True
 
 
 @dataclass
