@@ -22,6 +22,7 @@ from pathlib import Path
 from transformers import GPT2Config, PretrainedConfig, RobertaConfig
 
 from flax_lm.errors import ArgParser, UserError, damaged, report_user_errors
+from flax_lm.storage import check_output_dir
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 CONFIG_CLASSES: dict[str, type[PretrainedConfig]] = {"gpt2": GPT2Config, "roberta": RobertaConfig}
@@ -291,8 +292,7 @@ def build_parser() -> ArgParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     output_dir = Path(args.output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise UserError(f"--output_dir {output_dir} is a file, not a directory")
+    check_output_dir(output_dir, overwrite=True)  # may hold a tokenizer: only config.json counts
     if (output_dir / "config.json").exists() and not args.overwrite_output_dir:
         raise UserError(
             f"{output_dir / 'config.json'} exists; use --overwrite_output_dir to replace"

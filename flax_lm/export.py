@@ -19,8 +19,7 @@ from flax import nnx
 from flax_lm.errors import ArgParser, UserError, report_user_errors
 from flax_lm.evaluate import find_model, load_model_and_tokenizer
 from flax_lm.models.hf_io import save_model
-from flax_lm.storage import location, save_pretrained
-from flax_lm.tokenizer import check_output_dir
+from flax_lm.storage import check_output_dir, location, save_pretrained
 from flax_lm.train.step import make_mesh
 
 
@@ -55,7 +54,7 @@ def parse_args(argv: list[str] | None):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = location(args.output_dir, "--output_dir")  # a local dir or gs://bucket/path
-    check_output_dir(out, args.overwrite_output_dir)
+    check_output_dir(out, overwrite=args.overwrite_output_dir)
     exported = export_checkpoint(args.checkpoint, out, args.config_name, args.tokenizer_name)
     print(f"exported {exported} to {out}", file=sys.stderr)
     return 0

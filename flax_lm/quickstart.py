@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flax_lm.errors import ArgParser, UserError, report_user_errors
+from flax_lm.storage import check_output_dir
 
 STAGES = 7
 VALIDATION_EVERY = 50  # every 50th module (sorted by path) is held out: a fixed 2% split by file
@@ -42,6 +43,8 @@ DEFAULT_VOCAB_SIZE = 8192
 BATCH_SIZE = 8
 LEARNING_RATE = 2e-3
 OWNED = ("data", "tokenizer", "config", "model", "calibration", "quickstart_results.json")
+RERUN_ADVICE = (": add --overwrite_output_dir to replace an earlier quickstart, "
+                "or choose another directory")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -252,16 +255,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def check_output_dir(root: Path, overwrite: bool) -> None:
-    if root.exists() and not root.is_dir():
-        raise UserError(f"--output_dir {root} is a file, not a directory")
-    if root.is_dir() and any(root.iterdir()) and not overwrite:
-        raise UserError(
-            f"--output_dir {root} already holds files: add --overwrite_output_dir "
-            "to replace an earlier quickstart, or choose another directory"
-        )
-
-
 def clear_earlier_run(root: Path) -> None:
     """Remove what an earlier quickstart wrote (only those entries)."""
     for name in OWNED:
@@ -276,7 +269,7 @@ def clear_earlier_run(root: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     layout = Layout(Path(args.output_dir))
-    check_output_dir(layout.root, args.overwrite_output_dir)
+    check_output_dir(layout.root, overwrite=args.overwrite_output_dir, advice=RERUN_ADVICE)
     root, modules = stdlib_modules(args.max_files)
     started = time.perf_counter()
     import datasets

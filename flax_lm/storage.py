@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Collection
 from pathlib import Path
 
 from etils import epath
@@ -104,3 +105,32 @@ def save_pretrained(obj, target: epath.Path) -> None:
         copy_into(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+REPLACE_ADVICE = "; use --overwrite_output_dir to replace"
+
+
+def check_output_dir(
+    output_dir: epath.PathLike,
+    *,
+    overwrite: bool,
+    may_hold: Collection[str] = (),
+    advice: str = REPLACE_ADVICE,
+) -> None:
+    """Refuse an --output_dir a command cannot write into before it writes anything: a file, a
+    directory holding files (other than `may_hold`) without --overwrite_output_dir (`advice`
+    says what to do instead), or a local path whose nearest existing folder is not writable."""
+    output_dir = epath.Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"--output_dir {output_dir} is a file, not a directory")
+    names = {path.name for path in output_dir.iterdir()} if output_dir.is_dir() else set()
+    if names - set(may_hold) and not overwrite:
+        raise UserError(f"--output_dir {output_dir} already holds files{advice}")
+    if is_cloud(output_dir):  # the first write tells whether the bucket takes it
+        return
+    local = Path(output_dir)
+    existing = next(p for p in (local, *local.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(
+            f"--output_dir {output_dir} cannot be written: {existing} is not a writable directory"
+        )

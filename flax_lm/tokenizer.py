@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from flax_lm.corpus import Corpus, iter_text_batches, load_text_dataset, refuse_remote_code
 from flax_lm.errors import ArgParser, UserError, report_user_errors
+from flax_lm.storage import check_output_dir
 
 SPECIAL_TOKENS = {  # role -> token; list order gives ids 0..4, as in roberta-base
     "bos_token": "<s>",
@@ -131,16 +132,7 @@ def check_args(args) -> None:
     check_vocab_size(args.vocab_size)
     if args.min_frequency < 1:
         raise UserError(f"--min_frequency must be at least 1, got {args.min_frequency}")
-    check_output_dir(Path(args.output_dir), args.overwrite_output_dir)
-
-
-def check_output_dir(output_dir: Path, overwrite: bool) -> None:
-    if output_dir.exists() and not output_dir.is_dir():
-        raise UserError(f"--output_dir {output_dir} is a file, not a directory")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
-        raise UserError(
-            f"--output_dir {output_dir} already holds files; use --overwrite_output_dir to replace"
-        )
+    check_output_dir(args.output_dir, overwrite=args.overwrite_output_dir)
 
 
 def load_corpus(args) -> Corpus:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import jax
 from etils import epath
 from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
+from flax_lm import storage
 from flax_lm.config import (
     apply_config_overrides,
     base_config_names,
@@ -236,22 +236,15 @@ def may_start_in(cfg: TrainConfig, output_dir: epath.Path) -> set[str]:
 
 
 def check_output_dir(cfg: TrainConfig, output_dir: epath.Path, *, resuming: bool) -> None:
-    if output_dir.exists() and not output_dir.is_dir():
-        raise UserError(f"--output_dir {output_dir} exists and is not a directory")
-    names = {path.name for path in output_dir.iterdir()} if output_dir.is_dir() else set()
-    if names - may_start_in(cfg, output_dir) and not (cfg.overwrite_output_dir or resuming):
-        raise UserError(
-            f"--output_dir {output_dir} already holds files and no checkpoint to continue: add "
-            "--overwrite_output_dir to write into it, or use another --output_dir"
-        )
-    if is_cloud(output_dir):  # taking the run's lock is the first write, before training
-        return
-    output_dir = Path(output_dir)
-    existing = next(p for p in (output_dir, *output_dir.absolute().parents) if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(
-            f"--output_dir {output_dir} cannot be written: {existing} is not a writable directory"
-        )
+    """A run writes into output_dir when it is new, resumed, overwritten, or holds only what a
+    fresh run may find there (see may_start_in)."""
+    storage.check_output_dir(
+        output_dir,
+        overwrite=cfg.overwrite_output_dir or resuming,
+        may_hold=may_start_in(cfg, output_dir),
+        advice=" and no checkpoint to continue: add --overwrite_output_dir to write into it, "
+        "or use another --output_dir",
+    )
 
 
 def pretrained_model_dir(cfg: TrainConfig) -> Path | None:
