@@ -21,7 +21,7 @@ from pathlib import Path
 
 from transformers import GPT2Config, PretrainedConfig, RobertaConfig
 
-from flax_lm.errors import ArgParser, UserError, damaged, report_user_errors
+from flax_lm.errors import ArgParser, UserError, damaged, one_line, report_user_errors
 from flax_lm.storage import check_output_dir
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -177,20 +177,29 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 
 
 def load_tokenizer(tokenizer_dir: str):
+    """The tokenizer saved in a local directory (by train-tokenizer, or with a model): a missing
+    directory or one without tokenizer files is named as such, before transformers is asked."""
     if not Path(tokenizer_dir).is_dir():
         raise UserError(f"tokenizer directory {tokenizer_dir} does not exist")
     if not any((Path(tokenizer_dir) / name).is_file() for name in TOKENIZER_FILES):
         raise UserError(f"no tokenizer in {tokenizer_dir} (no {' or '.join(TOKENIZER_FILES)}): "
                         "give --tokenizer_name")
-    from transformers import AutoTokenizer
+    return load_pretrained_tokenizer(tokenizer_dir)
+
+
+def load_pretrained_tokenizer(
+    name: str, *, cache_dir: str | None = None, token: str | None = None
+):
+    """A fast tokenizer from a local directory or a Hub repo id (downloaded into `cache_dir`,
+    with `token` for gated or private repos); a directory whose JSON does not parse names that
+    file as damaged."""
+    from transformers import AutoTokenizer  # slow import: only when loading
 
     try:
-        return AutoTokenizer.from_pretrained(tokenizer_dir)
+        return AutoTokenizer.from_pretrained(name, cache_dir=cache_dir, token=token)
     except (OSError, ValueError) as err:
-        reason = " ".join(str(err).split())[:300] or type(err).__name__
-        raise damaged_file(tokenizer_dir) or UserError(
-            f"cannot load a tokenizer from {tokenizer_dir}: {reason}"
-        ) from None
+        damaged = damaged_file(name) if Path(name).is_dir() else None
+        raise damaged or UserError(f"cannot load the tokenizer {name!r}: {one_line(err)}") from None
 
 
 # What transformers reads from a model or tokenizer dir as JSON.

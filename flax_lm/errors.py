@@ -39,12 +39,17 @@ class ArgParser(argparse.ArgumentParser):
         return f"unrecognized argument {flag!r}{hint}"
 
 
+def one_line(err: BaseException, limit: int | None = 300) -> str:
+    """An exception's message on one line (at most `limit` characters), for `...: {reason}` in a
+    UserError; its type's name when it has no message."""
+    return " ".join(str(err).split())[:limit] or type(err).__name__
+
+
 def damaged(path, err: Exception) -> UserError:
     """The error for a file that cannot be parsed, as an interrupted copy or download leaves it."""
-    reason = " ".join(str(err).split())[:200] or type(err).__name__
     return UserError(
-        f"{path} is damaged ({reason}): cut short by an interrupted copy or download? "
-        "copy or download it again"
+        f"{path} is damaged ({one_line(err, 200)}): cut short by an interrupted copy or "
+        "download? copy or download it again"
     )
 
 

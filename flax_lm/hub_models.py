@@ -10,7 +10,7 @@ from pathlib import Path
 from huggingface_hub import hf_hub_download, snapshot_download
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from flax_lm.errors import UserError
+from flax_lm.errors import UserError, one_line
 
 # What loading a model reads: config, safetensors weights (single or sharded), tokenizer files.
 MODEL_FILES = [
@@ -31,7 +31,7 @@ def is_hub_id(name: str) -> bool:
 
 
 def hub_error(flag: str, name: str, err: Exception) -> UserError:
-    reason = " ".join(str(err).split())[:300] or type(err).__name__
+    reason = one_line(err)
     return UserError(
         f"{flag} {name!r} is neither a local file or directory nor a Hub model that can be "
         f"downloaded or found in the Hub cache: {reason}"

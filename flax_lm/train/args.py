@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from flax_lm.errors import ArgParser, UserError
+from flax_lm.errors import ArgParser, UserError, one_line
 
 OBJECTIVES = ("clm", "mlm")
 SCRIPT_NAMES = {"clm": "run_clm_flax.py", "mlm": "run_mlm_flax.py"}
@@ -318,7 +318,7 @@ def read_yaml_config(path: str, objective: str) -> dict[str, Any]:
     except (yaml.YAMLError, json.JSONDecodeError) as err:
         kind = "JSON" if path.endswith(".json") else "YAML"
         raise UserError(
-            f"--config {path} is not valid {kind}: {' '.join(str(err).split())}"
+            f"--config {path} is not valid {kind}: {one_line(err, None)}"
         ) from None
     if data is None:
         return {}

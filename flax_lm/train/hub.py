@@ -21,7 +21,7 @@ from pathlib import Path
 import huggingface_hub
 from huggingface_hub import HfApi
 
-from flax_lm.errors import UserError
+from flax_lm.errors import UserError, one_line
 
 NEVER_UPLOADED = ["*.lock", ".cache/**"]
 CHECKPOINTS = "checkpoints/**"  # uploaded with --hub_strategy all_checkpoints only
@@ -52,7 +52,7 @@ def prepare_hub_repo(
         return HfApi(token=token).create_repo(name, exist_ok=True, private=private or None).repo_id
     except Exception as err:  # HTTP, validation and network errors alike: one line for the user
         raise UserError(f"--push_to_hub: cannot create or open the Hub repo {name!r}: "
-                        f"{' '.join(str(err).split())}") from None
+                        f"{one_line(err, None)}") from None
 
 
 class HubPusher:
@@ -115,6 +115,6 @@ class HubPusher:
         except Exception as err:
             raise UserError(
                 f"the upload to the Hub repo {self.repo_id} failed "
-                f"({' '.join(str(err).split())}); the model is saved in {self.output_dir}: "
+                f"({one_line(err, None)}); the model is saved in {self.output_dir}: "
                 f"upload it with `hf upload {self.repo_id} {self.output_dir} "
                 "--exclude 'checkpoints/*'`") from None

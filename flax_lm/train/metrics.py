@@ -25,7 +25,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from flax_lm.errors import UserError
+from flax_lm.errors import UserError, one_line
 from flax_lm.storage import copy_into, is_cloud
 
 METRICS_FILE = "metrics.jsonl"
@@ -73,8 +73,8 @@ def start_wandb(output_dir: Path, run_name: str | None, config: dict[str, Any]):
         )
     except Exception as err:  # no login, no network, a bad setting: one line before training
         raise UserError(
-            f"--report_to wandb: cannot start a Weights & Biases run ({' '.join(str(err).split())}"
-            "): run `wandb login`, or set WANDB_MODE=offline to log locally"
+            f"--report_to wandb: cannot start a Weights & Biases run ({one_line(err, None)}): "
+            "run `wandb login`, or set WANDB_MODE=offline to log locally"
         ) from None
 
 

@@ -16,14 +16,14 @@ from typing import Any
 
 import jax
 from etils import epath
-from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from flax_lm import storage
 from flax_lm.config import (
     apply_config_overrides,
     base_config_names,
-    damaged_file,
     load_base_config,
+    load_pretrained_tokenizer,
 )
 from flax_lm.corpus import progress_bars_on_terminal_only
 from flax_lm.errors import UserError
@@ -291,17 +291,13 @@ def wrong_model_type(objective_name: str, found: str) -> UserError:
 
 
 def load_tokenizer(cfg: TrainConfig) -> PreTrainedTokenizerBase:
+    """--tokenizer_name's tokenizer (default: the pretrained model's, or the config's dir)."""
     name = cfg.tokenizer_name or cfg.model_name_or_path or cfg.config_name
     if not name:
         raise UserError(
             "no tokenizer: give --tokenizer_name (a directory saved by train-tokenizer)"
         )
-    try:
-        return AutoTokenizer.from_pretrained(name, cache_dir=cfg.cache_dir, token=cfg.token)
-    except (OSError, ValueError) as err:
-        reason = " ".join(str(err).split())[:300]
-        damaged = damaged_file(name) if Path(name).is_dir() else None
-        raise damaged or UserError(f"cannot load the tokenizer {name!r}: {reason}") from None
+    return load_pretrained_tokenizer(name, cache_dir=cfg.cache_dir, token=cfg.token)
 
 
 def check_vocab(tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig) -> None:
