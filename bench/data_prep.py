@@ -69,7 +69,8 @@ def train_tokenizer(directory: Path) -> Path:
 
 def prepare_flax_lm(files: list[str], tokenizer, cache: str, num_proc: int, block_size: int):
     from flax_lm.train.args import TrainConfig
-    from flax_lm.train.data import load_raw_splits, tokenize_splits
+    from flax_lm.train.data.splits import load_raw_splits
+    from flax_lm.train.data.tokenize import tokenize_splits
 
     cfg = TrainConfig(train_file=files, cache_dir=cache, preprocessing_num_workers=num_proc,
                       block_size=block_size, do_train=True, do_eval=True)  # fmt: skip
@@ -117,7 +118,7 @@ def worker(args) -> None:
     files = sorted(str(p) for p in Path(args.corpus).iterdir())
     prepare = {"flax-lm": prepare_flax_lm, "hugging-face": prepare_hugging_face}[args.worker]
     if args.worker == "flax-lm":  # its imports (jax among them) are not preparation time
-        import flax_lm.train.data  # noqa: F401
+        import flax_lm.train.data.tokenize  # noqa: F401
     started = time.perf_counter()
     blocks = prepare(files, tokenizer, args.cache, args.num_proc, args.block_size)
     print(json.dumps({"seconds": time.perf_counter() - started, "blocks": blocks}))

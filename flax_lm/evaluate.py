@@ -149,7 +149,9 @@ def evaluate(
 ) -> dict[str, Any]:
     """Loss, accuracy, perplexity, examples and targets over all of cfg.validation_file."""
     from flax_lm.corpus import load_text_dataset
-    from flax_lm.train.data import Prefetcher, eval_batches, tokenize_splits
+    from flax_lm.train.data.batches import eval_batches
+    from flax_lm.train.data.prefetch import Prefetcher
+    from flax_lm.train.data.tokenize import tokenize_splits
     from flax_lm.train.metrics import perplexity
     from flax_lm.train.objectives import make_objective
     from flax_lm.train.step import compile_eval_step, make_eval_step, make_put, process_rows

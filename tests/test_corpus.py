@@ -257,7 +257,7 @@ def test_the_hubs_parquet_conversion_of_a_script_dataset(tmp_path, stdlib_dir):
     refs/convert/parquet reads the config's folder."""
     from test_data import make_cfg
 
-    from flax_lm.train.data import load_raw_splits
+    from flax_lm.train.data.splits import load_raw_splits
 
     norwegian, swedish = (module_paragraphs(stdlib_dir, n) for n in ("textwrap.py", "shlex.py"))
     repo = tmp_path / "oscar-corpus" / "oscar"

@@ -13,16 +13,13 @@ import pytest
 from transformers import AutoTokenizer
 
 from flax_lm.errors import UserError
-from flax_lm.train import data
-from flax_lm.train.data import (
-    Prefetcher,
-    TrainBatches,
-    eval_batches,
-    load_raw_splits,
-    shards_of_process,
-    tokenize_shards,
-    tokenize_splits,
-)
+from flax_lm.train.data import batches
+from flax_lm.train.data import tokenize as tokenization
+from flax_lm.train.data.batches import TrainBatches, eval_batches
+from flax_lm.train.data.prefetch import Prefetcher
+from flax_lm.train.data.shards import shards_of_process, tokenize_shards
+from flax_lm.train.data.splits import load_raw_splits
+from flax_lm.train.data.tokenize import tokenize_splits
 
 
 def make_cfg(**overrides) -> SimpleNamespace:
@@ -203,7 +200,7 @@ def test_blocks_are_cut_per_run_of_documents_by_any_number_of_workers(
     """A map-style split is tokenized and cut in one pass, in runs of PACK_DOCUMENTS documents
     (each run's remainder dropped, as HF's group_texts does), which any number of
     preprocessing_num_workers share: two workers give the blocks one gives."""
-    monkeypatch.setattr(data, "PACK_DOCUMENTS", 50)
+    monkeypatch.setattr(tokenization, "PACK_DOCUMENTS", 50)
     raw = load_raw_splits(make_cfg(train_file=[str(lines_file)], do_eval=False))
     documents = list(raw["train"]["text"])
     assert len(documents) > 4 * 50
@@ -335,13 +332,13 @@ def test_resume_continues_exactly(clm_blocks, consumed):
 
 def counting_tokenized_documents(monkeypatch) -> dict[str, int]:
     """{"documents": how many documents the pipeline has tokenized} from now on."""
-    tokenize, counted = data._tokenize_documents, {"documents": 0}
+    tokenize, counted = tokenization._tokenize_documents, {"documents": 0}
 
     def counting(batch, **kwargs):
         counted["documents"] += len(batch["text"])
         return tokenize(batch, **kwargs)
 
-    monkeypatch.setattr(data, "_tokenize_documents", counting)
+    monkeypatch.setattr(tokenization, "_tokenize_documents", counting)
     return counted
 
 
@@ -376,13 +373,13 @@ def test_a_stream_resumes_from_its_position_without_reading_again(
     counted["documents"] = 0
     first = streamed_lines(lines_file, tokenizer, range(2))
     before = take(iter(first), consumed)
-    saved = json.loads(json.dumps(data.run_position(first.state())))  # as checkpoints hold it
+    saved = json.loads(json.dumps(batches.run_position(first.state())))  # as checkpoints hold it
     assert saved["shards"]["0"]["draining"] == (where != "mid-epoch")
     halves = [streamed_lines(lines_file, tokenizer, range(i, i + 1)) for i in range(2)]
     for half in halves:
         half.load_state(saved)
     pieces = [take(iter(half), len(expected) - consumed) for half in halves]
-    after = [data.concatenated(pair) for pair in zip(*pieces, strict=True)]
+    after = [batches.concatenated(pair) for pair in zip(*pieces, strict=True)]
     for got, want in zip(before + after, expected, strict=True):
         np.testing.assert_array_equal(got["input_ids"], want["input_ids"])
     assert counted["documents"] == read_straight
@@ -413,7 +410,7 @@ def test_each_process_tokenizes_its_half_and_the_batches_are_one_processs(
     raw = load_raw_splits(make_cfg(train_file=[str(code_corpus.train)], do_eval=False))
     cfg = make_cfg(block_size=32, overwrite_cache=True)  # tokenize again: count the work
     work = {"documents": 0, "tokens": 0}
-    tokenize = data._tokenize_documents
+    tokenize = tokenization._tokenize_documents
 
     def counting(batch, **kwargs):
         out = tokenize(batch, **kwargs)
@@ -421,7 +418,7 @@ def test_each_process_tokenizes_its_half_and_the_batches_are_one_processs(
         work["tokens"] += sum(len(ids) for ids in out["input_ids"])
         return out
 
-    monkeypatch.setattr(data, "_tokenize_documents", counting)
+    monkeypatch.setattr(tokenization, "_tokenize_documents", counting)
     layouts = (range(0, 2), range(0, 1), range(1, 2))  # one process; two processes
     by_process = []
     for shards in layouts:

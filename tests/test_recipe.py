@@ -12,7 +12,9 @@ from transformers import AutoTokenizer
 
 from flax_lm.train.args import parse_config
 from flax_lm.train.cli import main
-from flax_lm.train.data import TrainBatches, load_raw_splits, tokenize_splits
+from flax_lm.train.data.batches import TrainBatches
+from flax_lm.train.data.splits import load_raw_splits
+from flax_lm.train.data.tokenize import tokenize_splits
 from flax_lm.train.objectives import make_objective
 
 REPO = Path(__file__).resolve().parents[1]

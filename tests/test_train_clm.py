@@ -112,7 +112,8 @@ def test_clm_trains_and_writes_every_output(clm_run):
 def clm_eval_blocks(argv: list[str], tokenizer) -> np.ndarray:
     """The validation blocks the run evaluated on, made again by the data pipeline."""
     from flax_lm.train.args import parse_config
-    from flax_lm.train.data import load_raw_splits, tokenize_splits
+    from flax_lm.train.data.splits import load_raw_splits
+    from flax_lm.train.data.tokenize import tokenize_splits
 
     cfg = parse_config(argv, "clm")
     splits = tokenize_splits(load_raw_splits(cfg), tokenizer, cfg, "clm")

@@ -32,13 +32,9 @@ from flax_lm.models.hf_io import check_weight_files
 from flax_lm.storage import is_cloud, is_inside, location, same_place
 from flax_lm.train import checkpoint
 from flax_lm.train.args import SCRIPT_NAMES, TrainConfig
-from flax_lm.train.data import (
-    TrainBatches,
-    load_raw_splits,
-    shard_lengths,
-    shards_of_process,
-    tokenize_shards,
-)
+from flax_lm.train.data.batches import TrainBatches
+from flax_lm.train.data.shards import shard_lengths, shards_of_process, tokenize_shards
+from flax_lm.train.data.splits import load_raw_splits
 from flax_lm.train.metrics import METRICS_FILE, TENSORBOARD_SUBDIR
 from flax_lm.train.objectives import Objective, make_objective
 from flax_lm.train.runlock import LOCK_FILE, check_not_locked

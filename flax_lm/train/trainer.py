@@ -34,15 +34,15 @@ from flax_lm.storage import save_pretrained
 from flax_lm.train import checkpoint
 from flax_lm.train.args import TrainConfig, recorded_config
 from flax_lm.train.build import TRAIN_BATCH_AXIS, StepParts, build_model, step_parts
-from flax_lm.train.data import (
-    Prefetcher,
+from flax_lm.train.data.batches import (
     TrainBatches,
     concatenated,
     eval_batch_count,
     eval_batches,
-    every_process,
     run_position,
 )
+from flax_lm.train.data.prefetch import Prefetcher
+from flax_lm.train.data.shards import every_process
 from flax_lm.train.distributed import Interrupted, StopSignals, setup_jax
 from flax_lm.train.hub import CHECKPOINTS_UPLOADED, HubPusher, prepare_hub_repo
 from flax_lm.train.metrics import (

@@ -1,0 +1,175 @@
+"""Tokenization: raw documents -> fixed-length token examples (blocks or padded lines)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from datasets import Dataset, Features, IterableDataset, List, Value
+
+from flax_lm.errors import UserError
+from flax_lm.train.data.packing import _document_blocks
+from flax_lm.train.data.splits import Split, _first, _map
+from flax_lm.train.data.stream import StreamExamples
+
+PACK_DOCUMENTS = 1_000  # map-style: documents tokenized and cut into blocks together
+
+
+def tokenize_splits(
+    raw: dict[str, Split], tokenizer, cfg, objective: str, *, num_shards: int = 1
+) -> dict[str, Split]:
+    """Token examples per split, fixed length (block_size for CLM, max_seq_length for MLM).
+
+    The pipeline, not the tokenizer, places the special tokens. CLM: "input_ids" blocks cut from
+    the concatenated documents (with add_eos_between_documents, each followed by eos). MLM:
+    "input_ids" and "special_tokens_mask" blocks of documents encoded as `<s> ... </s>`, or with
+    line_by_line one `<s> line </s>` example per non-empty line, truncated and always padded to
+    max_seq_length, so shapes stay static ("input_ids", "attention_mask", "special_tokens_mask").
+    A map-style split is tokenized and cut in runs of PACK_DOCUMENTS documents, each by one of
+    `preprocessing_num_workers` processes and written to the cache as it goes (memory does not
+    grow with the corpus), each run dropping its remainder as HF's group_texts does; a stream is
+    tokenized as it is read and cut as one token stream (`StreamExamples`).
+    Then train keeps its first `max_train_samples` examples and validation its first
+    `max_eval_samples`, as HF's run_clm.py / run_mlm.py cut them after grouping (each of
+    `num_shards` data shards its first 1/num_shards of them).
+    """
+    if objective not in ("clm", "mlm"):
+        raise ValueError(f"unknown objective {objective!r}")
+    line_by_line = objective == "mlm" and bool(cfg.line_by_line)
+    length, flag = (
+        (cfg.block_size, "block_size")
+        if objective == "clm"
+        else (cfg.max_seq_length, "max_seq_length")
+    )
+    if line_by_line:
+        tokenize, fn_kwargs = _tokenize_lines, _line_kwargs(tokenizer, length)
+        columns = ["input_ids", "attention_mask", "special_tokens_mask"]
+    else:
+        tokenize, fn_kwargs = _tokenize_documents, _document_kwargs(tokenizer, cfg, objective)
+        columns = ["input_ids"]
+    special_ids = list(tokenizer.all_special_ids) if objective == "mlm" else None
+    splits = {}
+    for name, split in raw.items():
+        limit = cfg.max_train_samples if name == "train" else cfg.max_eval_samples
+        limit = limit and max(1, limit // num_shards)
+        if isinstance(split, IterableDataset):
+            block_size = None if line_by_line else length
+            splits[name] = StreamExamples(
+                split, tokenize, fn_kwargs, block_size, special_ids, limit=limit
+            )
+            continue
+        if line_by_line:
+            function, kwargs = tokenize, fn_kwargs
+        else:
+            function = _document_blocks
+            kwargs = {"tokenize": tokenize, "fn_kwargs": fn_kwargs, "block_size": length,
+                      "special_ids": special_ids}  # fmt: skip
+        examples = _map(
+            split,
+            cfg,
+            function,
+            fn_kwargs=kwargs,
+            remove_columns=["text"],
+            features=_example_features(columns, length, special_ids),
+            batch_size=PACK_DOCUMENTS,
+            desc=f"tokenizing {name}" + ("" if line_by_line else f" into blocks of {length}"),
+        )
+        if len(examples) == 0:
+            raise UserError(_too_small_message(name, split, length, flag, line_by_line, kwargs))
+        splits[name] = _first(examples, limit)
+    return splits
+
+
+def _document_markers(tokenizer) -> tuple[int, int]:
+    """The ids that open and close an MLM document: <s> and </s> (bos/eos, else cls/sep)."""
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.cls_token_id
+    end = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    if start is None or end is None:
+        raise UserError("MLM needs a tokenizer with <s> and </s> (bos/eos or cls/sep) tokens")
+    return start, end
+
+
+def _document_kwargs(tokenizer, cfg, objective: str) -> dict[str, Any]:
+    if objective == "mlm":
+        start, end = _document_markers(tokenizer)
+        return {"tokenizer": tokenizer, "prefix": [start], "suffix": [end]}
+    if not cfg.add_eos_between_documents:
+        return {"tokenizer": tokenizer, "prefix": [], "suffix": []}
+    if tokenizer.eos_token_id is None:
+        raise UserError("add_eos_between_documents needs a tokenizer with an eos token")
+    return {"tokenizer": tokenizer, "prefix": [], "suffix": [tokenizer.eos_token_id]}
+
+
+def _line_kwargs(tokenizer, max_length: int) -> dict[str, Any]:
+    start, end = _document_markers(tokenizer)
+    if tokenizer.pad_token_id is None:
+        raise UserError("line_by_line needs a tokenizer with a pad token")
+    if max_length < 3:
+        raise UserError(
+            f"line_by_line needs max_seq_length >= 3 (<s>, a token, </s>), got {max_length}"
+        )
+    return {
+        "tokenizer": tokenizer,
+        "start": start,
+        "end": end,
+        "pad": tokenizer.pad_token_id,
+        "special_ids": list(tokenizer.all_special_ids),
+        "max_length": max_length,
+    }
+
+
+def _encode(tokenizer, texts: list[str], **kwargs) -> list[list[int]]:
+    """Token ids of each text, without the tokenizer's own special tokens."""
+    return tokenizer(
+        texts, add_special_tokens=False, return_attention_mask=False, verbose=False, **kwargs
+    )["input_ids"]
+
+
+def _tokenize_documents(
+    batch: dict[str, list], tokenizer, prefix: list[int], suffix: list[int]
+) -> dict[str, list]:
+    return {"input_ids": [prefix + ids + suffix for ids in _encode(tokenizer, batch["text"])]}
+
+
+def _tokenize_lines(
+    batch: dict[str, list],
+    tokenizer,
+    start: int,
+    end: int,
+    pad: int,
+    special_ids: list[int],
+    max_length: int,
+) -> dict[str, np.ndarray]:
+    """Every non-empty line as `<s> line </s>`, truncated and padded to max_length: static
+    shapes, so the train step compiles once."""
+    lines = [line for text in batch["text"] for line in text.splitlines() if line.strip()]
+    encoded = _encode(tokenizer, lines, truncation=True, max_length=max_length - 2)
+    input_ids = np.full((len(lines), max_length), pad, dtype=np.int32)
+    for row, ids in enumerate(encoded):
+        input_ids[row, : len(ids) + 2] = [start, *ids, end]
+    lengths = np.array([len(ids) + 2 for ids in encoded], dtype=np.int32).reshape(-1, 1)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": (np.arange(max_length) < lengths).astype(np.int32),
+        "special_tokens_mask": np.isin(input_ids, special_ids).astype(np.int32),
+    }
+
+
+def _example_features(columns: list[str], length: int, special_ids: list[int] | None) -> Features:
+    if special_ids is not None and "special_tokens_mask" not in columns:
+        columns = [*columns, "special_tokens_mask"]
+    return Features({column: List(Value("int32"), length=length) for column in columns})
+
+
+def _too_small_message(
+    name: str, raw: Dataset, length: int, flag: str, line_by_line: bool, kwargs: dict[str, Any]
+) -> str:
+    characters = sum(len(text) for text in raw["text"])
+    if line_by_line:
+        return f"the {name} split has no non-empty line ({characters} characters of text)"
+    tokens = kwargs["tokenize"]({"text": list(raw["text"])}, **kwargs["fn_kwargs"])["input_ids"]
+    return (
+        f"the {name} split is too small: {characters} characters of text make "
+        f"{sum(map(len, tokens))} tokens, and one block of {flag}={length} needs {length}; add "
+        f"text or lower --{flag}"
+    )
