@@ -176,10 +176,30 @@ def load_text_dataset(
     else:
         dataset = _load_local_files(data_files, streaming, cache_dir, keep_linebreaks, num_proc)
     dataset = _only_text_column(dataset, text_column)
-    if max_samples is not None:
-        dataset = _first(dataset, max_samples)
+    dataset = first_examples(dataset, max_samples)
     _check_has_text(dataset)
     return dataset
+
+
+def text_dataset_from_flags(
+    flags, *, split: str = "train", data_files: Sequence[str] | None = None, **options
+) -> Corpus:
+    """`load_text_dataset` of the data flags that tokenizer training and the training scripts
+    share (dataset_name, dataset_config_name, text_column, streaming, cache_dir, token,
+    dataset_revision): the local `data_files` when given, else the flags' hub dataset.
+    `options`: load_text_dataset's other arguments."""
+    return load_text_dataset(
+        dataset_name=None if data_files else flags.dataset_name,
+        dataset_config_name=None if data_files else flags.dataset_config_name,
+        split=split,
+        data_files=data_files or None,
+        text_column=flags.text_column,
+        streaming=flags.streaming,
+        cache_dir=flags.cache_dir,
+        token=flags.token,
+        revision=flags.dataset_revision,
+        **options,
+    )
 
 
 @contextlib.contextmanager
@@ -316,7 +336,10 @@ def _only_text_column(dataset: Corpus, column: str) -> Corpus:
     return dataset if column == "text" else dataset.rename_column(column, "text")
 
 
-def _first(dataset: Corpus, n: int) -> Corpus:
+def first_examples(dataset: Corpus, n: int | None) -> Corpus:
+    """The first `n` examples of a dataset or a stream (all of them when n is None)."""
+    if n is None:
+        return dataset
     if isinstance(dataset, datasets.IterableDataset):
         return dataset.take(n)
     return dataset.select(range(min(n, len(dataset))))

@@ -21,7 +21,7 @@ from pathlib import Path
 from tokenizers import AddedToken, ByteLevelBPETokenizer, Tokenizer
 from tqdm.auto import tqdm
 
-from flax_lm.corpus import Corpus, iter_text_batches, load_text_dataset, refuse_remote_code
+from flax_lm.corpus import Corpus, iter_text_batches, refuse_remote_code, text_dataset_from_flags
 from flax_lm.errors import ArgParser, UserError, report_user_errors
 from flax_lm.storage import check_output_dir
 
@@ -137,17 +137,8 @@ def check_args(args) -> None:
 
 def load_corpus(args) -> Corpus:
     """The corpus as the training scripts will read it (its datasets cache is reused there)."""
-    return load_text_dataset(
-        dataset_name=args.dataset_name,
-        dataset_config_name=args.dataset_config_name,
-        split=args.dataset_split,
-        data_files=args.train_file,
-        text_column=args.text_column,
-        streaming=args.streaming,
-        cache_dir=args.cache_dir,
-        max_samples=args.max_samples,
-        token=args.token,
-        revision=args.dataset_revision,
+    return text_dataset_from_flags(
+        args, split=args.dataset_split, data_files=args.train_file, max_samples=args.max_samples
     )
 
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from datasets import Dataset, IterableDataset
 
-from flax_lm.corpus import hub_dataset_options, hub_split_names, load_text_dataset
+from flax_lm.corpus import hub_dataset_options, hub_split_names, text_dataset_from_flags
 from flax_lm.errors import UserError
 
 Split = Dataset | IterableDataset
@@ -50,17 +50,8 @@ def load_raw_splits(cfg) -> dict[str, Split]:
 
 def _load(cfg, split: str, data_files: list[str] | None, name: str) -> Split:
     """A split from local files or the hub, filtered by cfg.filter_keywords."""
-    documents = load_text_dataset(
-        dataset_name=None if data_files else cfg.dataset_name,
-        dataset_config_name=None if data_files else cfg.dataset_config_name,
-        split=split,
-        data_files=data_files or None,
-        text_column=cfg.text_column,
-        streaming=cfg.streaming,
-        cache_dir=cfg.cache_dir,
-        keep_linebreaks=cfg.keep_linebreaks,
-        token=cfg.token,
-        revision=cfg.dataset_revision,
+    documents = text_dataset_from_flags(
+        cfg, split=split, data_files=data_files, keep_linebreaks=cfg.keep_linebreaks,
         num_proc=cfg.preprocessing_num_workers,
     )
     return _keep_documents_with_keywords(documents, cfg, name)
@@ -96,12 +87,6 @@ def _hold_out_validation(train: Split, cfg) -> tuple[Split, Split]:
         return train.skip(cfg.max_eval_samples), train.take(cfg.max_eval_samples)
     held_out = round(cfg.validation_split_percentage * len(train) / 100)  # HF's "closest" rounding
     return train.select(range(held_out, len(train))), train.select(range(held_out))
-
-
-def _first(split: Dataset, n: int | None) -> Dataset:
-    if n is None:
-        return split
-    return split.select(range(min(n, len(split))))
 
 
 def _contains_any_keyword(batch: dict[str, list], keywords: tuple[str, ...]) -> list[bool]:

@@ -7,9 +7,10 @@ from typing import Any
 import numpy as np
 from datasets import Dataset, Features, IterableDataset, List, Value
 
+from flax_lm.corpus import first_examples
 from flax_lm.errors import UserError
 from flax_lm.train.data.packing import _document_blocks
-from flax_lm.train.data.splits import Split, _first, _map
+from flax_lm.train.data.splits import Split, _map
 from flax_lm.train.data.stream import StreamExamples
 
 PACK_DOCUMENTS = 1_000  # map-style: documents tokenized and cut into blocks together
@@ -76,7 +77,7 @@ def tokenize_splits(
         )
         if len(examples) == 0:
             raise UserError(_too_small_message(name, split, length, flag, line_by_line, kwargs))
-        splits[name] = _first(examples, limit)
+        splits[name] = first_examples(examples, limit)
     return splits
 
 
