@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from flax_lm.errors import ArgParser, UserError, report_user_errors
+from flax_lm.train.args import check_range
 
 OBJECTIVE_OF_MODEL = {"gpt2": "clm", "roberta": "mlm"}
 SAFETENSORS_FILES = ("model.safetensors", "model.safetensors.index.json")
@@ -226,8 +227,7 @@ def parse_args(argv: list[str] | None):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UserError(f"--{name} must be positive, got {value}")
-    if not 0.0 < args.mlm_probability < 1.0:
-        raise UserError(f"--mlm_probability must be in (0, 1), got {args.mlm_probability}")
+    check_range("mlm_probability", args.mlm_probability)
     return args
 
 

@@ -19,6 +19,7 @@ import math
 import re
 import sys
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,8 @@ import yaml
 
 from flax_lm.errors import ArgParser, UserError, one_line
 
-OBJECTIVES = ("clm", "mlm")
 SCRIPT_NAMES = {"clm": "run_clm_flax.py", "mlm": "run_mlm_flax.py"}
+OBJECTIVES = tuple(SCRIPT_NAMES)  # the objectives' names (train/objectives.py implements each)
 LATEST_CHECKPOINT = "latest"
 REPORTERS = {"tensorboard": "tensorboardX", "wandb": "wandb"}  # logger -> its package
 SCHEDULERS = (
@@ -39,9 +40,82 @@ HUB_STRATEGIES = ("end", "every_save", "checkpoint", "all_checkpoints")
 DEFAULT_CACHE_DIR = "~/.cache/flax_lm/jax"
 
 
-def opt(default: Any, help: str, *, only: str | None = None, choices: tuple = ()) -> Any:
-    """A TrainConfig field: its flag's help, the objective it belongs to (None: both) and choices."""
-    return field(default=default, metadata={"help": help, "only": only, "choices": choices})
+MAX_SEED = 2**32  # seeds NumPy and JAX both take
+
+
+@dataclass(frozen=True)
+class Range:
+    """The interval a numeric flag's value must lie in, written as its error message says it."""
+
+    low: float
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = True
+    high_text: str | None = None  # `high` as the message writes it ("2**32")
+
+    def __contains__(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def must(self) -> str:
+        """What the value must be: "be positive", "not be negative", "be in [0, 1)"."""
+        if self.high == math.inf and self.low == 0:
+            return "be positive" if self.low_open else "not be negative"
+        left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+        return f"be in {left}{self.low}, {self.high_text or self.high}{right}"
+
+
+POSITIVE = Range(0, low_open=True)
+NON_NEGATIVE = Range(0)
+FRACTION = Range(0, 1, high_open=False)
+BELOW_ONE = Range(0, 1)
+PROBABILITY = Range(0, 1, low_open=True)
+
+
+def parse_bool(text: str | bool) -> bool:
+    if isinstance(text, bool):
+        return text
+    lowered = str(text).lower()
+    if lowered in ("true", "yes", "1", "y"):
+        return True
+    if lowered in ("false", "no", "0", "n"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (True/False), got {text!r}")
+
+
+def parse_comma_list(text: str | list) -> list[str]:
+    """A list flag given as one a,b,c value."""
+    items = text if isinstance(text, list) else str(text).split(",")
+    return [str(item).strip() for item in items if str(item).strip()]
+
+
+def parse_steps_or_fraction(text: str | float) -> int | float:
+    """--warmup_steps: a whole number of steps (int), or a fraction of training below 1
+    (transformers 5's meaning)."""
+    value = float(text)
+    return int(value) if value.is_integer() else value
+
+
+def opt(
+    default: Any,
+    help: str,
+    *,
+    only: str | None = None,
+    choices: tuple = (),
+    range: Range | None = None,
+    parse: Callable[[Any], Any] | None = None,
+    bare: Any = None,
+    in_yaml: bool = True,
+    secret: bool = False,
+) -> Any:
+    """A TrainConfig field and everything about its flag: the help, the objective it belongs to
+    (None: both), its choices or range, how a value is parsed (default: by the field's type), the
+    value of the flag given bare (booleans: True), whether a --config file may set it, and whether
+    it is a secret (never printed or stored)."""
+    metadata = {"help": help, "only": only, "choices": choices, "range": range, "parse": parse,
+                "bare": bare, "in_yaml": in_yaml, "secret": secret}  # fmt: skip
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -65,7 +139,9 @@ class TrainConfig:
     )
     hub_model_id: str | None = opt(None, "Hub repo for --push_to_hub (default: output_dir's name)")
     hub_token: str | None = opt(
-        None, "Hub token for --push_to_hub (default: --token, HF_TOKEN or `hf auth login`'s)"
+        None,
+        "Hub token for --push_to_hub (default: --token, HF_TOKEN or `hf auth login`'s)",
+        secret=True,
     )
     hub_private_repo: bool = opt(False, "create the --push_to_hub repo private")
     hub_strategy: str = opt(
@@ -87,7 +163,9 @@ class TrainConfig:
     )
     config_overrides: str | None = opt(None, 'config changes, e.g. "n_embd=128,n_layer=2"')
     use_fast_tokenizer: bool = opt(True, "fast (Rust) tokenizers, the only kind flax-lm uses")
-    token: str | None = opt(None, "Hub token for gated or private datasets and tokenizers")
+    token: str | None = opt(
+        None, "Hub token for gated or private datasets and tokenizers", secret=True
+    )
     dtype: str = opt(
         "float32", "compute dtype (params stay float32)", choices=("float32", "bfloat16")
     )
@@ -124,28 +202,31 @@ class TrainConfig:
     train_file: list[str] | None = opt(None, "training files, dirs or globs")
     validation_file: list[str] | None = opt(None, "validation files, dirs or globs")
     validation_split_percentage: int = opt(
-        5, "%% of train held out when there is no validation set"
+        5, "%% of train held out when there is no validation set", range=Range(0, 100)
     )
     max_train_samples: int | None = opt(
-        None, "keep the first N training examples (blocks, or MLM examples)"
+        None, "keep the first N training examples (blocks, or MLM examples)", range=POSITIVE
     )
     max_eval_samples: int | None = opt(
-        None, "keep the first N validation examples (blocks, or MLM examples)"
+        None, "keep the first N validation examples (blocks, or MLM examples)", range=POSITIVE
     )
-    preprocessing_num_workers: int | None = opt(None, "processes for tokenization")
+    preprocessing_num_workers: int | None = opt(None, "processes for tokenization", range=POSITIVE)
     overwrite_cache: bool = opt(False, "ignore cached tokenized datasets")
     cache_dir: str | None = opt(None, "cache dir of Hub downloads: datasets, models, tokenizers")
     keep_linebreaks: bool = opt(True, "keep line breaks of .txt files (--no_keep_linebreaks)")
     text_column: str = opt("text", "the column holding the text")
     streaming: bool = opt(False, "stream the dataset instead of downloading it (needs --max_steps)")
-    filter_keywords: list[str] | None = opt(None, "keep documents containing any of a,b,c")
+    filter_keywords: list[str] | None = opt(
+        None, "keep documents containing any of a,b,c", parse=parse_comma_list
+    )
     data_shards: int | None = opt(
         None,
         "split the data into N shards, each read by one process (default: the number of "
         "processes, or the resumed checkpoint's); the same N gives the same batches on any "
         "number of processes dividing it",
+        range=POSITIVE,
     )
-    block_size: int | None = opt(None, "tokens per training block", only="clm")
+    block_size: int | None = opt(None, "tokens per training block", only="clm", range=POSITIVE)
     add_eos_between_documents: bool = opt(False, "join documents with the eos token", only="clm")
     loss: str = opt(
         "cross_entropy",
@@ -153,55 +234,83 @@ class TrainConfig:
         only="clm",
         choices=("cross_entropy", "keytoken_weighted"),
     )
-    keytokens: list[str] | None = opt(None, "key tokens of keytoken_weighted, as a,b,c", only="clm")
-    keytoken_alpha: float = opt(1.0, "sequence weight: 1 + alpha x its key tokens", only="clm")
-    max_seq_length: int | None = opt(None, "tokens per example", only="mlm")
-    mlm_probability: float = opt(0.15, "fraction of tokens to predict", only="mlm")
+    keytokens: list[str] | None = opt(
+        None, "key tokens of keytoken_weighted, as a,b,c", only="clm", parse=parse_comma_list
+    )
+    keytoken_alpha: float = opt(
+        1.0, "sequence weight: 1 + alpha x its key tokens", only="clm", range=NON_NEGATIVE
+    )
+    max_seq_length: int | None = opt(None, "tokens per example", only="mlm", range=POSITIVE)
+    mlm_probability: float = opt(
+        0.15, "fraction of tokens to predict", only="mlm", range=PROBABILITY
+    )
     pad_to_max_length: bool = opt(False, "pad every example to max_seq_length", only="mlm")
     line_by_line: bool = opt(False, "one example per non-empty line", only="mlm")
     # optimisation
-    per_device_train_batch_size: int = opt(8, "training examples per device per microbatch")
-    per_device_eval_batch_size: int = opt(8, "evaluation examples per device")
-    gradient_accumulation_steps: int = opt(1, "microbatches per optimizer step")
-    learning_rate: float = opt(5e-5, "peak learning rate")
-    weight_decay: float = opt(0.0, "decoupled weight decay (not on biases and LayerNorm)")
-    adam_beta1: float = opt(0.9, "AdamW beta1")
-    adam_beta2: float = opt(0.999, "AdamW beta2")
-    adam_epsilon: float = opt(1e-8, "AdamW epsilon")
+    per_device_train_batch_size: int = opt(
+        8, "training examples per device per microbatch", range=POSITIVE
+    )
+    per_device_eval_batch_size: int = opt(8, "evaluation examples per device", range=POSITIVE)
+    gradient_accumulation_steps: int = opt(1, "microbatches per optimizer step", range=POSITIVE)
+    learning_rate: float = opt(5e-5, "peak learning rate", range=POSITIVE)
+    weight_decay: float = opt(
+        0.0, "decoupled weight decay (not on biases and LayerNorm)", range=NON_NEGATIVE
+    )
+    adam_beta1: float = opt(0.9, "AdamW beta1", range=BELOW_ONE)
+    adam_beta2: float = opt(0.999, "AdamW beta2", range=BELOW_ONE)
+    adam_epsilon: float = opt(1e-8, "AdamW epsilon", range=POSITIVE)
     adafactor: bool = opt(False, "use Adafactor instead of AdamW")
-    max_grad_norm: float = opt(1.0, "clip gradients to this global norm (0: no clipping)")
+    max_grad_norm: float = opt(
+        1.0, "clip gradients to this global norm (0: no clipping)", range=NON_NEGATIVE
+    )
     skip_nonfinite_steps: int = opt(
-        0, "skip up to N steps whose loss or gradient is not finite (0: stop at the first)"
+        0,
+        "skip up to N steps whose loss or gradient is not finite (0: stop at the first)",
+        range=NON_NEGATIVE,
     )
     lr_scheduler_type: str = opt(
         "linear", "learning-rate schedule (constant: no warmup)", choices=SCHEDULERS
     )
     warmup_steps: float = opt(
-        0, "linear warmup steps from 0 to learning_rate (a value below 1: a fraction of training)"
+        0,
+        "linear warmup steps from 0 to learning_rate (a value below 1: a fraction of training)",
+        range=NON_NEGATIVE,
+        parse=parse_steps_or_fraction,
     )
-    warmup_ratio: float = opt(0.0, "warmup as a fraction of training steps (if no --warmup_steps)")
-    num_train_epochs: float = opt(3.0, "epochs to train")
-    max_steps: int | None = opt(None, "optimizer steps to train (overrides num_train_epochs)")
-    seed: int = opt(42, "seed of initialisation, shuffling, masking and dropout")
+    warmup_ratio: float = opt(
+        0.0, "warmup as a fraction of training steps (if no --warmup_steps)", range=FRACTION
+    )
+    num_train_epochs: float = opt(3.0, "epochs to train", range=POSITIVE)
+    max_steps: int | None = opt(
+        None, "optimizer steps to train (overrides num_train_epochs)", range=POSITIVE
+    )
+    seed: int = opt(
+        42,
+        "seed of initialisation, shuffling, masking and dropout",
+        range=Range(0, MAX_SEED, high_text="2**32"),
+    )
     # logging and checkpoints
-    logging_steps: int = opt(500, "log train metrics every N steps")
+    logging_steps: int = opt(500, "log train metrics every N steps", range=POSITIVE)
     logging_first_step: bool = opt(False, "log the train metrics of the first step too")
     eval_strategy: str = opt(
         "steps",
         "evaluate every eval_steps, at the end of each epoch, or only after training",
         choices=("steps", "epoch", "no"),
     )
-    eval_steps: int | None = opt(None, "evaluate every N steps (default: logging_steps)")
+    eval_steps: int | None = opt(
+        None, "evaluate every N steps (default: logging_steps)", range=POSITIVE
+    )
     save_strategy: str = opt(
         "steps",
         "checkpoint every save_steps, at the end of each epoch, or never (a signal still saves)",
         choices=("steps", "epoch", "no"),
     )
-    save_steps: int = opt(500, "checkpoint every N steps")
-    save_total_limit: int | None = opt(None, "keep only the last N checkpoints")
+    save_steps: int = opt(500, "checkpoint every N steps", range=POSITIVE)
+    save_total_limit: int | None = opt(None, "keep only the last N checkpoints", range=POSITIVE)
     resume_from_checkpoint: str | None = opt(
         None, "continue from a checkpoint dir (bare flag: the latest in output_dir, which a "
-        "rerun without --overwrite_output_dir continues anyway)"
+        "rerun without --overwrite_output_dir continues anyway)",
+        bare=LATEST_CHECKPOINT,
     )
     report_to: list[str] | None = opt(
         None, "also log to: tensorboard, wandb, all or none (default: tensorboard)"
@@ -209,24 +318,17 @@ class TrainConfig:
     run_name: str | None = opt(None, "the run's name in Weights & Biases (default: output_dir)")
     compilation_cache_dir: str = opt(DEFAULT_CACHE_DIR, "JAX compilation cache ('none': off)")
     # the command itself
-    config: str | None = opt(None, "YAML file setting any of these flags")
-    print_config: bool = opt(False, "print the resolved config as YAML and exit")
+    config: str | None = opt(None, "YAML file setting any of these flags", in_yaml=False)
+    print_config: bool = opt(False, "print the resolved config as YAML and exit", in_yaml=False)
 
 
 FIELD_TYPES = typing.get_type_hints(TrainConfig)
-NOT_IN_YAML = ("config", "print_config")
-POSITIVE = (
-    "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-    "learning_rate", "num_train_epochs", "max_steps", "logging_steps", "eval_steps", "save_steps",
-    "save_total_limit", "block_size", "max_seq_length", "max_train_samples", "max_eval_samples",
-    "preprocessing_num_workers", "adam_epsilon", "data_shards",
-)  # fmt: skip
-NON_NEGATIVE = (
-    "weight_decay", "warmup_steps", "max_grad_norm", "skip_nonfinite_steps", "keytoken_alpha",
-)  # fmt: skip
-FRACTIONS = ("warmup_ratio",)  # in [0, 1]
-COMMA_LISTS = ("filter_keywords", "keytokens")  # list flags given as one a,b,c value
-MAX_SEED = 2**32  # seeds NumPy and JAX both take
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def is_word_list(f: dataclasses.Field) -> bool:
+    """A list flag given as separate values (`--train_file a b`), not one a,b,c value."""
+    return FIELD_TYPES[f.name] == list[str] | None and f.metadata["parse"] is None
 
 
 def fields_for(objective: str) -> list[dataclasses.Field]:
@@ -234,38 +336,13 @@ def fields_for(objective: str) -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(TrainConfig) if f.metadata["only"] in (None, objective)]
 
 
-def parse_bool(text: str | bool) -> bool:
-    if isinstance(text, bool):
-        return text
-    lowered = str(text).lower()
-    if lowered in ("true", "yes", "1", "y"):
-        return True
-    if lowered in ("false", "no", "0", "n"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (True/False), got {text!r}")
-
-
-def parse_comma_list(text: str | list) -> list[str]:
-    items = text if isinstance(text, list) else str(text).split(",")
-    return [str(item).strip() for item in items if str(item).strip()]
-
-
-def parse_steps_or_fraction(text: str | float) -> int | float:
-    """--warmup_steps: a whole number of steps (int), or a fraction of training below 1
-    (transformers 5's meaning)."""
-    value = float(text)
-    return int(value) if value.is_integer() else value
-
-
 def converter(f: dataclasses.Field):
     """The function turning one flag value (a string, or a YAML scalar) into the field's type."""
     kind = FIELD_TYPES[f.name]
-    if f.name == "warmup_steps":
-        return parse_steps_or_fraction
+    if f.metadata["parse"] is not None:
+        return f.metadata["parse"]
     if kind is bool:
         return parse_bool
-    if f.name in COMMA_LISTS:
-        return parse_comma_list
     for base in (int, float):
         if kind is base or kind == base | None:
             return base
@@ -295,11 +372,11 @@ def build_parser(objective: str) -> ArgParser:
                     action="store_false",
                     help=f"same as {flag} False",
                 )
-        elif f.name == "resume_from_checkpoint":
+        elif f.metadata["bare"] is not None:
             parser.add_argument(
-                flag, nargs="?", const=LATEST_CHECKPOINT, metavar="PATH", help=help_text
+                flag, nargs="?", const=f.metadata["bare"], metavar="PATH", help=help_text
             )
-        elif kind == list[str] | None and f.name not in COMMA_LISTS:  # report_to too
+        elif is_word_list(f):
             parser.add_argument(flag, nargs="+", help=help_text)
         else:
             parser.add_argument(flag, type=converter(f), help=help_text)
@@ -324,7 +401,7 @@ def read_yaml_config(path: str, objective: str) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise UserError(f"--config {path} must be a mapping of flag names to values")
-    known = {f.name: f for f in fields_for(objective) if f.name not in NOT_IN_YAML}
+    known = {f.name: f for f in fields_for(objective) if f.metadata["in_yaml"]}
     values = {}
     for key, value in data.items():
         if key not in known:
@@ -338,7 +415,7 @@ def read_yaml_config(path: str, objective: str) -> dict[str, Any]:
 def convert_yaml_value(f: dataclasses.Field, value: Any, path: str) -> Any:
     if value is None:
         return None
-    if FIELD_TYPES[f.name] == list[str] | None and f.name not in COMMA_LISTS:
+    if is_word_list(f):
         return [str(v) for v in value] if isinstance(value, list) else [str(value)]
     try:
         return converter(f)(value if isinstance(value, bool | list) else str(value))
@@ -402,42 +479,31 @@ def check_config(cfg: TrainConfig, objective: str) -> TrainConfig:
 
 def check_values(cfg: TrainConfig, objective: str) -> TrainConfig:
     """Reject flag values that are wrong whatever the run (ranges, choices)."""
-    for f in dataclasses.fields(cfg):
+    for f in fields_for(objective):
         value, choices = getattr(cfg, f.name), f.metadata["choices"]
         if choices and value is not None and value not in choices:
             raise UserError(f"--{f.name} must be one of {', '.join(choices)}, got {value!r}")
         if isinstance(value, float) and not math.isfinite(value):
             raise UserError(f"--{f.name} must be a finite number, got {value}")
-    for name in POSITIVE:
-        value = getattr(cfg, name)
-        if value is not None and value <= 0:
-            raise UserError(f"--{name} must be positive, got {value}")
-    for name in NON_NEGATIVE:
-        if getattr(cfg, name) < 0:
-            raise UserError(f"--{name} must not be negative, got {getattr(cfg, name)}")
-    for name in FRACTIONS:
-        if not 0 <= getattr(cfg, name) <= 1:
-            raise UserError(f"--{name} must be in [0, 1], got {getattr(cfg, name)}")
+        if value is not None and f.metadata["range"] is not None:
+            check_range(f.name, value)
     if isinstance(cfg.warmup_steps, float) and cfg.warmup_steps > 1:
         raise UserError(
             f"--warmup_steps must be a whole number of steps, or a fraction below 1 of the "
             f"training steps, got {cfg.warmup_steps}"
         )
     check_trainer_flags(cfg)
-    if not 0 <= cfg.seed < MAX_SEED:
-        raise UserError(f"--seed must be in [0, 2**32), got {cfg.seed}")
-    for name in ("adam_beta1", "adam_beta2"):
-        if not 0 <= getattr(cfg, name) < 1:
-            raise UserError(f"--{name} must be in [0, 1), got {getattr(cfg, name)}")
-    if objective == "mlm" and not 0 < cfg.mlm_probability < 1:
-        raise UserError(f"--mlm_probability must be in (0, 1), got {cfg.mlm_probability}")
-    if not 0 <= cfg.validation_split_percentage < 100:
-        raise UserError(
-            f"--validation_split_percentage must be in [0, 100), got {cfg.validation_split_percentage}"
-        )
     if not cfg.use_fast_tokenizer:
         raise UserError("--use_fast_tokenizer False: flax-lm uses fast (Rust) tokenizers only")
     return cfg
+
+
+def check_range(name: str, value: float) -> None:
+    """`value` of flag `name` must lie in the range its field declares (the same check for any
+    command taking that flag)."""
+    bounds = FIELDS[name].metadata["range"]
+    if value not in bounds:
+        raise UserError(f"--{name} must {bounds.must()}, got {value}")
 
 
 def check_run_inputs(cfg: TrainConfig) -> None:
@@ -514,12 +580,10 @@ def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
     )
 
 
-SECRETS = ("hub_token", "token")  # never printed or stored
-
-
 def recorded_config(cfg: TrainConfig) -> dict[str, Any]:
     """The config as a dict to print or store, secrets blanked."""
-    return {**dataclasses.asdict(cfg), **{name: None for name in SECRETS}}
+    secrets = {name: None for name, f in FIELDS.items() if f.metadata["secret"]}
+    return {**dataclasses.asdict(cfg), **secrets}
 
 
 def config_yaml(cfg: TrainConfig, objective: str) -> str:
@@ -527,5 +591,5 @@ def config_yaml(cfg: TrainConfig, objective: str) -> str:
     recorded = recorded_config(cfg)
     values = {f.name: recorded[f.name] for f in fields_for(objective)}
     return yaml.safe_dump(
-        {k: v for k, v in values.items() if k not in NOT_IN_YAML}, sort_keys=False
+        {k: v for k, v in values.items() if FIELDS[k].metadata["in_yaml"]}, sort_keys=False
     )

@@ -5,8 +5,9 @@ to float32 SUMS (loss, target and correct counts), so that gradient accumulation
 devices give exactly the global mean. A new objective is a class with `name`, `from_tokenizer`,
 `make_batch`, `loss_terms` and `terms` (the train and eval steps call `terms(model, batch, rng)`,
 which may run the output layer only where the loss needs it, as MaskedLM does), registered in
-OBJECTIVES; `token_cross_entropy` gives it the per-token losses to weight as it needs (e.g. per
-sequence, as KeytokenWeightedCLM does).
+IMPLEMENTATIONS under a name of args.OBJECTIVES (the scripts' objectives); `token_cross_entropy`
+gives it the per-token losses to weight as it needs (e.g. per sequence, as KeytokenWeightedCLM
+does).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 import optax
 
 from flax_lm.errors import UserError
+from flax_lm.train.args import OBJECTIVES, check_range
 
 IGNORE_INDEX = -100  # label of a position that is not a target
 MASK_FRACTION = 0.8  # of the MLM targets: replaced by <mask>
@@ -224,8 +226,7 @@ class MaskedLM:
     def from_tokenizer(cls, tokenizer, cfg) -> MaskedLM:
         if tokenizer.mask_token_id is None:
             raise UserError("the tokenizer has no mask token; MLM needs one")
-        if not 0 < cfg.mlm_probability < 1:
-            raise UserError(f"mlm_probability must be between 0 and 1, got {cfg.mlm_probability}")
+        check_range("mlm_probability", cfg.mlm_probability)
         return cls(
             mask_token_id=tokenizer.mask_token_id,
             vocab_size=len(tokenizer),
@@ -289,14 +290,14 @@ class MaskedLM:
         return min(seq_len, 8 * math.ceil((mean + 6.0 * sd) / 8))
 
 
-OBJECTIVES: dict[str, type] = {objective.name: objective for objective in (CausalLM, MaskedLM)}
+IMPLEMENTATIONS: dict[str, type] = {objective.name: objective for objective in (CausalLM, MaskedLM)}
 
 
 def make_objective(name: str, tokenizer, cfg) -> Objective:
     """The objective `name` ("clm" or "mlm"), configured from the tokenizer and the run config;
     CLM with `cfg.loss == "keytoken_weighted"` is KeytokenWeightedCLM."""
-    if name not in OBJECTIVES:
+    if name not in IMPLEMENTATIONS:
         raise UserError(f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}")
     if name == "clm" and getattr(cfg, "loss", "cross_entropy") == "keytoken_weighted":
         return KeytokenWeightedCLM.from_tokenizer(tokenizer, cfg)
-    return OBJECTIVES[name].from_tokenizer(tokenizer, cfg)
+    return IMPLEMENTATIONS[name].from_tokenizer(tokenizer, cfg)
