@@ -14,7 +14,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # unaffected). Set in the environment, so the training commands the tests start get it too.
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 
+import hashlib
 import shutil
+import subprocess
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,3 +73,51 @@ def tiny_tokenizer_dir(code_corpus, tmp_path_factory) -> Path:
 
     texts = (path.read_text(encoding="utf-8") for path in sorted(code_corpus.train.iterdir()))
     return train_tokenizer(texts, 512, 2, tmp_path_factory.mktemp("tiny_tokenizer"))
+
+
+def assert_one_line_error(
+    result: subprocess.CompletedProcess | tuple[int, str], *must_name: str, status: int = 2
+) -> str:
+    """What a user given bad input needs: exit `status`, ONE line `error: ...` on stderr (no
+    traceback) naming each of `must_name` (the bad value, the flag or file). The wording around
+    them is free, so clearer messages do not break tests. `result` is a finished subprocess or an
+    (exit status, stderr) pair of an in-process run. Returns the line."""
+    code, stderr = (
+        (result.returncode, result.stderr)
+        if isinstance(result, subprocess.CompletedProcess)
+        else result
+    )
+    lines = stderr.strip().splitlines()
+    assert code == status, f"exit {code}, expected {status}: {stderr[-3000:]}"
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr[-3000:]
+    missing = [name for name in must_name if str(name) not in lines[0]]
+    assert not missing, f"{lines[0]!r} does not name {missing}"
+    return lines[0]
+
+
+def snapshot(directory: Path) -> dict[str, tuple[int, str]]:
+    """Every entry under `directory`: modification time and content hash (dirs: "dir")."""
+    return {
+        str(p.relative_to(directory)): (
+            p.stat().st_mtime_ns,
+            hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir",
+        )
+        for p in sorted(directory.rglob("*"))
+    }
+
+
+def training_fails_cleanly(
+    argv: list[str], objective: str, capsys, output_dir: Path, *must_name: str
+) -> str:
+    """Run the training CLI in-process: it must fail as `assert_one_line_error` says, naming each
+    of `must_name`, leaving output_dir as it was (or absent). Returns the error line."""
+    from flax_lm.train.cli import main
+
+    before = snapshot(output_dir) if output_dir.exists() else None
+    status = main(argv, objective=objective)
+    line = assert_one_line_error((status, capsys.readouterr().err), *must_name)
+    if before is None:
+        assert not output_dir.exists(), "a failed run created output_dir"
+    else:
+        assert snapshot(output_dir) == before, "a failed run changed output_dir"
+    return line

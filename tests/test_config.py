@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import assert_one_line_error
 from transformers import AutoConfig, AutoTokenizer, GPT2Config, RobertaConfig
 
 from flax_lm.config import (
@@ -178,29 +178,29 @@ def test_config_saved_beside_the_tokenizer_leaves_it_unchanged(
     assert len(beside) == len(plain)
 
 
-ERROR_CASES = {
+ERROR_CASES = {  # flags -> what the one error line must name
     "unknown override key": (
         ["--model_type", "gpt2", "--config_overrides", "n_layers=2"],
-        "unknown gpt2 config key 'n_layers'; did you mean n_layer",
+        ("gpt2", "'n_layers'", "n_layer,"),
     ),
     "bad override value": (
         ["--model_type", "roberta", "--config_overrides", "hidden_size=big"],
-        "hidden_size='big': expected int",
+        ("hidden_size", "'big'", "int"),
     ),
     "missing tokenizer": (
         ["--model_type", "gpt2", "--tokenizer_name", "{tmp}/no_tokenizer"],
-        "tokenizer directory .*no_tokenizer does not exist",
+        ("tokenizer", "{tmp}/no_tokenizer"),
     ),
-    "unknown base": (["--base", "gpt3"], "no config 'gpt3'.*gpt2, roberta-base"),
+    "unknown base": (["--base", "gpt3"], ("'gpt3'", "gpt2, roberta-base")),
     "type mismatch": (
         ["--model_type", "gpt2", "--base", "roberta-base"],
-        "--model_type gpt2 does not match .*roberta-base.json \\(a roberta config\\)",
+        ("--model_type gpt2", "roberta-base.json", "roberta"),
     ),
-    "unknown model type": (["--model_type", "bert"], "invalid choice: 'bert'"),
-    "no model type": ([], "give --model_type"),
+    "unknown model type": (["--model_type", "bert"], ("--model_type", "'bert'")),
+    "no model type": ([], ("--model_type",)),
     "heads do not divide": (
         ["--model_type", "gpt2", "--config_overrides", "n_embd=100,n_head=3"],
-        "hidden size 100 is not divisible by 3 attention heads",
+        ("100", "3", "heads"),
     ),
     "vocab below tokenizer": (
         [
@@ -211,24 +211,22 @@ ERROR_CASES = {
             "--config_overrides",
             "vocab_size=300",
         ],
-        "vocab_size 300 is smaller than the tokenizer's 512 tokens",
+        ("vocab_size 300", "512"),
     ),
     "zero layers": (
         ["--model_type", "roberta", "--config_overrides", "num_hidden_layers=0"],
-        "num_hidden_layers must be a positive integer",
+        ("num_hidden_layers", "positive"),
     ),
 }
 
 
 @pytest.mark.parametrize("case", sorted(ERROR_CASES))
 def test_cli_errors_are_one_line_and_write_nothing(tiny_tokenizer_dir, tmp_path, capsys, case):
-    flags, message = ERROR_CASES[case]
+    flags, names = ERROR_CASES[case]
     flags = [flag.format(tmp=tmp_path, tok=tiny_tokenizer_dir) for flag in flags]
     output = tmp_path / "out"
     status, _, err = run_main(capsys, *flags, "--output_dir", output)
-    assert status == 2
-    assert err.count("\n") == 1 and err.startswith("error: ")
-    assert re.search(message, err), err
+    assert_one_line_error((status, err), *(name.format(tmp=tmp_path) for name in names))
     assert not output.exists()
 
 
@@ -236,7 +234,7 @@ def test_existing_config_is_kept_without_overwrite(tmp_path: Path, capsys):
     assert run_main(capsys, "--model_type", "gpt2", "--output_dir", tmp_path)[0] == 0
     before = (tmp_path / "config.json").read_bytes()
     status, _, err = run_main(capsys, "--model_type", "roberta", "--output_dir", tmp_path)
-    assert status == 2 and "config.json exists; use --overwrite_output_dir" in err
+    assert_one_line_error((status, err), "config.json", "--overwrite_output_dir")
     assert (tmp_path / "config.json").read_bytes() == before
     args = ["--model_type", "roberta", "--output_dir", tmp_path, "--overwrite_output_dir"]
     assert run_main(capsys, *args)[0] == 0

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import assert_one_line_error
 from safetensors.numpy import load_file
 from test_resume import TINY_MODELS, checkpoint_arrays
 
@@ -68,18 +69,20 @@ def test_an_earlier_checkpoint_exports_its_own_parameters(finished_run, tmp_path
 def test_export_errors_are_one_line(finished_run, tmp_path):
     _, run = finished_run
     cases = [
-        ((tmp_path / "missing", "--output_dir", tmp_path / "a"),
-         f"error: checkpoint {tmp_path / 'missing'} is not a directory"),
-        ((tmp_path, "--output_dir", tmp_path / "a"),
-         f"error: checkpoint {tmp_path} holds no model.safetensors and no checkpoints: give a "
-         "saved model directory or a checkpoint (OUTPUT_DIR/checkpoints/STEP)"),
-        ((run, "--output_dir", run),
-         f"error: --output_dir {run} already holds files; use --overwrite_output_dir to replace"),
-        ((run, "--output_dir", tmp_path / "b", "--tokenizer_name", tmp_path),
-         f"error: no tokenizer in {tmp_path} (no tokenizer.json or tokenizer_config.json or "
-         "vocab.json): give --tokenizer_name"),
-    ]
-    for argv, expected in cases:
-        status, message = export(*argv)
-        assert (status, message) == (2, expected + "\n")
+        (
+            (tmp_path / "missing", "--output_dir", tmp_path / "a"),
+            (f"checkpoint {tmp_path / 'missing'}", "not a directory"),
+        ),
+        (
+            (tmp_path, "--output_dir", tmp_path / "a"),
+            (f"checkpoint {tmp_path}", "model.safetensors", "checkpoints/STEP"),
+        ),
+        ((run, "--output_dir", run), (f"--output_dir {run}", "--overwrite_output_dir")),
+        (
+            (run, "--output_dir", tmp_path / "b", "--tokenizer_name", tmp_path),
+            (f"tokenizer in {tmp_path}", "tokenizer.json", "--tokenizer_name"),
+        ),
+    ]  # argv -> what the one error line names
+    for argv, names in cases:
+        assert_one_line_error(export(*argv), *names)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import assert_one_line_error
 from PIL import Image
 
 from flax_lm.plot import main, read_metrics
@@ -119,40 +120,38 @@ def test_plot_eval_only_metrics(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "content, message",
+    "content, names",
     [
-        (None, "no metrics.jsonl"),
-        ("", "holds no train or eval metrics"),
-        ('{"step": 1, "loss": 2.0}\n{"step": 2, "loss"\n', "metrics.jsonl:2 is not valid JSON"),
-        ('{"loss": 2.0}\n', "metrics.jsonl:1 has no 'step'"),
+        (None, ("metrics.jsonl",)),
+        ("", ("metrics",)),
+        ('{"step": 1, "loss": 2.0}\n{"step": 2, "loss"\n', ("metrics.jsonl:2", "JSON")),
+        ('{"loss": 2.0}\n', ("metrics.jsonl:1", "'step'")),
     ],
 )
-def test_plot_bad_metrics_is_one_line_error(tmp_path, capsys, content, message):
+def test_plot_bad_metrics_is_one_line_error(tmp_path, capsys, content, names):
     run = tmp_path / "run"
     run.mkdir()
     if content is not None:
         (run / "metrics.jsonl").write_text(content, encoding="utf-8")
     before = sorted(p.name for p in run.iterdir())
-    assert main([str(run)]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert_one_line_error((main([str(run)]), capsys.readouterr().err), str(run), *names)
     assert sorted(p.name for p in run.iterdir()) == before
 
 
 @pytest.mark.parametrize(
-    "args, message",
+    "args, names",
     [
-        (["{missing}"], "is not a directory"),
-        (["{run}", "--out", "{run}/plot.jpg"], "must be a .png"),
-        (["{run}", "--out", "{run}/nowhere/plot.png"], "does not exist"),
-        (["{run}", "--outt", "x.png"], "did you mean --out"),
+        (["{missing}"], ("{missing}", "not a directory")),
+        (["{run}", "--out", "{run}/plot.jpg"], ("--out", "{run}/plot.jpg", ".png")),
+        (["{run}", "--out", "{run}/nowhere/plot.png"], ("{run}/nowhere", "not exist")),
+        (["{run}", "--outt", "x.png"], ("'--outt'", "--out")),
     ],
 )
-def test_plot_bad_arguments(tmp_path, capsys, args, message):
+def test_plot_bad_arguments(tmp_path, capsys, args, names):
     run = tmp_path / "run"
     write_metrics(run)
-    argv = [a.format(run=run, missing=tmp_path / "missing") for a in args]
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    paths = {"run": run, "missing": tmp_path / "missing"}
+    argv = [a.format(**paths) for a in args]
+    names = [name.format(**paths) for name in names]
+    assert_one_line_error((main(argv), capsys.readouterr().err), *names)
     assert not (run / "metrics.png").exists()
