@@ -31,8 +31,23 @@ def test_commands_and_files_named_in_the_readme_exist():
         assert (ROOT / script).is_file() and (ROOT / script).stat().st_mode & 0o111, script
 
 
-def test_the_test_command_is_the_one_ci_runs():
-    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
-    assert "JAX_PLATFORMS=cpu pytest" in README
-    assert "JAX_PLATFORMS=cpu pytest" in ci
-    assert "torch==2.13.0" in ci and "torch==2.13.0" in README
+def readme_install_and_test() -> list[str]:
+    """The README's one line that installs and runs the test suite, as its separate commands."""
+    (line,) = [line for line in README.splitlines() if "&&" in line and line.endswith(" pytest")]
+    return [command.strip() for command in line.split("&&")]
+
+
+def ci_commands() -> list[str]:
+    """The commands .ci/run runs, pip spelled as the README spells it (no `python -m`, `--quiet`)."""
+    lines = (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+    commands = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    return [re.sub(r"^python -m pip install --quiet ", "pip install ", c) for c in commands]
+
+
+def test_ci_runs_the_readmes_install_and_test_commands():
+    """Whoever follows the README installs what CI installs (the same pinned torch the parity
+    tests compare against) and runs the suite the way CI runs it, in the same order."""
+    readme, ci = readme_install_and_test(), ci_commands()
+    assert [command for command in ci if command in readme] == readme, (readme, ci)
+    assert any(command.startswith("pip install torch==") for command in readme)
+    assert ci[-1] == readme[-1] == "JAX_PLATFORMS=cpu pytest"
