@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +26,8 @@ from flax import nnx
 from flax_lm.errors import ArgParser, UserError, report_user_errors
 
 PROMPT_BUCKET = 32  # prompts are left-padded to a multiple of this: fewer shapes to compile
+# generate_ids' settings of what is generated (its other arguments: the model, prompts, ids)
+SETTINGS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "num_return_sequences")
 
 
 class Sampling(NamedTuple):
@@ -214,23 +216,13 @@ def until_eos(tokens: list[int], eos_token_id: int | None) -> list[int]:
     return tokens
 
 
-def generate(
-    model,
-    tokenizer,
-    prompts: str | Sequence[str],
-    max_new_tokens: int = 50,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    seed: int = 0,
-    num_return_sequences: int = 1,
-) -> list[str]:
-    """Prompt + completion texts, `num_return_sequences` per prompt, in prompt order.
+def generate(model, tokenizer, prompts: str | Sequence[str], **settings: Any) -> list[str]:
+    """Prompt + completion texts, `num_return_sequences` per prompt, in prompt order; `settings`
+    are generate_ids' SETTINGS (max_new_tokens, temperature, top_k, top_p, seed,
+    num_return_sequences), with its defaults.
 
     Prompts are encoded without special tokens, as the training blocks are; the texts are decoded
     without special tokens (eos and padding do not show)."""
-    settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                    top_p=top_p, seed=seed, num_return_sequences=num_return_sequences)  # fmt: skip
     return complete(model, tokenizer, prompts, **settings)[0]
 
 
@@ -291,8 +283,7 @@ def parse_args(argv: list[str] | None):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     model, tokenizer = load_saved_model(args.model, "gpt2", "generate")
-    settings = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_k", "top_p",
-                                                "seed", "num_return_sequences")}  # fmt: skip
+    settings = {name: getattr(args, name) for name in SETTINGS}
     start = time.perf_counter()
     texts, new_tokens = complete(model, tokenizer, args.prompt, **settings)
     seconds = time.perf_counter() - start

@@ -10,8 +10,8 @@ import matplotlib
 import matplotlib.ticker
 
 from flax_lm.errors import ArgParser, UserError, report_user_errors
+from flax_lm.train.metrics import METRICS_FILE, perplexity
 
-METRICS_FILE = "metrics.jsonl"
 TRAIN_COLOR, EVAL_COLOR = "tab:blue", "tab:orange"
 
 
@@ -54,10 +54,6 @@ def series(records: list[dict], key: str, transform=None) -> tuple[list[float], 
             steps.append(record["step"])
             values.append(value)
     return steps, values
-
-
-def safe_exp(x: float) -> float:
-    return math.exp(x) if x < 700 else math.inf
 
 
 def fmt(value: float) -> str:
@@ -121,6 +117,27 @@ def progress(train: list[dict], evals: list[dict]) -> str:
     return ", ".join(parts)
 
 
+def panels(train: list[dict], evals: list[dict]) -> list[tuple[str, str, list, dict]]:
+    """(title, y label, curves, draw options) of each panel, by rows of three."""
+
+    def train_curve(key: str) -> list[tuple]:
+        return [("train", TRAIN_COLOR, series(train, key))]
+
+    return [
+        ("Loss", "cross-entropy (nats/token)",
+         [*train_curve("loss"), ("eval", EVAL_COLOR, series(evals, "eval_loss"))], {}),
+        ("Perplexity", "perplexity (log scale)",
+         [("train (exp loss)", TRAIN_COLOR, series(train, "loss", perplexity)),
+          ("eval", EVAL_COLOR, series(evals, "perplexity"))], {"log": True}),
+        ("Eval accuracy", "token accuracy", [("eval", EVAL_COLOR, series(evals, "eval_accuracy"))],
+         {}),
+        ("Learning rate", "learning rate", train_curve("learning_rate"), {}),
+        ("Gradient norm", "global L2 norm (before clipping)", train_curve("grad_norm"),
+         {"from_zero": True}),
+        ("Throughput", "tokens / second", train_curve("tokens_per_second"), {"from_zero": True}),
+    ]  # fmt: skip
+
+
 def plot_metrics(output_dir: str | Path, out: str | Path | None = None) -> Path:
     """Loss, perplexity, accuracy, learning rate, grad norm and tokens/s against step, as a PNG."""
     matplotlib.use("Agg")  # files only: no display needed
@@ -131,60 +148,9 @@ def plot_metrics(output_dir: str | Path, out: str | Path | None = None) -> Path:
     train, evals = read_metrics(output_dir / METRICS_FILE)
 
     fig, axes = plt.subplots(2, 3, figsize=(15, 8.5), dpi=100)
-    (loss_ax, ppl_ax, acc_ax), (lr_ax, grad_ax, speed_ax) = axes
-    draw(
-        loss_ax,
-        "Loss",
-        "cross-entropy (nats/token)",
-        [
-            ("train", TRAIN_COLOR, series(train, "loss")),
-            ("eval", EVAL_COLOR, series(evals, "eval_loss")),
-        ],
-    )
-    draw(
-        ppl_ax,
-        "Perplexity",
-        "perplexity (log scale)",
-        [
-            ("train (exp loss)", TRAIN_COLOR, series(train, "loss", safe_exp)),
-            ("eval", EVAL_COLOR, series(evals, "perplexity")),
-        ],
-        log=True,
-    )
-    draw(
-        acc_ax,
-        "Eval accuracy",
-        "token accuracy",
-        [
-            ("eval", EVAL_COLOR, series(evals, "eval_accuracy")),
-        ],
-    )
-    draw(
-        lr_ax,
-        "Learning rate",
-        "learning rate",
-        [
-            ("train", TRAIN_COLOR, series(train, "learning_rate")),
-        ],
-    )
-    draw(
-        grad_ax,
-        "Gradient norm",
-        "global L2 norm (before clipping)",
-        [
-            ("train", TRAIN_COLOR, series(train, "grad_norm")),
-        ],
-        from_zero=True,
-    )
-    draw(
-        speed_ax,
-        "Throughput",
-        "tokens / second",
-        [
-            ("train", TRAIN_COLOR, series(train, "tokens_per_second")),
-        ],
-        from_zero=True,
-    )
+    for ax, (title, ylabel, curves, options) in zip(axes.flat, panels(train, evals), strict=True):
+        draw(ax, title, ylabel, curves, **options)
+    lr_ax, speed_ax = axes[1][0], axes[1][2]
     speed_ax.yaxis.set_major_formatter(matplotlib.ticker.StrMethodFormatter("{x:,.0f}"))
     lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     run_name = "/".join(output_dir.resolve().parts[-2:])

@@ -18,8 +18,8 @@ import os
 import shutil
 import sysconfig
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from flax_lm.errors import ArgParser, UserError, report_user_errors
 from flax_lm.storage import check_output_dir
@@ -42,44 +42,33 @@ DEFAULT_BLOCK_SIZE = 128
 DEFAULT_VOCAB_SIZE = 8192
 BATCH_SIZE = 8
 LEARNING_RATE = 2e-3
-OWNED = ("data", "tokenizer", "config", "model", "calibration", "quickstart_results.json")
 RERUN_ADVICE = (": add --overwrite_output_dir to replace an earlier quickstart, "
                 "or choose another directory")  # fmt: skip
 
 
-@dataclass(frozen=True)
-class Layout:
+class Layout(NamedTuple):
     """Where each stage writes, under --output_dir."""
 
     root: Path
+    train: Path
+    validation: Path
+    tokenizer: Path
+    config: Path
+    calibration: Path
+    model: Path
+    results: Path
 
-    @property
-    def train(self) -> Path:
-        return self.root / "data" / "train"
+    @classmethod
+    def under(cls, root: Path) -> Layout:
+        data = root / "data"
+        return cls(root, train=data / "train", validation=data / "validation",
+                   tokenizer=root / "tokenizer", config=root / "config",
+                   calibration=root / "calibration", model=root / "model",
+                   results=root / "quickstart_results.json")  # fmt: skip
 
-    @property
-    def validation(self) -> Path:
-        return self.root / "data" / "validation"
-
-    @property
-    def tokenizer(self) -> Path:
-        return self.root / "tokenizer"
-
-    @property
-    def config(self) -> Path:
-        return self.root / "config"
-
-    @property
-    def calibration(self) -> Path:
-        return self.root / "calibration"
-
-    @property
-    def model(self) -> Path:
-        return self.root / "model"
-
-    @property
-    def results(self) -> Path:
-        return self.root / "quickstart_results.json"
+    def owned(self) -> list[Path]:
+        """What a quickstart writes directly under root (a rerun replaces only these)."""
+        return sorted({self.root / path.relative_to(self.root).parts[0] for path in self[1:]})
 
 
 def stage(number: int, title: str) -> float:
@@ -255,10 +244,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def clear_earlier_run(root: Path) -> None:
+def clear_earlier_run(layout: Layout) -> None:
     """Remove what an earlier quickstart wrote (only those entries)."""
-    for name in OWNED:
-        path = root / name
+    for path in layout.owned():
         if path.is_dir():
             shutil.rmtree(path)
         elif path.exists():
@@ -268,7 +256,7 @@ def clear_earlier_run(root: Path) -> None:
 @report_user_errors
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    layout = Layout(Path(args.output_dir))
+    layout = Layout.under(Path(args.output_dir))
     check_output_dir(layout.root, overwrite=args.overwrite_output_dir, advice=RERUN_ADVICE)
     root, modules = stdlib_modules(args.max_files)
     started = time.perf_counter()
@@ -279,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
 
     datasets.disable_progress_bars()
     setup_jax(TrainConfig())  # the compilation cache, so later stages reuse compiled steps
-    clear_earlier_run(layout.root)
+    clear_earlier_run(layout)
     results: dict = {"minutes": args.minutes, "block_size": args.block_size}
 
     t = stage(1, f"Corpus: the Python standard library's source ({root})")

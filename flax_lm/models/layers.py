@@ -73,11 +73,6 @@ REMAT_POLICIES = {
 }
 
 
-def check_heads(features: int, num_heads: int) -> None:
-    if features % num_heads:
-        raise UserError(f"hidden size {features} is not divisible by {num_heads} attention heads")
-
-
 def check_activation(name: str) -> str:
     if name not in ACTIVATIONS:
         raise UserError(f"unsupported activation {name!r}; supported: {', '.join(ACTIVATIONS)}")

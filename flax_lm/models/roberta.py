@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 from transformers import RobertaConfig
 
+from flax_lm.config import check_heads
 from flax_lm.errors import UserError
 from flax_lm.models.attention import SelfAttention, self_attention_mask
 from flax_lm.models.layers import (
@@ -30,7 +31,6 @@ from flax_lm.models.layers import (
     StaticConfig,
     TorchTensor,
     check_activation,
-    check_heads,
     check_remat,
     compute_dtype,
     dropout,
