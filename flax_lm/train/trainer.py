@@ -14,10 +14,12 @@ and never saved; the run stops (`NonFiniteLoss`) unless --skip_nonfinite_steps a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,8 +88,9 @@ def cannot_write(output_dir: epath.Path, err: Exception) -> UserError:
 
 
 class Throughput:
-    """Training tokens per second, timed between points where the device is known to be idle,
-    leaving out evaluation, checkpointing and (as `steady=False`) the first step."""
+    """Training tokens per second, timed between points where the device is known to be idle:
+    evaluation and checkpointing run `paused()`, and the first step (compilation finishing, caches
+    warming) is a lap that is not steady state."""
 
     def __init__(self):
         self.total_tokens, self.total_seconds, self.last_rate = 0, 0.0, 0.0
@@ -99,13 +102,22 @@ class Throughput:
     def add(self, tokens: int) -> None:
         self.tokens += tokens
 
-    def close(self, steady: bool = True) -> None:
+    def lap(self, steady: bool = True) -> None:
+        """The rate since the last lap; a steady one counts towards `steady_rate`."""
         seconds = time.perf_counter() - self.start
         if self.tokens:
             self.last_rate = self.tokens / seconds
             if steady:
                 self.total_tokens += self.tokens
                 self.total_seconds += seconds
+        self.restart()
+
+    @contextlib.contextmanager
+    def paused(self, state: TrainState) -> Iterator[None]:
+        """Time spent inside, once the step that made `state` has finished, is not training."""
+        jax.block_until_ready(state)
+        self.lap()
+        yield
         self.restart()
 
     @property
@@ -142,6 +154,37 @@ class Training:
 
 def is_finite_step(metrics: dict[str, Any]) -> bool:
     return math.isfinite(float(metrics["loss_sum"])) and math.isfinite(float(metrics["grad_norm"]))
+
+
+class RecentMetrics:
+    """The metrics of the steps since the last train line. They stay on the device until a
+    logging or saving step fetches them (which waits for the device); fetched, each finite step
+    is added to `progress` and each non-finite one handed to `on_nonfinite`."""
+
+    def __init__(self, progress: Progress, on_nonfinite: Callable[[int, dict, Progress], None]):
+        self.progress, self.on_nonfinite = progress, on_nonfinite
+        self.pending: list[tuple[int, Any]] = []  # on the device
+        self.fetched: list[tuple[int, dict]] = []  # on the host
+
+    def add(self, step: int, metrics: Any) -> None:
+        self.pending.append((step, metrics))
+
+    def fetch(self) -> None:
+        fetched = jax.device_get(self.pending)
+        self.pending = []
+        for step, metrics in fetched:
+            if is_finite_step(metrics):
+                self.progress.loss_sum += float(metrics["loss_sum"])
+                self.progress.num_targets += float(metrics["num_targets"])
+            else:
+                self.on_nonfinite(step, metrics, self.progress)
+        self.fetched += fetched
+
+    def take(self) -> list[tuple[int, dict]]:
+        """Every step's metrics since the last take, fetched."""
+        self.fetch()
+        taken, self.fetched = self.fetched, []
+        return taken
 
 
 class TrainStream:
@@ -205,8 +248,10 @@ def eval_host_batches(
 
 
 class Trainer:
+    """One run of `prepare`d flags on a mesh: train, evaluate, checkpoint and export as they say."""
+
     def __init__(self, prepared: Prepared, mesh: jax.sharding.Mesh, objective_name: str):
-        self.p, self.cfg, self.mesh = prepared, prepared.cfg, mesh
+        self.prepared, self.cfg, self.mesh = prepared, prepared.cfg, mesh
         self.objective_name = objective_name
         self.is_main = jax.process_index() == 0
         self.compile_seconds: dict[str, float] = {}
@@ -218,7 +263,7 @@ class Trainer:
         self.locks: list[RunLock] = []  # of output_dir (and checkpoint_dir), on process 0
 
     def run(self) -> dict[str, Any]:
-        model = build_model(self.p, self.mesh)
+        model = build_model(self.prepared, self.mesh)
         graphdef, params = nnx.split(model, nnx.Param)
         params = jax.device_put(params, state_sharding(self.mesh, params))
         self.graphdef = graphdef
@@ -229,7 +274,7 @@ class Trainer:
             repo_id = prepare_hub_repo(
                 self.cfg.hub_model_id, self.cfg.output_dir, token, self.cfg.hub_private_repo
             )
-            self.hub = HubPusher(repo_id, self.p.output_dir, token, self.cfg.hub_strategy)
+            self.hub = HubPusher(repo_id, self.prepared.output_dir, token, self.cfg.hub_strategy)
         try:
             self.start_output_dir()  # the first write: everything above only reads
             return self.run_holding_the_lock(params, training)
@@ -241,12 +286,12 @@ class Trainer:
         wandb_run = None
         if self.is_main and "wandb" in self.cfg.report_to:
             wandb_run = start_wandb(
-                self.p.output_dir, self.cfg.run_name, recorded_config(self.cfg)
+                self.prepared.output_dir, self.cfg.run_name, recorded_config(self.cfg)
             )
         log = RunLog(
-            self.p.output_dir,
-            total_steps=self.p.total_steps,
-            initial_step=self.p.resume.step if self.p.resume else 0,
+            self.prepared.output_dir,
+            total_steps=self.prepared.total_steps,
+            initial_step=self.prepared.resume.step if self.prepared.resume else 0,
             tensorboard="tensorboard" in self.cfg.report_to,
             wandb_run=wandb_run,
             enabled=self.is_main,
@@ -276,7 +321,7 @@ class Trainer:
     # ------------------------------------------------------------------------------ setup
 
     def warn_about_warmup(self) -> None:
-        cfg, total = self.cfg, self.p.total_steps
+        cfg, total = self.cfg, self.prepared.total_steps
         if not cfg.do_train:
             return
         if cfg.lr_scheduler_type == "constant" and (cfg.warmup_steps or cfg.warmup_ratio):
@@ -296,7 +341,7 @@ class Trainer:
         """Create output_dir and take its lock (every process fails if another run holds it);
         then a fresh training run replaces an earlier run's checkpoints and metrics, a resumed
         one drops the metrics logged after its checkpoint."""
-        out, refused = self.p.output_dir, None
+        out, refused = self.prepared.output_dir, None
         if self.is_main:
             try:
                 for directory in run_dirs(self.cfg):
@@ -313,10 +358,10 @@ class Trainer:
             raise refused
         if not self.is_main:
             return
-        if self.p.resume is not None:
-            keep_records_up_to(out / METRICS_FILE, self.p.resume.step)
+        if self.prepared.resume is not None:
+            keep_records_up_to(out / METRICS_FILE, self.prepared.resume.step)
         elif self.cfg.do_train:
-            checkpoints = self.p.checkpoint_dir
+            checkpoints = self.prepared.checkpoint_dir
             for entry in checkpoints.iterdir() if checkpoints.is_dir() else ():
                 if entry.name != LOCK_FILE:  # (a --checkpoint_dir's lock stays)
                     entry.rmtree() if entry.is_dir() else entry.unlink()
@@ -328,19 +373,19 @@ class Trainer:
 
         The optimizer applies an update only when the whole gradient is finite, so a
         non-finite step leaves params and optimizer state as they were."""
-        cfg, p = self.cfg, self.p
-        parts = step_parts(p, self.graphdef, params)
+        cfg, prepared = self.cfg, self.prepared
+        parts = step_parts(prepared, self.graphdef, params)
         state = init_state(params, parts.optimizer, cfg.seed, self.mesh)
         progress = Progress()
-        if p.resume is None:  # a resumed run's data held a batch: read none of it again
-            p.train_batches.require_one_batch()
+        if prepared.resume is None:  # a resumed run's data held a batch: read none of it again
+            prepared.train_batches.require_one_batch()
         else:
-            source = checkpoint.open_manager(p.resume.directory, create=False)
+            source = checkpoint.open_manager(prepared.resume.directory, create=False)
             try:
-                state, meta = checkpoint.restore(source, p.resume.step, like=state)
+                state, meta = checkpoint.restore(source, prepared.resume.step, like=state)
             finally:
                 source.close()
-            p.train_batches.load_state(meta["data"])
+            prepared.train_batches.load_state(meta["data"])
             progress = Progress(**meta.get("progress", {}))
         return Training(state, parts, progress)
 
@@ -350,15 +395,15 @@ class Trainer:
         self, training: Training, log: RunLog
     ) -> tuple[TrainState, dict[str, Any], dict[str, Any]]:
         """Train to total_steps; returns the final state, train results and the last eval."""
-        cfg, p = self.cfg, self.p
+        cfg, prepared = self.cfg, self.prepared
         started = time.perf_counter()
         manager = checkpoint.open_manager(
-            p.checkpoint_dir,
+            prepared.checkpoint_dir,
             max_to_keep=cfg.save_total_limit,
             remove_interrupted_saves=True,
         )
         try:
-            if p.resume is not None:
+            if prepared.resume is not None:
                 self.continue_from_checkpoint(manager)
             state, tokens_per_second, last_eval = self.loop(training, manager, log)
             manager.wait_until_finished()
@@ -376,11 +421,11 @@ class Trainer:
 
     def train_samples(self, steps: int) -> int:
         """Examples in the training set (a stream: examples read in all)."""
-        return self.p.train_batches.num_examples or steps * self.p.global_batch_size
+        return self.prepared.train_batches.num_examples or steps * self.prepared.global_batch_size
 
     def continue_from_checkpoint(self, manager) -> None:
         """The resumed run replaces what came after its checkpoint (prepare said so)."""
-        resume = self.p.resume
+        resume = self.prepared.resume
         self.last_checkpoint = resume.directory / str(resume.step)
         for step in manager.all_steps():
             if step > resume.step:
@@ -389,60 +434,38 @@ class Trainer:
     def loop(self, training: Training, manager, log: RunLog):
         """Steps from the state's step to total_steps; returns (state, steady tokens/s, last
         eval). Metrics are fetched from the device only at logging and saving steps."""
-        cfg, p = self.cfg, self.p
         state, progress = training.state, training.progress
-        start, total = int(state.step), p.total_steps
-        last_eval: dict[str, Any] = {}
-        throughput = Throughput()
+        start, total = int(state.step), self.prepared.total_steps
         if start >= total:
             log.message(f"the checkpoint is at step {start}: training already reached {total}")
-            if cfg.do_eval:
-                last_eval = self.evaluate(state.params, start, log)
+            last_eval = self.evaluate(state.params, start, log) if self.cfg.do_eval else {}
             return state, None, last_eval
-        tokens_per_step = p.global_batch_size * p.seq_len
-        stream = TrainStream(
-            p.train_batches, p.objective, cfg.seed, start, cfg.gradient_accumulation_steps
-        )
-        put = make_put(self.mesh, batch_axis=TRAIN_BATCH_AXIS)
+        last_eval: dict[str, Any] = {}
+        tokens_per_step = self.prepared.global_batch_size * self.prepared.seq_len
+        recent = RecentMetrics(progress, self.skip_nonfinite)
         signals = StopSignals(several_processes=jax.process_count() > 1)
-        with signals, Prefetcher(stream, PREFETCH_BATCHES, put) as batches:
+        with signals, self.train_batches(start) as batches:
             batch = next(batches)
-            train_step, seconds = compile_train_step(
-                training.parts.train_step, state, batch, self.mesh
-            )
-            self.compile_seconds["train_step"] = seconds
-            log.message(f"compiled the train step in {seconds:.2f} s")
-            pending, fetched = [], []  # (step, metrics) on device / on the host since the last log
-            throughput.restart()
+            train_step = self.compiled_train_step(training, state, batch, log)
+            throughput = Throughput()
             for step in range(start + 1, total + 1):
                 state, metrics = train_step(state, batch)
-                pending.append((step, metrics))
+                recent.add(step, metrics)
                 throughput.add(tokens_per_step)
                 log.advance()
                 if step == start + 1:  # the first step's time is not steady state
                     jax.block_until_ready(state)
-                    throughput.close(steady=False)
+                    throughput.lap(steady=False)
                 if self.is_logging_step(step):
-                    fetched += self.fetch(pending, progress)
-                    log.train(self.train_record(step, fetched, throughput, batches))
-                    fetched = []
-                if cfg.do_eval and self.is_eval_step(step):
-                    jax.block_until_ready(state)
-                    throughput.close()
-                    last_eval = self.evaluate(state.params, step, log)
-                    throughput.restart()
+                    log.train(self.train_record(step, recent.take(), throughput, batches))
+                if self.is_eval_step(step):
+                    with throughput.paused(state):
+                        last_eval = self.evaluate(state.params, step, log)
                 stopping = signals.should_stop(step)
-                if self.is_save_step(step) or stopping:
-                    jax.block_until_ready(state)
-                    throughput.close()
-                    fetched += self.fetch(pending, progress)  # nothing non-finite is saved
-                    self.save_checkpoint(manager, state, step, batches, progress)
-                    log.sync()
-                    if step < total:  # the final model is written after training
-                        self.save_outputs(state.params)
-                        if self.hub is not None and not stopping:
-                            self.push_checkpoint(manager, step)
-                    throughput.restart()
+                if stopping or self.is_save_step(step):
+                    with throughput.paused(state):
+                        recent.fetch()  # a non-finite step stops the run here: it is never saved
+                        self.save(manager, state, step, batches, progress, log, stopping)
                 if stopping:
                     manager.wait_until_finished()
                     raise Interrupted(signals.received, step, self.last_checkpoint)
@@ -450,32 +473,62 @@ class Trainer:
                     batch = next(batches)
         return state, throughput.steady_rate, last_eval
 
+    def train_batches(self, start: int) -> Prefetcher:
+        """The model-ready batches from step `start` on, made and placed on the devices ahead."""
+        cfg, prepared = self.cfg, self.prepared
+        stream = TrainStream(
+            prepared.train_batches, prepared.objective, cfg.seed, start,
+            cfg.gradient_accumulation_steps,
+        )  # fmt: skip
+        return Prefetcher(stream, PREFETCH_BATCHES, make_put(self.mesh, TRAIN_BATCH_AXIS))
+
+    def compiled_train_step(self, training: Training, state: TrainState, batch, log: RunLog):
+        train_step, seconds = compile_train_step(
+            training.parts.train_step, state, batch, self.mesh
+        )
+        self.compile_seconds["train_step"] = seconds
+        log.message(f"compiled the train step in {seconds:.2f} s")
+        return train_step
+
     def is_logging_step(self, step: int) -> bool:
         cfg = self.cfg
         first = cfg.logging_first_step and step == 1
-        return first or step % cfg.logging_steps == 0 or step == self.p.total_steps
+        return first or step % cfg.logging_steps == 0 or step == self.prepared.total_steps
 
     def is_eval_step(self, step: int) -> bool:
-        """Whether --eval_strategy evaluates after `step`: every eval_steps (`steps`), at the end
-        of each epoch (`epoch`), and always after the last step (also with `no`)."""
-        strategy = self.cfg.eval_strategy
-        if step == self.p.total_steps:
-            return True
-        if strategy == "epoch":
-            return step % self.p.train_batches.steps_per_epoch == 0
-        return strategy == "steps" and step % self.cfg.eval_steps == 0
+        """With --do_eval, whether --eval_strategy evaluates after `step` (also with `no` after
+        the last step)."""
+        cfg = self.cfg
+        return cfg.do_eval and self.is_strategy_step(step, cfg.eval_strategy, cfg.eval_steps)
 
     def is_save_step(self, step: int) -> bool:
-        """Whether --save_strategy checkpoints after `step`: every save_steps (`steps`), at the
-        end of each epoch (`epoch`) and at the last step; never with `no`."""
-        strategy = self.cfg.save_strategy
-        if strategy == "no":
-            return False
-        if step == self.p.total_steps:
+        """Whether --save_strategy checkpoints after `step` (never with `no`)."""
+        cfg = self.cfg
+        return cfg.save_strategy != "no" and self.is_strategy_step(
+            step, cfg.save_strategy, cfg.save_steps
+        )
+
+    def is_strategy_step(self, step: int, strategy: str, every: int) -> bool:
+        """After the last step, at the end of each epoch (`epoch`), or every `every` steps
+        (`steps`), as --eval_strategy and --save_strategy say."""
+        if step == self.prepared.total_steps:
             return True
         if strategy == "epoch":
-            return step % self.p.train_batches.steps_per_epoch == 0
-        return step % self.cfg.save_steps == 0
+            return step % self.prepared.train_batches.steps_per_epoch == 0
+        return strategy == "steps" and step % every == 0
+
+    def save(
+        self, manager, state: TrainState, step: int, batches: Prefetcher, progress: Progress,
+        log: RunLog, stopping: bool,
+    ) -> None:
+        """A checkpoint after `step`; before the last step also output_dir's model (the final one
+        is written after training) and, unless stopping, its push to the Hub."""
+        self.save_checkpoint(manager, state, step, batches, progress)
+        log.sync()
+        if step < self.prepared.total_steps:
+            self.save_outputs(state.params)
+            if self.hub is not None and not stopping:
+                self.push_checkpoint(manager, step)
 
     def push_checkpoint(self, manager, step: int) -> None:
         """--push_to_hub at a checkpoint; strategies that upload the checkpoint itself wait for
@@ -483,19 +536,6 @@ class Trainer:
         if self.cfg.hub_strategy in CHECKPOINTS_UPLOADED:
             manager.wait_until_finished()
         self.hub.push_in_background(step, self.last_checkpoint)
-
-    def fetch(self, pending: list, progress: Progress) -> list[tuple[int, dict]]:
-        """Metrics of the `pending` steps on the host (emptying `pending`), added to `progress`.
-        A non-finite step (its update was not applied) is skipped, or stops the run."""
-        fetched = jax.device_get(pending)
-        pending.clear()
-        for step, metrics in fetched:
-            if is_finite_step(metrics):
-                progress.loss_sum += float(metrics["loss_sum"])
-                progress.num_targets += float(metrics["num_targets"])
-            else:
-                self.skip_nonfinite(step, metrics, progress)
-        return fetched
 
     def skip_nonfinite(self, step: int, metrics: dict, progress: Progress) -> None:
         """Count a step whose update was not applied; stop once more than allowed."""
@@ -532,7 +572,7 @@ class Trainer:
             "step": step,
             "data": run_position(batches.state()),
             "progress": dataclasses.asdict(progress),  # a copy: later steps change progress
-            **run_identity(self.p, self.objective_name),
+            **run_identity(self.prepared, self.objective_name),
             "train_config": recorded_config(self.cfg),
         }
         checkpoint.save(manager, state, meta)
@@ -546,11 +586,11 @@ class Trainer:
         batches: Prefetcher,
     ) -> dict[str, Any]:
         """The train line of the steps fetched since the last one (skipped steps left out)."""
-        throughput.close()
+        throughput.lap()
         good = [metrics for _, metrics in fetched if is_finite_step(metrics)]
         loss_sum = sum(float(m["loss_sum"]) for m in good)
         num_targets = sum(float(m["num_targets"]) for m in good)
-        steps_per_epoch = self.p.train_batches.steps_per_epoch
+        steps_per_epoch = self.prepared.train_batches.steps_per_epoch
         epoch = step / steps_per_epoch if steps_per_epoch else stream_epoch(batches.state())
         return {
             "step": step,
@@ -564,12 +604,12 @@ class Trainer:
     # ------------------------------------------------------------------------------- eval
 
     def eval_stream(self):
-        cfg, p = self.cfg, self.p
-        shards = p.splits["validation"]
+        cfg, prepared = self.cfg, self.prepared
+        shards = prepared.splits["validation"]
         batch_size = cfg.per_device_eval_batch_size * self.mesh.size
         self.eval_samples = 0
         for batch in eval_host_batches(
-            shards, p.objective, batch_size, cfg.seed, shard_ids=p.shard_ids,
+            shards, prepared.objective, batch_size, cfg.seed, shard_ids=prepared.shard_ids,
             num_shards=cfg.data_shards, num_batches=self.eval_batches,
         ):
             self.eval_samples += int(batch["example_weight"].sum())
@@ -580,11 +620,11 @@ class Trainer:
         cfg, sums = self.cfg, []
         if cfg.data_shards > 1 and self.eval_batches is None:  # as many from every shard
             rows = cfg.per_device_eval_batch_size * self.mesh.size // cfg.data_shards
-            self.eval_batches = eval_batch_count(self.p.splits["validation"], rows)
+            self.eval_batches = eval_batch_count(self.prepared.splits["validation"], rows)
         with Prefetcher(self.eval_stream(), PREFETCH_BATCHES, make_put(self.mesh, 0)) as batches:
             for batch in batches:
                 if self.eval_step is None:
-                    eval_fn = make_eval_step(self.graphdef, self.p.objective)
+                    eval_fn = make_eval_step(self.graphdef, self.prepared.objective)
                     self.eval_step, seconds = compile_eval_step(eval_fn, params, batch, self.mesh)
                     self.compile_seconds["eval_step"] = seconds
                 sums.append(self.eval_step(params, batch))
@@ -612,17 +652,17 @@ class Trainer:
         if jax.process_count() > 1:
             params = multihost_utils.process_allgather(params, tiled=True)
         if self.is_main:
-            save_model(nnx.merge(self.graphdef, params), self.p.output_dir)
-            save_pretrained(self.p.tokenizer, self.p.output_dir)
+            save_model(nnx.merge(self.graphdef, params), self.prepared.output_dir)
+            save_pretrained(self.prepared.tokenizer, self.prepared.output_dir)
 
     def write_results(self, name: str, results: dict[str, Any]) -> None:
         if self.is_main:
-            write_json(self.p.output_dir / name, results)
+            write_json(self.prepared.output_dir / name, results)
 
     def print_summary(self, results: dict[str, Any]) -> None:
         if not self.is_main:
             return
-        lines = [f"output: {self.p.output_dir}"]
+        lines = [f"output: {self.prepared.output_dir}"]
         if results.get("train_tokens_per_second") is not None:
             compiled = ", ".join(f"{k} {v:.2f} s" for k, v in self.compile_seconds.items())
             lines.append(
@@ -630,7 +670,7 @@ class Trainer:
                 f"{results['train_tokens_per_second']:,.0f} tokens/s (steady state), "
                 f"compile {compiled}, {results['train_runtime']:.1f} s in all"
             )
-            flops = model_flops_per_token(self.p.model_config, self.p.seq_len)
+            flops = model_flops_per_token(self.prepared.model_config, self.prepared.seq_len)
             achieved = achieved_flops_per_second(results["train_tokens_per_second"], flops)
             lines.append(
                 f"model FLOPs: {flops:.4g} per token, {achieved / 1e12:.4g} TFLOP/s achieved "
