@@ -38,12 +38,10 @@ from flax_lm.models.attention import SelfAttention, cache_attention_mask, self_a
 from flax_lm.models.layers import (
     MLP,
     Embed,
+    LanguageModel,
     LayerNorm,
-    StaticConfig,
     TorchTensor,
     check_activation,
-    check_remat,
-    compute_dtype,
     dropout,
     run_stacked,
     split_key,
@@ -81,7 +79,7 @@ class GPT2Block(nnx.Module):
         return x + self.mlp(self.ln_2(x), mlp_key), kv_cache
 
 
-class GPT2LMHeadModel(nnx.Module):
+class GPT2LMHeadModel(LanguageModel):
     """GPT-2 with its LM head; see `flax_lm.models.create_model` for the arguments."""
 
     ARCHITECTURE = "GPT2LMHeadModel"
@@ -90,10 +88,7 @@ class GPT2LMHeadModel(nnx.Module):
                  scan_layers: bool = True, remat: str | None = None,
                  attention: str = "reference"):
         check_config(config)
-        self.static_config = StaticConfig(config)
-        self.dtype = compute_dtype(dtype)
-        self.scan_layers = bool(scan_layers)
-        self.remat = check_remat(remat)
+        super().__init__(config, dtype=dtype, scan_layers=scan_layers, remat=remat)
         wte_key, wpe_key, layers_key, head_key = jax.random.split(jax.random.key(seed), 4)
         std = config.initializer_range
         self.wte = Embed(config.vocab_size, config.n_embd, wte_key, std=std)
@@ -102,10 +97,6 @@ class GPT2LMHeadModel(nnx.Module):
         self.ln_f = LayerNorm(config.n_embd, config.layer_norm_epsilon)
         tied = config.tie_word_embeddings
         self.lm_head = None if tied else Embed(config.vocab_size, config.n_embd, head_key, std=std)
-
-    @property
-    def config(self) -> GPT2Config:
-        return self.static_config.config
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
                  dropout_rng: jax.Array | None = None) -> jax.Array:

@@ -290,6 +290,22 @@ class StaticConfig:
         return hash(self.key)
 
 
+class LanguageModel(nnx.Module):
+    """What every model keeps besides its layers: its config (static, see StaticConfig) and how
+    it runs: the compute dtype, scan over the stacked layers or not, and the remat policy. Each
+    model still spells out create_model's keyword arguments, so its constructor reads alone."""
+
+    def __init__(self, config: Any, *, dtype: Any, scan_layers: bool, remat: str | None):
+        self.static_config = StaticConfig(config)
+        self.dtype = compute_dtype(dtype)
+        self.scan_layers = bool(scan_layers)
+        self.remat = check_remat(remat)
+
+    @property
+    def config(self) -> Any:
+        return self.static_config.config
+
+
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 

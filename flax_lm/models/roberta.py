@@ -27,12 +27,10 @@ from flax_lm.models.layers import (
     Bias,
     Dense,
     Embed,
+    LanguageModel,
     LayerNorm,
-    StaticConfig,
     TorchTensor,
     check_activation,
-    check_remat,
-    compute_dtype,
     dropout,
     param,
     run_stacked,
@@ -95,7 +93,7 @@ class MaskedLMHead(nnx.Module):
         return decoder.attend(x) + self.bias[...]
 
 
-class RobertaForMaskedLM(nnx.Module):
+class RobertaForMaskedLM(LanguageModel):
     """RoBERTa with its MLM head; see `flax_lm.models.create_model` for the arguments."""
 
     ARCHITECTURE = "RobertaForMaskedLM"
@@ -104,10 +102,7 @@ class RobertaForMaskedLM(nnx.Module):
                  scan_layers: bool = True, remat: str | None = None,
                  attention: str = "reference"):
         check_config(config)
-        self.static_config = StaticConfig(config)
-        self.dtype = compute_dtype(dtype)
-        self.scan_layers = bool(scan_layers)
-        self.remat = check_remat(remat)
+        super().__init__(config, dtype=dtype, scan_layers=scan_layers, remat=remat)
         keys = jax.random.split(jax.random.key(seed), 5)
         width, std, pad = config.hidden_size, config.initializer_range, config.pad_token_id
         self.word_embeddings = Embed(config.vocab_size, width, keys[0], std=std, padding_idx=pad)
@@ -118,10 +113,6 @@ class RobertaForMaskedLM(nnx.Module):
         self.layers = stacked(lambda key: RobertaLayer(config, key, attention), keys[3],
                               config.num_hidden_layers)
         self.lm_head = MaskedLMHead(config, keys[4])
-
-    @property
-    def config(self) -> RobertaConfig:
-        return self.static_config.config
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
                  dropout_rng: jax.Array | None = None) -> jax.Array:
