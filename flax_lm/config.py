@@ -176,30 +176,33 @@ def set_token_ids(config: PretrainedConfig, tokenizer_dir: str) -> PretrainedCon
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 
 
-def load_tokenizer(tokenizer_dir: str):
-    """The tokenizer saved in a local directory (by train-tokenizer, or with a model): a missing
-    directory or one without tokenizer files is named as such, before transformers is asked."""
-    if not Path(tokenizer_dir).is_dir():
-        raise UserError(f"tokenizer directory {tokenizer_dir} does not exist")
-    if not any((Path(tokenizer_dir) / name).is_file() for name in TOKENIZER_FILES):
-        raise UserError(f"no tokenizer in {tokenizer_dir} (no {' or '.join(TOKENIZER_FILES)}): "
-                        "give --tokenizer_name")
-    return load_pretrained_tokenizer(tokenizer_dir)
-
-
-def load_pretrained_tokenizer(
-    name: str, *, cache_dir: str | None = None, token: str | None = None
-):
-    """A fast tokenizer from a local directory or a Hub repo id (downloaded into `cache_dir`,
-    with `token` for gated or private repos); a directory whose JSON does not parse names that
-    file as damaged."""
+def load_tokenizer(name: str, *, cache_dir: str | None = None, token: str | None = None):
+    """A fast tokenizer from a local directory (train-tokenizer's, or a model's) or, for a name
+    that can only be one, a Hub repo id (downloaded into `cache_dir`, with `token` for gated or
+    private repos). Each failure is one UserError naming `name`; a directory whose JSON does not
+    parse names that file as damaged."""
     from transformers import AutoTokenizer  # slow import: only when loading
 
+    from flax_lm.hub_models import is_hub_id
+
+    path = Path(name).expanduser()
+    if path.is_dir() and not any((path / file).is_file() for file in TOKENIZER_FILES):
+        raise cannot_load_tokenizer(
+            name, f"no tokenizer in {path} (no {' or '.join(TOKENIZER_FILES)}): "
+            "give --tokenizer_name"
+        )
+    if not path.is_dir() and not is_hub_id(name):
+        reason = "not a directory" if path.exists() else "no such directory, nor a Hub repo id"
+        raise cannot_load_tokenizer(name, reason)
     try:
         return AutoTokenizer.from_pretrained(name, cache_dir=cache_dir, token=token)
     except (OSError, ValueError) as err:
-        damaged = damaged_file(name) if Path(name).is_dir() else None
-        raise damaged or UserError(f"cannot load the tokenizer {name!r}: {one_line(err)}") from None
+        damaged = damaged_file(path) if path.is_dir() else None
+        raise damaged or cannot_load_tokenizer(name, one_line(err)) from None
+
+
+def cannot_load_tokenizer(name: str, reason: str) -> UserError:
+    return UserError(f"cannot load the tokenizer {name!r}: {reason}")
 
 
 # What transformers reads from a model or tokenizer dir as JSON.
@@ -289,7 +292,7 @@ def build_parser() -> ArgParser:
         help=f"one of {', '.join(base_config_names())}, or a config.json / model directory "
         "(default: roberta-base or gpt2)",
     )
-    parser.add_argument("--tokenizer_name", help="tokenizer directory: vocab size and token ids")
+    parser.add_argument("--tokenizer_name", help="tokenizer dir or Hub id: vocab size and token ids")
     parser.add_argument("--dropout", type=float, help="every dropout probability of the model")
     parser.add_argument("--config_overrides", help='e.g. "n_embd=128,n_head=4,n_layer=2"')
     parser.add_argument("--output_dir", required=True, help="where config.json is written")

@@ -23,7 +23,7 @@ from flax_lm.config import (
     apply_config_overrides,
     base_config_names,
     load_base_config,
-    load_pretrained_tokenizer,
+    load_tokenizer,
 )
 from flax_lm.corpus import progress_bars_on_terminal_only
 from flax_lm.errors import UserError
@@ -183,7 +183,7 @@ def prepare_model(cfg: TrainConfig, objective_name: str, num_devices: int) -> Pr
     are all the train step's shapes depend on (the corpus is not read; no splits, no steps)."""
     model_dir = pretrained_model_dir(cfg)
     model_config = load_model_config(cfg, objective_name, model_dir)
-    tokenizer = load_tokenizer(cfg)
+    tokenizer = tokenizer_of(cfg)
     check_vocab(tokenizer, model_config)
     cfg = resolve_sequence_length(cfg, objective_name, model_config, tokenizer)
     seq_len = cfg.block_size if objective_name == "clm" else cfg.max_seq_length
@@ -286,14 +286,14 @@ def wrong_model_type(objective_name: str, found: str) -> UserError:
     )
 
 
-def load_tokenizer(cfg: TrainConfig) -> PreTrainedTokenizerBase:
+def tokenizer_of(cfg: TrainConfig) -> PreTrainedTokenizerBase:
     """--tokenizer_name's tokenizer (default: the pretrained model's, or the config's dir)."""
     name = cfg.tokenizer_name or cfg.model_name_or_path or cfg.config_name
     if not name:
         raise UserError(
             "no tokenizer: give --tokenizer_name (a directory saved by train-tokenizer)"
         )
-    return load_pretrained_tokenizer(name, cache_dir=cfg.cache_dir, token=cfg.token)
+    return load_tokenizer(name, cache_dir=cfg.cache_dir, token=cfg.token)
 
 
 def check_vocab(tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig) -> None:
