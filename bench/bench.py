@@ -175,6 +175,7 @@ def measure_ours(objective: str, result_path: str, args: list[str]) -> int:
     Like the training commands, it first re-executes itself with huge pages for host memory."""
     reexec_with_huge_pages()
     from flax_lm.train import cli, trainer
+    from flax_lm.train.data import feed
 
     class StallRecordingPrefetcher(trainer.Prefetcher):
         training = None
@@ -182,7 +183,7 @@ def measure_ours(objective: str, result_path: str, args: list[str]) -> int:
         def __init__(self, iterator, *rest, **kwargs):
             super().__init__(iterator, *rest, **kwargs)
             self.first_wait = None
-            if isinstance(iterator, trainer.TrainStream):
+            if isinstance(iterator, feed.TrainStream):
                 StallRecordingPrefetcher.training = self
 
         def __next__(self):
@@ -240,8 +241,8 @@ def dump_batches(config: BenchConfig, steps: int, args: list[str], path: Path) -
     """The exact batches our trainer trains on (same data pipeline, order and MLM masks) and its
     evaluation examples (padding rows dropped), for the peer."""
     from flax_lm.train.args import parse_config
+    from flax_lm.train.data.feed import TrainStream, eval_host_batches
     from flax_lm.train.prepare import prepare
-    from flax_lm.train.trainer import TrainStream, eval_host_batches
 
     prepared = prepare(parse_config(args, config.objective), config.objective, num_devices=1)
     seed = prepared.cfg.seed

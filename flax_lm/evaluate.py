@@ -151,12 +151,13 @@ def evaluate(
     """Loss, accuracy, perplexity, examples and targets over all of cfg.validation_file."""
     from flax_lm.corpus import load_text_dataset
     from flax_lm.train.data.batches import eval_batches
+    from flax_lm.train.data.feed import EVAL_MASK_STREAM
     from flax_lm.train.data.prefetch import Prefetcher
     from flax_lm.train.data.tokenize import tokenize_splits
     from flax_lm.train.metrics import perplexity
     from flax_lm.train.objectives import make_objective
     from flax_lm.train.step import compile_eval_step, make_eval_step, make_put, process_rows
-    from flax_lm.train.trainer import EVAL_MASK_STREAM, PREFETCH_BATCHES
+    from flax_lm.train.trainer import PREFETCH_BATCHES
 
     objective = make_objective(objective_name, tokenizer, cfg)
     raw = load_text_dataset(data_files=cfg.validation_file, text_column=cfg.text_column)

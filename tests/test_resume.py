@@ -436,10 +436,11 @@ class PoisonedObjective:
 @pytest.fixture
 def poisoned_steps(monkeypatch) -> set[int]:
     """The steps (1-based) whose training batch makes the loss NaN; the test fills the set."""
-    from flax_lm.train import build, trainer
+    from flax_lm.train import build
+    from flax_lm.train.data import feed
 
     steps: set[int] = set()
-    batches, make_train_step = trainer.TrainStream.__iter__, build.make_train_step
+    batches, make_train_step = feed.TrainStream.__iter__, build.make_train_step
 
     def poisoned_batches(stream):
         for step, batch in enumerate(batches(stream), start=stream.start_step + 1):
@@ -449,7 +450,7 @@ def poisoned_steps(monkeypatch) -> set[int]:
     def poisoned_train_step(graphdef, objective, *args):
         return make_train_step(graphdef, PoisonedObjective(objective), *args)
 
-    monkeypatch.setattr(trainer.TrainStream, "__iter__", poisoned_batches)
+    monkeypatch.setattr(feed.TrainStream, "__iter__", poisoned_batches)
     monkeypatch.setattr(build, "make_train_step", poisoned_train_step)
     return steps
 

@@ -79,10 +79,10 @@ def test_exported_model_gives_the_same_masked_eval_loss_in_pytorch(mlm_run):
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
     from flax_lm.train.args import parse_config
+    from flax_lm.train.data.feed import eval_host_batches
     from flax_lm.train.data.splits import load_raw_splits
     from flax_lm.train.data.tokenize import tokenize_splits
     from flax_lm.train.objectives import make_objective
-    from flax_lm.train.trainer import eval_host_batches
 
     out, argv = mlm_run
     cfg = parse_config(argv, "mlm")
