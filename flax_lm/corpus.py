@@ -26,7 +26,7 @@ from pathlib import Path
 
 import datasets
 
-from flax_lm.errors import UserError
+from flax_lm.errors import UserError, one_line
 
 # Extension -> loader. Any other extension (source code, .md, ...) is read as one document per file.
 LOADER_BY_EXTENSION = {
@@ -309,7 +309,7 @@ def _load_local_files(specs, streaming, cache_dir, keep_linebreaks, num_proc=Non
         if loader in TEXT_LOADERS:  # name the file that is not UTF-8 text, if one is not
             for path in files:
                 check_text_file(path)
-        cause = " ".join(str(err.__cause__ or err).split())[:300]
+        cause = one_line(err.__cause__ or err)
         raise UserError(f"cannot read the {loader} files ({files[0]}, ...): {cause}") from None
 
 

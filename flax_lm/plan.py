@@ -33,7 +33,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from flax_lm.errors import ArgParser, UserError, report_user_errors
+from flax_lm.errors import ArgParser, UserError, one_line, report_user_errors
 from flax_lm.train.args import (
     SCRIPT_NAMES,
     TrainConfig,
@@ -95,7 +95,7 @@ def tpu_topology(name: str) -> Target:
         with environment(COMPILE_ONLY_TPU_ENV):
             devices = topologies.get_topology_desc(name, "tpu").devices
     except RuntimeError as err:  # JaxRuntimeError is one too
-        text = " ".join(str(err).split())
+        text = one_line(err, None)
         if "not installed" in text:
             raise UserError(
                 f"--topology {name} needs libtpu, the one matching this jax: pip install "

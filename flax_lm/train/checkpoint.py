@@ -21,7 +21,7 @@ from typing import Any
 import orbax.checkpoint as ocp
 from etils import epath
 
-from flax_lm.errors import UserError
+from flax_lm.errors import UserError, one_line
 from flax_lm.storage import absolute, location
 from flax_lm.train.args import LATEST_CHECKPOINT
 from flax_lm.train.step import TrainState, abstract
@@ -96,7 +96,7 @@ def read_meta(directory: epath.Path, step: int) -> dict[str, Any]:
 
 
 def cannot_restore(step_dir: epath.Path, err: Exception) -> UserError:
-    reason = " ".join(str(err).split()).split(" [tensorstore_spec")[0][:300] or type(err).__name__
+    reason = one_line(err, None).split(" [tensorstore_spec")[0][:300]
     return UserError(
         f"checkpoint {step_dir} cannot be restored (damaged, or saved by another model): "
         f"{reason}; resume from an earlier checkpoint of the run"

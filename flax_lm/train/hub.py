@@ -101,7 +101,7 @@ class HubPusher:
         self.running = None
         if future.exception() is not None:
             print(f"warning: the Hub upload of the step-{step} model failed "
-                  f"({' '.join(str(future.exception()).split())}); training goes on",
+                  f"({one_line(future.exception(), None)}); training goes on",
                   file=sys.stderr)
 
     def push(self, step: int, checkpoint: Path | None = None) -> str:

@@ -29,7 +29,7 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from flax_lm.errors import UserError
+from flax_lm.errors import UserError, one_line
 from flax_lm.models.hf_io import save_model
 from flax_lm.perf import achieved_flops_per_second, model_flops_per_token
 from flax_lm.storage import save_pretrained
@@ -76,8 +76,7 @@ def run(cfg: TrainConfig, objective_name: str) -> dict[str, Any]:
 
 
 def cannot_write(output_dir: epath.Path, err: Exception) -> UserError:
-    reason = " ".join(str(err).split())[:300] or type(err).__name__
-    return UserError(f"--output_dir {output_dir} cannot be written: {reason}")
+    return UserError(f"--output_dir {output_dir} cannot be written: {one_line(err)}")
 
 
 class Throughput:
