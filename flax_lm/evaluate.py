@@ -84,44 +84,12 @@ def find_model(
     return ModelSource(run_dir, found, config, tokenizer_name or str(run_dir))
 
 
-def restore_params(
-    checkpoint_dir: Path, step: int, abstract_params: nnx.State, shardings: Any
-) -> nnx.State:
-    """Only the parameters of a training checkpoint (its optimizer state is not read)."""
-    import orbax.checkpoint as ocp
-
-    from flax_lm.train.checkpoint import ITEMS
-
-    target = {
-        "params": jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-            abstract_params,
-            shardings,
-        )
-    }
-    args = ocp.args.PyTreeRestore(
-        item=target,
-        partial_restore=True,
-        restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-    )
-    with ocp.PyTreeCheckpointer() as checkpointer:
-        try:
-            restored = checkpointer.restore(
-                (checkpoint_dir / str(step) / ITEMS[0]).absolute(), args=args
-            )
-        except (ValueError, KeyError) as err:
-            raise UserError(
-                f"checkpoint {checkpoint_dir / str(step)} does not fit the model "
-                f"config: {str(err).splitlines()[0][:300]}"
-            ) from None
-    return restored["params"]
-
-
 def load_model_and_tokenizer(source: ModelSource, mesh) -> tuple[nnx.GraphDef, nnx.State, Any]:
     """(graphdef, parameters replicated over the mesh, tokenizer)."""
     from flax_lm.config import load_base_config, load_tokenizer
     from flax_lm.models import create_model
     from flax_lm.models.hf_io import load_model
+    from flax_lm.train.checkpoint import restore_params
     from flax_lm.train.step import state_sharding
 
     tokenizer = load_tokenizer(source.tokenizer)

@@ -16,10 +16,13 @@ import logging
 import re
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from flax import nnx
 
 from flax_lm.errors import UserError, one_line
 from flax_lm.storage import absolute, location
@@ -69,6 +72,35 @@ def restore(
         raise cannot_restore(epath.Path(manager.directory) / str(step), err) from None
     sys.unraisablehook = previous_hook
     return restored.state, restored.meta
+
+
+def restore_params(
+    checkpoint_dir: Path, step: int, abstract_params: nnx.State, shardings: Any
+) -> nnx.State:
+    """Only the parameters of a training checkpoint (its optimizer state is not read)."""
+    target = {
+        "params": jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            abstract_params,
+            shardings,
+        )
+    }
+    args = ocp.args.PyTreeRestore(
+        item=target,
+        partial_restore=True,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+    )
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        try:
+            restored = checkpointer.restore(
+                (checkpoint_dir / str(step) / ITEMS[0]).absolute(), args=args
+            )
+        except (ValueError, KeyError) as err:
+            raise UserError(
+                f"checkpoint {checkpoint_dir / str(step)} does not fit the model "
+                f"config: {str(err).splitlines()[0][:300]}"
+            ) from None
+    return restored["params"]
 
 
 def without_closed_loop_errors(hook: Callable) -> Callable:
