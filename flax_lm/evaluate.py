@@ -89,8 +89,8 @@ def load_model_and_tokenizer(source: ModelSource, mesh) -> tuple[nnx.GraphDef, n
     from flax_lm.config import load_base_config, load_tokenizer
     from flax_lm.models import create_model
     from flax_lm.models.hf_io import load_model
-    from flax_lm.train.checkpoint import restore_params
-    from flax_lm.train.step import state_sharding
+    from flax_lm.train import checkpoint
+    from flax_lm.train.step import state_sharding, with_shardings
 
     tokenizer = load_tokenizer(source.tokenizer)
     if source.checkpoint is None:
@@ -99,7 +99,13 @@ def load_model_and_tokenizer(source: ModelSource, mesh) -> tuple[nnx.GraphDef, n
         config = load_base_config(source.config)
         abstract = nnx.eval_shape(lambda: create_model(config))
         graphdef, params = nnx.split(abstract, nnx.Param)
-        params = restore_params(*source.checkpoint, params, state_sharding(mesh, params))
+        directory, step = source.checkpoint
+        like = with_shardings(params, state_sharding(mesh, params))
+        manager = checkpoint.open_manager(directory, create=False)
+        try:
+            params, _ = checkpoint.restore(manager, step, like, params_only=True)
+        finally:
+            manager.close()
     return graphdef, jax.device_put(params, state_sharding(mesh, params)), tokenizer
 
 

@@ -12,17 +12,17 @@ unmarked) directory behind and never touches the checkpoints before it; resuming
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import re
 import sys
-from collections.abc import Callable
-from pathlib import Path
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
-import jax
 import orbax.checkpoint as ocp
 from etils import epath
-from flax import nnx
 
 from flax_lm.errors import UserError, one_line
 from flax_lm.storage import absolute, location
@@ -57,63 +57,87 @@ def save(manager: ocp.CheckpointManager, state: TrainState, meta: dict[str, Any]
 
 
 def restore(
-    manager: ocp.CheckpointManager, step: int, like: TrainState
-) -> tuple[TrainState, dict[str, Any]]:
-    """Checkpoint `step`, laid out (structure, dtypes, shardings) like the state `like`."""
-    args = ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract(like)), meta=ocp.args.JsonRestore()
-    )
-    previous_hook = sys.unraisablehook
-    sys.unraisablehook = without_closed_loop_errors(previous_hook)
-    try:
-        restored = manager.restore(step, args=args)
-    except RESTORE_ERRORS as err:  # the hook stays: reads still in flight finish later
-        logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # and their pending tasks
-        raise cannot_restore(epath.Path(manager.directory) / str(step), err) from None
-    sys.unraisablehook = previous_hook
-    return restored.state, restored.meta
+    manager: ocp.CheckpointManager, step: int, like: Any, *, params_only: bool = False
+) -> tuple[Any, dict[str, Any]]:
+    """Checkpoint `step` and its JSON part, laid out (structure, dtypes, shardings) like `like`.
 
-
-def restore_params(
-    checkpoint_dir: Path, step: int, abstract_params: nnx.State, shardings: Any
-) -> nnx.State:
-    """Only the parameters of a training checkpoint (its optimizer state is not read)."""
-    target = {
-        "params": jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-            abstract_params,
-            shardings,
+    `like` is a TrainState (arrays, or shapes with shardings), restored whole; with `params_only`
+    it is the parameters alone and only they are read, not the optimizer state (what evaluating
+    or exporting a model needs)."""
+    if params_only:
+        target = {"params": abstract(like)}
+        state = ocp.args.PyTreeRestore(
+            item=target,
+            partial_restore=True,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(target),
         )
-    }
-    args = ocp.args.PyTreeRestore(
-        item=target,
-        partial_restore=True,
-        restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-    )
-    with ocp.PyTreeCheckpointer() as checkpointer:
+    else:
+        state = ocp.args.StandardRestore(abstract(like))
+    args = ocp.args.Composite(state=state, meta=ocp.args.JsonRestore())
+    with quiet_abandoned_reads():
         try:
-            restored = checkpointer.restore(
-                (checkpoint_dir / str(step) / ITEMS[0]).absolute(), args=args
-            )
-        except (ValueError, KeyError) as err:
-            raise UserError(
-                f"checkpoint {checkpoint_dir / str(step)} does not fit the model "
-                f"config: {str(err).splitlines()[0][:300]}"
-            ) from None
-    return restored["params"]
+            restored = manager.restore(step, args=args)
+        except RESTORE_ERRORS as err:
+            step_dir = epath.Path(manager.directory) / str(step)
+            if params_only:  # evaluating or exporting: no run to resume
+                raise cannot_restore(step_dir, err, "give the config of the run that saved it") from None
+            raise cannot_restore(step_dir, err) from None
+    return (restored.state["params"] if params_only else restored.state), restored.meta
 
 
-def without_closed_loop_errors(hook: Callable) -> Callable:
-    """`hook` for unraisable exceptions, minus "Event loop is closed". When one array of a
-    damaged checkpoint fails to read, orbax closes its event loop while the reads of the other
-    arrays are still in flight; each would then print that traceback under the error line."""
+ABANDONED_READS_QUIET_S = 0.5  # after a failed restore: this long without a late report
+ABANDONED_READS_MAX_WAIT_S = 5.0
+
+
+@contextlib.contextmanager
+def quiet_abandoned_reads() -> Iterator[None]:
+    """Keep the reads a failed restore abandons from printing tracebacks under its error line.
+
+    When one array of a damaged checkpoint fails to read, orbax closes its event loop while the
+    reads of the other arrays are still in flight: each then reports "Event loop is closed" as
+    an unraisable exception, and asyncio logs the tasks left pending. Inside this context those
+    exceptions are dropped and asyncio's log is silenced. On a failure it waits until the
+    abandoned reads have been quiet for ABANDONED_READS_QUIET_S (at most
+    ABANDONED_READS_MAX_WAIT_S); then, failed or not, the previous hook and log level are back."""
+    previous_hook = sys.unraisablehook
+    asyncio_log = logging.getLogger("asyncio")
+    previous_level = asyncio_log.level
+    dropped: list[float] = []
+    sys.unraisablehook = without_closed_loop_errors(previous_hook, dropped)
+    asyncio_log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    except BaseException:
+        wait_until_quiet(dropped)
+        raise
+    finally:
+        sys.unraisablehook = previous_hook
+        asyncio_log.setLevel(previous_level)
+
+
+def without_closed_loop_errors(hook: Callable, dropped: list[float]) -> Callable:
+    """`hook` for unraisable exceptions, minus "Event loop is closed" (the time of each one
+    dropped is appended to `dropped`)."""
 
     def filtered(unraisable) -> None:
         error = unraisable.exc_value
-        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+            dropped.append(time.monotonic())
+        else:
             hook(unraisable)
 
     return filtered
+
+
+def wait_until_quiet(dropped: list[float]) -> None:
+    """Wait until no abandoned read has reported for ABANDONED_READS_QUIET_S, collecting the
+    tasks they leave pending meanwhile (asyncio logs those when they are collected)."""
+    start = time.monotonic()
+    while time.monotonic() - start < ABANDONED_READS_MAX_WAIT_S:
+        gc.collect()
+        if time.monotonic() - max(dropped, default=start) >= ABANDONED_READS_QUIET_S:
+            return
+        time.sleep(0.05)
 
 
 def read_meta(directory: epath.Path, step: int) -> dict[str, Any]:
@@ -127,11 +151,13 @@ def read_meta(directory: epath.Path, step: int) -> dict[str, Any]:
         manager.close()
 
 
-def cannot_restore(step_dir: epath.Path, err: Exception) -> UserError:
+def cannot_restore(
+    step_dir: epath.Path, err: Exception, advice: str = "resume from an earlier checkpoint of the run"
+) -> UserError:
     reason = one_line(err, None).split(" [tensorstore_spec")[0][:300]
     return UserError(
         f"checkpoint {step_dir} cannot be restored (damaged, or saved by another model): "
-        f"{reason}; resume from an earlier checkpoint of the run"
+        f"{reason}; {advice}"
     )
 
 
