@@ -6,7 +6,7 @@ import importlib
 import sys
 
 from flax_lm.errors import EXIT_USAGE
-from flax_lm.hostmem import reexec_with_huge_pages
+from flax_lm.hostmem import MODEL_COMMANDS, reexec_with_huge_pages
 
 # name -> (module with a main(argv) -> int, one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         print(f"error: unknown command {name!r}{hint}; run `flax-lm --help`", file=sys.stderr)
         return EXIT_USAGE
-    if from_command_line:
+    if from_command_line and name in MODEL_COMMANDS:
         reexec_with_huge_pages()
     module = importlib.import_module(COMMANDS[name][0])
     if name in ("run-clm", "run-mlm"):

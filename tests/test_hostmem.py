@@ -1,5 +1,6 @@
-"""Huge pages for host memory (flax_lm/hostmem.py): the environment it sets, the re-execution
-of a command, and that glibc then really faults large allocations in far fewer pages."""
+"""Huge pages for host memory (flax_lm/hostmem.py): the environment it sets, which commands
+re-execute themselves with it and on which platforms (flax_lm/backend.py, decided before JAX
+starts). How much it speeds a step up is bench/bench.py's to measure."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from flax_lm.hostmem import OPT_OUT, TUNABLE, huge_pages_env, huge_pages_set
+from flax_lm import cli
+from flax_lm.backend import Machine, startup_platform
+from flax_lm.hostmem import MODEL_COMMANDS, OPT_OUT, TUNABLE, huge_pages_env, huge_pages_set
 
 GLIBC_LINUX = sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
 needs_glibc = pytest.mark.skipif(not GLIBC_LINUX, reason="glibc tunables exist only on glibc")
@@ -25,17 +28,80 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 @needs_glibc
 def test_tunable_is_added_and_other_tunables_are_kept():
-    assert huge_pages_env({})["GLIBC_TUNABLES"] == f"{TUNABLE}=1"
-    env = huge_pages_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", "HOME": "/x"})
+    assert huge_pages_env({}, "cpu")["GLIBC_TUNABLES"] == f"{TUNABLE}=1"
+    env = huge_pages_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", "HOME": "/x"}, "cpu")
     assert env["GLIBC_TUNABLES"] == f"glibc.malloc.arena_max=2:{TUNABLE}=1"
     assert env["HOME"] == "/x"
     assert huge_pages_set(env)
 
 
 def test_nothing_to_do_when_opted_out_or_already_chosen():
-    assert huge_pages_env({OPT_OUT: "0"}) is None
-    assert huge_pages_env({"GLIBC_TUNABLES": f"{TUNABLE}=0"}) is None  # the user's choice wins
+    assert huge_pages_env({OPT_OUT: "0"}, "cpu") is None
+    assert huge_pages_env({"GLIBC_TUNABLES": f"{TUNABLE}=0"}, "cpu") is None  # the user's choice
     assert not huge_pages_set({"GLIBC_TUNABLES": f"{TUNABLE}=0"})
+
+
+@pytest.mark.parametrize("accelerator", ["cuda", "rocm", "tpu", "gpu"])
+def test_nothing_to_do_when_an_accelerator_computes(accelerator):
+    assert huge_pages_env({}, accelerator) is None
+    assert huge_pages_env({"JAX_PLATFORMS": accelerator}) is None
+
+
+CPU_ONLY = Machine(tpu_chips=False, libtpu=False, nvidia_gpu=False, cuda_plugin=False,
+                   amd_gpu=False, rocm_plugin=False)  # fmt: skip
+
+
+@pytest.mark.parametrize("environ, machine, expected", [
+    ({}, {}, "cpu"),
+    ({}, {"libtpu": True}, "cpu"),  # jax[tpu] installed on a machine without TPU chips
+    ({}, {"libtpu": True, "tpu_chips": True}, "tpu"),
+    ({}, {"tpu_chips": True}, "cpu"),  # no libtpu: JAX cannot use them
+    ({}, {"nvidia_gpu": True, "cuda_plugin": True}, "cuda"),
+    ({}, {"nvidia_gpu": True}, "cpu"),  # a GPU but JAX without its CUDA plugin
+    ({}, {"cuda_plugin": True}, "cpu"),  # the plugin installed, no GPU
+    ({}, {"amd_gpu": True, "rocm_plugin": True}, "rocm"),
+    ({"JAX_PLATFORMS": "cpu"}, {"nvidia_gpu": True, "cuda_plugin": True}, "cpu"),
+    ({"JAX_PLATFORMS": "cuda,cpu"}, {}, "cuda"),
+    ({"JAX_PLATFORMS": "gpu"}, {"rocm_plugin": True}, "rocm"),
+    ({"JAX_PLATFORMS": ""}, {"libtpu": True, "tpu_chips": True}, "tpu"),
+])  # fmt: skip
+def test_the_platform_jax_will_start_is_read_from_environment_and_machine(
+    environ, machine, expected
+):
+    fields = {**CPU_ONLY.__dict__, **machine}
+    assert startup_platform(environ, Machine(**fields)) == expected
+
+
+def test_the_platform_decided_before_jax_starts_is_the_one_it_starts():
+    """On this machine, with JAX left to choose (no JAX_PLATFORMS): libtpu may be installed
+    where no TPU is, as with jax[tpu] on a CPU machine."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    script = ("import os; from flax_lm.backend import platform, startup_platform; "
+              "print(startup_platform(os.environ)); print(platform())")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    before, started = done.stdout.split()
+    assert before == started
+
+
+def test_only_the_commands_that_run_a_model_reexecute(monkeypatch):
+    """`flax-lm COMMAND`: training, quickstart and evaluate re-execute; plot, export, plan,
+    train-tokenizer... start as they are."""
+    reexecuted = []
+    monkeypatch.setattr(cli, "reexec_with_huge_pages", lambda: reexecuted.append(command))
+
+    class Command:
+        @staticmethod
+        def main(argv, **objective):
+            return 0
+
+    monkeypatch.setattr(cli.importlib, "import_module", lambda name: Command)
+    for command in cli.COMMANDS:
+        monkeypatch.setattr(sys, "argv", ["flax-lm", command])
+        assert cli.main() == 0
+    assert set(reexecuted) == MODEL_COMMANDS == {"quickstart", "run-clm", "run-mlm", "evaluate"}
+    assert cli.main(["run-clm"]) == 0 and len(reexecuted) == 4  # called as a library: never
 
 
 REEXEC_SCRIPT = textwrap.dedent(
@@ -61,43 +127,7 @@ def test_command_reexecutes_itself_once_with_same_pid_and_arguments(tmp_path: Pa
     assert lines == [f"start {pid} ['--flag', 'a b']"] * 2 + [
         f"running {pid} ['--flag', 'a b'] {TUNABLE}=1"]
 
-    opted_out = subprocess.run([sys.executable, str(script)], env=clean_env(**{OPT_OUT: "0"}),
-                               capture_output=True, text=True, timeout=60)
-    assert opted_out.stdout.count("start") == 1 and opted_out.stdout.endswith("None\n")
-
-
-FAULTS_SCRIPT = textwrap.dedent(
-    """
-    import ctypes, resource
-    libc = ctypes.CDLL(None)
-    libc.malloc.restype = ctypes.c_void_p
-    size = 256 << 20
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    block = libc.malloc(size)
-    ctypes.memset(block, 1, size)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    """
-)
-
-
-def thp_mode() -> str:
-    path = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-    text = path.read_text() if path.exists() else ""
-    return text[text.find("[") + 1:text.find("]")] if "[" in text else "unavailable"
-
-
-@needs_glibc
-@pytest.mark.skipif(thp_mode() != "madvise", reason="the tunable changes faults in madvise mode")
-def test_tunable_cuts_page_faults_of_a_large_allocation():
-    """256 MB malloc'd and written: 65,536 faults in 4 KiB pages; in 2 MiB pages, 128 (a 10x
-    margin leaves room for the kernel falling back to small pages for some of it)."""
-
-    def faults(env):
-        out = subprocess.run([sys.executable, "-c", FAULTS_SCRIPT], env=env, check=True,
-                             capture_output=True, text=True, timeout=60).stdout
-        return int(out)
-
-    small_pages = faults(clean_env())
-    huge_pages = faults(huge_pages_env(clean_env()))
-    assert small_pages >= 60_000
-    assert huge_pages * 10 <= small_pages, (huge_pages, small_pages)
+    for unchanged in ({OPT_OUT: "0"}, {"JAX_PLATFORMS": "cuda"}):
+        done = subprocess.run([sys.executable, str(script)], env=clean_env(**unchanged),
+                              capture_output=True, text=True, timeout=60)
+        assert done.stdout.count("start") == 1 and done.stdout.endswith("None\n"), unchanged

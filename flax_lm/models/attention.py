@@ -26,8 +26,11 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from flax_lm.backend import backend, platform
 from flax_lm.errors import UserError
 from flax_lm.models.layers import Dense, dropout, split_key
+
+__all__ = ["platform"]  # the platform choose_attention takes (flax_lm/backend.py)
 
 IMPLEMENTATIONS = ("reference", "xla", "cudnn")
 CHOICES = ("auto", *IMPLEMENTATIONS)
@@ -37,21 +40,11 @@ FUSED_DTYPES = (jnp.bfloat16, jnp.float16)  # what cuDNN's fused attention takes
 CUDNN_BACKEND = "cudnn"
 
 
-def platform() -> str:
-    """The default backend as choose_attention names it: "cpu", "tpu", "cuda" or "rocm"."""
-    backend = jax.default_backend()
-    if backend != "gpu":
-        return backend
-    client = getattr(jax.devices()[0], "client", None)
-    version = str(getattr(client, "platform_version", "")).lower()
-    return "rocm" if "rocm" in version else "cuda"
-
-
 def choose_attention(platform: str, dtype: Any, requested: str = "auto") -> str:
     """The attention implementation for a model computing in `dtype` on `platform` ("cpu",
-    "tpu", "cuda", "rocm", "gpu"): `requested` when it is not "auto" (checked), otherwise
-    cuDNN's fused attention on NVIDIA GPUs in bfloat16/float16, the reference path on CPUs, and
-    XLA's on the rest."""
+    "tpu", "cuda", "rocm", "gpu"): `requested` when it is not "auto" (checked), otherwise the
+    platform's choice in flax_lm/backend.py: cuDNN's fused attention on NVIDIA GPUs in
+    bfloat16/float16, the reference path on CPUs, and XLA's on the rest."""
     if requested not in CHOICES:
         raise UserError(f"unknown attention implementation {requested!r}; "
                         f"choose one of {', '.join(CHOICES)}")
@@ -61,9 +54,8 @@ def choose_attention(platform: str, dtype: Any, requested: str = "auto") -> str:
                         f"compute (--dtype bfloat16); here: {platform}, {jnp.dtype(dtype).name}")
     if requested != "auto":
         return requested
-    if platform in ("cuda", "gpu") and fused_dtype:
-        return "cudnn"
-    return "reference" if platform == "cpu" else "xla"
+    choices = backend(platform)
+    return choices.fused_attention if fused_dtype else choices.attention
 
 
 class AttentionMask(NamedTuple):

@@ -108,10 +108,11 @@ def keep_mask(key: jax.Array, shape: tuple[int, ...], keep_prob: float, *,
     """Boolean mask, True with probability `keep_prob`, independent per element.
 
     Dropout draws more random numbers than anything else in training (GPT-2 124M: 151M per step
-    for the attention probabilities alone), and threefry costs ~35 ns a number on a CPU. Here each
-    element hashes its flat index, keyed by two uint32 words drawn from `key` with threefry: two
-    rounds of a bijective avalanche mix, ~6x cheaper, fused by XLA into the op that uses the
-    mask, and the same under any sharding. For dropout only: not a general-purpose generator.
+    for the attention probabilities alone), and threefry's rounds make each costly where they are
+    not hidden behind memory traffic, as on a CPU. Here each element hashes its flat index, keyed
+    by two uint32 words drawn from `key` with threefry: two rounds of a bijective avalanche mix,
+    fused by XLA into the op that uses the mask, and the same under any sharding and on every
+    platform (flax_lm/backend.py). For dropout only: not a general-purpose generator.
 
     `origin` and `full_shape` give the mask of the block at `origin` of a `full_shape` array:
     the same values as slicing the full array's mask, so a computation done in blocks drops

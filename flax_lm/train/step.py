@@ -26,6 +26,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from flax_lm.backend import backend, platform
 from flax_lm.errors import UserError
 
 DATA_AXIS, FSDP_AXIS = "data", "fsdp"
@@ -230,12 +231,18 @@ def make_train_step(
     objective,
     optimizer: optax.GradientTransformation,
     schedule: optax.Schedule,
+    *,
+    single_microbatch_loop: bool | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """One optimizer step over a batch of shape [accumulation, microbatch, ...].
 
     Gradients of the summed loss are accumulated over the microbatches with lax.scan and divided
     by the number of targets of the whole batch, so any split into devices and microbatches
-    gives the gradient of the global mean loss. Metrics stay on device as sums."""
+    gives the gradient of the global mean loss. Metrics stay on device as sums.
+    `single_microbatch_loop`: whether one microbatch goes through that loop too (default: the
+    choice of JAX's default platform in flax_lm/backend.py)."""
+    if single_microbatch_loop is None:
+        single_microbatch_loop = backend(platform()).single_microbatch_loop
 
     def microbatch_loss(params, batch, dropout_rng):
         terms = objective.terms(nnx.merge(graphdef, params), batch, dropout_rng)
@@ -249,8 +256,7 @@ def make_train_step(
         micro_rngs = jax.random.split(step_rng, num_micro)
 
         first = (jax.tree.map(lambda x: x[0], batch), micro_rngs[0])
-        if num_micro == 1:
-            # No loop: XLA:CPU runs a one-trip while loop ~40% slower (GPT-2 124M: 27 s vs 19 s).
+        if num_micro == 1 and not single_microbatch_loop:
             grads, terms = grad_fn(state.params, *first)
         else:
             def accumulate(totals, micro_inputs):

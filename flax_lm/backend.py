@@ -1,0 +1,135 @@
+"""Which platform JAX computes on, and what flax-lm does differently on each.
+
+Model and step code never test for a platform: they take a named choice from BACKENDS, made
+once where a run is set up. A choice differs between platforms only where it was measured to
+pay on one; the rest is the same everywhere:
+
+- attention: the implementation `--attn_implementation auto` picks (flax_lm/models/attention.py).
+  The CPU takes "reference", which computes causal attention in query blocks against their key
+  prefixes: XLA:CPU computes every masked score of a full matrix, so skipping the upper triangle
+  saves work there. GPUs take cuDNN's fused kernel in bfloat16 and TPUs XLA's, which skip the
+  triangle themselves.
+- single_microbatch_loop: whether a train step without gradient accumulation still goes through
+  the accumulation loop. XLA:CPU runs a one-trip `while` loop markedly slower than its body
+  (it keeps the loop's buffers apart instead of fusing across them), so without accumulation
+  the step calls the gradient directly, on every platform until another is measured otherwise.
+- host_huge_pages: whether the commands that run a model re-execute themselves with glibc's
+  huge-page tunable (flax_lm/hostmem.py). Only the CPU computes in host memory.
+- The dropout mask (flax_lm/models/layers.py keep_mask) is the same counter-based hash on every
+  platform, so a run drops the same activations whatever computes it, sharded or not, in blocks
+  or whole: not a choice, by design.
+
+`platform()` asks JAX (starting its backends); `startup_platform()` says which platform JAX will
+start, without importing it, for a command deciding how to start (flax_lm/hostmem.py).
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+import pkgutil
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Backend:
+    attention: str  # attention implementation for float32 compute
+    fused_attention: str  # ... for bfloat16 / float16 compute
+    single_microbatch_loop: bool
+    host_huge_pages: bool
+
+
+BACKENDS: dict[str, Backend] = {
+    "cpu": Backend("reference", "reference", single_microbatch_loop=False, host_huge_pages=True),
+    "cuda": Backend("xla", "cudnn", single_microbatch_loop=False, host_huge_pages=False),
+    "rocm": Backend("xla", "xla", single_microbatch_loop=False, host_huge_pages=False),
+    "tpu": Backend("xla", "xla", single_microbatch_loop=False, host_huge_pages=False),
+}
+OTHER_PLATFORMS = Backend("xla", "xla", single_microbatch_loop=False, host_huge_pages=False)
+
+
+def backend(platform: str) -> Backend:
+    """The choices for `platform` ("cpu", "cuda", "rocm", "tpu"; JAX's "gpu" counts as "cuda",
+    any other platform gets XLA's attention and no host-memory change)."""
+    return BACKENDS.get("cuda" if platform == "gpu" else platform, OTHER_PLATFORMS)
+
+
+def platform() -> str:
+    """The platform of JAX's default backend: "cpu", "tpu", "cuda" or "rocm". Starts JAX's
+    backends if they are not yet (the caller is about to compute on them)."""
+    import jax
+
+    name = jax.default_backend()
+    if name != "gpu":
+        return name
+    client = getattr(jax.devices()[0], "client", None)
+    version = str(getattr(client, "platform_version", "")).lower()
+    return "rocm" if "rocm" in version else "cuda"
+
+
+# PCI ids JAX itself looks for (jax._src.hardware_utils): Google's vendor id, its TPU chips.
+GOOGLE_PCI_VENDOR = "0x1ae0"
+TPU_PCI_DEVICES = frozenset({"0x0027", "0x0056", "0x005e", "0x0062", "0x0063", "0x006f", "0x0076"})
+NVIDIA_DEVICE_FILES = ("/dev/nvidia0", "/dev/nvidiactl", "/dev/dxg")
+AMD_DEVICE_FILES = ("/dev/kfd",)
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What JAX's plugins would find: an installed plugin and a device for it."""
+
+    tpu_chips: bool
+    libtpu: bool
+    nvidia_gpu: bool
+    cuda_plugin: bool
+    amd_gpu: bool
+    rocm_plugin: bool
+
+
+def this_machine(environ: Mapping[str, str]) -> Machine:
+    """This machine's accelerators and JAX plugins, found without loading any of them."""
+    tpu_chips = False
+    for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
+        device = Path(vendor).with_name("device")
+        try:
+            if Path(vendor).read_text().strip() == GOOGLE_PCI_VENDOR:
+                tpu_chips |= device.read_text().strip() in TPU_PCI_DEVICES
+        except OSError:
+            continue
+    plugins = {m.name for m in pkgutil.iter_modules() if m.name.startswith("jax_")}
+    namespace = importlib.util.find_spec("jax_plugins")
+    if namespace is not None and namespace.submodule_search_locations:
+        plugins |= {m.name for m in pkgutil.iter_modules(namespace.submodule_search_locations)}
+    libtpu = environ.get("TPU_LIBRARY_PATH") or importlib.util.find_spec("libtpu")
+    return Machine(
+        tpu_chips=tpu_chips,
+        libtpu=bool(libtpu),
+        nvidia_gpu=any(os.path.exists(f) for f in NVIDIA_DEVICE_FILES),
+        cuda_plugin=any(re.search(r"cuda\d*", name) for name in plugins),
+        amd_gpu=any(os.path.exists(f) for f in AMD_DEVICE_FILES),
+        rocm_plugin=any(re.search(r"rocm\d*", name) for name in plugins),
+    )
+
+
+def startup_platform(environ: Mapping[str, str], machine: Machine | None = None) -> str:
+    """The platform JAX will start with this environment on this `machine` (default: this one),
+    decided without importing JAX: JAX_PLATFORMS' first entry when set, otherwise the first of
+    TPU, NVIDIA GPU, AMD GPU that has both its device and its plugin, otherwise the CPU. A CPU
+    machine with libtpu installed (as with `jax[tpu]`) counts as a CPU."""
+    requested = environ.get("JAX_PLATFORMS", "").split(",")[0].strip().lower()
+    if requested and requested != "gpu":
+        return requested
+    machine = this_machine(environ) if machine is None else machine
+    if requested == "gpu":
+        return "rocm" if machine.rocm_plugin and not machine.cuda_plugin else "cuda"
+    if machine.tpu_chips and machine.libtpu:
+        return "tpu"
+    if machine.nvidia_gpu and machine.cuda_plugin:
+        return "cuda"
+    if machine.amd_gpu and machine.rocm_plugin:
+        return "rocm"
+    return "cpu"
