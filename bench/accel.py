@@ -93,7 +93,8 @@ def measure_ours(spec: dict) -> dict:
     import jax
     from profile_step import build_step
 
-    from flax_lm.models.attention import choose_attention, platform
+    from flax_lm.backend import platform
+    from flax_lm.models.attention import choose_attention
 
     bench = BenchConfig(**spec["config"])
     compiled, compile_seconds, state, batch, config = build_step(

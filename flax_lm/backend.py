@@ -6,13 +6,13 @@ pay on one; the rest is the same everywhere:
 
 - attention: the implementation `--attn_implementation auto` picks (flax_lm/models/attention.py).
   The CPU takes "reference", which computes causal attention in query blocks against their key
-  prefixes: XLA:CPU computes every masked score of a full matrix, so skipping the upper triangle
-  saves work there. GPUs take cuDNN's fused kernel in bfloat16 and TPUs XLA's, which skip the
-  triangle themselves.
+  prefixes: XLA:CPU computes every score of a full matrix, masked or not, so skipping the upper
+  triangle is work saved there. NVIDIA GPUs take cuDNN's fused kernel in bfloat16 (causal by
+  `is_causal`), TPUs and the rest XLA's.
 - single_microbatch_loop: whether a train step without gradient accumulation still goes through
-  the accumulation loop. XLA:CPU runs a one-trip `while` loop markedly slower than its body
-  (it keeps the loop's buffers apart instead of fusing across them), so without accumulation
-  the step calls the gradient directly, on every platform until another is measured otherwise.
+  the accumulation loop. XLA:CPU ran a one-trip `while` loop markedly slower than the same body
+  without it, so without accumulation the step calls the gradient directly, on every platform
+  until another is measured to prefer the loop.
 - host_huge_pages: whether the commands that run a model re-execute themselves with glibc's
   huge-page tunable (flax_lm/hostmem.py). Only the CPU computes in host memory.
 - The dropout mask (flax_lm/models/layers.py keep_mask) is the same counter-based hash on every
@@ -33,10 +33,13 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
 class Backend:
+    """What a platform uses where platforms differ (see above)."""
+
     attention: str  # attention implementation for float32 compute
     fused_attention: str  # ... for bfloat16 / float16 compute
     single_microbatch_loop: bool
@@ -52,7 +55,7 @@ BACKENDS: dict[str, Backend] = {
 OTHER_PLATFORMS = Backend("xla", "xla", single_microbatch_loop=False, host_huge_pages=False)
 
 
-def backend(platform: str) -> Backend:
+def choices_for(platform: str) -> Backend:
     """The choices for `platform` ("cpu", "cuda", "rocm", "tpu"; JAX's "gpu" counts as "cuda",
     any other platform gets XLA's attention and no host-memory change)."""
     return BACKENDS.get("cuda" if platform == "gpu" else platform, OTHER_PLATFORMS)
@@ -63,11 +66,15 @@ def platform() -> str:
     backends if they are not yet (the caller is about to compute on them)."""
     import jax
 
-    name = jax.default_backend()
-    if name != "gpu":
-        return name
-    client = getattr(jax.devices()[0], "client", None)
-    version = str(getattr(client, "platform_version", "")).lower()
+    return device_platform(jax.devices()[0])
+
+
+def device_platform(device: Any) -> str:
+    """The platform of a JAX device, as BACKENDS names it: JAX's "gpu" told apart into "cuda"
+    and "rocm" (a compiled-for topology's devices may be of another platform than this process)."""
+    if device.platform != "gpu":
+        return device.platform
+    version = str(getattr(getattr(device, "client", None), "platform_version", "")).lower()
     return "rocm" if "rocm" in version else "cuda"
 
 

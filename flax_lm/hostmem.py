@@ -20,7 +20,7 @@ import os
 import platform
 import sys
 
-from flax_lm.backend import backend, startup_platform
+from flax_lm.backend import choices_for, startup_platform
 
 TUNABLE = "glibc.malloc.hugetlb"
 OPT_OUT = "FLAX_LM_HUGE_PAGES"
@@ -41,7 +41,7 @@ def huge_pages_env(
         return None
     if environ.get(OPT_OUT, "1") == "0":
         return None
-    if not backend(platform_name or startup_platform(environ)).host_huge_pages:
+    if not choices_for(platform_name or startup_platform(environ)).host_huge_pages:
         return None
     tunables = environ.get("GLIBC_TUNABLES", "")
     if TUNABLE in tunables:

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from flax_lm import cli
-from flax_lm.backend import Machine, startup_platform
 from flax_lm.hostmem import MODEL_COMMANDS, OPT_OUT, TUNABLE, huge_pages_env, huge_pages_set
 
 GLIBC_LINUX = sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
@@ -45,44 +44,6 @@ def test_nothing_to_do_when_opted_out_or_already_chosen():
 def test_nothing_to_do_when_an_accelerator_computes(accelerator):
     assert huge_pages_env({}, accelerator) is None
     assert huge_pages_env({"JAX_PLATFORMS": accelerator}) is None
-
-
-CPU_ONLY = Machine(tpu_chips=False, libtpu=False, nvidia_gpu=False, cuda_plugin=False,
-                   amd_gpu=False, rocm_plugin=False)  # fmt: skip
-
-
-@pytest.mark.parametrize("environ, machine, expected", [
-    ({}, {}, "cpu"),
-    ({}, {"libtpu": True}, "cpu"),  # jax[tpu] installed on a machine without TPU chips
-    ({}, {"libtpu": True, "tpu_chips": True}, "tpu"),
-    ({}, {"tpu_chips": True}, "cpu"),  # no libtpu: JAX cannot use them
-    ({}, {"nvidia_gpu": True, "cuda_plugin": True}, "cuda"),
-    ({}, {"nvidia_gpu": True}, "cpu"),  # a GPU but JAX without its CUDA plugin
-    ({}, {"cuda_plugin": True}, "cpu"),  # the plugin installed, no GPU
-    ({}, {"amd_gpu": True, "rocm_plugin": True}, "rocm"),
-    ({"JAX_PLATFORMS": "cpu"}, {"nvidia_gpu": True, "cuda_plugin": True}, "cpu"),
-    ({"JAX_PLATFORMS": "cuda,cpu"}, {}, "cuda"),
-    ({"JAX_PLATFORMS": "gpu"}, {"rocm_plugin": True}, "rocm"),
-    ({"JAX_PLATFORMS": ""}, {"libtpu": True, "tpu_chips": True}, "tpu"),
-])  # fmt: skip
-def test_the_platform_jax_will_start_is_read_from_environment_and_machine(
-    environ, machine, expected
-):
-    fields = {**CPU_ONLY.__dict__, **machine}
-    assert startup_platform(environ, Machine(**fields)) == expected
-
-
-def test_the_platform_decided_before_jax_starts_is_the_one_it_starts():
-    """On this machine, with JAX left to choose (no JAX_PLATFORMS): libtpu may be installed
-    where no TPU is, as with jax[tpu] on a CPU machine."""
-    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
-    script = ("import os; from flax_lm.backend import platform, startup_platform; "
-              "print(startup_platform(os.environ)); print(platform())")
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                          text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    before, started = done.stdout.split()
-    assert before == started
 
 
 def test_only_the_commands_that_run_a_model_reexecute(monkeypatch):

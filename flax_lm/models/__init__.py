@@ -7,8 +7,9 @@ from typing import Any
 import jax
 from flax import nnx
 
+from flax_lm.backend import platform
 from flax_lm.errors import UserError
-from flax_lm.models.attention import choose_attention, platform
+from flax_lm.models.attention import choose_attention
 from flax_lm.models.gpt2 import GPT2LMHeadModel
 from flax_lm.models.layers import NO_DECAY_KINDS, compute_dtype
 from flax_lm.models.roberta import RobertaForMaskedLM

@@ -26,11 +26,9 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from flax_lm.backend import backend, platform
+from flax_lm.backend import choices_for
 from flax_lm.errors import UserError
 from flax_lm.models.layers import Dense, dropout, split_key
-
-__all__ = ["platform"]  # the platform choose_attention takes (flax_lm/backend.py)
 
 IMPLEMENTATIONS = ("reference", "xla", "cudnn")
 CHOICES = ("auto", *IMPLEMENTATIONS)
@@ -54,7 +52,7 @@ def choose_attention(platform: str, dtype: Any, requested: str = "auto") -> str:
                         f"compute (--dtype bfloat16); here: {platform}, {jnp.dtype(dtype).name}")
     if requested != "auto":
         return requested
-    choices = backend(platform)
+    choices = choices_for(platform)
     return choices.fused_attention if fused_dtype else choices.attention
 
 
@@ -136,7 +134,9 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMas
                                         implementation=backend)
 
 
-# Causal attention over at least two blocks of this many queries is computed block by block.
+# The reference path (the CPU's, flax_lm/backend.py) computes causal attention over at least two
+# blocks of this many queries block by block: XLA:CPU computes every score of a full matrix,
+# masked or not, so skipping the upper triangle is work saved there.
 CAUSAL_BLOCK = 128
 
 

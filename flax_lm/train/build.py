@@ -13,9 +13,9 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
+from flax_lm.backend import device_platform
 from flax_lm.models import create_model
 from flax_lm.models.attention import choose_attention
-from flax_lm.models.attention import platform as attention_platform
 from flax_lm.models.hf_io import load_model
 from flax_lm.models.layers import compute_dtype
 from flax_lm.train.args import TrainConfig
@@ -36,8 +36,7 @@ TRAIN_BATCH_AXIS = 1  # train batches are [accumulation, rows, seq]: rows go ove
 def model_options(cfg: TrainConfig, mesh: Mesh) -> dict[str, Any]:
     """The model's options; attention is chosen for the mesh's devices, which for a plan need
     not be this process's (a TPU topology compiled for on a CPU gets the TPU's attention)."""
-    device = mesh.devices.flat[0]
-    platform = attention_platform() if device.platform == "gpu" else device.platform
+    platform = device_platform(mesh.devices.flat[0])
     attention = choose_attention(platform, compute_dtype(cfg.dtype), cfg.attn_implementation)
     return {"dtype": cfg.dtype, "scan_layers": cfg.scan_layers, "remat": cfg.remat,
             "attention": attention}

@@ -26,7 +26,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from flax_lm.backend import backend, platform
+from flax_lm.backend import choices_for, platform
 from flax_lm.errors import UserError
 
 DATA_AXIS, FSDP_AXIS = "data", "fsdp"
@@ -242,7 +242,7 @@ def make_train_step(
     `single_microbatch_loop`: whether one microbatch goes through that loop too (default: the
     choice of JAX's default platform in flax_lm/backend.py)."""
     if single_microbatch_loop is None:
-        single_microbatch_loop = backend(platform()).single_microbatch_loop
+        single_microbatch_loop = choices_for(platform()).single_microbatch_loop
 
     def microbatch_loss(params, batch, dropout_rng):
         terms = objective.terms(nnx.merge(graphdef, params), batch, dropout_rng)

@@ -1,0 +1,100 @@
+"""What differs between platforms (flax_lm/backend.py): the platform JAX will start, decided
+before it starts; JAX's devices named as the table names them; and the train step's
+one-microbatch path, which gives the same step with or without the accumulation loop."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from flax_lm.backend import Machine, device_platform, startup_platform
+from flax_lm.train.objectives import CausalLM
+from flax_lm.train.step import TrainState, make_train_step
+
+CPU_ONLY = Machine(tpu_chips=False, libtpu=False, nvidia_gpu=False, cuda_plugin=False,
+                   amd_gpu=False, rocm_plugin=False)  # fmt: skip
+
+
+@pytest.mark.parametrize("environ, machine, expected", [
+    ({}, {}, "cpu"),
+    ({}, {"libtpu": True}, "cpu"),  # jax[tpu] installed on a machine without TPU chips
+    ({}, {"libtpu": True, "tpu_chips": True}, "tpu"),
+    ({}, {"tpu_chips": True}, "cpu"),  # no libtpu: JAX cannot use them
+    ({}, {"nvidia_gpu": True, "cuda_plugin": True}, "cuda"),
+    ({}, {"nvidia_gpu": True}, "cpu"),  # a GPU but JAX without its CUDA plugin
+    ({}, {"cuda_plugin": True}, "cpu"),  # the plugin installed, no GPU
+    ({}, {"amd_gpu": True, "rocm_plugin": True}, "rocm"),
+    ({"JAX_PLATFORMS": "cpu"}, {"nvidia_gpu": True, "cuda_plugin": True}, "cpu"),
+    ({"JAX_PLATFORMS": "cuda,cpu"}, {}, "cuda"),
+    ({"JAX_PLATFORMS": "gpu"}, {"rocm_plugin": True}, "rocm"),
+    ({"JAX_PLATFORMS": ""}, {"libtpu": True, "tpu_chips": True}, "tpu"),
+])  # fmt: skip
+def test_the_platform_jax_will_start_is_read_from_environment_and_machine(
+    environ, machine, expected
+):
+    fields = {**CPU_ONLY.__dict__, **machine}
+    assert startup_platform(environ, Machine(**fields)) == expected
+
+
+def test_the_platform_decided_before_jax_starts_is_the_one_it_starts():
+    """On this machine, with JAX left to choose (no JAX_PLATFORMS): libtpu may be installed
+    where no TPU is, as with jax[tpu] on a CPU machine."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    script = ("import os; from flax_lm.backend import platform, startup_platform; "
+              "print(startup_platform(os.environ)); print(platform())")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    before, started = done.stdout.split()
+    assert before == started
+
+
+@pytest.mark.parametrize("platform, version, expected", [
+    ("cpu", "", "cpu"),
+    ("tpu", "", "tpu"),
+    ("gpu", "cuda 12080", "cuda"),
+    ("gpu", "rocm 6.4.1", "rocm"),
+])  # fmt: skip
+def test_jax_devices_are_named_by_platform(platform, version, expected):
+    device = SimpleNamespace(platform=platform, client=SimpleNamespace(platform_version=version))
+    assert device_platform(device) == expected
+
+
+VOCAB, ROWS, SEQ = 32, 4, 8
+
+
+class Bigram(nnx.Module):
+    """Logits of the next token from the current one: a real gradient, compiled in a moment."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.table = nnx.Embed(VOCAB, VOCAB, rngs=rngs)
+
+    def __call__(self, input_ids, attention_mask, dropout_rng=None):
+        return self.table(input_ids)
+
+
+def test_one_microbatch_steps_alike_with_or_without_the_accumulation_loop():
+    graphdef, params = nnx.split(Bigram(nnx.Rngs(0)), nnx.Param)
+    sgd = optax.sgd(1.0)
+    ids = np.random.default_rng(0).integers(0, VOCAB, (1, ROWS, SEQ)).astype(np.int32)
+    batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": ids}
+    state = TrainState(jnp.zeros((), jnp.int32), params, sgd.init(params),
+                       jax.random.key_data(jax.random.key(0)))  # fmt: skip
+    schedule = optax.constant_schedule(1.0)
+    steps = {loop: jax.jit(make_train_step(graphdef, CausalLM(), sgd, schedule,
+                                           single_microbatch_loop=loop))
+             for loop in (False, True)}  # fmt: skip
+    (direct, direct_metrics), (looped, looped_metrics) = (steps[k](state, batch) for k in steps)
+    for got, want in zip(jax.tree.leaves((looped, looped_metrics)),
+                         jax.tree.leaves((direct, direct_metrics)), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    assert not np.allclose(direct.params["table"]["embedding"], params["table"]["embedding"])
