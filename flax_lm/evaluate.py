@@ -101,11 +101,8 @@ def load_model_and_tokenizer(source: ModelSource, mesh) -> tuple[nnx.GraphDef, n
         graphdef, params = nnx.split(abstract, nnx.Param)
         directory, step = source.checkpoint
         like = with_shardings(params, state_sharding(mesh, params))
-        manager = checkpoint.open_manager(directory, create=False)
-        try:
+        with checkpoint.open_manager(directory, create=False) as manager:
             params, _ = checkpoint.restore(manager, step, like, params_only=True)
-        finally:
-            manager.close()
     return graphdef, jax.device_put(params, state_sharding(mesh, params)), tokenizer
 
 

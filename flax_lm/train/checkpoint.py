@@ -79,9 +79,8 @@ def restore(
             restored = manager.restore(step, args=args)
         except RESTORE_ERRORS as err:
             step_dir = epath.Path(manager.directory) / str(step)
-            if params_only:  # evaluating or exporting: no run to resume
-                raise cannot_restore(step_dir, err, "give the config of the run that saved it") from None
-            raise cannot_restore(step_dir, err) from None
+            advice = ADVICE_PARAMS_ONLY if params_only else ADVICE_RESUME
+            raise cannot_restore(step_dir, err, advice) from None
     return (restored.state["params"] if params_only else restored.state), restored.meta
 
 
@@ -151,9 +150,11 @@ def read_meta(directory: epath.Path, step: int) -> dict[str, Any]:
         manager.close()
 
 
-def cannot_restore(
-    step_dir: epath.Path, err: Exception, advice: str = "resume from an earlier checkpoint of the run"
-) -> UserError:
+ADVICE_RESUME = "resume from an earlier checkpoint of the run"
+ADVICE_PARAMS_ONLY = "give the config of the run that saved it"  # evaluating, exporting
+
+
+def cannot_restore(step_dir: epath.Path, err: Exception, advice: str = ADVICE_RESUME) -> UserError:
     reason = one_line(err, None).split(" [tensorstore_spec")[0][:300]
     return UserError(
         f"checkpoint {step_dir} cannot be restored (damaged, or saved by another model): "
