@@ -54,7 +54,7 @@ def parse_args(argv: list[str] | None):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = location(args.output_dir, "--output_dir")  # a local dir or gs://bucket/path
-    check_output_dir(out, overwrite=args.overwrite_output_dir)
+    check_output_dir(out, overwrite=args.overwrite_output_dir, cloud=True)
     exported = export_checkpoint(args.checkpoint, out, args.config_name, args.tokenizer_name)
     print(f"exported {exported} to {out}", file=sys.stderr)
     return 0

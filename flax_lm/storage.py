@@ -116,10 +116,17 @@ def check_output_dir(
     overwrite: bool,
     may_hold: Collection[str] = (),
     advice: str = REPLACE_ADVICE,
+    cloud: bool = False,
 ) -> None:
     """Refuse an --output_dir a command cannot write into before it writes anything: a file, a
     directory holding files (other than `may_hold`) without --overwrite_output_dir (`advice`
-    says what to do instead), or a local path whose nearest existing folder is not writable."""
+    says what to do instead), a local path whose nearest existing folder is not writable, or a
+    URL where the command writes local files only (`cloud` False; else see `location`)."""
+    if is_cloud(output_dir) and not cloud:
+        raise UserError(
+            f"--output_dir {output_dir}: this command writes a local (or mounted) directory, "
+            "not a URL"
+        )
     output_dir = epath.Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"--output_dir {output_dir} is a file, not a directory")

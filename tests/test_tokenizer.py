@@ -203,6 +203,16 @@ def test_non_empty_output_dir_is_left_untouched(tiny_tokenizer_dir: Path, code_c
     assert {p.name: p.read_bytes() for p in tiny_tokenizer_dir.iterdir()} == before
 
 
+def test_a_url_output_dir_is_refused(code_corpus, tmp_path: Path, capsys, monkeypatch):
+    """train-tokenizer writes a local directory: gs://... is one error line, not a 'gs:' folder."""
+    monkeypatch.chdir(tmp_path)
+    status, _, err = run_main(
+        capsys, "--train_file", code_corpus.validation, "--output_dir", "gs://bucket/tok"
+    )
+    assert_one_line_error((status, err), "--output_dir", "gs://bucket/tok")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_script_runs_from_any_directory(code_corpus, tmp_path: Path):
     script = REPO / "tokenizer" / "train_tokenizer.py"
     assert os.access(script, os.X_OK)

@@ -240,6 +240,7 @@ def check_output_dir(cfg: TrainConfig, output_dir: epath.Path, *, resuming: bool
         may_hold=may_start_in(cfg, output_dir),
         advice=" and no checkpoint to continue: add --overwrite_output_dir to write into it, "
         "or use another --output_dir",
+        cloud=True,
     )
 
 
