@@ -18,6 +18,8 @@ import hashlib
 import shutil
 import subprocess
 import sysconfig
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,3 +123,38 @@ def training_fails_cleanly(
     else:
         assert snapshot(output_dir) == before, "a failed run changed output_dir"
     return line
+
+
+class Background:
+    """A command started now, in the background, its output kept in files of `folder`.
+
+    For tests whose time goes into starting Python processes that import JAX or torch and
+    compiling, mostly on one core: started together they overlap instead of queueing one after
+    the other. `result()` waits for the command; `exit_time` is when it ended."""
+
+    def __init__(self, command: list[str], folder: Path, **popen) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.stdout, self.stderr = folder / "stdout", folder / "stderr"
+        with self.stdout.open("w") as out, self.stderr.open("w") as err:
+            self.process = subprocess.Popen(command, stdout=out, stderr=err, text=True, **popen)
+        self.exit_time: float | None = None
+        self.waiter = threading.Thread(target=self.wait_for_exit, daemon=True)
+        self.waiter.start()
+
+    def wait_for_exit(self) -> None:
+        self.process.wait()
+        self.exit_time = time.time()
+
+    def result(self, timeout: float = 600) -> subprocess.CompletedProcess:
+        self.waiter.join(timeout)
+        if self.exit_time is None:
+            self.process.kill()
+            pytest.fail(f"{self.process.args[:3]} did not finish in {timeout} s")
+        return subprocess.CompletedProcess(
+            self.process.args, self.process.returncode, self.stdout.read_text(),
+            self.stderr.read_text(),
+        )  # fmt: skip
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()

@@ -11,6 +11,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import pytest
+from conftest import Background
 from flax import nnx
 from transformers import GPT2Config, RobertaConfig
 
@@ -19,6 +20,36 @@ from flax_lm.models import create_model, matmul_param_count
 
 REPO = Path(__file__).resolve().parent.parent
 SEQ = 32
+
+
+BENCH_SCRIPTS = {  # test -> the script's arguments ({out}: a folder of its own)
+    "test_bench_smoke": [
+        "bench/bench.py", "--configs", "micro-clm", "--repeats", "1", "--steps", "3",
+        "--peak_sizes", "64", "--out", "{out}/micro.json", "--workdir", "{out}/work"],
+    "test_profile_step_splits_a_traced_step_into_matmuls_and_the_rest": [
+        "bench/profile_step.py", "--config", "micro-clm", "--top", "40",
+        "--trace_dir", "{out}/trace"],
+    "test_accelerator_bench_harness_on_the_cpu": [
+        "bench/accel.py", "--configs", "micro-clm,micro-mlm", "--steps", "2", "--torch_modes",
+        "eager", "--peak_sizes", "64", "--out", "{out}/accel.json"],
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module", autouse=True)
+def bench_scripts(request, tmp_path_factory) -> dict[str, tuple[Background, Path]]:
+    """The benchmark scripts of this module's selected tests, started together with its first
+    test, so they also overlap the in-process tests (see Background). Test name -> (script, its
+    folder)."""
+    selected = {item.originalname for item in request.session.items}
+    started = {}
+    for test, args in BENCH_SCRIPTS.items():
+        if test in selected:
+            out = tmp_path_factory.mktemp(test[:40])
+            command = [sys.executable, *(a.format(out=out) for a in args)]
+            started[test] = (Background(command, out / "logs", cwd=REPO), out)
+    yield started
+    for script, _ in started.values():
+        script.kill()
 
 
 def tiny_gpt2(**changes) -> GPT2Config:
@@ -98,15 +129,13 @@ def test_mfu():
 
 
 @pytest.mark.slow
-def test_bench_smoke(tmp_path):
+def test_bench_smoke(bench_scripts):
     """The whole benchmark on a micro model: both sides train on the same batches, the
     figures are consistent with each other and the table names the config."""
     pytest.importorskip("accelerate", reason="transformers' Trainer needs accelerate")
-    out = tmp_path / "micro.json"
-    command = [sys.executable, "bench/bench.py", "--configs", "micro-clm", "--repeats", "1",
-               "--steps", "3", "--peak_sizes", "64", "--out", str(out),
-               "--workdir", str(tmp_path / "work")]
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    script, folder = bench_scripts["test_bench_smoke"]
+    out = folder / "micro.json"
+    done = script.result()
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     results = json.loads(out.read_text())
     run = results["configs"]["micro-clm"]
@@ -129,12 +158,11 @@ def test_bench_smoke(tmp_path):
     assert "| micro-clm | 32×4 |" in done.stdout
 
 
-def test_profile_step_splits_a_traced_step_into_matmuls_and_the_rest(tmp_path):
+def test_profile_step_splits_a_traced_step_into_matmuls_and_the_rest(bench_scripts):
     """bench/profile_step.py traces one real train step of the micro model and attributes time
     to its XLA operations: the model's matmuls are found and the trace is kept."""
-    command = [sys.executable, "bench/profile_step.py", "--config", "micro-clm", "--top", "40",
-               "--trace_dir", str(tmp_path / "trace")]
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    script, tmp_path = bench_scripts["test_profile_step_splits_a_traced_step_into_matmuls_and_the_rest"]
+    done = script.result()
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
     assert lines[0].startswith("micro-clm: step ") and "tokens/s" in lines[0]
@@ -155,14 +183,13 @@ def test_bench_on_a_missing_accelerator_says_so():
 
 
 @pytest.mark.slow
-def test_accelerator_bench_harness_on_the_cpu(tmp_path):
+def test_accelerator_bench_harness_on_the_cpu(bench_scripts):
     """bench.py --device gpu's harness (bench/accel.py) with micro models on the CPU: flax-lm's
     train step and PyTorch's bf16 autocast step, each in its own process, start from the loss
     of a random model, and the MFU columns are tokens/s x FLOPs over the peaks."""
-    out = tmp_path / "accel.json"
-    command = [sys.executable, "bench/accel.py", "--configs", "micro-clm,micro-mlm", "--steps",
-               "2", "--torch_modes", "eager", "--peak_sizes", "64", "--out", str(out)]
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    script, folder = bench_scripts["test_accelerator_bench_harness_on_the_cpu"]
+    out = folder / "accel.json"
+    done = script.result()
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     results = json.loads(out.read_text())
     assert [run["config"] for run in results["runs"]] == ["micro-clm", "micro-mlm"]
