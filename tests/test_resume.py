@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import Background
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.utils import stringify_path
 from safetensors.numpy import load_file
@@ -95,16 +96,23 @@ def run_in_process(argv: list[str], objective: str, status: int = 0) -> tuple[st
     return out.getvalue(), err.getvalue()
 
 
-def run_signalled(argv: list[str], objective: str, signum: int, tmp_path: Path):
-    """The training CLI in a subprocess that sends itself `signum` once step KILL_AFTER is
-    logged: (CompletedProcess, seconds from the signal to the process's exit)."""
-    time_file = tmp_path / "signal_time"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "SIGNAL_TIME_FILE": str(time_file)}
-    command = [sys.executable, "-c", DRIVER, str(KILL_AFTER), str(int(signum)), objective, *argv]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    exit_time = time.time()
-    assert time_file.exists(), done.stderr[-3000:]
-    return done, exit_time - float(time_file.read_text())
+class Signalled:
+    """The training CLI in a background subprocess that sends itself `signum` once step
+    KILL_AFTER is logged, writing into `out`."""
+
+    def __init__(self, argv: list[str], objective: str, signum: int, out: Path) -> None:
+        self.argv, self.out = with_output_dir(argv, out), out
+        self.time_file = out.parent / f"{out.name}_signal_time"
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "SIGNAL_TIME_FILE": str(self.time_file)}
+        command = [sys.executable, "-c", DRIVER, str(KILL_AFTER), str(int(signum)), objective,
+                   *self.argv]  # fmt: skip
+        self.process = Background(command, out.parent / f"{out.name}_logs", env=env)
+
+    def result(self) -> tuple[subprocess.CompletedProcess, float]:
+        """(CompletedProcess, seconds from the signal to the process's exit)."""
+        done = self.process.result()
+        assert self.time_file.exists(), done.stderr[-3000:]
+        return done, self.process.exit_time - float(self.time_file.read_text())
 
 
 def metrics_records(out: Path) -> list[dict]:
@@ -157,13 +165,36 @@ def mlm_reference(code_corpus, tiny_tokenizer_dir, jax_cache, tmp_path_factory):
     return reference_run("mlm", code_corpus, tiny_tokenizer_dir, jax_cache, root)
 
 
+SIGNALLED_RUNS = {  # test -> (objective, signal) of its signalled subprocess
+    "test_sigkill_then_resume_matches_the_uninterrupted_run[clm]": ("clm", signal.SIGKILL),
+    "test_sigkill_then_resume_matches_the_uninterrupted_run[mlm]": ("mlm", signal.SIGKILL),
+    "test_sigterm_saves_a_checkpoint_and_the_resume_matches": ("clm", signal.SIGTERM),
+}
+
+
+@pytest.fixture(scope="module")
+def signalled_runs(request, tmp_path_factory) -> dict[str, Signalled]:
+    """The signalled subprocesses of this module's selected tests, started together (see
+    conftest.Background) once the reference runs have filled the compilation cache."""
+    selected = [item.name for item in request.session.items if item.name in SIGNALLED_RUNS]
+    started = {}
+    for test in selected:
+        objective, signum = SIGNALLED_RUNS[test]
+        argv, _ = request.getfixturevalue(f"{objective}_reference")
+        out = tmp_path_factory.mktemp("signalled") / "run"
+        started[test] = Signalled(argv, objective, signum, out)
+    yield started
+    for run in started.values():
+        run.process.kill()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("objective", ["clm", "mlm"])
-def test_sigkill_then_resume_matches_the_uninterrupted_run(objective, request, tmp_path):
-    argv, expected = request.getfixturevalue(f"{objective}_reference")
-    out = tmp_path / "killed"
-    argv = with_output_dir(argv, out)
-    done, _ = run_signalled(argv, objective, signal.SIGKILL, tmp_path)
+def test_sigkill_then_resume_matches_the_uninterrupted_run(objective, request, signalled_runs):
+    _, expected = request.getfixturevalue(f"{objective}_reference")
+    run = signalled_runs[request.node.name]
+    argv, out = run.argv, run.out
+    done, _ = run.result()
     assert done.returncode == -signal.SIGKILL
     assert metrics_records(out)[-1]["step"] == KILL_AFTER
     saved = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
@@ -187,13 +218,14 @@ def test_sigkill_then_resume_matches_the_uninterrupted_run(objective, request, t
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_and_the_resume_matches(clm_reference, tmp_path):
+def test_sigterm_saves_a_checkpoint_and_the_resume_matches(clm_reference, request,
+                                                          signalled_runs):
     """A preemption notice: checkpoint at the next step boundary, exit 143 with a message
     saying how to resume, well within 60 s."""
-    objective, (argv, expected) = "clm", clm_reference
-    out = tmp_path / "preempted"
-    argv = with_output_dir(argv, out)
-    done, seconds_to_exit = run_signalled(argv, objective, signal.SIGTERM, tmp_path)
+    objective, (_, expected) = "clm", clm_reference
+    run = signalled_runs[request.node.name]
+    argv, out = run.argv, run.out
+    done, seconds_to_exit = run.result()
     assert done.returncode == 128 + signal.SIGTERM, done.stderr[-3000:]
     assert seconds_to_exit < 60
     assert "received SIGTERM: saving a checkpoint after this step" in done.stderr
