@@ -182,8 +182,8 @@ def untrained_eval(layout: Layout, block_size: int, seed: int) -> dict:
     from flax import nnx
 
     from flax_lm.config import load_base_config, load_tokenizer
-    from flax_lm.evaluate import eval_config, evaluate
     from flax_lm.models import create_model
+    from flax_lm.train.evaluation import eval_config, evaluate
     from flax_lm.train.step import make_mesh, state_sharding
 
     config = load_base_config(str(layout.config))
