@@ -37,16 +37,16 @@ from flax_lm.train import checkpoint
 from flax_lm.train.args import TrainConfig, recorded_config
 from flax_lm.train.build import TRAIN_BATCH_AXIS, StepParts, build_model, step_parts
 from flax_lm.train.data.batches import eval_batch_count, run_position
-from flax_lm.train.data.feed import TrainStream, eval_host_batches, stream_epoch
+from flax_lm.train.data.feed import PREFETCH_BATCHES, TrainStream, eval_host_batches, stream_epoch
 from flax_lm.train.data.prefetch import Prefetcher
 from flax_lm.train.data.shards import every_process
 from flax_lm.train.distributed import Interrupted, StopSignals, setup_jax
+from flax_lm.train.evaluation import Evaluation, eval_metrics
 from flax_lm.train.hub import CHECKPOINTS_UPLOADED, HubPusher, prepare_hub_repo
 from flax_lm.train.metrics import (
     METRICS_FILE,
     RunLog,
     keep_records_up_to,
-    perplexity,
     start_wandb,
     write_json,
 )
@@ -55,16 +55,12 @@ from flax_lm.train.prepare import Prepared, prepare, run_dirs, run_identity
 from flax_lm.train.runlock import LOCK_FILE, RunLock
 from flax_lm.train.step import (
     TrainState,
-    compile_eval_step,
     compile_train_step,
     init_state,
-    make_eval_step,
     make_mesh,
     make_put,
     state_sharding,
 )
-
-PREFETCH_BATCHES = 2
 
 
 def run(cfg: TrainConfig, objective_name: str) -> dict[str, Any]:
@@ -187,7 +183,7 @@ class Trainer:
         self.objective_name = objective_name
         self.is_main = jax.process_index() == 0
         self.compile_seconds: dict[str, float] = {}
-        self.eval_step = None
+        self.evaluation: Evaluation | None = None  # its eval step compiled at the first one
         self.eval_samples = 0  # this process's
         self.eval_batches: int | None = None  # eval batches of the run, with several data shards
         self.last_checkpoint: epath.Path | None = None  # the newest checkpoint saved (or resumed from)
@@ -549,28 +545,16 @@ class Trainer:
 
     def evaluate(self, params, step: int, log: RunLog) -> dict[str, Any]:
         """Loss, accuracy and perplexity over the whole validation split."""
-        cfg, sums = self.cfg, []
+        cfg = self.cfg
         if cfg.data_shards > 1 and self.eval_batches is None:  # as many from every shard
             rows = cfg.per_device_eval_batch_size * self.mesh.size // cfg.data_shards
             self.eval_batches = eval_batch_count(self.prepared.splits["validation"], rows)
-        with Prefetcher(self.eval_stream(), PREFETCH_BATCHES, make_put(self.mesh, 0)) as batches:
-            for batch in batches:
-                if self.eval_step is None:
-                    eval_fn = make_eval_step(self.graphdef, self.prepared.objective)
-                    self.eval_step, seconds = compile_eval_step(eval_fn, params, batch, self.mesh)
-                    self.compile_seconds["eval_step"] = seconds
-                sums.append(self.eval_step(params, batch))
+        if self.evaluation is None:
+            self.evaluation = Evaluation(self.graphdef, self.prepared.objective, self.mesh)
+        sums = self.evaluation.sums(params, self.eval_stream())
+        self.compile_seconds["eval_step"] = self.evaluation.compile_seconds
         self.eval_samples = sum(every_process(self.eval_samples))
-        fetched = jax.device_get(sums)
-        total = {k: sum(float(s[k]) for s in fetched) for k in fetched[0]}
-        targets = max(total["num_targets"], 1.0)
-        loss = total["loss_sum"] / targets
-        record = {
-            "step": step,
-            "eval_loss": loss,
-            "eval_accuracy": total["num_correct"] / targets,
-            "perplexity": perplexity(loss),
-        }
+        record = {"step": step, **eval_metrics(sums)}
         log.eval(record)
         return {k: v for k, v in record.items() if k != "step"}
 

@@ -16,6 +16,7 @@ from flax_lm.train.build import TRAIN_BATCH_AXIS
 from flax_lm.train.data.batches import TrainBatches, concatenated, eval_batches
 from flax_lm.train.step import split_microbatches
 
+PREFETCH_BATCHES = 2  # model-ready batches made and placed on the devices while a step runs
 EVAL_MASK_STREAM = 2**32  # eval masks come from (seed, this): the same masks at every evaluation
 
 
