@@ -17,7 +17,7 @@ import jax
 from flax import nnx
 
 from flax_lm.errors import ArgParser, UserError, report_user_errors
-from flax_lm.evaluate import find_model, load_model_and_tokenizer
+from flax_lm.model_source import find_model, load_model_and_tokenizer
 from flax_lm.models.hf_io import save_model
 from flax_lm.storage import check_output_dir, location, save_pretrained
 from flax_lm.train.step import make_mesh
