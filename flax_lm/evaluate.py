@@ -3,10 +3,11 @@
 The model is a saved directory (config.json + model.safetensors + tokenizer files, e.g. a training
 output_dir) or an orbax checkpoint of a run: `OUTPUT_DIR/checkpoints/STEP`, or an output_dir that
 has checkpoints but no exported model yet (its latest). The text goes through the training
-pipeline (tokenize_splits, eval_batches, the objective's make_batch and loss_terms) and the
-trainer's compiled eval step, so the figures are those a training run reports. GPT-2 is scored as
-a causal LM (next-token loss), RoBERTa as a masked LM with masks drawn from `--seed` exactly as
-the trainer draws its eval masks (same seed and eval batch size: the same masks).
+pipeline and the evaluation loop a training run uses (flax_lm/train/evaluation.py), so the
+figures are those a training run reports. GPT-2 is scored as a causal LM (next-token loss),
+RoBERTa as a masked LM with masks drawn from `--seed` exactly as the trainer draws its eval masks
+(same seed and eval batch size: the same masks). This module is the command only: its flags,
+their checks and the JSON it prints.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ SAFETENSORS_FILES = ("model.safetensors", "model.safetensors.index.json")
 
 @dataclass(frozen=True)
 class ModelSource:
-    """A model to evaluate: weights from a safetensors dir or a checkpoint step, config and
+    """A model to load: weights from a safetensors dir or a checkpoint step, config and
     tokenizer from the run's directory unless given."""
 
     run_dir: Path
