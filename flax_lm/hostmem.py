@@ -1,11 +1,12 @@
 """Host memory: back large allocations with transparent huge pages (Linux, glibc).
 
-XLA:CPU allocates a step's temporary buffers afresh at every step (tiny-clm: one 316 MB block;
-GPT-2 124M: 5.4 GB a step), glibc maps each large block anew, and the kernel faults it in 4 KiB
-at a time: 77,000 page faults a step for tiny-clm, 28% of its CPU time spent in the kernel.
-With glibc's `glibc.malloc.hugetlb=1` tunable, malloc asks for 2 MiB transparent huge pages on
-those mappings (where the kernel's THP mode is `madvise` or `always`): 512 times fewer faults.
-Measured here: tiny-clm 0.34 -> 0.26 s a step, GPT-2 124M 15.4 -> 14.5 s, same peak memory.
+XLA:CPU allocates a step's temporary buffers afresh at every step (hundreds of MB for a small
+model, gigabytes for GPT-2 124M), glibc maps each large block anew, and the kernel faults it in
+4 KiB at a time: a small model's step spends a large share of its CPU time in the kernel. With
+glibc's `glibc.malloc.hugetlb=1` tunable, malloc asks for 2 MiB transparent huge pages on those
+mappings (where the kernel's THP mode is `madvise` or `always`): 512 times fewer faults, the
+same peak memory. bench/page_faults.py counts the faults; README's Performance section gives
+the step times measured with and without it.
 
 glibc reads its tunables once, when a process starts, so the commands that run a model's
 compiled steps (MODEL_COMMANDS) re-execute themselves with the tunable added before doing
