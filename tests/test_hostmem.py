@@ -21,8 +21,9 @@ needs_glibc = pytest.mark.skipif(not GLIBC_LINUX, reason="glibc tunables exist o
 
 
 def clean_env(**extra: str) -> dict[str, str]:
+    """This environment without huge-page settings, for JAX on the CPU (whatever the machine)."""
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", OPT_OUT)}
-    return {**env, **extra}
+    return {**env, "JAX_PLATFORMS": "cpu", **extra}
 
 
 @needs_glibc
