@@ -14,12 +14,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # unaffected). Set in the environment, so the training commands the tests start get it too.
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 
+import contextlib
 import hashlib
 import shutil
 import subprocess
 import sysconfig
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,6 +97,18 @@ def assert_one_line_error(
     missing = [name for name in must_name if str(name) not in lines[0]]
     assert not missing, f"{lines[0]!r} does not name {missing}"
     return lines[0]
+
+
+@contextlib.contextmanager
+def raises_user_error(*must_name: str) -> Iterator[pytest.ExceptionInfo]:
+    """The library's side of assert_one_line_error: a UserError whose message names each of
+    `must_name` (the bad value, the setting or file), whatever its wording."""
+    from flax_lm.errors import UserError
+
+    with pytest.raises(UserError) as raised:
+        yield raised
+    missing = [name for name in must_name if str(name) not in str(raised.value)]
+    assert not missing, f"{str(raised.value)!r} does not name {missing}"
 
 
 def snapshot(directory: Path) -> dict[str, tuple[int, str]]:

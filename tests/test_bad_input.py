@@ -15,9 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import assert_one_line_error, snapshot, training_fails_cleanly
+from conftest import assert_one_line_error, raises_user_error, snapshot, training_fails_cleanly
 
-from flax_lm.errors import UserError
 from flax_lm.train.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -166,10 +165,10 @@ def test_the_pipelines_model_dir_needs_no_overwrite(tiny_tokenizer_dir, tmp_path
     (out / "checkpoints" / "5.orbax-checkpoint-tmp-1").mkdir(parents=True)
     cfg = TrainConfig(output_dir=str(out), config_name=str(out), tokenizer_name=str(out))
     check_output_dir(cfg, out, resuming=False)
-    with pytest.raises(UserError, match="already holds files and no checkpoint to continue"):
+    with raises_user_error(str(out), "--overwrite_output_dir"):
         check_output_dir(TrainConfig(output_dir=str(out)), out, resuming=False)
     (out / "model.safetensors").write_bytes(b"an exported model")
-    with pytest.raises(UserError, match="already holds files and no checkpoint to continue"):
+    with raises_user_error(str(out), "--overwrite_output_dir"):
         check_output_dir(cfg, out, resuming=False)
 
 

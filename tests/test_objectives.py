@@ -8,10 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import raises_user_error
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from flax_lm.errors import UserError
 from flax_lm.train.objectives import (
     IGNORE_INDEX,
     CausalLM,
@@ -240,9 +240,9 @@ def test_mlm_needs_a_mask_token(tiny_tokenizer_dir):
         eos_token="</s>",
         pad_token="<pad>",
     )
-    with pytest.raises(UserError, match="the tokenizer has no mask token; MLM needs one"):
+    with raises_user_error("mask token", "MLM"):
         make_objective("mlm", without_mask, SimpleNamespace(mlm_probability=0.15))
-    with pytest.raises(UserError, match="unknown objective"):
+    with raises_user_error("objective", "'seq2seq'"):
         make_objective("seq2seq", without_mask, SimpleNamespace())
 
 

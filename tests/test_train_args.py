@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import assert_one_line_error
+from conftest import assert_one_line_error, raises_user_error
 
-from flax_lm.errors import UserError
 from flax_lm.train.args import TrainConfig, parse_config
 from flax_lm.train.cli import main
 
@@ -232,7 +231,7 @@ def test_config_dataclass_fields_are_the_flags():
 def test_slow_tokenizers_are_refused_fast_ones_accepted():
     base = ["--output_dir", "o", "--train_file", "a.txt"]
     assert parse_config([*base, "--use_fast_tokenizer"], "clm").use_fast_tokenizer is True
-    with pytest.raises(UserError, match="flax-lm uses fast .Rust. tokenizers only"):
+    with raises_user_error("fast", "tokenizers"):
         parse_config([*base, "--use_fast_tokenizer", "False"], "mlm")
 
 
