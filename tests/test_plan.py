@@ -7,11 +7,13 @@ import contextlib
 import importlib.util
 import io
 import json
+import math
+import re
 
 import pytest
 
 from flax_lm.plan import main as plan
-from flax_lm.train import trainer
+from flax_lm.train import step, trainer
 from flax_lm.train.cli import main as train
 
 TINY_GPT2 = "n_embd=32,n_layer=2,n_head=2,n_positions=64,vocab_size=512"
@@ -81,9 +83,32 @@ def test_the_plan_is_the_memory_of_the_step_training_compiles(
     assert result["flops"]["matmul"] > result["flops"]["matmul_without_remat"] > 0 and result["compile_seconds"] > 0
 
 
+def all_reduced_elements(hlo: str) -> list[int]:
+    """Elements per device of every all-reduce in optimized HLO text (a tuple: its largest)."""
+    sizes = []
+    for line in hlo.splitlines():
+        if " all-reduce(" in line or " all-reduce-start(" in line:
+            result = line.split(" = ", 1)[1].split(" all-reduce", 1)[0]
+            dims = re.findall(r"\[([\d,]*)\]", result)
+            sizes.append(max(math.prod(int(d) for d in ds.split(",") if d) for ds in dims))
+    return sizes
+
+
 @pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed: pip install -e '.[tpu]'")
-def test_a_train_step_compiles_for_a_tpu_v3_8_on_this_cpu(tiny_tokenizer_dir):
-    """On the mesh training would use (--mesh data=2,fsdp=4): parameters sharded 4 ways."""
+def test_a_train_step_compiles_for_a_tpu_v3_8_on_this_cpu(tiny_tokenizer_dir, monkeypatch):
+    """On the mesh training would use (--mesh data=2,fsdp=4): parameters sharded 4 ways, and
+    XLA:TPU runs it as FSDP: activations stay split by rows (each layer's weights gathered, its
+    gradient reduced onto the shards), so nothing larger than a parameter is all-reduced. (Left
+    to itself XLA split the activations on their width, 4 rows x 32 tokens x 128 hidden.)"""
+    compiled_steps = []
+
+    def compile_and_keep(*args, **kwargs):
+        compiled, seconds = compile_train_step(*args, **kwargs)
+        compiled_steps.append(compiled)
+        return compiled, seconds
+
+    compile_train_step = step.compile_train_step
+    monkeypatch.setattr(step, "compile_train_step", compile_and_keep)
     argv = [*step_flags(tiny_tokenizer_dir), "--mesh", "data=2,fsdp=4", "--topology", "v3-8"]
     status, stdout, _ = run_plan([*argv, "--json"])
     assert status == 0
@@ -97,6 +122,9 @@ def test_a_train_step_compiles_for_a_tpu_v3_8_on_this_cpu(tiny_tokenizer_dir):
     # float32 parameters, every width divisible by fsdp=4: a quarter of them on each device
     params = 512 * 32 + 64 * 32 + 2 * (4 * 32 * 32 + 2 * 32 * 128 + 13 * 32) + 2 * 32
     assert planned["parameters"] == 4 * params // 4
+    largest_parameter = 512 * 32  # the token embeddings
+    all_reduced = all_reduced_elements(compiled_steps[0].as_text())
+    assert all_reduced and max(all_reduced) <= largest_parameter, all_reduced
 
 
 @pytest.mark.parametrize(

@@ -17,13 +17,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.linen import get_logical_axis_rules
 from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import PartitionSpec
 
 from flax_lm.errors import UserError
 
@@ -237,6 +240,43 @@ class MLP(nnx.Module):
         return dropout(y, self.dropout_rate, dropout_key)
 
 
+# Logical axis name of an activation's batch axis (rows), as "embed" names a parameter's width.
+ACTIVATION_BATCH = "activation_batch"
+MeshAxes = str | tuple[str, ...] | None
+
+
+def mesh_spec(axes: tuple[str | None, ...], shape: tuple[int, ...],
+              rules: tuple[tuple[str, MeshAxes], ...], mesh_shape: Any) -> PartitionSpec:
+    """The PartitionSpec of an array whose dimensions have the logical names `axes`, by `rules`
+    (logical name -> mesh axis or axes): each mesh axis shards the first dimension whose rule
+    names it and whose size it divides; a dimension it does not divide stays whole."""
+    by_name = dict(rules)
+    spec: list[MeshAxes] = []
+    taken: set[str] = set()
+    for name, size in zip(axes, shape, strict=True):
+        if name is not None and name not in by_name:
+            raise ValueError(f"logical axis {name!r} has no rule")
+        mesh_axes = by_name.get(name)
+        group = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
+        fits = bool(group) and size % math.prod(mesh_shape[a] for a in group) == 0
+        spec.append(mesh_axes if fits and not taken & set(group) else None)
+        taken |= set(group) if spec[-1] else set()
+    return PartitionSpec(*spec)
+
+
+def shard_rows(x: jax.Array) -> jax.Array:
+    """Activations [batch, ...] kept split on their rows as the batch is, where the trainer
+    compiles the step with its logical axis rules and mesh set (`flax.linen.logical_axis_rules`,
+    `jax.set_mesh`); unchanged elsewhere. Without it, FSDP's weights split on their width lead
+    XLA to split the activations on the width too: every device computing the whole batch,
+    with activation-sized all-reduces, instead of gathering each layer's weights."""
+    rules, mesh = get_logical_axis_rules(), jax.sharding.get_abstract_mesh()
+    if not rules or mesh.empty:
+        return x
+    axes = (ACTIVATION_BATCH,) + (None,) * (x.ndim - 1)
+    return jax.lax.with_sharding_constraint(x, mesh_spec(axes, x.shape, rules, mesh.shape))
+
+
 def stacked(make_layer: Callable[[jax.Array], nnx.Module], key: jax.Array, num: int) -> nnx.Module:
     """`num` layers as ONE module whose parameters have a leading [num] axis, named "layers"."""
     vmapped = nnx.vmap(make_layer, in_axes=0, out_axes=0,
@@ -256,7 +296,8 @@ def run_stacked(layers: nnx.Module, step: Callable, x: jax.Array, xs: Any, *, sc
 
     def body(carry, layer):
         layer_params, layer_xs = layer
-        return step(nnx.merge(graphdef, layer_params), carry, layer_xs)
+        carry, y = step(nnx.merge(graphdef, layer_params), shard_rows(carry), layer_xs)
+        return shard_rows(carry), y
 
     if remat is not None:
         body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=not scan)

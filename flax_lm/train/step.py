@@ -24,21 +24,24 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from flax.linen import logical_axis_rules
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from flax_lm.backend import choices_for, platform
 from flax_lm.errors import UserError
+from flax_lm.models.layers import ACTIVATION_BATCH, mesh_spec
 
 DATA_AXIS, FSDP_AXIS = "data", "fsdp"
 MESH_AXES = (DATA_AXIS, FSDP_AXIS)
 BATCH_AXES = (DATA_AXIS, FSDP_AXIS)  # a batch's rows are split over every device
 # Logical axis name (as the models name their parameters' axes) -> the mesh axis sharding it.
-LOGICAL_AXIS_RULES: tuple[tuple[str, str | None], ...] = (
+LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("layers", None),  # the stacked layers' axis: lax.scan walks it, so it is never split
     ("vocab", None),  # embedding rows are gathered by token id: their width is split instead
     ("embed", FSDP_AXIS),
     ("heads", FSDP_AXIS),
     ("mlp", FSDP_AXIS),
+    (ACTIVATION_BATCH, BATCH_AXES),  # activations' rows, split as the batch's (layers.shard_rows)
 )
 Batch = dict[str, jax.Array]
 
@@ -107,15 +110,7 @@ def logical_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mes
     """The PartitionSpec of an array whose dimensions have the logical names `axes`: each mesh
     axis shards the first dimension whose rule names it and whose size it divides. A dimension
     the mesh axis does not divide stays whole (replicated) on every device."""
-    rules = dict(LOGICAL_AXIS_RULES)
-    spec: list[str | None] = []
-    for name, size in zip(axes, shape, strict=True):
-        if name not in rules:
-            raise ValueError(f"logical axis {name!r} has no rule in LOGICAL_AXIS_RULES")
-        mesh_axis = rules[name]
-        fits = mesh_axis is not None and size % mesh.shape[mesh_axis] == 0
-        spec.append(mesh_axis if fits and mesh_axis not in spec else None)
-    return PartitionSpec(*spec)
+    return mesh_spec(axes, shape, LOGICAL_AXIS_RULES, mesh.shape)
 
 
 def state_sharding(mesh: Mesh, state: Any) -> Any:
@@ -294,12 +289,15 @@ def abstract(tree: Any) -> Any:
 
 
 def compile_ahead(
-    fn: Callable, example_args: tuple, *, donate_argnums: tuple = (), out_shardings: Any = None
+    fn: Callable, example_args: tuple, mesh: Mesh, *, donate_argnums: tuple = (),
+    out_shardings: Any = None,
 ) -> tuple[Callable, float]:
-    """Compile `fn` for the shapes and shardings of `example_args`; return it and seconds taken."""
+    """Compile `fn` for the shapes and shardings of `example_args`; return it and seconds taken.
+    Traced with `mesh` set and LOGICAL_AXIS_RULES, so the models' activation constraints apply."""
     start = time.perf_counter()
     jitted = jax.jit(fn, donate_argnums=donate_argnums, out_shardings=out_shardings)
-    compiled = jitted.lower(*abstract(example_args)).compile()
+    with jax.set_mesh(mesh), logical_axis_rules(LOGICAL_AXIS_RULES):
+        compiled = jitted.lower(*abstract(example_args)).compile()
     return compiled, time.perf_counter() - start
 
 
@@ -312,6 +310,7 @@ def compile_train_step(
     return compile_ahead(
         train_step,
         (state, batch),
+        mesh,
         donate_argnums=(0,),
         out_shardings=(state_sharding(mesh, state), metrics_sharding),
     )
@@ -321,5 +320,5 @@ def compile_eval_step(
     eval_step: Callable, params: nnx.State, batch: Batch, mesh: Mesh
 ) -> tuple[Callable, float]:
     return compile_ahead(
-        eval_step, (params, batch), out_shardings=NamedSharding(mesh, PartitionSpec())
+        eval_step, (params, batch), mesh, out_shardings=NamedSharding(mesh, PartitionSpec())
     )
