@@ -1,6 +1,7 @@
 """Fully sharded data parallelism on 8 host devices: a data=2,fsdp=4 mesh trains like pure data
 parallelism (CLM and MLM), its checkpoints resume exactly on the same mesh and onto another mesh,
-and fsdp=8 holds 1/8 of the parameter and optimizer bytes on each device.
+and fsdp=8 holds 1/8 of the parameter and optimizer bytes on each device, from a fresh model
+created sharded (the same on every mesh).
 
 The runs need 8 devices, so one subprocess makes them all (the real training CLI, in one
 process so that startup is paid once) and measures what needs the devices; the tests compare
@@ -28,7 +29,7 @@ FSDP_MESH, OTHER_MESH = "data=2,fsdp=4", "data=8"  # the other one reuses the dp
 RESUME_STEP = 6  # a checkpoint of run_argv's (saved every 3 steps, 10 steps in all)
 
 DRIVER = """
-import json, shutil, sys
+import dataclasses, json, math, shutil, sys
 from pathlib import Path
 
 import jax, numpy as np, optax
@@ -38,8 +39,10 @@ from transformers import GPT2Config
 from flax_lm.models import create_model
 from flax_lm.train import checkpoint
 from flax_lm.train.cli import main
-from flax_lm.train.args import TrainConfig
+from flax_lm.train.args import TrainConfig, parse_config
+from flax_lm.train.build import build_params, fresh_params, model_shapes
 from flax_lm.train.optim import make_training_optimizer
+from flax_lm.train.prepare import prepare_model
 from flax_lm.train.step import init_state, make_mesh
 
 runs, resume_step, tiny = json.loads(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[3])
@@ -86,6 +89,19 @@ params = nnx.split(create_model(GPT2Config(**tiny["memory"])), nnx.Param)[1]
 report["bytes_per_device"] = {
     spec: bytes_per_device(init_state(params, optax.adamw(1e-3), 0, make_mesh(spec=spec)))
     for spec in ("data=8", "fsdp=8")}
+# A fresh model made by the runs' jitted initializer on two meshes, and what creating one
+# holds on each device with fsdp=8 (its shards plus the initializer's temporaries).
+prepared = prepare_model(parse_config(runs[0][1], "clm"), "clm", 8)
+inits = [jax.tree.leaves(build_params(prepared, make_mesh(spec=spec))[1])
+         for spec in ("data=8", "data=2,fsdp=4")]
+report["same_init"] = all(np.array_equal(a, b) for a, b in zip(*inits, strict=True))
+memory_model = dataclasses.replace(prepared, model_config=GPT2Config(**tiny["memory"]))
+mesh = make_mesh(spec="fsdp=8")
+shapes = nnx.split(model_shapes(memory_model, mesh), nnx.Param)[1]
+creation = fresh_params(memory_model, mesh, shapes).lower().compile().memory_analysis()
+report["creation_bytes"] = {
+    "whole": sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(shapes)),
+    "outputs": creation.output_size_in_bytes, "temporaries": creation.temp_size_in_bytes}
 Path(sys.argv[5]).write_text(json.dumps(report))
 """
 TINY_CONFIGS = {  # GPT2Config arguments: the runs' CLM model, and a larger one for the bytes
@@ -187,6 +203,17 @@ def test_fsdp_holds_an_eighth_of_the_state_per_device(fsdp_runs):
     _, report = fsdp_runs
     replicated, sharded = report["bytes_per_device"]["data=8"], report["bytes_per_device"]["fsdp=8"]
     assert sharded <= 1.05 * replicated / 8, (sharded, replicated)
+
+
+def test_a_fresh_model_is_created_sharded_and_alike_on_every_mesh(fsdp_runs):
+    """The same seed gives the same parameters, bit for bit, on data=8 and data=2,fsdp=4; with
+    fsdp=8 each device creates only its eighth: its shards and the initializer's temporaries
+    together stay far below one whole copy of the parameters."""
+    _, report = fsdp_runs
+    assert report["same_init"] is True
+    creation = report["creation_bytes"]
+    assert creation["outputs"] <= 1.05 * creation["whole"] / 8, creation
+    assert creation["outputs"] + creation["temporaries"] < creation["whole"] / 2, creation
 
 
 @pytest.mark.parametrize("spec", ["data=3", "tensor=8", "fsdp=0", "data,fsdp", "fsdp=x"])

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import jax
 import numpy as np
 import optax
 from flax import nnx
@@ -28,6 +29,7 @@ from flax_lm.train.step import (
     make_train_step,
     split_microbatches,
     state_shapes,
+    state_sharding,
 )
 
 TRAIN_BATCH_AXIS = 1  # train batches are [accumulation, rows, seq]: rows go over the devices
@@ -48,6 +50,29 @@ def build_model(p: Prepared, mesh: Mesh) -> nnx.Module:
     if p.model_dir is not None:
         return load_model(p.model_dir, **options)
     return create_model(p.model_config, seed=p.cfg.seed, **options)
+
+
+def build_params(p: Prepared, mesh: Mesh) -> tuple[nnx.GraphDef, nnx.State]:
+    """The model's graphdef and its parameters laid out on `mesh` by `state_sharding`.
+
+    A fresh model is made by one jitted initializer whose outputs have those shardings: each
+    device computes only its own shards (threefry is partitionable), so no device ever holds
+    the whole model, and the values are the same on every mesh. (They can differ in the last
+    bit from `create_model` run eagerly: XLA fuses the scaling into the random draws.)"""
+    if p.model_dir is not None:
+        graphdef, params = nnx.split(build_model(p, mesh), nnx.Param)
+        return graphdef, jax.device_put(params, state_sharding(mesh, params))
+    graphdef, shapes = nnx.split(model_shapes(p, mesh), nnx.Param)
+    return graphdef, fresh_params(p, mesh, shapes)()
+
+
+def fresh_params(p: Prepared, mesh: Mesh, shapes: nnx.State) -> Callable[[], nnx.State]:
+    """The jitted initializer of a fresh model's parameters, sharded as `shapes` are on `mesh`."""
+
+    def create() -> nnx.State:
+        return nnx.split(build_model(p, mesh), nnx.Param)[1]
+
+    return jax.jit(create, out_shardings=state_sharding(mesh, shapes))
 
 
 def model_shapes(p: Prepared, mesh: Mesh) -> nnx.Module:

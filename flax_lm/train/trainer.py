@@ -35,7 +35,7 @@ from flax_lm.perf import achieved_flops_per_second, model_flops_per_token
 from flax_lm.storage import save_pretrained
 from flax_lm.train import checkpoint
 from flax_lm.train.args import TrainConfig, recorded_config
-from flax_lm.train.build import TRAIN_BATCH_AXIS, StepParts, build_model, step_parts
+from flax_lm.train.build import TRAIN_BATCH_AXIS, StepParts, build_params, step_parts
 from flax_lm.train.data.batches import eval_batch_count, run_position
 from flax_lm.train.data.feed import PREFETCH_BATCHES, TrainStream, eval_host_batches, stream_epoch
 from flax_lm.train.data.prefetch import Prefetcher
@@ -59,7 +59,6 @@ from flax_lm.train.step import (
     init_state,
     make_mesh,
     make_put,
-    state_sharding,
 )
 
 
@@ -191,10 +190,7 @@ class Trainer:
         self.locks: list[RunLock] = []  # of output_dir (and checkpoint_dir), on process 0
 
     def run(self) -> dict[str, Any]:
-        model = build_model(self.prepared, self.mesh)
-        graphdef, params = nnx.split(model, nnx.Param)
-        params = jax.device_put(params, state_sharding(self.mesh, params))
-        self.graphdef = graphdef
+        self.graphdef, params = build_params(self.prepared, self.mesh)
         training = self.start_training(params) if self.cfg.do_train else None
         self.warn_about_warmup()
         if self.cfg.push_to_hub and self.is_main:  # fails now, not after training
