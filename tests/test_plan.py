@@ -44,18 +44,24 @@ def run_plan(argv: list[str]) -> tuple[int, str, str]:
     return status, out.getvalue(), err.getvalue()
 
 
-def test_the_plan_is_the_memory_of_the_step_training_compiles(
-    code_corpus, tiny_tokenizer_dir, tmp_path, monkeypatch
-):
+def keep_compiled_steps(monkeypatch, module) -> list:
+    """The train steps `module` compiles from now on, kept in the list returned."""
     compiled_steps = []
+    compile_train_step = module.compile_train_step
 
     def compile_and_keep(*args, **kwargs):
         compiled, seconds = compile_train_step(*args, **kwargs)
         compiled_steps.append(compiled)
         return compiled, seconds
 
-    compile_train_step = trainer.compile_train_step
-    monkeypatch.setattr(trainer, "compile_train_step", compile_and_keep)
+    monkeypatch.setattr(module, "compile_train_step", compile_and_keep)
+    return compiled_steps
+
+
+def test_the_plan_is_the_memory_of_the_step_training_compiles(
+    code_corpus, tiny_tokenizer_dir, tmp_path, monkeypatch
+):
+    compiled_steps = keep_compiled_steps(monkeypatch, trainer)
     flags = step_flags(tiny_tokenizer_dir)
     status = train([
         *flags, "--train_file", str(code_corpus.train), "--do_train", "--max_steps", "1",
@@ -100,15 +106,7 @@ def test_a_train_step_compiles_for_a_tpu_v3_8_on_this_cpu(tiny_tokenizer_dir, mo
     XLA:TPU runs it as FSDP: activations stay split by rows (each layer's weights gathered, its
     gradient reduced onto the shards), so nothing larger than a parameter is all-reduced. (Left
     to itself XLA split the activations on their width, 4 rows x 32 tokens x 128 hidden.)"""
-    compiled_steps = []
-
-    def compile_and_keep(*args, **kwargs):
-        compiled, seconds = compile_train_step(*args, **kwargs)
-        compiled_steps.append(compiled)
-        return compiled, seconds
-
-    compile_train_step = step.compile_train_step
-    monkeypatch.setattr(step, "compile_train_step", compile_and_keep)
+    compiled_steps = keep_compiled_steps(monkeypatch, step)
     argv = [*step_flags(tiny_tokenizer_dir), "--mesh", "data=2,fsdp=4", "--topology", "v3-8"]
     status, stdout, _ = run_plan([*argv, "--json"])
     assert status == 0
