@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None, objective: str = "clm") -> int:
         return 0
     # JAX and the models load only for a real run
     from flax_lm.train.distributed import Interrupted
-    from flax_lm.train.trainer import NonFiniteLoss, run
+    from flax_lm.train.progress import NonFiniteLoss
+    from flax_lm.train.trainer import run
 
     try:
         run(cfg, objective)

@@ -14,13 +14,11 @@ and never saved; the run stops (`NonFiniteLoss`) unless --skip_nonfinite_steps a
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -52,6 +50,13 @@ from flax_lm.train.metrics import (
 )
 from flax_lm.train.optim import warmup_steps
 from flax_lm.train.prepare import Prepared, prepare, run_dirs, run_identity
+from flax_lm.train.progress import (
+    NonFiniteLoss,
+    Progress,
+    RecentMetrics,
+    Throughput,
+    is_finite_step,
+)
 from flax_lm.train.runlock import LOCK_FILE, RunLock
 from flax_lm.train.step import (
     TrainState,
@@ -74,62 +79,6 @@ def cannot_write(output_dir: epath.Path, err: Exception) -> UserError:
     return UserError(f"--output_dir {output_dir} cannot be written: {one_line(err)}")
 
 
-class Throughput:
-    """Training tokens per second, timed between points where the device is known to be idle:
-    evaluation and checkpointing run `paused()`, and the first step (compilation finishing, caches
-    warming) is a lap that is not steady state."""
-
-    def __init__(self):
-        self.total_tokens, self.total_seconds, self.last_rate = 0, 0.0, 0.0
-        self.restart()
-
-    def restart(self) -> None:
-        self.start, self.tokens = time.perf_counter(), 0
-
-    def add(self, tokens: int) -> None:
-        self.tokens += tokens
-
-    def lap(self, steady: bool = True) -> None:
-        """The rate since the last lap; a steady one counts towards `steady_rate`."""
-        seconds = time.perf_counter() - self.start
-        if self.tokens:
-            self.last_rate = self.tokens / seconds
-            if steady:
-                self.total_tokens += self.tokens
-                self.total_seconds += seconds
-        self.restart()
-
-    @contextlib.contextmanager
-    def paused(self, state: TrainState) -> Iterator[None]:
-        """Time spent inside, once the step that made `state` has finished, is not training."""
-        jax.block_until_ready(state)
-        self.lap()
-        yield
-        self.restart()
-
-    @property
-    def steady_rate(self) -> float:
-        return self.total_tokens / self.total_seconds if self.total_seconds else self.last_rate
-
-
-class NonFiniteLoss(Exception):
-    """A step's loss or gradient was not finite, more often than --skip_nonfinite_steps allows."""
-
-
-@dataclass
-class Progress:
-    """What a checkpoint carries besides the state, so a resumed run reports the same numbers:
-    the sums behind train_loss and the steps skipped as non-finite."""
-
-    loss_sum: float = 0.0
-    num_targets: float = 0.0
-    skipped_steps: list[int] = field(default_factory=list)
-
-    @property
-    def loss(self) -> float:
-        return self.loss_sum / max(self.num_targets, 1.0)
-
-
 @dataclass
 class Training:
     """Where the training loop starts: the state (restored when resuming) and how it steps."""
@@ -137,41 +86,6 @@ class Training:
     state: TrainState
     parts: StepParts  # the optimizer, schedule and train step
     progress: Progress
-
-
-def is_finite_step(metrics: dict[str, Any]) -> bool:
-    return math.isfinite(float(metrics["loss_sum"])) and math.isfinite(float(metrics["grad_norm"]))
-
-
-class RecentMetrics:
-    """The metrics of the steps since the last train line. They stay on the device until a
-    logging or saving step fetches them (which waits for the device); fetched, each finite step
-    is added to `progress` and each non-finite one handed to `on_nonfinite`."""
-
-    def __init__(self, progress: Progress, on_nonfinite: Callable[[int, dict, Progress], None]):
-        self.progress, self.on_nonfinite = progress, on_nonfinite
-        self.pending: list[tuple[int, Any]] = []  # on the device
-        self.fetched: list[tuple[int, dict]] = []  # on the host
-
-    def add(self, step: int, metrics: Any) -> None:
-        self.pending.append((step, metrics))
-
-    def fetch(self) -> None:
-        fetched = jax.device_get(self.pending)
-        self.pending = []
-        for step, metrics in fetched:
-            if is_finite_step(metrics):
-                self.progress.loss_sum += float(metrics["loss_sum"])
-                self.progress.num_targets += float(metrics["num_targets"])
-            else:
-                self.on_nonfinite(step, metrics, self.progress)
-        self.fetched += fetched
-
-    def take(self) -> list[tuple[int, dict]]:
-        """Every step's metrics since the last take, fetched."""
-        self.fetch()
-        taken, self.fetched = self.fetched, []
-        return taken
 
 
 class Trainer:
