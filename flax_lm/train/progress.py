@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import jax
+import numpy as np
 
 from flax_lm.train.step import TrainState
 
@@ -80,10 +82,13 @@ def is_finite_step(metrics: dict[str, Any]) -> bool:
 class RecentMetrics:
     """The metrics of the steps since the last train line. They stay on the device until a
     logging or saving step fetches them (which waits for the device); fetched, each finite step
-    is added to `progress` and each non-finite one handed to `on_nonfinite`."""
+    is added to `progress`, and each non-finite one (its update was not applied) is skipped, up
+    to `skip_limit` steps in the run, or stops it."""
 
-    def __init__(self, progress: Progress, on_nonfinite: Callable[[int, dict, Progress], None]):
-        self.progress, self.on_nonfinite = progress, on_nonfinite
+    def __init__(
+        self, progress: Progress, skip_limit: int, last_checkpoint: Callable[[], Any]
+    ):
+        self.progress, self.skip_limit, self.last_checkpoint = progress, skip_limit, last_checkpoint
         self.pending: list[tuple[int, Any]] = []  # on the device
         self.fetched: list[tuple[int, dict]] = []  # on the host
 
@@ -98,7 +103,7 @@ class RecentMetrics:
                 self.progress.loss_sum += float(metrics["loss_sum"])
                 self.progress.num_targets += float(metrics["num_targets"])
             else:
-                self.on_nonfinite(step, metrics, self.progress)
+                self.skip_nonfinite(step, metrics)
         self.fetched += fetched
 
     def take(self) -> list[tuple[int, dict]]:
@@ -106,3 +111,52 @@ class RecentMetrics:
         self.fetch()
         taken, self.fetched = self.fetched, []
         return taken
+
+    def skip_nonfinite(self, step: int, metrics: dict) -> None:
+        """Count a step whose update was not applied; stop once more than allowed."""
+        progress = self.progress
+        progress.skipped_steps.append(step)
+        limit = self.skip_limit
+        what = (
+            f"non-finite loss ({float(metrics['loss_sum'])}) or gradient norm "
+            f"({float(metrics['grad_norm'])}) at step {step}"
+        )
+        if len(progress.skipped_steps) <= limit:
+            print(
+                f"warning: {what}: its update was skipped "
+                f"({len(progress.skipped_steps)} of --skip_nonfinite_steps {limit})",
+                file=sys.stderr,
+            )
+            return
+        if limit:
+            steps = ", ".join(map(str, progress.skipped_steps))
+            what += f", more than --skip_nonfinite_steps {limit} (steps {steps})"
+        last_checkpoint = self.last_checkpoint()
+        saved = (
+            f"the last good checkpoint is {last_checkpoint}"
+            if last_checkpoint
+            else "no checkpoint was saved before it"
+        )
+        raise NonFiniteLoss(
+            f"{what}: stopped; {saved} (resume from it with a lower --learning_rate or more "
+            "warmup, or let --skip_nonfinite_steps skip such steps)"
+        )
+
+
+def train_record(
+    step: int, fetched: list[tuple[int, dict]], throughput: Throughput, epoch: float
+) -> dict[str, Any]:
+    """The train line of the steps fetched since the last one (skipped steps left out); the
+    throughput's lap ends here."""
+    throughput.lap()
+    good = [metrics for _, metrics in fetched if is_finite_step(metrics)]
+    loss_sum = sum(float(m["loss_sum"]) for m in good)
+    num_targets = sum(float(m["num_targets"]) for m in good)
+    return {
+        "step": step,
+        "epoch": round(epoch, 4),
+        "loss": loss_sum / max(num_targets, 1.0) if good else math.nan,
+        "learning_rate": float(fetched[-1][1]["learning_rate"]),
+        "grad_norm": float(np.mean([m["grad_norm"] for m in good])) if good else math.nan,
+        "tokens_per_second": round(throughput.last_rate, 1),
+    }

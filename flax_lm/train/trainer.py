@@ -15,7 +15,6 @@ and never saved; the run stops (`NonFiniteLoss`) unless --skip_nonfinite_steps a
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -51,11 +50,10 @@ from flax_lm.train.metrics import (
 from flax_lm.train.optim import warmup_steps
 from flax_lm.train.prepare import Prepared, prepare, run_dirs, run_identity
 from flax_lm.train.progress import (
-    NonFiniteLoss,
     Progress,
     RecentMetrics,
     Throughput,
-    is_finite_step,
+    train_record,
 )
 from flax_lm.train.runlock import LOCK_FILE, RunLock
 from flax_lm.train.step import (
@@ -99,7 +97,7 @@ class Trainer:
         self.evaluation: Evaluation | None = None  # its eval step compiled at the first one
         self.eval_samples = 0  # this process's
         self.eval_batches: int | None = None  # eval batches of the run, with several data shards
-        self.last_checkpoint: epath.Path | None = None  # the newest checkpoint saved (or resumed from)
+        self.last_checkpoint: epath.Path | None = None  # the newest saved (or resumed from)
         self.hub: HubPusher | None = None  # with --push_to_hub, on process 0
         self.locks: list[RunLock] = []  # of output_dir (and checkpoint_dir), on process 0
 
@@ -280,7 +278,9 @@ class Trainer:
             return state, None, last_eval
         last_eval: dict[str, Any] = {}
         tokens_per_step = self.prepared.global_batch_size * self.prepared.seq_len
-        recent = RecentMetrics(progress, self.skip_nonfinite)
+        recent = RecentMetrics(
+            progress, self.cfg.skip_nonfinite_steps, last_checkpoint=lambda: self.last_checkpoint
+        )
         signals = StopSignals(several_processes=jax.process_count() > 1)
         with signals, self.train_batches(start) as batches:
             batch = next(batches)
@@ -295,7 +295,9 @@ class Trainer:
                     jax.block_until_ready(state)
                     throughput.lap(steady=False)
                 if self.is_logging_step(step):
-                    log.train(self.train_record(step, recent.take(), throughput, batches))
+                    log.train(
+                        train_record(step, recent.take(), throughput, self.epoch(step, batches))
+                    )
                 if self.is_eval_step(step):
                     with throughput.paused(state):
                         last_eval = self.evaluate(state.params, step, log)
@@ -375,34 +377,6 @@ class Trainer:
             manager.wait_until_finished()
         self.hub.push_in_background(step, self.last_checkpoint)
 
-    def skip_nonfinite(self, step: int, metrics: dict, progress: Progress) -> None:
-        """Count a step whose update was not applied; stop once more than allowed."""
-        progress.skipped_steps.append(step)
-        limit = self.cfg.skip_nonfinite_steps
-        what = (
-            f"non-finite loss ({float(metrics['loss_sum'])}) or gradient norm "
-            f"({float(metrics['grad_norm'])}) at step {step}"
-        )
-        if len(progress.skipped_steps) <= limit:
-            print(
-                f"warning: {what}: its update was skipped "
-                f"({len(progress.skipped_steps)} of --skip_nonfinite_steps {limit})",
-                file=sys.stderr,
-            )
-            return
-        if limit:
-            steps = ", ".join(map(str, progress.skipped_steps))
-            what += f", more than --skip_nonfinite_steps {limit} (steps {steps})"
-        saved = (
-            f"the last good checkpoint is {self.last_checkpoint}"
-            if self.last_checkpoint
-            else "no checkpoint was saved before it"
-        )
-        raise NonFiniteLoss(
-            f"{what}: stopped; {saved} (resume from it with a lower --learning_rate or more "
-            "warmup, or let --skip_nonfinite_steps skip such steps)"
-        )
-
     def save_checkpoint(
         self, manager, state: TrainState, step: int, batches: Prefetcher, progress: Progress
     ) -> None:
@@ -416,28 +390,10 @@ class Trainer:
         checkpoint.save(manager, state, meta)
         self.last_checkpoint = epath.Path(manager.directory) / str(step)
 
-    def train_record(
-        self,
-        step: int,
-        fetched: list[tuple[int, dict]],
-        throughput: Throughput,
-        batches: Prefetcher,
-    ) -> dict[str, Any]:
-        """The train line of the steps fetched since the last one (skipped steps left out)."""
-        throughput.lap()
-        good = [metrics for _, metrics in fetched if is_finite_step(metrics)]
-        loss_sum = sum(float(m["loss_sum"]) for m in good)
-        num_targets = sum(float(m["num_targets"]) for m in good)
+    def epoch(self, step: int, batches: Prefetcher) -> float:
+        """The epoch reached after `step` (of a stream: its least advanced data shard's)."""
         steps_per_epoch = self.prepared.train_batches.steps_per_epoch
-        epoch = step / steps_per_epoch if steps_per_epoch else stream_epoch(batches.state())
-        return {
-            "step": step,
-            "epoch": round(epoch, 4),
-            "loss": loss_sum / max(num_targets, 1.0) if good else math.nan,
-            "learning_rate": float(fetched[-1][1]["learning_rate"]),
-            "grad_norm": float(np.mean([m["grad_norm"] for m in good])) if good else math.nan,
-            "tokens_per_second": round(throughput.last_rate, 1),
-        }
+        return step / steps_per_epoch if steps_per_epoch else stream_epoch(batches.state())
 
     # ------------------------------------------------------------------------------- eval
 
