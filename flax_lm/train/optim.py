@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import jax.numpy as jnp
 import optax
@@ -25,6 +26,22 @@ def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
     if cfg.warmup_steps >= 1:
         return int(cfg.warmup_steps)
     return math.ceil(total_steps * (cfg.warmup_steps or cfg.warmup_ratio))
+
+
+def warn_about_warmup(cfg: TrainConfig, total_steps: int) -> None:
+    """Warn (on stderr) about warmup flags that do not do what they seem to."""
+    if cfg.lr_scheduler_type == "constant" and (cfg.warmup_steps or cfg.warmup_ratio):
+        print(
+            "warning: --lr_scheduler_type constant has no warmup (as in Hugging Face's "
+            "Trainer): use --lr_scheduler_type constant_with_warmup to warm up",
+            file=sys.stderr,
+        )
+    if warmup_steps(cfg, total_steps) > total_steps:  # only a step count can be (a ratio is <= 1)
+        print(
+            f"warning: --warmup_steps {cfg.warmup_steps} is longer than training "
+            f"({total_steps} steps): the learning rate never reaches its peak",
+            file=sys.stderr,
+        )
 
 
 def inverse_sqrt_schedule(peak: float, timescale: int) -> optax.Schedule:

@@ -10,12 +10,16 @@ the data position and the sums behind train_loss; batches, MLM masks, dropout an
 rate all derive from (seed, step). SIGTERM or SIGINT saves a checkpoint at the next step
 boundary and stops (`Interrupted`). A step whose loss or gradient is not finite is never applied
 and never saved; the run stops (`NonFiniteLoss`) unless --skip_nonfinite_steps allows skipping it.
+
+This module is the run's order of events only. What it calls lives where it can be read on its
+own: joining several processes and the stop signals in distributed.py, the model-ready batches in
+data/feed.py, the evaluation loop in evaluation.py, the throughput and metrics counting in
+progress.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -47,7 +51,7 @@ from flax_lm.train.metrics import (
     start_wandb,
     write_json,
 )
-from flax_lm.train.optim import warmup_steps
+from flax_lm.train.optim import warn_about_warmup
 from flax_lm.train.prepare import Prepared, prepare, run_dirs, run_identity
 from flax_lm.train.progress import (
     Progress,
@@ -104,7 +108,8 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         self.graphdef, params = build_params(self.prepared, self.mesh)
         training = self.start_training(params) if self.cfg.do_train else None
-        self.warn_about_warmup()
+        if self.cfg.do_train:
+            warn_about_warmup(self.cfg, self.prepared.total_steps)
         if self.cfg.push_to_hub and self.is_main:  # fails now, not after training
             token = self.cfg.hub_token or self.cfg.token
             repo_id = prepare_hub_repo(
@@ -155,23 +160,6 @@ class Trainer:
         return results
 
     # ------------------------------------------------------------------------------ setup
-
-    def warn_about_warmup(self) -> None:
-        cfg, total = self.cfg, self.prepared.total_steps
-        if not cfg.do_train:
-            return
-        if cfg.lr_scheduler_type == "constant" and (cfg.warmup_steps or cfg.warmup_ratio):
-            print(
-                "warning: --lr_scheduler_type constant has no warmup (as in Hugging Face's "
-                "Trainer): use --lr_scheduler_type constant_with_warmup to warm up",
-                file=sys.stderr,
-            )
-        if warmup_steps(cfg, total) > total:  # only a step count can be (a ratio is <= 1)
-            print(
-                f"warning: --warmup_steps {cfg.warmup_steps} is longer than training "
-                f"({total} steps): the learning rate never reaches its peak",
-                file=sys.stderr,
-            )
 
     def start_output_dir(self) -> None:
         """Create output_dir and take its lock (every process fails if another run holds it);
