@@ -1,8 +1,8 @@
 """Self-attention, and which implementation computes it on which backend.
 
-The models hold an implementation NAME, chosen once by `choose_attention` from the platform and
-the compute dtype (or named by the user, `--attn_implementation`); only this module knows what a
-name means:
+The models hold an implementation NAME, chosen once by `choose_attention` from the platform's
+entry in flax_lm/backend.py and the compute dtype (or named by the user, `--attn_implementation`);
+only this module knows what a name means:
 
 - "reference": einsums with float32 logits and softmax, causal attention computed in query blocks
   against their key prefixes (`dot_product_attention`), dropout with layers.keep_mask. The CPU's
