@@ -15,7 +15,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import assert_one_line_error, raises_user_error, snapshot, training_fails_cleanly
+from conftest import (
+    Background,
+    assert_one_line_error,
+    raises_user_error,
+    snapshot,
+    training_fails_cleanly,
+)
 
 from flax_lm.train.cli import main
 
@@ -397,29 +403,6 @@ def run_command(command: list[str], **env: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_script_and_console_command_print_exactly_one_line(
-    bad_files, code_corpus, tiny_tokenizer_dir, tmp_path
-):
-    flags = valid_flags("clm", code_corpus, tiny_tokenizer_dir, tmp_path / "a")
-    flags["--train_file"] = [bad_files["latin1_txt"]]
-    script = run_command([sys.executable, "run_clm_flax.py", *as_argv(flags)])
-    assert_one_line_error(script, bad_files["latin1_txt"], "UTF-8")
-    console = [sys.executable, "-m", "flax_lm.cli", "run-mlm"]
-    flag = run_command([*console, "--output_dir", str(tmp_path / "b"), "--block_size", "64"])
-    assert_one_line_error(flag, "unrecognized", "'--block_size'")
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
-
-
-def test_resuming_a_damaged_checkpoint_prints_exactly_one_line(copied_run):
-    flags, out = copied_run
-    damage(out / "checkpoints" / "2", "array data")
-    before = snapshot(out)
-    argv = as_argv({**flags, "--resume_from_checkpoint": []})
-    done = run_command([sys.executable, "run_clm_flax.py", *argv])
-    assert_one_line_error(done, f"checkpoint {out / 'checkpoints' / '2'}", "damaged")
-    assert snapshot(out) == before
-
-
 # The script run with huggingface_hub's waits between retries cut to nothing: its requests and
 # retries stay real (and so do the warnings they print), only the ~25 s of back-off is skipped.
 WITHOUT_BACKOFF = """
@@ -438,17 +421,71 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def test_an_unreachable_hub_is_one_line(code_corpus, tiny_tokenizer_dir, tmp_path):
+HUB_UNREACHABLE = {"HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0",
+                   "HF_ENDPOINT": "http://127.0.0.1:9"}  # fmt: skip
+
+
+@pytest.fixture(scope="module", autouse=True)
+def in_background(request, tmp_path_factory) -> dict[str, tuple[Background, Path]]:
+    """The commands of the one-line tests that need no earlier run, started with this module's
+    first test so that they run while its in-process tests do (see conftest.Background).
+    name -> (the command, the folder it may write into)."""
+    selected = {getattr(item, "originalname", None) for item in request.session.items}
+    wanted = {"script": "test_script_and_console_command_print_exactly_one_line",
+              "console": "test_script_and_console_command_print_exactly_one_line",
+              "hub": "test_an_unreachable_hub_is_one_line"}  # fmt: skip
+    started = {}
+    for name, test in wanted.items():
+        if test not in selected:
+            continue
+        root = tmp_path_factory.mktemp(f"one_line_{name}")
+        env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+        if name == "console":
+            command = ["-m", "flax_lm.cli", "run-mlm", "--output_dir", str(root / "out"),
+                       "--block_size", "64"]  # fmt: skip
+        else:
+            code_corpus = request.getfixturevalue("code_corpus")
+            tokenizer = request.getfixturevalue("tiny_tokenizer_dir")
+            flags = valid_flags("clm", code_corpus, tokenizer, root / "out")
+            if name == "script":
+                flags["--train_file"] = [request.getfixturevalue("bad_files")["latin1_txt"]]
+                command = ["run_clm_flax.py", *as_argv(flags)]
+            else:
+                flags.update({"--dataset_name": ["wikitext"], "--train_file": None,
+                              "--validation_file": None})  # fmt: skip
+                command = ["-c", WITHOUT_BACKOFF, "run_clm_flax.py", *as_argv(flags)]
+                env.update(HUB_UNREACHABLE, HF_HOME=str(root / "hf_home"))
+        process = Background([sys.executable, *command], root / "logs", env=env, cwd=REPO)
+        started[name] = (process, root)
+    yield started
+    for process, _ in started.values():
+        process.kill()
+
+
+def test_script_and_console_command_print_exactly_one_line(in_background, bad_files):
+    script, script_root = in_background["script"]
+    console, console_root = in_background["console"]
+    assert_one_line_error(script.result(), bad_files["latin1_txt"], "UTF-8")
+    assert_one_line_error(console.result(), "unrecognized", "'--block_size'")
+    assert not (script_root / "out").exists() and not (console_root / "out").exists()
+
+
+def test_an_unreachable_hub_is_one_line(in_background):
     """No network: the hub endpoint is a closed local port, so every request is refused (after
     huggingface_hub's retries, whose warnings stay hidden)."""
-    env = {"HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9",
-           "HF_HOME": str(tmp_path / "hf_home")}  # fmt: skip
-    flags = valid_flags("clm", code_corpus, tiny_tokenizer_dir, tmp_path / "out")
-    flags.update({"--dataset_name": ["wikitext"], "--train_file": None, "--validation_file": None})
-    command = [sys.executable, "-c", WITHOUT_BACKOFF, "run_clm_flax.py", *as_argv(flags)]
-    done = run_command(command, **env)
-    assert_one_line_error(done, "dataset 'wikitext'", "Couldn't reach")
-    assert not (tmp_path / "out").exists()
+    hub, root = in_background["hub"]
+    assert_one_line_error(hub.result(), "dataset 'wikitext'", "Couldn't reach")
+    assert not (root / "out").exists()
+
+
+def test_resuming_a_damaged_checkpoint_prints_exactly_one_line(copied_run):
+    flags, out = copied_run
+    damage(out / "checkpoints" / "2", "array data")
+    before = snapshot(out)
+    argv = as_argv({**flags, "--resume_from_checkpoint": []})
+    done = run_command([sys.executable, "run_clm_flax.py", *argv])
+    assert_one_line_error(done, f"checkpoint {out / 'checkpoints' / '2'}", "damaged")
+    assert snapshot(out) == before
 
 
 # -------------------------------------------------------------------------------- security

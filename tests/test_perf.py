@@ -40,7 +40,7 @@ def bench_scripts(request, tmp_path_factory) -> dict[str, tuple[Background, Path
     """The benchmark scripts of this module's selected tests, started together with its first
     test, so they also overlap the in-process tests (see Background). Test name -> (script, its
     folder)."""
-    selected = {item.originalname for item in request.session.items}
+    selected = {getattr(item, "originalname", None) for item in request.session.items}
     started = {}
     for test, args in BENCH_SCRIPTS.items():
         if test in selected:
