@@ -521,11 +521,11 @@ def test_a_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(
     out = tmp_path / "diverged"
     argv = reference_flags_and(clm_reference, out, "--save_steps", "2")
     _, stderr = run_in_process(argv, "clm", status=1)
-    assert stderr.strip().splitlines()[-1] == (
-        "error: non-finite loss (nan) or gradient norm (nan) at step 3: stopped; the last good "
-        f"checkpoint is {out / 'checkpoints' / '2'} (resume from it with a lower "
-        "--learning_rate or more warmup, or let --skip_nonfinite_steps skip such steps)"
-    )
+    last = stderr.strip().splitlines()[-1]  # after the run's own lines: what stopped it, and how
+    assert last.startswith("error: "), stderr[-3000:]  # to go on (the last good checkpoint)
+    for name in ("non-finite", "step 3", str(out / "checkpoints" / "2"), "--learning_rate",
+                 "--skip_nonfinite_steps"):  # fmt: skip
+        assert name in last, (name, last)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["2"]
     arrays = checkpoint_arrays(out / "checkpoints" / "2")
     assert all(np.isfinite(a).all() for a in arrays.values() if a.dtype.kind == "f")
