@@ -43,7 +43,7 @@ from flax_lm.train.args import TrainConfig, parse_config
 from flax_lm.train.build import build_params, fresh_params, model_shapes
 from flax_lm.train.optim import make_training_optimizer
 from flax_lm.train.prepare import prepare_model
-from flax_lm.train.step import init_state, make_mesh
+from flax_lm.train.step import init_state, make_mesh, state_shapes
 
 runs, resume_step, tiny = json.loads(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[3])
 for objective, argv in runs:
@@ -53,7 +53,7 @@ for objective, argv in runs:
 def restored(directory, step, mesh):
     optimizer = make_training_optimizer(TrainConfig(weight_decay=0.01), optax.constant_schedule(
         1e-3), params)  # the structure of the runs' optimizer state
-    like = init_state(params, optimizer, 0, mesh)
+    like = state_shapes(params, optimizer, 0, mesh)  # restored onto it, nothing made first
     manager = checkpoint.open_manager(Path(directory), create=False)
     try:
         return checkpoint.restore(manager, step, like)[0]
@@ -69,9 +69,13 @@ def bytes_per_device(tree):
     return max(held.values())
 
 
+def whole_bytes(tree):
+    return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
 report = {}
 fsdp_checkpoints = sys.argv[4]
-params = nnx.split(create_model(GPT2Config(**tiny["clm"])), nnx.Param)[1]
+params = nnx.split(nnx.eval_shape(lambda: create_model(GPT2Config(**tiny["clm"]))), nnx.Param)[1]
 # The tiny CLM model's checkpoint restored onto three meshes: the values must not change.
 states = {spec: restored(fsdp_checkpoints, resume_step, make_mesh(spec=spec))
           for spec in ("data=2,fsdp=4", "fsdp=8", "data=8")}
@@ -84,11 +88,12 @@ report["restored_equal"] = {
 report["restored_shards"] = {
     spec: [list(leaf.addressable_shards[0].data.shape) for leaf in jax.tree.leaves(state)
            if leaf.shape == (2, 32, 128)] for spec, state in states.items()}
-# Parameters + AdamW state of a small GPT-2, replicated vs fully sharded over 8 devices.
+# Parameters + AdamW state of a small GPT-2: whole (what each device holds replicated) and
+# the most any device holds fully sharded over 8 devices.
 params = nnx.split(create_model(GPT2Config(**tiny["memory"])), nnx.Param)[1]
 report["bytes_per_device"] = {
-    spec: bytes_per_device(init_state(params, optax.adamw(1e-3), 0, make_mesh(spec=spec)))
-    for spec in ("data=8", "fsdp=8")}
+    "data=8": whole_bytes(state_shapes(params, optax.adamw(1e-3), 0, make_mesh(spec="data=8"))),
+    "fsdp=8": bytes_per_device(init_state(params, optax.adamw(1e-3), 0, make_mesh(spec="fsdp=8")))}
 # A fresh model made by the runs' jitted initializer on two meshes, and what creating one
 # holds on each device with fsdp=8 (its shards plus the initializer's temporaries).
 prepared = prepare_model(parse_config(runs[0][1], "clm"), "clm", 8)
@@ -100,7 +105,7 @@ mesh = make_mesh(spec="fsdp=8")
 shapes = nnx.split(model_shapes(memory_model, mesh), nnx.Param)[1]
 creation = fresh_params(memory_model, mesh, shapes).lower().compile().memory_analysis()
 report["creation_bytes"] = {
-    "whole": sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(shapes)),
+    "whole": whole_bytes(shapes),
     "outputs": creation.output_size_in_bytes, "temporaries": creation.temp_size_in_bytes}
 Path(sys.argv[5]).write_text(json.dumps(report))
 """
