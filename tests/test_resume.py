@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import Background
+from conftest import Background, assert_one_line_error
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.utils import stringify_path
 from safetensors.numpy import load_file
@@ -260,11 +260,10 @@ def test_a_second_run_in_the_same_output_dir_is_refused(clm_reference, tmp_path,
             time.sleep(0.1)
         assert paused.exists(), first.communicate()[1][-3000:]  # paused after step KILL_AFTER
         for flags in ([], ["--overwrite_output_dir"]):
-            assert main([*argv, *flags], objective=objective) == 2
+            status = main([*argv, *flags], objective=objective)
             captured = capsys.readouterr()
-            lines = captured.err.strip().splitlines()
-            assert len(lines) == 1 and captured.out == "", captured
-            assert f"--output_dir {out} is in use by another run (pid {first.pid} on " in lines[0]
+            assert_one_line_error((status, captured.err), f"--output_dir {out}", str(first.pid))
+            assert captured.out == ""
     finally:
         go.touch()
         _, stderr = first.communicate(timeout=300)
@@ -539,9 +538,10 @@ def test_a_learning_rate_of_1e30_stops_the_run_before_saving_nan(clm_reference, 
     argv = reference_flags_and(clm_reference, out, "--save_steps", "1",
                                "--learning_rate", "1e30", "--warmup_steps", "0")  # fmt: skip
     _, stderr = run_in_process(argv, "clm", status=1)
-    message = stderr.strip().splitlines()[-1]
-    assert message.startswith("error: non-finite loss") and " at step 2: stopped" in message
-    assert f"the last good checkpoint is {out / 'checkpoints' / '1'}" in message
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), stderr[-3000:]
+    for name in ("non-finite", "step 2", str(out / "checkpoints" / "1")):
+        assert name in last, (name, last)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["1"]
 
 

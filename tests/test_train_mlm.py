@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import raises_user_error
 from safetensors.numpy import load_file
 
 from flax_lm.train.cli import main
@@ -132,7 +133,6 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(mlm_run, tmp_path):
 
 
 def test_find_checkpoint_forms(mlm_run, tmp_path):
-    from flax_lm.errors import UserError
     from flax_lm.train.checkpoint import find_checkpoint, read_meta
 
     out, _ = mlm_run
@@ -144,5 +144,5 @@ def test_find_checkpoint_forms(mlm_run, tmp_path):
     meta = read_meta(root, 4)
     assert meta["step"] == 4 and meta["objective"] == "mlm" and meta["global_batch_size"] == 8
     assert meta["data"] == {"epoch": 0, "batch_in_epoch": 4}
-    with pytest.raises(UserError, match="no checkpoint to resume from"):
+    with raises_user_error("checkpoint", "resume"):
         find_checkpoint("latest", tmp_path)  # a run's checkpoints dir with nothing saved yet
