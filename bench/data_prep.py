@@ -8,11 +8,15 @@ Hugging Face's run_clm.py recipe (`load_dataset`, a tokenize `map`, a `group_tex
 The corpus is the Python standard library's source repeated into 8 .txt files under --work_dir
 (one example per line, as both read .txt files), with 5% held out for validation as both do.
 Each preparation runs in a fresh process with an empty `datasets` cache; this process samples
-the memory of that process and all its children every 50 ms (the sum of their proportional set
-sizes, PSS: pages shared by forked workers counted once). Sizes are measured in
-turn, flax-lm then Hugging Face, so both see the same machine load. Prints MB/s (corpus bytes
-over the preparation's wall time, imports excluded), the CPU seconds of the whole process tree
-(imports included: steadier than wall time on a shared machine) and the tree's peak memory.
+the memory of that process and all its children every 50 ms from /proc/PID/smaps_rollup, summed
+over the tree as proportional set sizes (PSS: pages shared by forked workers counted once), in
+two parts: anonymous memory (what the processes allocate: the figure that must not grow with the
+corpus) and file pages (the memory-mapped Arrow cache files and the shared libraries: page cache
+the kernel can drop and read again). Sizes are measured in turn, flax-lm then Hugging Face, so
+both see the same machine load. Prints MB/s (corpus bytes over the preparation's wall time,
+imports excluded), the CPU seconds of the whole process tree (imports included: steadier than
+wall time on a shared machine) and the tree's peak memory: all of its PSS, its anonymous part
+and its file part (each the peak of its own sum, so the parts need not add up to the whole).
 """
 
 from __future__ import annotations
@@ -124,6 +128,21 @@ def worker(args) -> None:
     print(json.dumps({"seconds": time.perf_counter() - started, "blocks": blocks}))
 
 
+def tree_memory(root: psutil.Process) -> dict[str, int]:
+    """Bytes of PSS, anonymous PSS and file-backed PSS, summed over `root` and its children."""
+    total = {"Pss": 0, "Pss_Anon": 0, "Pss_File": 0}
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            with open(f"/proc/{process.pid}/smaps_rollup") as rollup:
+                for line in rollup:
+                    name, _, rest = line.partition(":")
+                    if name in total:
+                        total[name] += int(rest.split()[0]) * 1024
+        except (FileNotFoundError, ProcessLookupError):  # a worker ended meanwhile
+            pass
+    return total
+
+
 def measure(recipe: str, corpus: Path, tokenizer: Path, cache: Path, args) -> dict:
     """Run one preparation in a fresh process; its seconds, blocks and peak tree memory."""
     shutil.rmtree(cache, ignore_errors=True)
@@ -132,13 +151,13 @@ def measure(recipe: str, corpus: Path, tokenizer: Path, cache: Path, args) -> di
                "--tokenizer", str(tokenizer), "--cache", str(cache),
                "--num_proc", str(args.num_proc), "--block_size", str(args.block_size)]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    root, peak = psutil.Process(process.pid), 0
+    root, peak = psutil.Process(process.pid), {"Pss": 0, "Pss_Anon": 0, "Pss_File": 0}
     while process.poll() is None:
         try:
-            tree = [root, *root.children(recursive=True)]
-            peak = max(peak, sum(p.memory_full_info().pss for p in tree if p.is_running()))
-        except psutil.Error:  # a worker ended between listing and reading
-            pass
+            now = tree_memory(root)
+        except psutil.Error:  # the process ended between polling and listing
+            continue
+        peak = {name: max(value, now[name]) for name, value in peak.items()}
         time.sleep(0.05)
     stdout, stderr = process.communicate()
     if process.returncode:
@@ -146,7 +165,8 @@ def measure(recipe: str, corpus: Path, tokenizer: Path, cache: Path, args) -> di
     shutil.rmtree(cache, ignore_errors=True)
     cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = sum(getattr(cpu_after, f) - getattr(cpu_before, f) for f in ("ru_utime", "ru_stime"))
-    return {**json.loads(stdout.strip().splitlines()[-1]), "peak_memory_mb": peak / 1e6,
+    return {**json.loads(stdout.strip().splitlines()[-1]), "peak_memory_mb": peak["Pss"] / 1e6,
+            "peak_anonymous_mb": peak["Pss_Anon"] / 1e6, "peak_file_mb": peak["Pss_File"] / 1e6,
             "cpu_seconds_whole_process": cpu}
 
 
@@ -166,7 +186,7 @@ def main() -> None:
     tokenizer = train_tokenizer(work / "tokenizer")
     results = []
     print("corpus MB | recipe | seconds | MB/s | CPU s (whole process) | peak memory MB (PSS) | "
-          "train blocks | load avg")
+          "peak anonymous MB | peak file pages MB | train blocks | load avg")
     for megabytes in args.megabytes:
         corpus = work / f"corpus-{megabytes}MB"
         size = write_corpus(corpus, megabytes) if not corpus.exists() else sum(
@@ -179,7 +199,8 @@ def main() -> None:
             results.append(result)
             print(f"{size / 1e6:.0f} | {recipe} | {result['seconds']:.1f} | "
                   f"{result['mb_per_s']:.2f} | {result['cpu_seconds_whole_process']:.1f} | "
-                  f"{result['peak_memory_mb']:,.0f} | "
+                  f"{result['peak_memory_mb']:,.0f} | {result['peak_anonymous_mb']:,.0f} | "
+                  f"{result['peak_file_mb']:,.0f} | "
                   f"{result['blocks']['train']:,} | {load:.1f}", flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n")

@@ -39,6 +39,11 @@ LOADER_BY_EXTENSION = {
 DOCUMENT_LOADER = "document"
 TEXT_LOADERS = ("text", DOCUMENT_LOADER, "json", "csv")  # loaders whose files must be UTF-8 text
 READ_CHUNK_BYTES = 1 << 20
+# Rows per Arrow record batch in the cache of local files: each chunk a loader reads (10 MB of
+# text at most) is written as one record batch instead of one per 1,000 rows, so opening the
+# cache reads a message header every chunk, not every few kilobytes (each such read maps the
+# pages around it into the process: the whole cache for short lines)
+CACHE_BATCH_ROWS = 1_000_000
 PARQUET_CONVERSION = "refs/convert/parquet"  # the Hub's Parquet copy of a dataset
 SCRIPT_ROUTES = (
     f"its Hub Parquet conversion (--dataset_revision {PARQUET_CONVERSION}), a Parquet corpus "
@@ -303,6 +308,7 @@ def _load_local_files(specs, streaming, cache_dir, keep_linebreaks, num_proc=Non
                 streaming=streaming,
                 cache_dir=cache_dir,
                 num_proc=None if streaming or len(files) == 1 else num_proc,
+                writer_batch_size=CACHE_BATCH_ROWS,
                 **options,
             )
     except datasets.exceptions.DatasetGenerationError as err:

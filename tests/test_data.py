@@ -6,6 +6,7 @@ import itertools
 import json
 import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -212,6 +213,31 @@ def test_blocks_are_cut_per_run_of_documents_by_any_number_of_workers(
         cfg = make_cfg(block_size=16, preprocessing_num_workers=workers, overwrite_cache=True)
         blocks = tokenize_splits(raw, tokenizer, cfg, "clm")["train"]
         assert list(blocks["input_ids"]) == expected
+
+
+def test_packing_is_handed_bounded_batches_and_blocks_stay_on_disk(
+    lines_file, tokenizer, monkeypatch
+):
+    """Preparation memory does not grow with the corpus: packing is handed one batch of
+    RUNS_PER_BATCH runs of PACK_DOCUMENTS documents at a time, never the whole split, and the
+    blocks are written to the datasets cache (memory-mapped), not kept in memory."""
+    monkeypatch.setattr(tokenization, "PACK_DOCUMENTS", 10)
+    monkeypatch.setattr(tokenization, "RUNS_PER_BATCH", 3)
+    pack, handed = tokenization._document_blocks, []
+
+    def recording(batch, **kwargs):
+        handed.append(len(batch["text"]))
+        return pack(batch, **kwargs)
+
+    monkeypatch.setattr(tokenization, "_document_blocks", recording)
+    raw = load_raw_splits(make_cfg(train_file=[str(lines_file)], do_eval=False))
+    cfg = make_cfg(block_size=16, overwrite_cache=True)
+    blocks = tokenize_splits(raw, tokenizer, cfg, "clm")["train"]
+    documents = len(raw["train"])
+    assert documents > 10 * 30
+    assert max(handed) == 30 and sum(handed) == documents
+    assert len(blocks) > 0 and blocks.cache_files
+    assert all(Path(cached["filename"]).is_file() for cached in blocks.cache_files)
 
 
 def test_eos_between_documents(code_splits, tokenizer):

@@ -23,8 +23,14 @@ def _cut_into_blocks(
 
 def _document_blocks(
     batch: dict[str, list], tokenize: Callable, fn_kwargs: dict[str, Any], block_size: int,
-    special_ids: list[int] | None,
+    special_ids: list[int] | None, run_documents: int,
 ) -> dict[str, np.ndarray]:
-    """The batch's documents tokenized and cut into blocks (remainder dropped)."""
+    """The batch's documents tokenized and cut into blocks, each run of `run_documents` documents
+    on its own (its remainder dropped)."""
     token_lists = tokenize(batch, **fn_kwargs)["input_ids"]
-    return _cut_into_blocks(token_lists, np.zeros(0, np.int32), block_size, special_ids)[0]
+    runs = [
+        _cut_into_blocks(token_lists[start : start + run_documents], np.zeros(0, np.int32),
+                         block_size, special_ids)[0]  # fmt: skip
+        for start in range(0, len(token_lists), run_documents)
+    ]
+    return {key: np.concatenate([run[key] for run in runs]) for key in runs[0]}

@@ -14,6 +14,10 @@ from flax_lm.train.data.splits import Split, _map
 from flax_lm.train.data.stream import StreamExamples
 
 PACK_DOCUMENTS = 1_000  # map-style: documents tokenized and cut into blocks together
+# map-style: runs of PACK_DOCUMENTS in one `map` batch, whose blocks go to the cache as one
+# Arrow record batch of about a megabyte: opening the cache then reads one message header per
+# megabyte, not one every few kilobytes (each maps the pages around it into the process)
+RUNS_PER_BATCH = 16
 
 
 def tokenize_splits(
@@ -26,9 +30,10 @@ def tokenize_splits(
     "input_ids" and "special_tokens_mask" blocks of documents encoded as `<s> ... </s>`, or with
     line_by_line one `<s> line </s>` example per non-empty line, truncated and always padded to
     max_seq_length, so shapes stay static ("input_ids", "attention_mask", "special_tokens_mask").
-    A map-style split is tokenized and cut in runs of PACK_DOCUMENTS documents, each by one of
-    `preprocessing_num_workers` processes and written to the cache as it goes (memory does not
-    grow with the corpus), each run dropping its remainder as HF's group_texts does; a stream is
+    A map-style split is tokenized and cut in runs of PACK_DOCUMENTS documents (RUNS_PER_BATCH
+    runs at a time), each by one of `preprocessing_num_workers` processes and written to the cache
+    as it goes (memory does not grow with the corpus), each run dropping its remainder as HF's
+    group_texts does; a stream is
     tokenized as it is read and cut as one token stream (`StreamExamples`).
     Then train keeps its first `max_train_samples` examples and validation its first
     `max_eval_samples`, as HF's run_clm.py / run_mlm.py cut them after grouping (each of
@@ -60,11 +65,11 @@ def tokenize_splits(
             )
             continue
         if line_by_line:
-            function, kwargs = tokenize, fn_kwargs
+            function, kwargs, batch_size = tokenize, fn_kwargs, PACK_DOCUMENTS
         else:
-            function = _document_blocks
+            function, batch_size = _document_blocks, PACK_DOCUMENTS * RUNS_PER_BATCH
             kwargs = {"tokenize": tokenize, "fn_kwargs": fn_kwargs, "block_size": length,
-                      "special_ids": special_ids}  # fmt: skip
+                      "special_ids": special_ids, "run_documents": PACK_DOCUMENTS}  # fmt: skip
         examples = _map(
             split,
             cfg,
@@ -72,7 +77,7 @@ def tokenize_splits(
             fn_kwargs=kwargs,
             remove_columns=["text"],
             features=_example_features(columns, length, special_ids),
-            batch_size=PACK_DOCUMENTS,
+            batch_size=batch_size,
             desc=f"tokenizing {name}" + ("" if line_by_line else f" into blocks of {length}"),
         )
         if len(examples) == 0:
