@@ -112,6 +112,9 @@ def prepare_hugging_face(files: list[str], tokenizer, cache: str, num_proc: int,
     return {name: len(split) for name, split in blocks.items()}
 
 
+RECIPES = {"flax-lm": prepare_flax_lm, "hugging-face": prepare_hugging_face}
+
+
 def worker(args) -> None:
     sys.path.insert(0, str(REPO))
     import datasets
@@ -120,7 +123,7 @@ def worker(args) -> None:
     datasets.disable_progress_bars()
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     files = sorted(str(p) for p in Path(args.corpus).iterdir())
-    prepare = {"flax-lm": prepare_flax_lm, "hugging-face": prepare_hugging_face}[args.worker]
+    prepare = RECIPES[args.worker]
     if args.worker == "flax-lm":  # its imports (jax among them) are not preparation time
         import flax_lm.train.data.tokenize  # noqa: F401
     started = time.perf_counter()
@@ -173,6 +176,7 @@ def measure(recipe: str, corpus: Path, tokenizer: Path, cache: Path, args) -> di
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--megabytes", type=int, nargs="+", default=[100, 200])
+    parser.add_argument("--recipes", nargs="+", choices=RECIPES, default=list(RECIPES))
     parser.add_argument("--num_proc", type=int, default=2)
     parser.add_argument("--block_size", type=int, default=512)
     parser.add_argument("--work_dir", default="/tmp/flax_lm_data_prep")
@@ -191,7 +195,7 @@ def main() -> None:
         corpus = work / f"corpus-{megabytes}MB"
         size = write_corpus(corpus, megabytes) if not corpus.exists() else sum(
             p.stat().st_size for p in corpus.iterdir())
-        for recipe in ("flax-lm", "hugging-face"):
+        for recipe in args.recipes:
             load = psutil.getloadavg()[0]
             result = measure(recipe, corpus, tokenizer, work / "cache", args)
             result.update(recipe=recipe, corpus_mb=size / 1e6, mb_per_s=size / 1e6 / result["seconds"],
