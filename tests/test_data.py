@@ -223,13 +223,13 @@ def test_packing_is_handed_bounded_batches_and_blocks_stay_on_disk(
     blocks are written to the datasets cache (memory-mapped), not kept in memory."""
     monkeypatch.setattr(tokenization, "PACK_DOCUMENTS", 10)
     monkeypatch.setattr(tokenization, "RUNS_PER_BATCH", 3)
-    pack, handed = tokenization._document_blocks, []
+    pack, handed = tokenization.document_blocks, []
 
     def recording(batch, **kwargs):
         handed.append(len(batch["text"]))
         return pack(batch, **kwargs)
 
-    monkeypatch.setattr(tokenization, "_document_blocks", recording)
+    monkeypatch.setattr(tokenization, "document_blocks", recording)
     raw = load_raw_splits(make_cfg(train_file=[str(lines_file)], do_eval=False))
     cfg = make_cfg(block_size=16, overwrite_cache=True)
     blocks = tokenize_splits(raw, tokenizer, cfg, "clm")["train"]

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 
-def _cut_into_blocks(
+def cut_into_blocks(
     token_lists: list[list[int]], carry: np.ndarray, block_size: int, special_ids: list[int] | None
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """(blocks, tokens left over): `carry` and the token lists, concatenated and cut into rows of
@@ -21,7 +21,7 @@ def _cut_into_blocks(
     return blocks, ids[usable:]
 
 
-def _document_blocks(
+def document_blocks(
     batch: dict[str, list], tokenize: Callable, fn_kwargs: dict[str, Any], block_size: int,
     special_ids: list[int] | None, run_documents: int,
 ) -> dict[str, np.ndarray]:
@@ -29,7 +29,7 @@ def _document_blocks(
     on its own (its remainder dropped)."""
     token_lists = tokenize(batch, **fn_kwargs)["input_ids"]
     runs = [
-        _cut_into_blocks(token_lists[start : start + run_documents], np.zeros(0, np.int32),
+        cut_into_blocks(token_lists[start : start + run_documents], np.zeros(0, np.int32),
                          block_size, special_ids)[0]  # fmt: skip
         for start in range(0, len(token_lists), run_documents)
     ]

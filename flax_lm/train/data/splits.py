@@ -98,7 +98,9 @@ def _keep_documents_with_keywords(split: Split, cfg, name: str) -> Split:
     if not cfg.filter_keywords:
         return split
     keywords = tuple(cfg.filter_keywords)
-    kept = _map(split, cfg, _contains_any_keyword, fn_kwargs={"keywords": keywords}, keep_rows=True)
+    kept = batched_map(
+        split, cfg, _contains_any_keyword, fn_kwargs={"keywords": keywords}, keep_rows=True
+    )
     if isinstance(split, Dataset):
         seen, matched = len(split), len(kept)
         scope = f"{seen} {name} documents"
@@ -115,7 +117,9 @@ def _keep_documents_with_keywords(split: Split, cfg, name: str) -> Split:
     return kept
 
 
-def _map(split: Split, cfg, function: Callable, *, keep_rows: bool = False, **kwargs) -> Split:
+def batched_map(
+    split: Split, cfg, function: Callable, *, keep_rows: bool = False, **kwargs
+) -> Split:
     """Batched `map` (`filter` with keep_rows): parallel and cached for a Dataset, lazy for a
     stream."""
     if isinstance(split, Dataset):

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from datasets import IterableDataset
 
-from flax_lm.train.data.packing import _cut_into_blocks
+from flax_lm.train.data.packing import cut_into_blocks
 
 Batch = dict[str, np.ndarray]
 
@@ -51,7 +51,7 @@ class StreamExamples:
         tokens = self.tokenize({"text": texts}, **self.fn_kwargs)
         if self.block_size is None:
             return _rows({key: np.asarray(value, np.int32) for key, value in tokens.items()}), carry
-        blocks, carry = _cut_into_blocks(
+        blocks, carry = cut_into_blocks(
             tokens["input_ids"], carry, self.block_size, self.special_ids
         )
         return _rows(blocks), carry

@@ -9,8 +9,8 @@ from datasets import Dataset, Features, IterableDataset, List, Value
 
 from flax_lm.corpus import first_examples
 from flax_lm.errors import UserError
-from flax_lm.train.data.packing import _document_blocks
-from flax_lm.train.data.splits import Split, _map
+from flax_lm.train.data.packing import document_blocks
+from flax_lm.train.data.splits import Split, batched_map
 from flax_lm.train.data.stream import StreamExamples
 
 PACK_DOCUMENTS = 1_000  # map-style: documents tokenized and cut into blocks together
@@ -67,10 +67,10 @@ def tokenize_splits(
         if line_by_line:
             function, kwargs, batch_size = tokenize, fn_kwargs, PACK_DOCUMENTS
         else:
-            function, batch_size = _document_blocks, PACK_DOCUMENTS * RUNS_PER_BATCH
+            function, batch_size = document_blocks, PACK_DOCUMENTS * RUNS_PER_BATCH
             kwargs = {"tokenize": tokenize, "fn_kwargs": fn_kwargs, "block_size": length,
                       "special_ids": special_ids, "run_documents": PACK_DOCUMENTS}  # fmt: skip
-        examples = _map(
+        examples = batched_map(
             split,
             cfg,
             function,
