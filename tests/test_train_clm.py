@@ -7,12 +7,12 @@ import contextlib
 import io
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import Background
 
 from flax_lm.train.cli import main
 
@@ -173,17 +173,34 @@ def test_gradient_accumulation_equals_the_full_batch(clm_run, tmp_path):
     assert_same_losses(read_metrics(out), read_metrics(accumulated))
 
 
-@pytest.mark.slow
-def test_eight_devices_equal_one_device_in_a_subprocess(clm_run, tmp_path):
-    """./run_clm_flax.py as a real subprocess, on 8 host devices of batch 1 each."""
-    out, argv, _ = clm_run
-    sharded = tmp_path / "sharded"
-    argv = [a if a != str(out) else str(sharded) for a in argv]
+@pytest.fixture(scope="module", autouse=True)
+def eight_devices(request, tmp_path_factory) -> tuple[Background, Path] | None:
+    """./run_clm_flax.py as a real subprocess on 8 host devices of batch 1 each, started with this
+    module's first test so that it runs while the in-process ones do (see conftest.Background):
+    (the process, its output_dir), or None when its test is not selected."""
+    test = "test_eight_devices_equal_one_device_in_a_subprocess"
+    if test not in {getattr(item, "originalname", None) for item in request.session.items}:
+        yield None
+        return
+    root = tmp_path_factory.mktemp("eight_devices")
+    argv = clm_argv(request.getfixturevalue("code_corpus"),
+                    request.getfixturevalue("tiny_tokenizer_dir"), root / "sharded",
+                    request.getfixturevalue("jax_cache"))  # fmt: skip
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
            "JAX_PLATFORMS": "cpu"}  # fmt: skip
     script_argv = [*argv, "--per_device_train_batch_size", "1", "--per_device_eval_batch_size", "2"]
-    done = subprocess.run([sys.executable, str(REPO / "run_clm_flax.py"), *script_argv],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    command = [sys.executable, str(REPO / "run_clm_flax.py"), *script_argv]
+    process = Background(command, root / "logs", cwd=root, env=env)
+    yield process, root / "sharded"
+    process.kill()
+
+
+@pytest.mark.slow
+def test_eight_devices_equal_one_device_in_a_subprocess(clm_run, eight_devices):
+    """./run_clm_flax.py as a real subprocess, on 8 host devices of batch 1 each."""
+    out, _, _ = clm_run
+    process, sharded = eight_devices
+    done = process.result()
     assert done.returncode == 0, done.stderr[-3000:]
     assert "train: 10 steps" in done.stdout
     assert_same_losses(read_metrics(out), read_metrics(sharded))
