@@ -18,6 +18,7 @@ import logging
 import re
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -97,7 +98,9 @@ def quiet_abandoned_reads() -> Iterator[None]:
     an unraisable exception, and asyncio logs the tasks left pending. Inside this context those
     exceptions are dropped and asyncio's log is silenced. On a failure it waits until the
     abandoned reads have been quiet for ABANDONED_READS_QUIET_S (at most
-    ABANDONED_READS_MAX_WAIT_S); then, failed or not, the previous hook and log level are back."""
+    ABANDONED_READS_MAX_WAIT_S); then, failed or not, the previous hook and log level are back.
+    A read slower than that wait can still end later (on a loaded machine, at exit): after a
+    failure asyncio's log keeps a filter that drops only records about orbax's own tasks."""
     previous_hook = sys.unraisablehook
     asyncio_log = logging.getLogger("asyncio")
     previous_level = asyncio_log.level
@@ -108,6 +111,7 @@ def quiet_abandoned_reads() -> Iterator[None]:
         yield
     except BaseException:
         wait_until_quiet(dropped)
+        asyncio_log.addFilter(drop_orbax_task_reports)
         raise
     finally:
         sys.unraisablehook = previous_hook
@@ -126,6 +130,17 @@ def without_closed_loop_errors(hook: Callable, dropped: list[float]) -> Callable
             hook(unraisable)
 
     return filtered
+
+
+def drop_orbax_task_reports(record: logging.LogRecord) -> bool:
+    """A filter for asyncio's log: False for its reports of orbax's tasks ("Task exception was
+    never retrieved", "Task was destroyed but it is pending"), whose repr or traceback runs
+    through orbax's code; every other record passes."""
+    if "/orbax/" in record.getMessage():
+        return False
+    error = record.exc_info[1] if record.exc_info else None
+    frames = traceback.extract_tb(error.__traceback__) if error is not None else []
+    return not any("/orbax/" in frame.filename for frame in frames)
 
 
 def wait_until_quiet(dropped: list[float]) -> None:
