@@ -30,7 +30,7 @@ import importlib.util
 import os
 import pkgutil
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,7 +99,7 @@ class Machine:
 
 def this_machine(environ: Mapping[str, str]) -> Machine:
     """This machine's accelerators and JAX plugins, found without loading any of them."""
-    tpu_chips = False
+    tpu_chips = bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))  # TPU devices
     for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
         device = Path(vendor).with_name("device")
         try:
@@ -140,3 +140,20 @@ def startup_platform(environ: Mapping[str, str], machine: Machine | None = None)
     if machine.amd_gpu and machine.rocm_plugin:
         return "rocm"
     return "cpu"
+
+
+def skip_unused_tpu_plugin(
+    environ: MutableMapping[str, str], machine: Machine | None = None
+) -> bool:
+    """Set JAX_PLATFORMS=cpu where libtpu is installed (`jax[tpu]`, as the tests' install has
+    it) but the machine has no TPU: JAX would load libtpu first anyway, which prints warnings
+    about the TPU it cannot find and takes /tmp/libtpu_lockfile before JAX falls back to the
+    same CPU backend. An explicit JAX_PLATFORMS, or a TPU or GPU that JAX would use, is left
+    alone. Returns whether it set it."""
+    if "JAX_PLATFORMS" in environ:
+        return False
+    machine = this_machine(environ) if machine is None else machine
+    if not machine.libtpu or startup_platform(environ, machine) != "cpu":
+        return False
+    environ["JAX_PLATFORMS"] = "cpu"
+    return True

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
+from flax_lm.backend import skip_unused_tpu_plugin
 from flax_lm.errors import EXIT_USAGE
 from flax_lm.hostmem import MODEL_COMMANDS, reexec_with_huge_pages
 
@@ -44,8 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         print(f"error: unknown command {name!r}{hint}; run `flax-lm --help`", file=sys.stderr)
         return EXIT_USAGE
-    if from_command_line and name in MODEL_COMMANDS:
-        reexec_with_huge_pages()
+    if from_command_line:
+        skip_unused_tpu_plugin(os.environ)
+        if name in MODEL_COMMANDS:
+            reexec_with_huge_pages()
     module = importlib.import_module(COMMANDS[name][0])
     if name in ("run-clm", "run-mlm"):
         return module.main(rest, objective=name.split("-")[1])

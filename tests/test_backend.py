@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from types import SimpleNamespace
 
 import jax
@@ -16,7 +17,7 @@ import optax
 import pytest
 from flax import nnx
 
-from flax_lm.backend import Machine, device_platform, startup_platform
+from flax_lm.backend import Machine, device_platform, skip_unused_tpu_plugin, startup_platform
 from flax_lm.train.objectives import CausalLM
 from flax_lm.train.step import TrainState, make_train_step
 
@@ -98,3 +99,19 @@ def test_one_microbatch_steps_alike_with_or_without_the_accumulation_loop():
                          jax.tree.leaves((direct, direct_metrics)), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
     assert not np.allclose(direct.params["table"]["embedding"], params["table"]["embedding"])
+
+
+@pytest.mark.parametrize("environ, machine, skipped", [
+    ({}, {"libtpu": True}, True),  # jax[tpu] on a CPU machine: JAX would end on the CPU anyway
+    ({}, {}, False),  # nothing to skip
+    ({}, {"libtpu": True, "tpu_chips": True}, False),
+    ({}, {"libtpu": True, "nvidia_gpu": True, "cuda_plugin": True}, False),
+    ({"JAX_PLATFORMS": ""}, {"libtpu": True}, False),  # the user's choice, even an empty one
+    ({"JAX_PLATFORMS": "tpu"}, {"libtpu": True}, False),
+])  # fmt: skip
+def test_an_installed_libtpu_is_skipped_only_where_jax_would_start_on_the_cpu(
+    environ, machine, skipped
+):
+    before = dict(environ)
+    assert skip_unused_tpu_plugin(environ, replace(CPU_ONLY, **machine)) is skipped
+    assert environ == ({**before, "JAX_PLATFORMS": "cpu"} if skipped else before)

@@ -6,8 +6,10 @@ Exit status: 0 done, 2 bad input (one `error:` line), 1 stopped on a non-finite 
 
 from __future__ import annotations
 
+import os
 import sys
 
+from flax_lm.backend import skip_unused_tpu_plugin
 from flax_lm.errors import EXIT_INTERRUPTED, report_user_errors
 from flax_lm.hostmem import reexec_with_huge_pages
 from flax_lm.train.args import OBJECTIVES, config_yaml, parse_config
@@ -21,6 +23,7 @@ def main(argv: list[str] | None = None, objective: str = "clm") -> int:
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     if argv is None:  # run_clm_flax.py / run_mlm_flax.py as commands (flax-lm does it itself)
+        skip_unused_tpu_plugin(os.environ)
         reexec_with_huge_pages()
     cfg = parse_config(sys.argv[1:] if argv is None else argv, objective)
     if cfg.print_config:
