@@ -199,20 +199,27 @@ def test_blocks_are_cut_per_run_of_documents_by_any_number_of_workers(
     lines_file, tokenizer, monkeypatch
 ):
     """A map-style split is tokenized and cut in one pass, in runs of PACK_DOCUMENTS documents
-    (each run's remainder dropped, as HF's group_texts does), which any number of
-    preprocessing_num_workers share: two workers give the blocks one gives."""
+    from its first one (each run's remainder dropped, as HF's group_texts does), whatever the
+    number of preprocessing_num_workers: workers take a piece of the split at a time, each a
+    multiple of workers * PACK_DOCUMENTS documents, and the last few documents in one worker."""
     monkeypatch.setattr(tokenization, "PACK_DOCUMENTS", 50)
+    monkeypatch.setattr(tokenization, "TEXT_BYTES_PER_WORKER", 4_000)
     raw = load_raw_splits(make_cfg(train_file=[str(lines_file)], do_eval=False))
     documents = list(raw["train"]["text"])
-    assert len(documents) > 4 * 50
+    assert len(documents) > 4 * 50 and len(documents) % 100
+    pieces = tokenization._pieces(raw["train"], 2, 50)
+    assert [row for rows, _ in pieces for row in rows] == list(range(len(documents)))
+    assert len(pieces) > 2 and all(len(rows) % 100 == 0 for rows, _ in pieces[:-1])
+    assert pieces[-1][1] == 1 and len(pieces[-1][0]) < 100
     expected = []
     for start in range(0, len(documents), 50):
         tokens = flat(encode(tokenizer, documents[start : start + 50]))
         expected += [tokens[i : i + 16] for i in range(0, len(tokens) // 16 * 16, 16)]
-    for workers in (None, 2):
+    for workers in (2, 3, None):
         cfg = make_cfg(block_size=16, preprocessing_num_workers=workers, overwrite_cache=True)
         blocks = tokenize_splits(raw, tokenizer, cfg, "clm")["train"]
         assert list(blocks["input_ids"]) == expected
+        assert len(blocks.cache_files) > (2 if workers else 0)  # several pieces, each cached
 
 
 def test_packing_is_handed_bounded_batches_and_blocks_stay_on_disk(

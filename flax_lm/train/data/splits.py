@@ -120,14 +120,13 @@ def _keep_documents_with_keywords(split: Split, cfg, name: str) -> Split:
 def batched_map(
     split: Split, cfg, function: Callable, *, keep_rows: bool = False, **kwargs
 ) -> Split:
-    """Batched `map` (`filter` with keep_rows): parallel and cached for a Dataset, lazy for a
-    stream."""
+    """Batched `map` (`filter` with keep_rows): parallel (in `num_proc` processes, by default
+    preprocessing_num_workers) and cached for a Dataset, lazy for a stream."""
     if isinstance(split, Dataset):
-        kwargs.update(
-            num_proc=cfg.preprocessing_num_workers,
-            load_from_cache_file=not cfg.overwrite_cache,
-        )
+        kwargs.setdefault("num_proc", cfg.preprocessing_num_workers)
+        kwargs.update(load_from_cache_file=not cfg.overwrite_cache)
     else:
         kwargs.pop("desc", None)
+        kwargs.pop("num_proc", None)
     apply = split.filter if keep_rows else split.map
     return apply(function, batched=True, **kwargs)

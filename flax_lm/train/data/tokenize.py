@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from datasets import Dataset, Features, IterableDataset, List, Value
+from datasets import Dataset, Features, IterableDataset, List, Value, concatenate_datasets
 
 from flax_lm.corpus import first_examples
 from flax_lm.errors import UserError
@@ -18,6 +18,10 @@ PACK_DOCUMENTS = 1_000  # map-style: documents tokenized and cut into blocks tog
 # Arrow record batch of about a megabyte: opening the cache then reads one message header per
 # megabyte, not one every few kilobytes (each maps the pages around it into the process)
 RUNS_PER_BATCH = 16
+# map-style with workers: text each worker reads in one `map` of a piece of the split. A worker
+# reads its rows through a memory map of the text cache, and every page it reads stays in that
+# map until the worker ends; ending the workers after each piece keeps those pages bounded
+TEXT_BYTES_PER_WORKER = 32 << 20
 
 
 def tokenize_splits(
@@ -30,11 +34,12 @@ def tokenize_splits(
     "input_ids" and "special_tokens_mask" blocks of documents encoded as `<s> ... </s>`, or with
     line_by_line one `<s> line </s>` example per non-empty line, truncated and always padded to
     max_seq_length, so shapes stay static ("input_ids", "attention_mask", "special_tokens_mask").
-    A map-style split is tokenized and cut in runs of PACK_DOCUMENTS documents (RUNS_PER_BATCH
-    runs at a time), each by one of `preprocessing_num_workers` processes and written to the cache
-    as it goes (memory does not grow with the corpus), each run dropping its remainder as HF's
-    group_texts does; a stream is
-    tokenized as it is read and cut as one token stream (`StreamExamples`).
+    A map-style split is tokenized and cut in runs of PACK_DOCUMENTS documents from its first
+    one (RUNS_PER_BATCH runs at a time), each run dropping its remainder as HF's group_texts does,
+    the same runs with any number of `preprocessing_num_workers`; the workers take a piece of the
+    split at a time (`_pieces`) and write their blocks to the cache as they go, so memory does
+    not grow with the corpus. A stream is tokenized as it is read and cut as one token stream
+    (`StreamExamples`).
     Then train keeps its first `max_train_samples` examples and validation its first
     `max_eval_samples`, as HF's run_clm.py / run_mlm.py cut them after grouping (each of
     `num_shards` data shards its first 1/num_shards of them).
@@ -70,20 +75,49 @@ def tokenize_splits(
             function, batch_size = document_blocks, PACK_DOCUMENTS * RUNS_PER_BATCH
             kwargs = {"tokenize": tokenize, "fn_kwargs": fn_kwargs, "block_size": length,
                       "special_ids": special_ids, "run_documents": PACK_DOCUMENTS}  # fmt: skip
-        examples = batched_map(
-            split,
-            cfg,
-            function,
-            fn_kwargs=kwargs,
-            remove_columns=["text"],
-            features=_example_features(columns, length, special_ids),
-            batch_size=batch_size,
-            desc=f"tokenizing {name}" + ("" if line_by_line else f" into blocks of {length}"),
-        )
+        desc = f"tokenizing {name}" + ("" if line_by_line else f" into blocks of {length}")
+        run = 1 if line_by_line else PACK_DOCUMENTS
+        pieces = _pieces(split, cfg.preprocessing_num_workers, run)
+        examples = concatenate_datasets([
+            batched_map(
+                split.select(rows) if len(pieces) > 1 else split,
+                cfg,
+                function,
+                num_proc=workers,
+                fn_kwargs=kwargs,
+                remove_columns=["text"],
+                features=_example_features(columns, length, special_ids),
+                batch_size=batch_size,
+                desc=desc + (f" ({index + 1}/{len(pieces)})" if len(pieces) > 1 else ""),
+            )
+            for index, (rows, workers) in enumerate(pieces)
+        ])  # fmt: skip
         if len(examples) == 0:
             raise UserError(_too_small_message(name, split, length, flag, line_by_line, kwargs))
         splits[name] = first_examples(examples, limit)
     return splits
+
+
+def _pieces(split: Dataset, workers: int | None, run: int) -> list[tuple[range, int | None]]:
+    """(rows, workers) of each `map` that tokenizes the split, one after another.
+
+    Without workers: the whole split in this process. With them: pieces of about
+    TEXT_BYTES_PER_WORKER of text per worker, each a multiple of workers * `run` rows so that
+    every worker's contiguous share starts on a run boundary, and the last few rows (fewer than
+    workers * run) in one worker: the split is cut into runs from its first document whatever
+    the number of workers.
+    """
+    if not workers:
+        return [(range(len(split)), None)]
+    table = split.data
+    row_bytes = max(1.0, table.nbytes / max(1, table.num_rows))
+    unit = workers * run
+    step = max(1, round(TEXT_BYTES_PER_WORKER * workers / row_bytes / unit)) * unit
+    aligned = len(split) // unit * unit
+    pieces = [(range(at, min(at + step, aligned)), workers) for at in range(0, aligned, step)]
+    if aligned < len(split):
+        pieces.append((range(aligned, len(split)), 1))
+    return pieces
 
 
 def _document_markers(tokenizer) -> tuple[int, int]:
