@@ -25,7 +25,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import jax.numpy as jnp
 import pytest
+from flax import nnx
+
+from flax_lm.models.output import OutputLayer
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
@@ -172,3 +176,22 @@ class Background:
     def kill(self) -> None:
         if self.process.poll() is None:
             self.process.kill()
+
+
+
+class Bigram(nnx.Module):
+    """A model with a real gradient that compiles in a moment: the next token's logits are a
+    learned row per current token, reached the way the objectives reach GPT-2's (`encode`,
+    then `output_layer`)."""
+
+    def __init__(self, vocab: int, seed: int = 0):
+        self.table = nnx.Embed(vocab, vocab, rngs=nnx.Rngs(seed))
+
+    def encode(self, input_ids, attention_mask, dropout_rng=None):
+        return self.table(input_ids)
+
+    def output_layer(self, hidden):
+        return OutputLayer(hidden, jnp.eye(hidden.shape[-1], dtype=hidden.dtype))
+
+    def __call__(self, input_ids, attention_mask, dropout_rng=None):
+        return self.output_layer(self.encode(input_ids, attention_mask)).logits()

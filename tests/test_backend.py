@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import Bigram
 from flax import nnx
 
 from flax_lm.backend import Machine, device_platform, skip_unused_tpu_plugin, startup_platform
@@ -73,18 +74,8 @@ def test_jax_devices_are_named_by_platform(platform, version, expected):
 VOCAB, ROWS, SEQ = 32, 4, 8
 
 
-class Bigram(nnx.Module):
-    """Logits of the next token from the current one: a real gradient, compiled in a moment."""
-
-    def __init__(self, rngs: nnx.Rngs):
-        self.table = nnx.Embed(VOCAB, VOCAB, rngs=rngs)
-
-    def __call__(self, input_ids, attention_mask, dropout_rng=None):
-        return self.table(input_ids)
-
-
 def test_one_microbatch_steps_alike_with_or_without_the_accumulation_loop():
-    graphdef, params = nnx.split(Bigram(nnx.Rngs(0)), nnx.Param)
+    graphdef, params = nnx.split(Bigram(VOCAB), nnx.Param)
     sgd = optax.sgd(1.0)
     ids = np.random.default_rng(0).integers(0, VOCAB, (1, ROWS, SEQ)).astype(np.int32)
     batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": ids}

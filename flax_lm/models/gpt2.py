@@ -47,6 +47,7 @@ from flax_lm.models.layers import (
     split_key,
     stacked,
 )
+from flax_lm.models.output import OutputLayer
 
 
 def check_config(config: GPT2Config) -> None:
@@ -102,11 +103,23 @@ class GPT2LMHeadModel(LanguageModel):
                  dropout_rng: jax.Array | None = None) -> jax.Array:
         """Logits [batch, seq, vocab] (float32). Positions are 0..seq-1, as transformers uses
         when no position_ids are given; `dropout_rng` None means eval mode."""
+        return self.output_layer(self.encode(input_ids, attention_mask,
+                                             dropout_rng=dropout_rng)).logits()
+
+    def encode(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
+               dropout_rng: jax.Array | None = None) -> jax.Array:
+        """The last hidden states [batch, seq, n_embd] after ln_f (compute dtype): what the
+        training loss takes, through `output_layer`, without whole logits."""
         length = input_ids.shape[1]
         self._check_length(length)
         mask = self_attention_mask(attention_mask, length, causal=True)
-        logits, _ = self._forward(input_ids, jnp.arange(length)[None], mask, dropout_rng)
-        return logits
+        hidden, _ = self._forward(input_ids, jnp.arange(length)[None], mask, dropout_rng)
+        return hidden
+
+    def output_layer(self, hidden: jax.Array) -> OutputLayer:
+        """The LM head for hidden states from `encode`: the tied wte (or own lm_head) table."""
+        head = self.wte if self.lm_head is None else self.lm_head
+        return OutputLayer(hidden, head.embedding[...])
 
     def init_cache(self, batch_size: int, max_length: int) -> dict[str, jax.Array]:
         """An empty key/value cache for `decode` (in the compute dtype)."""
@@ -127,9 +140,9 @@ class GPT2LMHeadModel(LanguageModel):
         mask = cache_attention_mask(attention_mask, query_positions, max_length)
         if position_ids is None:
             position_ids = query_positions[None]
-        logits, (keys, values) = self._forward(input_ids, position_ids, mask, None,
+        hidden, (keys, values) = self._forward(input_ids, position_ids, mask, None,
                                                (cache["key"], cache["value"]), index)
-        return logits, {"key": keys, "value": values, "index": index + length}
+        return self.output_layer(hidden).logits(), {"key": keys, "value": values, "index": index + length}
 
     def _check_length(self, length: int) -> None:
         if length > self.config.n_positions:
@@ -158,8 +171,7 @@ class GPT2LMHeadModel(LanguageModel):
 
         xs = (jnp.arange(config.n_layer), layer_keys, kv_cache)
         x, kv_cache = run_stacked(self.h, step, x, xs, scan=self.scan_layers, remat=self.remat)
-        head = self.wte if self.lm_head is None else self.lm_head
-        return head.attend(self.ln_f(x)), kv_cache
+        return self.ln_f(x), kv_cache
 
     def torch_layout(self) -> list[TorchTensor]:
         """Our parameters <-> GPT2LMHeadModel's state dict (Conv1D weights are [in, out] too)."""

@@ -170,12 +170,12 @@ class Embed(nnx.Module):
     def __call__(self, ids: jax.Array, dtype: Any) -> jax.Array:
         return jnp.take(self.embedding[...], ids, axis=0).astype(dtype)
 
-    def attend(self, x: jax.Array) -> jax.Array:
-        """x @ table.T with float32 accumulation and output: the tied LM head."""
-        if x.dtype == jnp.float32:
-            return jnp.einsum("...d,vd->...v", x, self.embedding[...],
-                              preferred_element_type=jnp.float32)
-        return low_precision_head(x, self.embedding[...])
+
+def vocab_logits(x: jax.Array, table: jax.Array) -> jax.Array:
+    """x @ table.T with float32 accumulation and output: the LM head (tied or not)."""
+    if x.dtype == jnp.float32:
+        return jnp.einsum("...d,vd->...v", x, table, preferred_element_type=jnp.float32)
+    return low_precision_head(x, table)
 
 
 @jax.custom_vjp

@@ -37,6 +37,7 @@ from flax_lm.models.layers import (
     split_key,
     stacked,
 )
+from flax_lm.models.output import OutputLayer
 
 
 def check_config(config: RobertaConfig) -> None:
@@ -87,10 +88,10 @@ class MaskedLMHead(nnx.Module):
         tied = config.tie_word_embeddings
         self.decoder = None if tied else Embed(config.vocab_size, width, decoder_key, std=std)
 
-    def __call__(self, x: jax.Array, word_embeddings: Embed) -> jax.Array:
+    def __call__(self, x: jax.Array, word_embeddings: Embed) -> OutputLayer:
         x = self.layer_norm(ACTIVATIONS["gelu"](self.dense(x)))
         decoder = word_embeddings if self.decoder is None else self.decoder
-        return decoder.attend(x) + self.bias[...]
+        return OutputLayer(x, decoder.embedding[...], self.bias[...])
 
 
 class RobertaForMaskedLM(LanguageModel):
@@ -120,8 +121,12 @@ class RobertaForMaskedLM(LanguageModel):
         return self.predict(self.encode(input_ids, attention_mask, dropout_rng=dropout_rng))
 
     def predict(self, hidden: jax.Array) -> jax.Array:
-        """The MLM head: logits (float32) for hidden states [..., hidden_size], e.g. only those
-        of the masked positions, which is all the MLM loss needs (see objectives.MaskedLM)."""
+        """The MLM head's logits (float32) for hidden states [..., hidden_size]."""
+        return self.output_layer(hidden).logits()
+
+    def output_layer(self, hidden: jax.Array) -> OutputLayer:
+        """The MLM head for hidden states [..., hidden_size], e.g. only those of the masked
+        positions, which is all the MLM loss needs (see objectives.MaskedLM)."""
         return self.lm_head(hidden, self.word_embeddings)
 
     def encode(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,

@@ -20,12 +20,16 @@ from typing import ClassVar, Protocol
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from flax_lm.errors import UserError
+from flax_lm.models.output import (
+    IGNORE_INDEX,
+    OutputLayer,
+    cross_entropy_sums,
+    token_cross_entropy,
+)
 from flax_lm.train.args import OBJECTIVES, check_range
 
-IGNORE_INDEX = -100  # label of a position that is not a target
 MASK_FRACTION = 0.8  # of the MLM targets: replaced by <mask>
 RANDOM_FRACTION = 0.1  # replaced by a random token; the remaining 10% stay unchanged
 
@@ -51,25 +55,28 @@ class Objective(Protocol):
         ...
 
 
-def token_cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, ...]:
-    """(cross-entropy, is_target, is_correct), each [batch, seq]; all 0 where labels == -100.
-
-    Non-targets are dropped with jnp.where on the logits and the loss, so NaN/inf logits in padding
-    rows reach neither the sums nor the logits' gradient.
-    """
-    is_target = labels != IGNORE_INDEX
-    logits = jnp.where(is_target[..., None], logits.astype(jnp.float32), 0.0)
-    safe_labels = jnp.where(is_target, labels, 0)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, safe_labels)
-    is_correct = is_target & (jnp.argmax(logits, axis=-1) == safe_labels)
-    return jnp.where(is_target, losses, 0.0), is_target, is_correct
-
-
 def summed_loss_terms(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
     losses, is_target, is_correct = token_cross_entropy(logits, labels)
     return {
         "loss_sum": losses.sum(),
         "num_targets": is_target.sum(dtype=jnp.float32),
+        "num_correct": is_correct.sum(dtype=jnp.float32),
+    }
+
+
+def summed_output_terms(
+    output: OutputLayer, labels: jax.Array, *, next_token: bool = False
+) -> dict[str, jax.Array]:
+    """`summed_loss_terms` of the output layer's logits (with `next_token`, of the logits but the
+    last against the labels but the first), made without holding them whole when they are large
+    (models/output.py)."""
+    is_target = labels != IGNORE_INDEX
+    loss_sum, is_correct = cross_entropy_sums(
+        output, labels, is_target.astype(jnp.float32), next_token=next_token
+    )
+    return {
+        "loss_sum": loss_sum,
+        "num_targets": (is_target[:, 1:] if next_token else is_target).sum(dtype=jnp.float32),
         "num_correct": is_correct.sum(dtype=jnp.float32),
     }
 
@@ -111,8 +118,13 @@ class CausalLM:
 
     def terms(self, model, batch: dict[str, jax.Array],
               dropout_rng: jax.Array | None = None) -> dict[str, jax.Array]:
-        logits = model(batch["input_ids"], batch["attention_mask"], dropout_rng=dropout_rng)
-        return self.loss_terms(logits, batch)
+        hidden = model.encode(batch["input_ids"], batch["attention_mask"],
+                              dropout_rng=dropout_rng)
+        return self.output_terms(model.output_layer(hidden), batch)
+
+    def output_terms(self, output: OutputLayer, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        """`loss_terms` of the output layer's logits, without them whole."""
+        return summed_output_terms(output, batch["labels"], next_token=True)
 
 
 @dataclass(frozen=True)
@@ -155,6 +167,24 @@ class KeytokenWeightedCLM(CausalLM):
         per_target = 1.0 / jnp.maximum(targets, 1.0)  # rows without targets add nothing
         return {
             "loss_sum": (batch["keytoken_weight"] * losses.sum(axis=1) * per_target).sum(),
+            "num_targets": (targets > 0).sum(dtype=jnp.float32),
+            "num_correct": (is_correct.sum(axis=1, dtype=jnp.float32) * per_target).sum(),
+        }
+
+    def output_terms(self, output: OutputLayer, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        """`loss_terms` without whole logits: the same weighted sum, each target weighted by its
+        row's keytoken_weight / targets (weights that do not depend on the parameters)."""
+        if "keytoken_weight" not in batch:
+            return super().output_terms(output, batch)
+        is_target = batch["labels"] != IGNORE_INDEX
+        targets = is_target[:, 1:].sum(axis=1, dtype=jnp.float32)
+        per_target = 1.0 / jnp.maximum(targets, 1.0)  # rows without targets add nothing
+        row_weight = batch["keytoken_weight"] * per_target
+        loss_sum, is_correct = cross_entropy_sums(
+            output, batch["labels"], is_target * row_weight[:, None], next_token=True
+        )
+        return {
+            "loss_sum": loss_sum,
             "num_targets": (targets > 0).sum(dtype=jnp.float32),
             "num_correct": (is_correct.sum(axis=1, dtype=jnp.float32) * per_target).sum(),
         }
@@ -266,18 +296,18 @@ class MaskedLM:
                               dropout_rng=dropout_rng)
         limit = self.max_targets(labels.shape[1])
         if limit >= labels.shape[1]:
-            return self.loss_terms(model.predict(hidden), batch)
+            return summed_output_terms(model.output_layer(hidden), labels)
         is_target = labels != IGNORE_INDEX
 
         def targets_only(hidden):
             order = jnp.argsort(~is_target, axis=1, stable=True)[:, :limit]
             picked = jnp.take_along_axis(hidden, order[..., None], axis=1)
-            return summed_loss_terms(model.predict(picked),
-                                     jnp.take_along_axis(labels, order, axis=1))
+            return summed_output_terms(model.output_layer(picked),
+                                       jnp.take_along_axis(labels, order, axis=1))
 
-        @jax.checkpoint  # keeps its [batch, seq, vocab] residuals out of the taken branch
+        @jax.checkpoint  # keeps its residuals out of the taken branch
         def every_position(hidden):
-            return summed_loss_terms(model.predict(hidden), labels)
+            return summed_output_terms(model.output_layer(hidden), labels)
 
         fits = is_target.sum(axis=1).max() <= limit
         return jax.lax.cond(fits, targets_only, every_position, hidden)

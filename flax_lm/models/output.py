@@ -1,0 +1,200 @@
+"""The output layer over the vocabulary, and its cross-entropy without [batch, seq, vocab] logits.
+
+A model's last features [batch, seq, width] meet the vocabulary only here: `OutputLayer` holds
+them with the table (and bias) they are multiplied by, `logits()` gives the float32 logits when
+something wants them whole (generation, fill-mask, the reference loss), and `cross_entropy_sums`
+gives the losses the training and eval steps need without ever holding the whole logits:
+
+- The sequence is cut into chunks of `chunk_length(seq, vocab)` positions, each chunk's logits
+  made, reduced and dropped before the next (a `lax.scan`): at most LOGITS_PER_CHUNK_ROW float32
+  logits per row exist at a time, instead of seq x vocab. With GPT-2's 50,257-token vocabulary at
+  512 positions that is 8 chunks of 64 positions: an eighth of the logits' memory.
+- Differentiated, the same pass also makes the gradients (the way fused linear cross-entropy
+  kernels do): each chunk's softmax minus one-hot, times the token weights, goes straight into
+  the gradient of the features and of the table, so no logits are kept for the backward pass and
+  none are recomputed. This works because the loss is a weighted SUM of per-token losses with
+  weights that do not depend on the parameters: the backward pass only scales what the forward
+  pass made by the loss's cotangent. The matmuls take the compute dtype with float32
+  accumulation, the softmax is float32, as in `layers.low_precision_head`.
+- Accuracy comes from the same reduction: a target counts as correct when its logit is the
+  row's maximum, which the log-sum-exp computes anyway, so the step has no separate argmax over
+  the vocabulary. (It differs from argmax only on exact ties with another token.)
+
+Rows whose logits fit in one chunk (e.g. an 8,192-token vocabulary at 512 positions) take the
+whole-logits loss, `token_cross_entropy`, and autodiff: XLA:CPU fuses its softmax gradient into
+the head's matmuls and its argmax into the softmax's maximum, which measured faster there than
+the hand-made gradient, and the memory is bounded anyway.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from flax_lm.models.layers import vocab_logits
+
+IGNORE_INDEX = -100  # label of a position that is not a target
+# Float32 logits a row holds at a time while the loss is computed (16 MiB): a sequence is cut
+# into power-of-two chunks of positions that stay under it (one chunk when the whole row fits).
+LOGITS_PER_CHUNK_ROW = 2**22
+MIN_CHUNK = 8  # positions: fewer would leave the vocabulary matmul too thin to run well
+
+
+class OutputLayer(NamedTuple):
+    """logits = features @ table.T (+ bias): features [..., width] in the compute dtype, the
+    float32 table [vocab, width] (the tied input embeddings or an own one) and bias [vocab]."""
+
+    features: jax.Array
+    table: jax.Array
+    bias: jax.Array | None = None
+
+    def logits(self) -> jax.Array:
+        """The float32 logits [..., vocab]."""
+        logits = vocab_logits(self.features, self.table)
+        return logits if self.bias is None else logits + self.bias
+
+
+def token_cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, ...]:
+    """(cross-entropy, is_target, is_correct), each [batch, seq], of whole logits; all 0 where
+    labels == IGNORE_INDEX. Correct means the argmax is the label.
+
+    Non-targets are dropped with jnp.where on the logits and the loss, so NaN/inf logits in padding
+    rows reach neither the sums nor the logits' gradient.
+    """
+    is_target = labels != IGNORE_INDEX
+    logits = jnp.where(is_target[..., None], logits.astype(jnp.float32), 0.0)
+    safe_labels = jnp.where(is_target, labels, 0)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, safe_labels)
+    is_correct = is_target & (jnp.argmax(logits, axis=-1) == safe_labels)
+    return jnp.where(is_target, losses, 0.0), is_target, is_correct
+
+
+def chunk_length(length: int, vocab_size: int) -> int:
+    """Positions per chunk: the whole row when its logits fit in LOGITS_PER_CHUNK_ROW, else the
+    largest power of two that does (at least MIN_CHUNK)."""
+    fits = LOGITS_PER_CHUNK_ROW // vocab_size
+    if length <= fits:
+        return length
+    return max(MIN_CHUNK, 1 << (max(fits, 1).bit_length() - 1))
+
+
+def cross_entropy_sums(
+    output: OutputLayer, labels: jax.Array, weights: jax.Array, *, next_token: bool = False
+) -> tuple[jax.Array, jax.Array]:
+    """(Σ weights x cross-entropy, is_correct) over the [batch, seq] positions.
+
+    labels: int [batch, seq], IGNORE_INDEX where a position is no target; weights: float32
+    [batch, seq], each target's weight in the sum (0 elsewhere), not differentiated. With
+    `next_token` (causal LM) the features at position t are scored against labels[:, t + 1] and
+    weights[:, t + 1]; the last position has no target. The sum is differentiable in the
+    features, table and bias; is_correct (bool [batch, seq or seq - 1]) is not. Logits of
+    non-targets are taken as zeros, so whatever garbage (NaN, inf) padding rows produce reaches
+    neither the sum nor the gradient of the logits.
+    """
+    length = output.features.shape[1]
+    weights = weights.astype(jnp.float32)
+    chunk = chunk_length(length, output.table.shape[0])
+    if chunk == length:  # logits that fit are left to autodiff, which XLA:CPU fuses better
+        logits = output.logits()
+        if next_token:
+            logits, labels, weights = logits[:, :-1], labels[:, 1:], weights[:, 1:]
+        losses, _, is_correct = token_cross_entropy(logits, labels)
+        return (weights * losses).sum(), is_correct
+    features = output.features
+    if next_token:  # shifting the labels, not the features, keeps the length a power of two
+        labels = jnp.pad(labels[:, 1:], ((0, 0), (0, 1)), constant_values=IGNORE_INDEX)
+        weights = jnp.pad(weights[:, 1:], ((0, 0), (0, 1)))
+    chunks = -(-length // chunk)
+    padding = chunks * chunk - length
+    if padding:  # a last partial chunk is filled with positions that are no target
+        features = jnp.pad(features, ((0, 0), (0, padding), (0, 0)))
+        labels = jnp.pad(labels, ((0, 0), (0, padding)), constant_values=IGNORE_INDEX)
+        weights = jnp.pad(weights, ((0, 0), (0, padding)))
+    loss, is_correct = _chunked_cross_entropy(
+        _chunked(features, chunks), output.table, output.bias, _chunked(labels, chunks),
+        _chunked(weights, chunks),
+    )
+    return loss, _unchunked(is_correct)[:, :length]
+
+
+def _chunked(x: jax.Array, chunks: int) -> jax.Array:
+    """[batch, seq, ...] -> [chunks, batch, seq / chunks, ...]: the batch axis keeps its place
+    (and its sharding); the scan walks the new leading axis."""
+    batch, length = x.shape[:2]
+    return jnp.swapaxes(x.reshape(batch, chunks, length // chunks, *x.shape[2:]), 0, 1)
+
+
+def _unchunked(x: jax.Array) -> jax.Array:
+    chunks, batch, chunk = x.shape[:3]
+    return jnp.swapaxes(x, 0, 1).reshape(batch, chunks * chunk, *x.shape[3:])
+
+
+def _softmax_terms(x, table, bias, labels):
+    """One chunk's logits, shifted by their row maximum (non-targets' zeroed), with their sum of
+    exponentials, safe labels, target mask, cross-entropies and correctness."""
+    is_target = labels != IGNORE_INDEX
+    logits = vocab_logits(x, table)
+    logits = jnp.where(is_target[..., None], logits if bias is None else logits + bias, 0.0)
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    sum_exp = jnp.exp(shifted).sum(axis=-1)
+    safe_labels = jnp.where(is_target, labels, 0)
+    label_logit = jnp.take_along_axis(shifted, safe_labels[..., None], axis=-1)[..., 0]
+    cross_entropy = jnp.where(is_target, jnp.log(sum_exp) - label_logit, 0.0)
+    return shifted, sum_exp, safe_labels, cross_entropy, is_target & (label_logit >= 0.0)
+
+
+@jax.custom_vjp
+def _chunked_cross_entropy(features, table, bias, labels, weights):
+    """Forward only (evaluation): the weighted sum and correctness, chunk by chunk."""
+
+    def body(loss, chunk):
+        x, chunk_labels, chunk_weights = chunk
+        *_, cross_entropy, correct = _softmax_terms(x, table, bias, chunk_labels)
+        return loss + (chunk_weights * cross_entropy).sum(), correct
+
+    return jax.lax.scan(body, jnp.zeros((), jnp.float32), (features, labels, weights))
+
+
+def _chunked_cross_entropy_forward(features, table, bias, labels, weights):
+    """The sum and correctness, and the sum's gradients made on the way (see the module)."""
+    compute = features.dtype
+    table_in_compute = table.astype(compute)
+
+    def body(carry, chunk):
+        loss, d_table, d_bias = carry  # d_bias None without a bias
+        x, chunk_labels, chunk_weights = chunk
+        shifted, sum_exp, safe_labels, cross_entropy, correct = _softmax_terms(
+            x, table, bias, chunk_labels
+        )
+        probabilities = jnp.exp(shifted) / sum_exp[..., None]
+        one_hot = jax.nn.one_hot(safe_labels, probabilities.shape[-1], dtype=jnp.float32)
+        d_logits = (probabilities - one_hot) * chunk_weights[..., None]
+        if bias is not None:
+            d_bias = d_bias + d_logits.sum(axis=(0, 1))
+        d_logits = d_logits.astype(compute).reshape(-1, d_logits.shape[-1])  # [tokens, vocab]
+        d_x = jnp.dot(d_logits, table_in_compute,
+                      preferred_element_type=jnp.float32).astype(compute).reshape(x.shape)
+        d_table = d_table + jnp.dot(d_logits.T, x.reshape(-1, x.shape[-1]),
+                                    preferred_element_type=jnp.float32)
+        loss = loss + (chunk_weights * cross_entropy).sum()
+        return (loss, d_table, d_bias), (correct, d_x)
+
+    start = (jnp.zeros((), jnp.float32), jnp.zeros(table.shape, jnp.float32),
+             None if bias is None else jnp.zeros(bias.shape, jnp.float32))
+    (loss, d_table, d_bias), (correct, d_features) = jax.lax.scan(
+        body, start, (features, labels, weights)
+    )
+    return (loss, correct), (d_features, d_table, d_bias)
+
+
+def _chunked_cross_entropy_backward(gradients, cotangents):
+    d_features, d_table, d_bias = gradients
+    scale = cotangents[0]  # the sum's; is_correct has none
+    return ((scale * d_features).astype(d_features.dtype), scale * d_table,
+            None if d_bias is None else scale * d_bias, None, None)
+
+
+_chunked_cross_entropy.defvjp(_chunked_cross_entropy_forward, _chunked_cross_entropy_backward)
