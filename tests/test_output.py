@@ -4,6 +4,10 @@ bfloat16, one chunk, several, and a padded last one; and the objectives built on
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -129,3 +133,50 @@ def test_gpt2_objectives_match_the_loss_of_its_logits(monkeypatch):
             scale = float(jnp.abs(want_grad).max())
             np.testing.assert_allclose(got_grad / scale, want_grad / scale,
                                        **TOLERANCES["float32"])
+
+
+SHARDED_SCRIPT = """
+import jax, jax.numpy as jnp, numpy as np
+from flax import nnx
+from flax.linen import logical_axis_rules
+from transformers import GPT2Config
+from flax_lm.models import create_model, output
+from flax_lm.train.objectives import CausalLM
+from flax_lm.train.step import LOGICAL_AXIS_RULES, batch_sharding, make_mesh, state_sharding
+
+output.LOGITS_PER_CHUNK_ROW = 16 * 128  # 4 chunks of 16 positions
+config = GPT2Config(vocab_size=128, n_embd=32, n_layer=1, n_head=2, n_positions=64,
+                    bos_token_id=0, eos_token_id=0)
+graphdef, params = nnx.split(create_model(config, 0), nnx.Param)
+ids = np.random.default_rng(0).integers(0, 128, (8, 64)).astype(np.int32)
+batch = {k: jnp.asarray(v) for k, v in CausalLM().make_batch({"input_ids": ids}, None).items()}
+
+def loss(params, batch):
+    terms = CausalLM().terms(nnx.merge(graphdef, params), batch)
+    return terms["loss_sum"], terms
+
+step = jax.value_and_grad(loss, has_aux=True)
+(_, want), want_grads = jax.jit(step)(params, batch)
+mesh = make_mesh(jax.devices(), "data=2,fsdp=4")
+shardings = (state_sharding(mesh, params), {k: batch_sharding(mesh, 2) for k in batch})
+with jax.set_mesh(mesh), logical_axis_rules(LOGICAL_AXIS_RULES):
+    sharded = jax.jit(step, in_shardings=shardings)
+    (_, got), got_grads = sharded(*jax.device_put((params, batch), shardings))
+table = got_grads["wte"]["embedding"]
+assert len(table.sharding.device_set) == 8, table.sharding
+for name in want:
+    np.testing.assert_allclose(got[name], want[name], rtol=1e-5)
+for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6 * float(np.abs(w).max()))
+print("same on data=2,fsdp=4")
+"""
+
+
+def test_the_chunked_loss_is_the_same_with_fsdp_on_eight_devices():
+    """The chunk loop's gradient carry of the (FSDP-sharded) table, and the batch split over
+    both mesh axes, give one device's loss and gradients."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    done = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "same on data=2,fsdp=4" in done.stdout
