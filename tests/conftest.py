@@ -143,6 +143,13 @@ def training_fails_cleanly(
     return line
 
 
+# The environment for test commands whose compiled programs a later process of the same test runs
+# again with the same --compilation_cache_dir: JAX then keeps every compilation there, not only
+# those over a second (a tiny model's initializer, eval step and the eager ops of a checkpoint
+# save compile in less, but add up to seconds in every process), and the later one loads them.
+CACHE_EVERY_COMPILE = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+
+
 class Background:
     """A command started now, in the background, its output kept in files of `folder`.
 

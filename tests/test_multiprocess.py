@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import CACHE_EVERY_COMPILE, Background
 from test_fsdp import assert_close_runs
 from test_resume import TINY_MODELS, assert_same_run
 
@@ -63,40 +64,55 @@ def train_argv(code_corpus, tokenizer_dir: Path, out: Path, cache: Path) -> list
     ]  # fmt: skip
 
 
-def launch(argv: list[str], processes: int, envs: list[dict[str, str]] | None = None
-           ) -> list[subprocess.CompletedProcess]:
-    """Run the CLM command as `processes` processes of one jax.distributed run (each with one
-    CPU device; `envs`: extra environment per process); their results in process order."""
+def start(argv: list[str], processes: int, folder: Path,
+          envs: list[dict[str, str]] | None = None) -> list[Background]:
+    """Start the CLM command as `processes` processes of one jax.distributed run (each with one
+    CPU device; `envs`: extra environment per process), their output kept in `folder`."""
     port = free_port()
     running = []
     for index in range(processes):
-        process_env = {**os.environ, "JAX_PLATFORMS": "cpu", **(envs or [{}] * processes)[index]}
+        process_env = {**os.environ, "JAX_PLATFORMS": "cpu", **CACHE_EVERY_COMPILE,
+                       **(envs or [{}] * processes)[index]}
         if processes > 1:
             process_env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
                                JAX_NUM_PROCESSES=str(processes), JAX_PROCESS_ID=str(index))
-        running.append(subprocess.Popen(
-            [sys.executable, "-c", DRIVER, *argv], env=process_env, text=True,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE))
-    done = []
-    for process in running:
-        try:
-            stdout, stderr = process.communicate(timeout=300)
-        except subprocess.TimeoutExpired:  # a hang is the failure this file looks for
-            for other in running:
-                other.kill()
-            pytest.fail("a process of the multi-process run did not finish in 300 s")
-        done.append(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr))
-    return done
+        command = [sys.executable, "-c", DRIVER, *argv]
+        running.append(Background(command, folder / f"process{index}", env=process_env))
+    return running
+
+
+def finish(running: list[Background]) -> list[subprocess.CompletedProcess]:
+    """The results of `start`ed processes in their order; a hang (the failure this file looks
+    for) fails the test and ends every process."""
+    try:
+        return [process.result(timeout=300) for process in running]
+    finally:
+        for process in running:
+            process.kill()
+
+
+def launch(argv: list[str], processes: int, folder: Path,
+           envs: list[dict[str, str]] | None = None) -> list[subprocess.CompletedProcess]:
+    """`start`, then `finish`."""
+    return finish(start(argv, processes, folder, envs))
+
+
+TWO_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
 
 
 @pytest.fixture(scope="module")
 def two_process_run(code_corpus, tiny_tokenizer_dir, tmp_path_factory):
-    """(argv, output_dir) of an uninterrupted run of two processes."""
+    """(argv, output_dir) of an uninterrupted run of two processes, and the output_dir of the
+    same run as one process with two devices and both data shards, made side by side."""
     root = tmp_path_factory.mktemp("two_processes")
     argv = train_argv(code_corpus, tiny_tokenizer_dir, root / "run", root / "jax_cache")
-    for done in launch(argv, 2):
+    single = root / "single"
+    both = [*start(argv, 2, root / "logs_two"),
+            *start([*with_output_dir(argv, single), "--data_shards", "2"], 1, root / "logs_one",
+                   [TWO_DEVICES])]  # fmt: skip
+    for done in finish(both):
         assert done.returncode == 0, done.stderr[-3000:]
-    return argv, root / "run"
+    return argv, root / "run", single
 
 
 def with_output_dir(argv: list[str], out: Path) -> list[str]:
@@ -104,17 +120,11 @@ def with_output_dir(argv: list[str], out: Path) -> list[str]:
     return [*argv[:position], str(out), *argv[position + 1:]]
 
 
-TWO_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-
-
-def test_two_processes_train_like_one_process_with_two_devices(two_process_run, tmp_path):
+def test_two_processes_train_like_one_process_with_two_devices(two_process_run):
     """Each process reads, tokenizes and feeds only its own data shard (of 2, the default with
     two processes): the run is the one process with two devices and both shards makes, bit for
     bit (parameters, losses, eval), and only process 0 writes."""
-    argv, out = two_process_run
-    single = tmp_path / "single"
-    (done,) = launch([*with_output_dir(argv, single), "--data_shards", "2"], 1, [TWO_DEVICES])
-    assert done.returncode == 0, done.stderr[-3000:]
+    _, out, single = two_process_run
     assert_same_run(single, out)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == list(range(1, STEPS + 1))
@@ -128,11 +138,11 @@ def test_a_signal_to_one_process_stops_every_process_at_one_step(two_process_run
     them, and resuming (both processes again) ends in exactly the uninterrupted run. (Before
     JAX's preemption service decided the step, the signalled process waited forever in its
     checkpoint save for a process that kept training.)"""
-    argv, reference = two_process_run
+    argv, reference, _ = two_process_run
     out = tmp_path / "run"
     argv = with_output_dir(argv, out)
     signalled = {"SIGNAL_AFTER": str(SIGNAL_AFTER), "SIGNAL": str(int(signum))}
-    interrupted = launch(argv, 2, [{}, signalled])
+    interrupted = launch(argv, 2, tmp_path / "logs_interrupted", [{}, signalled])
     stopped_at = set()
     for done, received in zip(interrupted, (signal.SIGTERM, signum), strict=True):
         assert done.returncode == 128 + received, done.stderr[-3000:]
@@ -146,7 +156,8 @@ def test_a_signal_to_one_process_stops_every_process_at_one_step(two_process_run
     assert meta["data_shards"] == 2
     # SIGINT's run resumes on one process with both data shards: the checkpoint's count is kept
     processes, devices = (2, {}) if signum == signal.SIGTERM else (1, TWO_DEVICES)
-    resumed = launch([*argv, "--resume_from_checkpoint"], processes, [devices] * processes)
+    resumed = launch([*argv, "--resume_from_checkpoint"], processes, tmp_path / "logs_resumed",
+                     [devices] * processes)
     for done in resumed:
         assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed from checkpoint" in resumed[0].stdout + resumed[0].stderr
@@ -160,10 +171,10 @@ def test_two_processes_of_four_devices_shard_like_one_process_of_eight(tmp_path,
     writes the whole model although it holds half of every parameter."""
     argv = [*train_argv(code_corpus, tiny_tokenizer_dir, tmp_path / "two", tmp_path / "cache"),
             "--per_device_train_batch_size", "1", "--mesh", "fsdp=8"]  # fmt: skip
-    devices = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    for done in launch(argv, 2, [devices, devices]):
+    four, eight = ({"XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"} for n in (4, 8))
+    both = [*start(argv, 2, tmp_path / "logs_two", [four, four]),  # started together
+            *start([*with_output_dir(argv, tmp_path / "one"), "--data_shards", "2"], 1,
+                   tmp_path / "logs_one", [eight])]  # fmt: skip
+    for done in finish(both):
         assert done.returncode == 0, done.stderr[-3000:]
-    eight = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    (done,) = launch([*with_output_dir(argv, tmp_path / "one"), "--data_shards", "2"], 1, [eight])
-    assert done.returncode == 0, done.stderr[-3000:]
     assert_close_runs(tmp_path / "one", tmp_path / "two")
