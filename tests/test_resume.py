@@ -17,11 +17,12 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import Background, assert_one_line_error
+from conftest import CACHE_EVERY_COMPILE, Background, assert_one_line_error
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.utils import stringify_path
 from safetensors.numpy import load_file
@@ -103,7 +104,8 @@ class Signalled:
     def __init__(self, argv: list[str], objective: str, signum: int, out: Path) -> None:
         self.argv, self.out = with_output_dir(argv, out), out
         self.time_file = out.parent / f"{out.name}_signal_time"
-        env = {**os.environ, "JAX_PLATFORMS": "cpu", "SIGNAL_TIME_FILE": str(self.time_file)}
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", **CACHE_EVERY_COMPILE,
+               "SIGNAL_TIME_FILE": str(self.time_file)}  # fmt: skip
         command = [sys.executable, "-c", DRIVER, str(KILL_AFTER), str(int(signum)), objective,
                    *self.argv]  # fmt: skip
         self.process = Background(command, out.parent / f"{out.name}_logs", env=env)
@@ -145,11 +147,27 @@ def jax_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("resume_jax_cache")
 
 
+@contextlib.contextmanager
+def caching_every_compile() -> Iterator[None]:
+    """CACHE_EVERY_COMPILE for the runs in this process meanwhile."""
+    import jax
+
+    name = "jax_persistent_cache_min_compile_time_secs"
+    before = getattr(jax.config, name)
+    jax.config.update(name, float(CACHE_EVERY_COMPILE[name.upper()]))
+    try:
+        yield
+    finally:
+        jax.config.update(name, before)
+
+
 def reference_run(objective: str, code_corpus, tokenizer_dir, cache, root) -> tuple[list, Path]:
-    """(argv, output_dir) of an uninterrupted run."""
+    """(argv, output_dir) of an uninterrupted run; its compilations all cached, for the
+    signalled subprocesses that run it again."""
     out = root / "run"
     argv = run_argv(objective, code_corpus, tokenizer_dir, out, cache)
-    run_in_process(argv, objective)
+    with caching_every_compile():
+        run_in_process(argv, objective)
     return argv, out
 
 
@@ -177,6 +195,7 @@ def signalled_runs(request, tmp_path_factory) -> dict[str, Signalled]:
     """The signalled subprocesses of this module's selected tests, started together (see
     conftest.Background) once the reference runs have filled the compilation cache."""
     selected = [item.name for item in request.session.items if item.name in SIGNALLED_RUNS]
+    selected.sort(key=lambda test: SIGNALLED_RUNS[test][0])  # CLM's start before MLM's reference
     started = {}
     for test in selected:
         objective, signum = SIGNALLED_RUNS[test]

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from conftest import CACHE_EVERY_COMPILE
 
 from flax_lm.train.cli import main
 
@@ -78,8 +79,9 @@ def soak_argv(code_corpus, tokenizer_dir: Path, out: Path, cache: Path) -> list[
 
 
 def run_and_sample(argv: list[str], out: Path) -> tuple[subprocess.CompletedProcess, Samples]:
-    """run_clm_flax.py in a subprocess, sampled every POLL_SECONDS until it ends."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    """run_clm_flax.py in a subprocess, sampled every POLL_SECONDS until it ends (its compiled
+    programs all cached, for the resume that follows in this process)."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", **CACHE_EVERY_COMPILE}
     samples = Samples()
     with subprocess.Popen(
         [sys.executable, str(REPO / "run_clm_flax.py"), *argv],
