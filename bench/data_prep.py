@@ -3,7 +3,7 @@
 flax-lm's pipeline (`load_raw_splits` + `tokenize_splits`, what run_clm_flax.py runs) and
 Hugging Face's run_clm.py recipe (`load_dataset`, a tokenize `map`, a `group_texts` `map`).
 
-    python bench/data_prep.py --megabytes 50 200 400 --num_proc 2 --memory_limit_mb 1000 \
+    python bench/data_prep.py --megabytes 50 200 400 --num_proc 2 --memory_limit_mb 800 \
         --out /tmp/data_prep.json
 
 The corpus is the Python standard library's source repeated into 8 .txt files under --work_dir
@@ -38,6 +38,7 @@ import json
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -242,6 +243,13 @@ class MemoryGroup:
                 "cgroup_peak_cache_mb": self.peak["cache"] / 1e6, "cgroup_limit_hits": hits,
                 "cgroup_oom_kills": kills}  # fmt: skip
 
+    def kill_remaining(self) -> None:
+        """Kill the processes left in the group: the workers of a preparation whose main
+        process was killed at the cap wait for it forever, holding its output pipes open."""
+        for pid in (self.path / "cgroup.procs").read_text().split():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+
     def remove(self) -> None:
         """Remove the group once its processes are gone (the cache files they wrote deleted
         first, so few pages are left charged to it)."""
@@ -289,6 +297,8 @@ def measure(recipe: str, corpus: Path, tokenizer: Path, cache: Path, args) -> di
                 continue
             peak = {name: max(value, now[name]) for name, value in peak.items()}
             time.sleep(0.05)
+        if group:
+            group.kill_remaining()
         stdout, stderr = process.communicate()
         shutil.rmtree(cache, ignore_errors=True)
         limited = group.report() if group else {}
@@ -303,8 +313,10 @@ def measure(recipe: str, corpus: Path, tokenizer: Path, cache: Path, args) -> di
     if process.returncode:
         if not group:
             raise SystemExit(f"{recipe} failed:\n{stderr[-3000:]}")
-        last = stderr.strip().splitlines()[-1:] or [f"exit status {process.returncode}"]
-        return {"finished": False, "error": last[0][-300:], **memory}
+        killed = process.returncode < 0 and f"killed by signal {-process.returncode}" + (
+            " (out of memory)" if limited["cgroup_oom_kills"] else "")  # fmt: skip
+        error = killed or (stderr.strip().splitlines() or [f"exit status {process.returncode}"])[-1]
+        return {"finished": False, "error": error[-300:], **memory}
     return {"finished": True, **json.loads(stdout.strip().splitlines()[-1]), **memory}
 
 
