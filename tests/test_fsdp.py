@@ -3,22 +3,21 @@ parallelism (CLM and MLM), its checkpoints resume exactly on the same mesh and o
 and fsdp=8 holds 1/8 of the parameter and optimizer bytes on each device, from a fresh model
 created sharded (the same on every mesh).
 
-The runs need 8 devices, so subprocesses make them (the real training CLI, several runs in one
-process so that startup is paid once) and measure what needs the devices; the tests compare
-their output directories and measurements. The CLM and the MLM runs are independent: two
-processes make them side by side, since compiling keeps one core busy each.
+The runs need 8 devices, so one subprocess makes them all (the real training CLI, in one
+process so that startup is paid once) and measures what needs the devices; the tests compare
+its output directories and measurements.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import Background
 from safetensors.numpy import load_file
 from test_resume import TINY_MODELS, metrics_records, run_argv
 
@@ -30,7 +29,7 @@ FSDP_MESH, OTHER_MESH = "data=2,fsdp=4", "data=8"  # the other one reuses the dp
 RESUME_STEP = 6  # a checkpoint of run_argv's (saved every 3 steps, 10 steps in all)
 
 DRIVER = """
-import dataclasses, json, math, sys
+import dataclasses, json, math, shutil, sys
 from pathlib import Path
 
 import jax, numpy as np, optax
@@ -46,9 +45,8 @@ from flax_lm.train.optim import make_training_optimizer
 from flax_lm.train.prepare import prepare_model
 from flax_lm.train.step import init_state, make_mesh, state_shapes
 
-job = json.loads(sys.argv[1])
-tiny, clm_argv = job["tiny"], job["clm_argv"]
-for objective, argv in job["runs"]:
+runs, resume_step, tiny = json.loads(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[3])
+for objective, argv in runs:
     assert main(argv, objective=objective) == 0, argv
 
 
@@ -76,46 +74,40 @@ def whole_bytes(tree):
 
 
 report = {}
-prepared = prepare_model(parse_config(clm_argv, "clm"), "clm", 8)
-if "restored" in job["measure"]:
-    # The tiny CLM model's checkpoint restored onto three meshes: the values must not change.
-    params = nnx.split(nnx.eval_shape(lambda: create_model(GPT2Config(**tiny["clm"]))),
-                       nnx.Param)[1]
-    states = {spec: restored(job["checkpoints"], job["resume_step"], make_mesh(spec=spec))
-              for spec in ("data=2,fsdp=4", "fsdp=8", "data=8")}
-    first = jax.tree.leaves(states["data=2,fsdp=4"])
-    report["restored_equal"] = {
-        spec: all(np.array_equal(np.asarray(a), np.asarray(b))
-                  for a, b in zip(first, jax.tree.leaves(state), strict=True))
-        for spec, state in states.items()}
-    # each device's shard of the MLP kernels [layers, embed, mlp] and of their two AdamW moments
-    report["restored_shards"] = {
-        spec: [list(leaf.addressable_shards[0].data.shape) for leaf in jax.tree.leaves(state)
-               if leaf.shape == (2, 32, 128)] for spec, state in states.items()}
-if "same_init" in job["measure"]:
-    # A fresh model made by the runs' jitted initializer on two meshes.
-    inits = [jax.tree.leaves(build_params(prepared, make_mesh(spec=spec))[1])
-             for spec in ("data=8", "data=2,fsdp=4")]
-    report["same_init"] = all(np.array_equal(a, b) for a, b in zip(*inits, strict=True))
-if "memory" in job["measure"]:
-    # Parameters + AdamW state of a small GPT-2: whole (what each device holds replicated) and
-    # the most any device holds fully sharded over 8 devices.
-    params = nnx.split(create_model(GPT2Config(**tiny["memory"])), nnx.Param)[1]
-    report["bytes_per_device"] = {
-        "data=8": whole_bytes(state_shapes(params, optax.adamw(1e-3), 0,
-                                           make_mesh(spec="data=8"))),
-        "fsdp=8": bytes_per_device(init_state(params, optax.adamw(1e-3), 0,
-                                              make_mesh(spec="fsdp=8")))}
-    # What creating a fresh model holds on each device with fsdp=8 (its shards plus the
-    # initializer's temporaries).
-    memory_model = dataclasses.replace(prepared, model_config=GPT2Config(**tiny["memory"]))
-    mesh = make_mesh(spec="fsdp=8")
-    shapes = nnx.split(model_shapes(memory_model, mesh), nnx.Param)[1]
-    creation = fresh_params(memory_model, mesh, shapes).lower().compile().memory_analysis()
-    report["creation_bytes"] = {
-        "whole": whole_bytes(shapes),
-        "outputs": creation.output_size_in_bytes, "temporaries": creation.temp_size_in_bytes}
-Path(job["report"]).write_text(json.dumps(report))
+fsdp_checkpoints = sys.argv[4]
+params = nnx.split(nnx.eval_shape(lambda: create_model(GPT2Config(**tiny["clm"]))), nnx.Param)[1]
+# The tiny CLM model's checkpoint restored onto three meshes: the values must not change.
+states = {spec: restored(fsdp_checkpoints, resume_step, make_mesh(spec=spec))
+          for spec in ("data=2,fsdp=4", "fsdp=8", "data=8")}
+first = jax.tree.leaves(states["data=2,fsdp=4"])
+report["restored_equal"] = {
+    spec: all(np.array_equal(np.asarray(a), np.asarray(b))
+              for a, b in zip(first, jax.tree.leaves(state), strict=True))
+    for spec, state in states.items()}
+# each device's shard of the MLP kernels [layers, embed, mlp] and of their two AdamW moments
+report["restored_shards"] = {
+    spec: [list(leaf.addressable_shards[0].data.shape) for leaf in jax.tree.leaves(state)
+           if leaf.shape == (2, 32, 128)] for spec, state in states.items()}
+# Parameters + AdamW state of a small GPT-2: whole (what each device holds replicated) and
+# the most any device holds fully sharded over 8 devices.
+params = nnx.split(create_model(GPT2Config(**tiny["memory"])), nnx.Param)[1]
+report["bytes_per_device"] = {
+    "data=8": whole_bytes(state_shapes(params, optax.adamw(1e-3), 0, make_mesh(spec="data=8"))),
+    "fsdp=8": bytes_per_device(init_state(params, optax.adamw(1e-3), 0, make_mesh(spec="fsdp=8")))}
+# A fresh model made by the runs' jitted initializer on two meshes, and what creating one
+# holds on each device with fsdp=8 (its shards plus the initializer's temporaries).
+prepared = prepare_model(parse_config(runs[0][1], "clm"), "clm", 8)
+inits = [jax.tree.leaves(build_params(prepared, make_mesh(spec=spec))[1])
+         for spec in ("data=8", "data=2,fsdp=4")]
+report["same_init"] = all(np.array_equal(a, b) for a, b in zip(*inits, strict=True))
+memory_model = dataclasses.replace(prepared, model_config=GPT2Config(**tiny["memory"]))
+mesh = make_mesh(spec="fsdp=8")
+shapes = nnx.split(model_shapes(memory_model, mesh), nnx.Param)[1]
+creation = fresh_params(memory_model, mesh, shapes).lower().compile().memory_analysis()
+report["creation_bytes"] = {
+    "whole": whole_bytes(shapes),
+    "outputs": creation.output_size_in_bytes, "temporaries": creation.temp_size_in_bytes}
+Path(sys.argv[5]).write_text(json.dumps(report))
 """
 TINY_CONFIGS = {  # GPT2Config arguments: the runs' CLM model, and a larger one for the bytes
     "clm": {k: int(v) for k, v in (kv.split("=") for kv in TINY_MODELS["clm"][3].split(","))},
@@ -123,63 +115,41 @@ TINY_CONFIGS = {  # GPT2Config arguments: the runs' CLM model, and a larger one 
 }
 
 
-def mesh_argv(objective, code_corpus, tokenizer_dir, out: Path, cache: Path, mesh: str | None,
-              saves: bool = True) -> list[str]:
+def mesh_argv(objective, code_corpus, tokenizer_dir, out: Path, cache: Path, mesh: str | None):
     """run_argv's run with a global batch of 8 (one row a device); MLM without evaluation (the
-    CLM runs check the eval step), which saves compiling it twice; without `saves`, no
-    checkpoints (runs only compared by their losses and exported model)."""
+    CLM runs check the eval step), which saves compiling it twice."""
     argv = run_argv(objective, code_corpus, tokenizer_dir, out, cache)
     only_train = ["--do_train"] if objective == "mlm" else []
     return [*argv, "--per_device_train_batch_size", "1", "--per_device_eval_batch_size", "8",
-            *only_train, *(["--mesh", mesh] if mesh else []),
-            *([] if saves else ["--save_strategy", "no"])]  # fmt: skip
+            *only_train, *(["--mesh", mesh] if mesh else [])]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def fsdp_runs(code_corpus, tiny_tokenizer_dir, tmp_path_factory):
     """Output dirs of each objective's run on data=8 ("dp") and on data=2,fsdp=4 ("fsdp"); the
     CLM fsdp run resumed from its step-6 checkpoint on the same mesh and on data=8; and the
-    drivers' measurements. The CLM runs and the restores of their checkpoint are one process,
-    the MLM runs and the memory measurements another, started together."""
+    driver's measurements."""
     root = tmp_path_factory.mktemp("fsdp")
-    dirs = {(objective, name): root / f"{objective}-{name}" for objective in ("clm", "mlm")
-            for name in ("dp", "fsdp", "resumed-same", "resumed-other")}  # fmt: skip
+    cache = root / "jax_cache"
+    dirs, runs = {}, []
+    for objective in ("clm", "mlm"):
+        for name, mesh in (("dp", None), ("fsdp", FSDP_MESH)):
+            dirs[objective, name] = root / f"{objective}-{name}"
+            runs.append((objective, mesh_argv(objective, code_corpus, tiny_tokenizer_dir,
+                                              dirs[objective, name], cache, mesh)))
     saved = dirs["clm", "fsdp"] / "checkpoints" / str(RESUME_STEP)
-
-    def argv(objective, name, mesh, saves=False):
-        cache = root / f"jax_cache_{objective}"  # each process its own
-        return mesh_argv(objective, code_corpus, tiny_tokenizer_dir, dirs[objective, name],
-                         cache, mesh, saves)  # fmt: skip
-
-    resumed = [("clm", [*argv("clm", name, mesh, saves=True), "--resume_from_checkpoint",
-                        str(saved)])
-               for name, mesh in (("resumed-same", FSDP_MESH), ("resumed-other", OTHER_MESH))]
-    jobs = {
-        "clm": {"runs": [("clm", argv("clm", "dp", None)),
-                         ("clm", argv("clm", "fsdp", FSDP_MESH, saves=True)), *resumed],
-                "measure": ["restored", "same_init"]},
-        "mlm": {"runs": [("mlm", argv("mlm", "dp", None)), ("mlm", argv("mlm", "fsdp", FSDP_MESH))],
-                "measure": ["memory"]},
-    }  # fmt: skip
+    for name, mesh in (("resumed-same", FSDP_MESH), ("resumed-other", OTHER_MESH)):
+        dirs["clm", name] = root / f"clm-{name}"
+        argv = mesh_argv("clm", code_corpus, tiny_tokenizer_dir, dirs["clm", name], cache, mesh)
+        runs.append(("clm", [*argv, "--resume_from_checkpoint", str(saved)]))
+    report = root / "report.json"
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}  # fmt: skip
-    started = {}
-    for name, job in jobs.items():
-        job = {**job, "tiny": TINY_CONFIGS, "clm_argv": argv("clm", "dp", None),
-               "checkpoints": str(saved.parent), "resume_step": RESUME_STEP,
-               "report": str(root / f"report_{name}.json")}  # fmt: skip
-        command = [sys.executable, "-c", DRIVER, json.dumps(job)]
-        started[name] = Background(command, root / f"logs_{name}", env=env)
-    report = {}
-    try:
-        for name, process in started.items():
-            done = process.result(timeout=900)
-            assert done.returncode == 0, done.stderr[-3000:]
-            report.update(json.loads((root / f"report_{name}.json").read_text()))
-    finally:
-        for process in started.values():
-            process.kill()
-    return dirs, report
+    command = [sys.executable, "-c", DRIVER, json.dumps(runs), str(RESUME_STEP),
+               json.dumps(TINY_CONFIGS), str(saved.parent), str(report)]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return dirs, json.loads(report.read_text())
 
 
 def assert_close_runs(expected: Path, actual: Path, tolerance: float = TOLERANCE) -> None:

@@ -130,41 +130,19 @@ def test_two_processes_train_like_one_process_with_two_devices(two_process_run):
     assert [r["step"] for r in records if "loss" in r] == list(range(1, STEPS + 1))
 
 
-SIGNAL_TEST = "test_a_signal_to_one_process_stops_every_process_at_one_step"
-
-
-@pytest.fixture(scope="module")
-def interrupted_runs(two_process_run, request, tmp_path_factory) -> dict[int, tuple]:
-    """The signalled two-process runs of the selected signal tests, started together once
-    two_process_run has filled the compilation cache (each runs mostly one core, and waits
-    between its last steps): signal -> (argv, output_dir, its processes)."""
-    argv, _, _ = two_process_run
-    signals = [item.callspec.params["signum"] for item in request.session.items
-               if getattr(item, "originalname", None) == SIGNAL_TEST]  # fmt: skip
-    started = {}
-    for signum in signals:
-        root = tmp_path_factory.mktemp(f"interrupted_{int(signum)}")
-        run_argv = with_output_dir(argv, root / "run")
-        signalled = {"SIGNAL_AFTER": str(SIGNAL_AFTER), "SIGNAL": str(int(signum))}
-        running = start(run_argv, 2, root / "logs", [{}, signalled])
-        started[signum] = (run_argv, root / "run", running)
-    yield started
-    for _, _, running in started.values():
-        for process in running:
-            process.kill()
-
-
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_to_one_process_stops_every_process_at_one_step(two_process_run,
-                                                                   interrupted_runs, signum):
+def test_a_signal_to_one_process_stops_every_process_at_one_step(two_process_run, tmp_path,
+                                                                   signum):
     """SIGTERM (a preemption notice) or SIGINT reaches process 1 only, after its step 3: both
     processes save one checkpoint at the same step and exit with 128 + the signal that stopped
     them, and resuming (both processes again) ends in exactly the uninterrupted run. (Before
     JAX's preemption service decided the step, the signalled process waited forever in its
     checkpoint save for a process that kept training.)"""
-    _, reference, _ = two_process_run
-    argv, out, running = interrupted_runs[signum]
-    interrupted = finish(running)
+    argv, reference, _ = two_process_run
+    out = tmp_path / "run"
+    argv = with_output_dir(argv, out)
+    signalled = {"SIGNAL_AFTER": str(SIGNAL_AFTER), "SIGNAL": str(int(signum))}
+    interrupted = launch(argv, 2, tmp_path / "logs_interrupted", [{}, signalled])
     stopped_at = set()
     for done, received in zip(interrupted, (signal.SIGTERM, signum), strict=True):
         assert done.returncode == 128 + received, done.stderr[-3000:]
@@ -178,7 +156,7 @@ def test_a_signal_to_one_process_stops_every_process_at_one_step(two_process_run
     assert meta["data_shards"] == 2
     # SIGINT's run resumes on one process with both data shards: the checkpoint's count is kept
     processes, devices = (2, {}) if signum == signal.SIGTERM else (1, TWO_DEVICES)
-    resumed = launch([*argv, "--resume_from_checkpoint"], processes, out.parent / "logs_resumed",
+    resumed = launch([*argv, "--resume_from_checkpoint"], processes, tmp_path / "logs_resumed",
                      [devices] * processes)
     for done in resumed:
         assert done.returncode == 0, done.stderr[-3000:]
