@@ -185,7 +185,6 @@ class Background:
             self.process.kill()
 
 
-
 class Bigram(nnx.Module):
     """A model with a real gradient that compiles in a moment: the next token's logits are a
     learned row per current token, reached the way the objectives reach GPT-2's (`encode`,

@@ -162,27 +162,32 @@ class KeytokenWeightedCLM(CausalLM):
     def loss_terms(self, logits: jax.Array, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
         if "keytoken_weight" not in batch:
             return super().loss_terms(logits, batch)
-        losses, is_target, is_correct = token_cross_entropy(logits[:, :-1], batch["labels"][:, 1:])
-        targets = is_target.sum(axis=1, dtype=jnp.float32)
-        per_target = 1.0 / jnp.maximum(targets, 1.0)  # rows without targets add nothing
-        return {
-            "loss_sum": (batch["keytoken_weight"] * losses.sum(axis=1) * per_target).sum(),
-            "num_targets": (targets > 0).sum(dtype=jnp.float32),
-            "num_correct": (is_correct.sum(axis=1, dtype=jnp.float32) * per_target).sum(),
-        }
+        losses, _, is_correct = token_cross_entropy(logits[:, :-1], batch["labels"][:, 1:])
+        targets, per_target = self._targets_per_row(batch["labels"])
+        loss_sum = (batch["keytoken_weight"] * losses.sum(axis=1) * per_target).sum()
+        return self._sequence_terms(loss_sum, is_correct, targets, per_target)
 
     def output_terms(self, output: OutputLayer, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
         """`loss_terms` without whole logits: the same weighted sum, each target weighted by its
         row's keytoken_weight / targets (weights that do not depend on the parameters)."""
         if "keytoken_weight" not in batch:
             return super().output_terms(output, batch)
-        is_target = batch["labels"] != IGNORE_INDEX
-        targets = is_target[:, 1:].sum(axis=1, dtype=jnp.float32)
-        per_target = 1.0 / jnp.maximum(targets, 1.0)  # rows without targets add nothing
-        row_weight = batch["keytoken_weight"] * per_target
-        loss_sum, is_correct = cross_entropy_sums(
-            output, batch["labels"], is_target * row_weight[:, None], next_token=True
-        )
+        labels = batch["labels"]
+        targets, per_target = self._targets_per_row(labels)
+        weights = (labels != IGNORE_INDEX) * (batch["keytoken_weight"] * per_target)[:, None]
+        loss_sum, is_correct = cross_entropy_sums(output, labels, weights, next_token=True)
+        return self._sequence_terms(loss_sum, is_correct, targets, per_target)
+
+    @staticmethod
+    def _targets_per_row(labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(next-token targets of each row, 1 / max(targets, 1)): rows without targets add
+        nothing."""
+        targets = (labels[:, 1:] != IGNORE_INDEX).sum(axis=1, dtype=jnp.float32)
+        return targets, 1.0 / jnp.maximum(targets, 1.0)
+
+    @staticmethod
+    def _sequence_terms(loss_sum, is_correct, targets, per_target) -> dict[str, jax.Array]:
+        """The sums of the class docstring: sequences with a target, their accuracy."""
         return {
             "loss_sum": loss_sum,
             "num_targets": (targets > 0).sum(dtype=jnp.float32),
