@@ -137,6 +137,14 @@ def test_models_take_the_chosen_implementation():
     assert built(roberta_config(), attention="xla").layers.attention.implementation == "xla"
     with pytest.raises(UserError, match="cudnn"):
         built(gpt2_config(), attention="cudnn", dtype="bfloat16")
+    # A model built for another platform's devices (a plan compiling for a GPU on this CPU) takes
+    # that platform's choice, and a named one is checked against it.
+    fused = built(gpt2_config(), dtype="bfloat16", platform="cuda")
+    assert fused.h.attn.implementation == "cudnn"
+    assert built(roberta_config(), attention="cudnn", dtype="bfloat16",
+                 platform="cuda").layers.attention.implementation == "cudnn"
+    with pytest.raises(UserError, match="tpu"):
+        built(gpt2_config(), attention="cudnn", dtype="bfloat16", platform="tpu")
 
 
 def padded_ids(config, pad_id):

@@ -7,7 +7,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from flax_lm.backend import platform
+from flax_lm.backend import platform as local_platform
 from flax_lm.errors import UserError
 from flax_lm.models.attention import choose_attention
 from flax_lm.models.gpt2 import GPT2LMHeadModel
@@ -31,7 +31,8 @@ def model_class(model_type: str | None) -> type[Model]:
 
 
 def create_model(config: Any, seed: int = 0, *, dtype: Any = "float32", scan_layers: bool = True,
-                 remat: str | None = None, attention: str = "auto") -> Model:
+                 remat: str | None = None, attention: str = "auto",
+                 platform: str | None = None) -> Model:
     """A freshly initialised model for a GPT2Config or RobertaConfig, as transformers initialises
     one for training from scratch (normal(initializer_range) weights, zero biases, unit LayerNorm).
 
@@ -39,10 +40,12 @@ def create_model(config: Any, seed: int = 0, *, dtype: Any = "float32", scan_lay
     statistics and logits are float32). scan_layers: run the stacked layers under lax.scan (False:
     unrolled loop over the same parameters). remat: None, "full" or "dots" (see
     layers.REMAT_POLICIES). attention: "auto" (the implementation for this backend and dtype),
-    "reference", "xla" or "cudnn" (see attention.py).
+    "reference", "xla" or "cudnn" (see attention.py). platform: the platform the model is built
+    for, which decides "auto" and is checked against a named choice (default: this process's; a
+    plan compiles for devices it need not have).
     """
     cls = model_class(getattr(config, "model_type", None))
-    attention = choose_attention(platform(), compute_dtype(dtype), attention)
+    attention = choose_attention(platform or local_platform(), compute_dtype(dtype), attention)
     return cls(config, seed, dtype=dtype, scan_layers=scan_layers, remat=remat,
                attention=attention)
 

@@ -197,16 +197,19 @@ def read_config(model_dir: Path) -> Any:
 
 
 def load_model(model_dir: str | Path, *, dtype: Any = "float32", scan_layers: bool = True,
-               remat: str | None = None, attention: str = "auto") -> Model:
+               remat: str | None = None, attention: str = "auto",
+               platform: str | None = None) -> Model:
     """A model from a directory written by `save_model` or by PyTorch transformers'
-    save_pretrained (config.json + model.safetensors, possibly sharded)."""
+    save_pretrained (config.json + model.safetensors, possibly sharded); the options are
+    create_model's."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise UserError(f"model directory {model_dir} does not exist")
     config = read_config(model_dir)
     files = check_weight_files(model_dir)
     model = nnx.eval_shape(lambda: create_model(config, dtype=dtype, scan_layers=scan_layers,
-                                                remat=remat, attention=attention))
+                                                remat=remat, attention=attention,
+                                                platform=platform))
     tensors: dict[str, np.ndarray] = {}
     for file in files:
         tensors.update(load_file(str(file)))

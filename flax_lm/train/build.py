@@ -16,9 +16,7 @@ from jax.sharding import Mesh
 
 from flax_lm.backend import device_platform
 from flax_lm.models import create_model
-from flax_lm.models.attention import choose_attention
 from flax_lm.models.hf_io import load_model
-from flax_lm.models.layers import compute_dtype
 from flax_lm.train.args import TrainConfig
 from flax_lm.train.optim import make_schedule, make_training_optimizer
 from flax_lm.train.prepare import Prepared
@@ -36,12 +34,11 @@ TRAIN_BATCH_AXIS = 1  # train batches are [accumulation, rows, seq]: rows go ove
 
 
 def model_options(cfg: TrainConfig, mesh: Mesh) -> dict[str, Any]:
-    """The model's options; attention is chosen for the mesh's devices, which for a plan need
-    not be this process's (a TPU topology compiled for on a CPU gets the TPU's attention)."""
-    platform = device_platform(mesh.devices.flat[0])
-    attention = choose_attention(platform, compute_dtype(cfg.dtype), cfg.attn_implementation)
+    """The model's options, for the platform of the mesh's devices, which for a plan need not be
+    this process's (a TPU or GPU compiled for on a CPU gets that platform's attention)."""
     return {"dtype": cfg.dtype, "scan_layers": cfg.scan_layers, "remat": cfg.remat,
-            "attention": attention}
+            "attention": cfg.attn_implementation,
+            "platform": device_platform(mesh.devices.flat[0])}
 
 
 def build_model(p: Prepared, mesh: Mesh) -> nnx.Module:
