@@ -91,15 +91,18 @@ def device_slug(device_kind: str) -> str:
 
 def measure_ours(spec: dict) -> dict:
     import jax
-    from profile_step import build_step
+    from profile_step import LAYERS, build_step
 
-    from flax_lm.backend import platform
+    from flax_lm.backend import choices_for, platform
     from flax_lm.models.attention import choose_attention
 
     bench = BenchConfig(**spec["config"])
+    scan_layers = LAYERS[spec.get("layers", "auto")]
+    if scan_layers is None:
+        scan_layers = choices_for(platform()).scan_layers
     compiled, compile_seconds, state, batch, config = build_step(
-        bench, dtype=spec["dtype"], attention=spec["attention"], dropout=spec["dropout"],
-        batch_size=spec["batch_size"])
+        bench, scan_layers=scan_layers, dtype=spec["dtype"], attention=spec["attention"],
+        dropout=spec["dropout"], batch_size=spec["batch_size"])
     metrics, first_loss = None, None
     for _ in range(WARMUP_STEPS):
         state, metrics = compiled(state, batch)
@@ -122,6 +125,7 @@ def measure_ours(spec: dict) -> dict:
         "first_loss": first_loss,
         "last_loss": float(metrics["loss_sum"] / metrics["num_targets"]),
         "attention": choose_attention(platform(), spec["dtype"], spec["attention"]),
+        "layers": "scanned" if scan_layers else "unrolled",
         "device_kind": device.device_kind,
         "platform": device.platform,
         "vocab_size": config.vocab_size,
@@ -264,7 +268,8 @@ def run(args: argparse.Namespace, work: Path) -> dict:
         "command": "python " + " ".join(sys.argv),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "settings": {"steps": args.steps, "warmup_steps": WARMUP_STEPS, "dtype": args.dtype,
-                     "attn_implementation": args.attn_implementation, "dropout": args.dropout},
+                     "attn_implementation": args.attn_implementation, "dropout": args.dropout,
+                     "layers": args.layers},
         "peak": peak, "runs": [],
     }
     for name in args.configs.split(","):
@@ -273,12 +278,12 @@ def run(args: argparse.Namespace, work: Path) -> dict:
             print(f"{name}, batch {batch_size}", flush=True)
             spec = {"name": name, "config": dataclasses.asdict(bench), "batch_size": batch_size,
                     "steps": args.steps, "dtype": args.dtype, "dropout": args.dropout,
-                    "attention": args.attn_implementation}
+                    "attention": args.attn_implementation, "layers": args.layers}
             ours = run_measurement("ours", spec, work)
             device_kind = ours.get("device_kind", results.get("device_kind", "unknown"))
             results.setdefault("device_kind", device_kind)
             peers = {mode: run_measurement("torch", {**spec, "mode": mode}, work)
-                     for mode in args.torch_modes.split(",")}
+                     for mode in torch_modes(args)}
             results["runs"].append(summarise(name, bench, batch_size, ours, peers, results))
             save(results, args)
     return results
@@ -314,7 +319,8 @@ def markdown(results: dict) -> str:
     ]
     for run in results["runs"]:
         for label, side in run["sides"].items():
-            head = f"| {run['config']} | {run['batch_size']} | {label}"
+            shown = f"{label} ({side['layers']})" if "layers" in side else label
+            head = f"| {run['config']} | {run['batch_size']} | {shown}"
             if "error" in side:
                 lines.append(f"{head} | failed | | | | | |")
                 continue
@@ -352,7 +358,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--attn_implementation", default="auto",
                         choices=("auto", "reference", "xla", "cudnn"))
     parser.add_argument("--dropout", type=float, default=0.0, help="every dropout probability")
-    parser.add_argument("--torch_modes", default="eager,compile", help="eager, compile or both")
+    parser.add_argument("--layers", default="auto", choices=("auto", "scanned", "unrolled"),
+                        help="flax-lm's layers scanned or unrolled (auto: the platform's choice)")
+    parser.add_argument("--torch_modes", default="eager,compile",
+                        help="eager, compile, both, or none (flax-lm alone)")
     parser.add_argument("--peak_sizes", default="4096,8192", help="matrix sizes for the peak")
     parser.add_argument("--out", help="results JSON (default: bench/results/<device>.json)")
     parser.add_argument("--workdir", help="keep specs and logs here")
@@ -361,12 +370,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = [c for c in args.configs.split(",") if c not in ACCEL_CONFIGS]
     if unknown:
         parser.error(f"unknown config {unknown[0]!r}; choose from {', '.join(ACCEL_CONFIGS)}")
-    modes = args.torch_modes.split(",")
-    if not set(modes) <= {"eager", "compile"}:
-        parser.error(f"--torch_modes {args.torch_modes!r}: use eager, compile or eager,compile")
+    if not set(torch_modes(args)) <= {"eager", "compile"}:
+        parser.error(f"--torch_modes {args.torch_modes!r}: use eager, compile, eager,compile "
+                     f"or none")
     if args.steps < 1:
         parser.error("--steps must be at least 1")
     return args
+
+
+def torch_modes(args: argparse.Namespace) -> list[str]:
+    return [] if args.torch_modes == "none" else args.torch_modes.split(",")
 
 
 def main(argv: list[str] | None = None) -> int:

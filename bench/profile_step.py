@@ -28,6 +28,7 @@ from flax import nnx
 
 from bench import CONFIGS, HYPERPARAMETERS, TOKENIZER_VOCAB, BenchConfig
 from flax_lm import perf
+from flax_lm.backend import choices_for, platform
 from flax_lm.config import build_config
 from flax_lm.hostmem import reexec_with_huge_pages
 from flax_lm.models import create_model
@@ -39,15 +40,21 @@ from flax_lm.train.optim import make_schedule, make_training_optimizer
 RUNTIME_EVENTS = ("ThunkExecutor", "SlinkyThreadPool", "$", "Thunk")  # not operations
 
 
-def build_step(bench: BenchConfig, *, scan_layers: bool = True, dtype: str = "float32",
+LAYERS = {"auto": None, "scanned": True, "unrolled": False}  # --layers: scan_layers
+
+
+def build_step(bench: BenchConfig, *, scan_layers: bool | None = None, dtype: str = "float32",
                attention: str = "auto", dropout: float | None = None, batch_size: int | None = None):
     """(compiled step, compile seconds, state, device batch, model config) for a bench config:
     the trainer's model, objective, AdamW with clipping and the finite-update guard, compiled once
-    with the state donated, on one batch of random token ids (MLM-masked for RoBERTa)."""
+    with the state donated, on one batch of random token ids (MLM-masked for RoBERTa).
+    scan_layers None: the platform's choice, as the training commands make it."""
     overrides = bench.overrides
     if bench.tokenizer_vocab:  # the bench's own tokenizer's vocabulary, without training it
         overrides += f",vocab_size={TOKENIZER_VOCAB}"
     config = build_config(bench.model_type, dropout=dropout, overrides=overrides or None)
+    if scan_layers is None:
+        scan_layers = choices_for(platform()).scan_layers
     model = create_model(config, seed=0, scan_layers=scan_layers, dtype=dtype,
                          attention=attention)
     graphdef, params = nnx.split(model, nnx.Param)
@@ -112,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="gpt2-124m", choices=sorted(CONFIGS))
     parser.add_argument("--top", type=int, default=25, help="operations listed")
-    parser.add_argument("--unrolled", action="store_true", help="unroll the layers (no scan)")
+    parser.add_argument("--layers", default="auto", choices=sorted(LAYERS),
+                        help="scan or unroll the layers (auto: as the platform's runs do)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--attn_implementation", default="auto",
                         choices=("auto", "reference", "xla", "cudnn"))
@@ -123,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         reexec_with_huge_pages()
 
     compiled, _, state, batch, config = build_step(
-        CONFIGS[args.config], scan_layers=not args.unrolled, dtype=args.dtype,
+        CONFIGS[args.config], scan_layers=LAYERS[args.layers], dtype=args.dtype,
         attention=args.attn_implementation, batch_size=args.batch_size)
     for _ in range(2):
         state, metrics = compiled(state, batch)

@@ -19,6 +19,8 @@ from conftest import Bigram
 from flax import nnx
 
 from flax_lm.backend import Machine, device_platform, skip_unused_tpu_plugin, startup_platform
+from flax_lm.train.args import TrainConfig, resolve_defaults
+from flax_lm.train.build import model_options
 from flax_lm.train.objectives import CausalLM
 from flax_lm.train.step import TrainState, make_train_step
 
@@ -106,3 +108,20 @@ def test_an_installed_libtpu_is_skipped_only_where_jax_would_start_on_the_cpu(
     before = dict(environ)
     assert skip_unused_tpu_plugin(environ, replace(CPU_ONLY, **machine)) is skipped
     assert environ == ({**before, "JAX_PLATFORMS": "cpu"} if skipped else before)
+
+
+@pytest.mark.parametrize("platform, version, flag, scanned", [
+    ("cpu", "", None, True),
+    ("tpu", "", None, True),
+    ("gpu", "cuda 12080", None, False),  # GPUs unroll: see flax_lm/backend.py
+    ("gpu", "cuda 12080", True, True),  # --scan_layers wins over the platform
+    ("cpu", "", False, False),  # --no_scan_layers
+])  # fmt: skip
+def test_the_layer_loop_is_the_platforms_unless_a_flag_names_one(platform, version, flag,
+                                                                  scanned):
+    device = SimpleNamespace(platform=platform, client=SimpleNamespace(platform_version=version))
+    mesh = SimpleNamespace(devices=np.array([device]))
+    cfg = resolve_defaults(TrainConfig(scan_layers=flag))
+    options = model_options(cfg, mesh)
+    assert options["scan_layers"] is scanned
+    assert options["platform"] == device_platform(device)

@@ -196,6 +196,7 @@ def test_accelerator_bench_harness_on_the_cpu(bench_scripts):
     for run in results["runs"]:
         ours, peer = run["sides"]["flax-lm"], run["sides"]["torch eager"]
         assert ours["attention"] == "reference" and ours["vocab_size"] == 8192
+        assert ours["layers"] == "scanned"  # the CPU's choice (flax_lm/backend.py)
         for side in (ours, peer):
             assert side["tokens_per_second"] > 0 and side["compile_seconds"] > 0
             assert side["mfu_measured_peak"] == pytest.approx(
@@ -203,3 +204,4 @@ def test_accelerator_bench_harness_on_the_cpu(bench_scripts):
                 / results["peak"]["jax"]["bfloat16"])
             assert abs(side["first_loss"] - math.log(8192)) < 0.5
         assert f"| {run['config']} | 4 | torch eager |" in done.stdout
+        assert f"| {run['config']} | 4 | flax-lm (scanned) |" in done.stdout

@@ -171,8 +171,10 @@ class TrainConfig:
     )
     bf16: bool = opt(False, "compute in bfloat16: the same as --dtype bfloat16")
     fp16: bool = opt(False, "float16 is not supported: use --bf16")
-    scan_layers: bool = opt(
-        True, "scan over stacked layers (fast compile); --no_scan_layers unrolls"
+    scan_layers: bool | None = opt(
+        None, "scan over stacked layers (faster compile) or, with --no_scan_layers, unroll them "
+        "(less memory traffic); default: the backend's choice, scanned on CPUs and TPUs, "
+        "unrolled on GPUs"
     )
     remat: str | None = opt(
         None,
@@ -341,7 +343,7 @@ def converter(f: dataclasses.Field):
     kind = FIELD_TYPES[f.name]
     if f.metadata["parse"] is not None:
         return f.metadata["parse"]
-    if kind is bool:
+    if kind in (bool, bool | None):
         return parse_bool
     for base in (int, float):
         if kind is base or kind == base | None:
@@ -361,11 +363,11 @@ def build_parser(objective: str) -> ArgParser:
         flag, kind, help_text = f"--{f.name}", FIELD_TYPES[f.name], f.metadata["help"]
         if f.metadata["choices"]:
             help_text += f" ({'|'.join(f.metadata['choices'])})"
-        if kind is bool:
+        if kind in (bool, bool | None):
             parser.add_argument(
                 flag, nargs="?", const=True, type=parse_bool, metavar="BOOL", help=help_text
             )
-            if f.default is True:
+            if f.default is not False:
                 parser.add_argument(
                     f"--no_{f.name}",
                     dest=f.name,
