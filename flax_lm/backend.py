@@ -17,6 +17,9 @@ pay on one; the rest is the same everywhere:
   32 x 512) moves 128 GB scanned against 71 GB unrolled, with 13.5 against 6.6 GiB of
   temporaries, for three times the compile time: GPUs unroll, CPUs and TPUs (whose recipes are
   planned scanned) scan.
+- fused_loss: whether the cross-entropy over the vocabulary takes its hand-made, one-pass
+  gradient even where a row's logits fit one chunk (flax_lm/models/output.py): everywhere but
+  on CPUs, whose compiler fuses autodiff's whole-logits gradient better.
 - single_microbatch_loop: whether a train step without gradient accumulation still goes through
   the accumulation loop. XLA:CPU ran a one-trip `while` loop markedly slower than the same body
   without it, so without accumulation the step calls the gradient directly, on every platform
@@ -51,22 +54,23 @@ class Backend:
     attention: str  # attention implementation for float32 compute
     fused_attention: str  # ... for bfloat16 / float16 compute
     scan_layers: bool
+    fused_loss: bool
     single_microbatch_loop: bool
     host_huge_pages: bool
 
 
 BACKENDS: dict[str, Backend] = {
-    "cpu": Backend("reference", "reference", scan_layers=True, single_microbatch_loop=False,
-                   host_huge_pages=True),
-    "cuda": Backend("xla", "cudnn", scan_layers=False, single_microbatch_loop=False,
-                    host_huge_pages=False),
-    "rocm": Backend("xla", "xla", scan_layers=False, single_microbatch_loop=False,
-                    host_huge_pages=False),
-    "tpu": Backend("xla", "xla", scan_layers=True, single_microbatch_loop=False,
-                   host_huge_pages=False),
+    "cpu": Backend("reference", "reference", scan_layers=True, fused_loss=False,
+                   single_microbatch_loop=False, host_huge_pages=True),
+    "cuda": Backend("xla", "cudnn", scan_layers=False, fused_loss=True,
+                    single_microbatch_loop=False, host_huge_pages=False),
+    "rocm": Backend("xla", "xla", scan_layers=False, fused_loss=True,
+                    single_microbatch_loop=False, host_huge_pages=False),
+    "tpu": Backend("xla", "xla", scan_layers=True, fused_loss=True,
+                   single_microbatch_loop=False, host_huge_pages=False),
 }
-OTHER_PLATFORMS = Backend("xla", "xla", scan_layers=True, single_microbatch_loop=False,
-                          host_huge_pages=False)
+OTHER_PLATFORMS = Backend("xla", "xla", scan_layers=True, fused_loss=True,
+                          single_microbatch_loop=False, host_huge_pages=False)
 
 
 def choices_for(platform: str) -> Backend:

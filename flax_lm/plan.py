@@ -9,10 +9,13 @@ and compiles it ahead of time from shapes alone: no weights are made and the cor
 XLA then says how many bytes each device needs: parameters and optimizer state (from their
 shard shapes), the batch, the program and its temporaries, against the device's memory.
 
---topology NAME compiles for TPU devices this machine need not have (any name libtpu knows:
-v3-8, v4:2x2x1, v5e:4x4, ...; needs `pip install -e '.[tpu]'`), with XLA's TPU compiler and the
-HBM it reports. Without it the plan is for the local devices: a GPU's memory limit, or for CPU
-devices the host memory available now, which they share. The schedule's length is the one thing
+--topology NAME compiles for devices this machine need not have: TPUs by any name libtpu knows
+(v3-8, v4:2x2x1, v5e:4x4, ...; needs `pip install -e '.[tpu]'`), with XLA's TPU compiler and the
+HBM it reports; or NVIDIA GPUs of GPU_TARGETS (h100, h200, a100; `h100:8` for eight in one host;
+needs JAX's CUDA plugin, no GPU), with XLA's GPU compiler told the chip's data sheet, against the
+share of its memory JAX takes (XLA_PYTHON_CLIENT_MEM_FRACTION, 0.75 unless set). Without it the
+plan is for the local devices: a GPU's memory limit, or for CPU devices the host memory available
+now, which they share. The schedule's length is the one thing
 the flags cannot give without the corpus; it changes constants, not memory.
 
 On a miss it compiles a few variants (at most four) and says what fits: rematerialisation, or a
@@ -106,6 +109,96 @@ def tpu_topology(name: str) -> Target:
             f"v5e:4x4): {text[:200]}"
         ) from None
     return Target(name, list(devices), hbm_bytes(devices[0]), "HBM")
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    """What XLA's GPU compiler needs to know of a chip it compiles for without one (from the
+    vendor's data sheet and what CUDA reports of it)."""
+
+    name: str  # as CUDA names the device
+    compute_capability: tuple[int, int]
+    multiprocessors: int
+    fp32_units_per_multiprocessor: int
+    clock_ghz: float
+    memory_bytes: int
+    memory_bandwidth: float  # bytes/s
+    l2_cache_bytes: int
+    shared_memory_per_multiprocessor: int
+    shared_memory_per_block_optin: int
+    bf16_dense_flops: float  # published, FLOP/s
+
+    def target_config(self) -> str:
+        """The GpuTargetConfigProto (text format) XLA compiles for."""
+        major, minor = self.compute_capability
+        return f"""gpu_device_info {{
+  threads_per_block_limit: 1024 threads_per_warp: 32 threads_per_core_limit: 2048
+  shared_memory_per_block: 49152
+  shared_memory_per_core: {self.shared_memory_per_multiprocessor}
+  shared_memory_per_block_optin: {self.shared_memory_per_block_optin}
+  core_count: {self.multiprocessors} fpus_per_core: {self.fp32_units_per_multiprocessor}
+  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
+  memory_bandwidth: {int(self.memory_bandwidth)} l2_cache_size: {self.l2_cache_bytes}
+  clock_rate_ghz: {self.clock_ghz} device_memory_size: {self.memory_bytes}
+  cuda_compute_capability {{ major: {major} minor: {minor} }}
+  registers_per_core_limit: 65536 registers_per_block_limit: 65536
+}}
+platform_name: "CUDA"
+dnn_version_info {{ major: 9 minor: 8 }}
+device_description_str: "{self.name}"
+"""
+
+
+GPU_TARGETS = {
+    "h100": GpuSpec("NVIDIA H100 80GB HBM3", (9, 0), 132, 128, 1.98, 84_942_979_072, 3.35e12,
+                    50 * 2**20, 233_472, 232_448, 989e12),
+    "h200": GpuSpec("NVIDIA H200", (9, 0), 132, 128, 1.98, 150_754_820_096, 4.8e12, 50 * 2**20,
+                    233_472, 232_448, 989e12),
+    "a100": GpuSpec("NVIDIA A100-SXM4-80GB", (8, 0), 108, 64, 1.41, 85_097_971_712, 2.039e12,
+                    40 * 2**20, 167_936, 166_912, 312e12),
+}  # fmt: skip
+GPU_MEMORY_FRACTION = 0.75  # what JAX takes of a GPU's memory unless told otherwise
+
+
+def gpu_target(name: str) -> tuple[GpuSpec, int] | None:
+    """(spec, GPUs) of a --topology naming GPU_TARGETS ("h100", "h100:8"); None otherwise."""
+    model, _, count = name.lower().partition(":")
+    if model not in GPU_TARGETS:
+        return None
+    if count and not (count.isdigit() and int(count) > 0):
+        raise UserError(f"--topology {name!r}: the GPU count after ':' must be a positive "
+                        f"whole number (e.g. {model}:8)")
+    return GPU_TARGETS[model], int(count or 1)
+
+
+def gpu_topology(name: str) -> Target:
+    """`count` NVIDIA GPUs of one host (compile-only), for XLA's GPU compiler on any machine with
+    JAX's CUDA plugin. UserError when the plugin is missing."""
+    import jax
+
+    spec, count = gpu_target(name)
+    # Nothing runs here: JAX stays on the CPU, which also spares the plugin its check of a GPU.
+    with contextlib.suppress(RuntimeError):
+        jax.config.update("jax_platforms", "cpu")
+    from jax.experimental import topologies
+
+    try:
+        devices = topologies.get_topology_desc(
+            platform="cuda", topology=f"1x1x{count}", target_config=spec.target_config()
+        ).devices
+    except (NotImplementedError, RuntimeError) as err:
+        raise UserError(
+            f"--topology {name} needs JAX's CUDA plugin (no GPU needed): pip install "
+            f"\"jax[cuda12]=={jax.__version__}\", then plan again ({one_line(err, None)[:120]})"
+        ) from None
+    fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", GPU_MEMORY_FRACTION))
+    return Target(name, list(devices), int(spec.memory_bytes * fraction),
+                  f"device memory JAX takes ({fraction:.0%})")
+
+
+def topology_target(name: str) -> Target:
+    """--topology: NVIDIA GPUs of GPU_TARGETS, or a TPU topology."""
+    return gpu_topology(name) if gpu_target(name) else tpu_topology(name)
 
 
 @contextlib.contextmanager
@@ -421,7 +514,8 @@ def parse_args(argv: list[str]) -> tuple[TrainConfig, str, argparse.Namespace]:
     parser = build_parser(objective)
     parser.prog = "flax-lm plan"
     parser.description = __doc__.splitlines()[0]
-    parser.add_argument("--topology", help="TPU topology to compile for, e.g. v3-8, v5e:4x4 "
+    parser.add_argument("--topology", help="devices to compile for: a TPU topology (v3-8, "
+                        f"v5e:4x4, ...) or GPUs ({', '.join(GPU_TARGETS)}, e.g. h100:8) "
                         "(default: the local devices)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     values = vars(parse_flags(argv, objective, parser))
@@ -434,7 +528,7 @@ def parse_args(argv: list[str]) -> tuple[TrainConfig, str, argparse.Namespace]:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg, objective, options = parse_args(argv)
-    target = tpu_topology(options.topology) if options.topology else local_target()
+    target = topology_target(options.topology) if options.topology else local_target()
     plan = plan_step(cfg, objective, target)
     suggestions = []
     if plan.fits is False:

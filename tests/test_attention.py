@@ -141,6 +141,8 @@ def test_models_take_the_chosen_implementation():
     # that platform's choice, and a named one is checked against it.
     fused = built(gpt2_config(), dtype="bfloat16", platform="cuda")
     assert fused.h.attn.implementation == "cudnn"
+    # ... and its loss's gradient (flax_lm/backend.py fused_loss): hand-made off the CPU
+    assert fused.fused_loss and not built(gpt2_config()).fused_loss
     assert built(roberta_config(), attention="cudnn", dtype="bfloat16",
                  platform="cuda").layers.attention.implementation == "cudnn"
     with pytest.raises(UserError, match="tpu"):

@@ -46,15 +46,20 @@ def example(dtype: str, seed: int = 0):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("chunk", [SEQ, 8, 16], ids=["one-chunk", "three-chunks", "padded"])
-def test_chunked_loss_and_gradients_equal_the_whole_logits(monkeypatch, dtype, chunk):
+@pytest.mark.parametrize("chunk, fused", [(SEQ, False), (SEQ, True), (8, False), (16, False)],
+                         ids=["one-chunk", "one-chunk-fused", "three-chunks", "padded"])
+def test_chunked_loss_and_gradients_equal_the_whole_logits(monkeypatch, dtype, chunk, fused):
+    """Chunked (and, with `fused`, one chunk through the hand-made gradient too, as off-CPU
+    backends take it) against autodiff of the whole logits. The vocabulary (40) is padded to
+    VOCAB_MULTIPLE inside, which must change nothing."""
     monkeypatch.setattr(output_module, "LOGITS_PER_CHUNK_ROW", chunk * VOCAB)
     assert chunk_length(SEQ, VOCAB) == chunk
     features, table, bias, labels, weights = example(dtype)
 
     def loss(fn):
         def of(features, table, bias):
-            total, is_correct = fn(OutputLayer(features, table, bias), labels, weights)
+            total, is_correct = fn(OutputLayer(features, table, bias, fused=fused), labels,
+                                   weights)
             return total, is_correct
         return jax.jit(jax.value_and_grad(of, argnums=(0, 1, 2), has_aux=True))
 
@@ -71,7 +76,7 @@ def test_chunked_loss_and_gradients_equal_the_whole_logits(monkeypatch, dtype, c
 
     # evaluation (no gradient) takes the forward-only pass: the same sums
     evaluated, evaluated_correct = jax.jit(cross_entropy_sums)(
-        OutputLayer(features, table, bias), labels, weights)
+        OutputLayer(features, table, bias, fused=fused), labels, weights)
     np.testing.assert_allclose(evaluated, got, rtol=1e-6)
     np.testing.assert_array_equal(evaluated_correct, got_correct)
 

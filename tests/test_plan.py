@@ -12,6 +12,7 @@ import re
 
 import pytest
 
+from flax_lm.plan import GPU_TARGETS, gpu_target
 from flax_lm.plan import main as plan
 from flax_lm.train import step, trainer
 from flax_lm.train.cli import main as train
@@ -25,6 +26,8 @@ MEMORY_FIELDS = {
     "program": "generated_code_size_in_bytes",
 }
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
+HAS_CUDA_PLUGIN = any(importlib.util.find_spec(f"jax_cuda{v}_plugin") is not None
+                      for v in (12, 13))
 
 
 def step_flags(tokenizer_dir) -> list[str]:
@@ -144,3 +147,41 @@ def test_bad_input_is_one_line(tiny_tokenizer_dir, argv, named):
 def test_the_model_type_is_needed_to_know_the_training_script(tiny_tokenizer_dir):
     status, _, stderr = run_plan(["--tokenizer_name", str(tiny_tokenizer_dir)])
     assert status == 2 and "--model_type" in stderr and len(stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("h100", ("h100", 1)), ("H200:8", ("h200", 8)), ("a100:2", ("a100", 2)), ("v3-8", None),
+])  # fmt: skip
+def test_gpu_topologies_are_named_by_model_and_count(name, expected):
+    found = gpu_target(name)
+    assert (found if found is None else (found[0].name, found[1])) == (
+        None if expected is None else (GPU_TARGETS[expected[0]].name, expected[1]))
+
+
+@pytest.mark.parametrize("topology", ["h100:0", "h100:two"] + (
+    [] if HAS_CUDA_PLUGIN else ["h100"]))  # without JAX's CUDA plugin: what to install
+def test_bad_gpu_topologies_are_one_line(tiny_tokenizer_dir, topology):
+    status, stdout, stderr = run_plan([*step_flags(tiny_tokenizer_dir), "--topology", topology])
+    assert status == 2 and stdout == ""
+    lines = [line for line in stderr.splitlines() if not line.startswith("compiling")]
+    assert len(lines) == 1 and lines[0].startswith("error:") and topology in lines[0]
+    if topology == "h100":
+        assert "jax[cuda12]" in lines[0]
+
+
+@pytest.mark.skipif(not HAS_CUDA_PLUGIN, reason="JAX's CUDA plugin is not installed: "
+                    "pip install -e '.[cuda]' (no GPU needed)")
+def test_a_train_step_compiles_for_two_h100s_on_this_cpu(tiny_tokenizer_dir, monkeypatch):
+    """XLA's GPU compiler, told an H100's data sheet, compiles the bfloat16 step for two of them
+    with no GPU here: cuDNN's fused attention (the GPU's choice) and a gradient all-reduce."""
+    compiled_steps = keep_compiled_steps(monkeypatch, step)
+    flags = step_flags(tiny_tokenizer_dir)  # without dropout: attention dropout is not fused
+    flags[flags.index(TINY_GPT2)] = TINY_GPT2 + ",attn_pdrop=0,resid_pdrop=0,embd_pdrop=0"
+    status, stdout, _ = run_plan([*flags, "--topology", "h100:2", "--json"])
+    assert status == 0
+    result = json.loads(stdout)
+    assert (result["devices"], result["device_kind"]) == (2, GPU_TARGETS["h100"].name)
+    assert result["hbm_bytes"] == int(GPU_TARGETS["h100"].memory_bytes * 0.75)
+    assert result["fits"] is True and result["settings"]["mesh"] == {"data": 2, "fsdp": 1}
+    hlo = compiled_steps[0].as_text()
+    assert "__cudnn$fmha" in hlo and all_reduced_elements(hlo)

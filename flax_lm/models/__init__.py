@@ -7,6 +7,7 @@ from typing import Any
 import jax
 from flax import nnx
 
+from flax_lm.backend import choices_for
 from flax_lm.backend import platform as local_platform
 from flax_lm.errors import UserError
 from flax_lm.models.attention import choose_attention
@@ -42,12 +43,14 @@ def create_model(config: Any, seed: int = 0, *, dtype: Any = "float32", scan_lay
     layers.REMAT_POLICIES). attention: "auto" (the implementation for this backend and dtype),
     "reference", "xla" or "cudnn" (see attention.py). platform: the platform the model is built
     for, which decides "auto" and is checked against a named choice (default: this process's; a
-    plan compiles for devices it need not have).
+    plan compiles for devices it need not have), and whether its loss takes the fused gradient
+    (flax_lm/backend.py).
     """
     cls = model_class(getattr(config, "model_type", None))
-    attention = choose_attention(platform or local_platform(), compute_dtype(dtype), attention)
+    platform = platform or local_platform()
+    attention = choose_attention(platform, compute_dtype(dtype), attention)
     return cls(config, seed, dtype=dtype, scan_layers=scan_layers, remat=remat,
-               attention=attention)
+               attention=attention, fused_loss=choices_for(platform).fused_loss)
 
 
 def weight_decay_mask(params_state: nnx.State) -> nnx.State:

@@ -87,9 +87,10 @@ class GPT2LMHeadModel(LanguageModel):
 
     def __init__(self, config: GPT2Config, seed: int = 0, *, dtype: Any = "float32",
                  scan_layers: bool = True, remat: str | None = None,
-                 attention: str = "reference"):
+                 attention: str = "reference", fused_loss: bool = False):
         check_config(config)
-        super().__init__(config, dtype=dtype, scan_layers=scan_layers, remat=remat)
+        super().__init__(config, dtype=dtype, scan_layers=scan_layers, remat=remat,
+                         fused_loss=fused_loss)
         wte_key, wpe_key, layers_key, head_key = jax.random.split(jax.random.key(seed), 4)
         std = config.initializer_range
         self.wte = Embed(config.vocab_size, config.n_embd, wte_key, std=std)
@@ -119,7 +120,7 @@ class GPT2LMHeadModel(LanguageModel):
     def output_layer(self, hidden: jax.Array) -> OutputLayer:
         """The LM head for hidden states from `encode`: the tied wte (or own lm_head) table."""
         head = self.wte if self.lm_head is None else self.lm_head
-        return OutputLayer(hidden, head.embedding[...])
+        return OutputLayer(hidden, head.embedding[...], fused=self.fused_loss)
 
     def init_cache(self, batch_size: int, max_length: int) -> dict[str, jax.Array]:
         """An empty key/value cache for `decode` (in the compute dtype)."""

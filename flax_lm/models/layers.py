@@ -334,14 +334,17 @@ class StaticConfig:
 
 class LanguageModel(nnx.Module):
     """What every model keeps besides its layers: its config (static, see StaticConfig) and how
-    it runs: the compute dtype, scan over the stacked layers or not, and the remat policy. Each
-    model still spells out create_model's keyword arguments, so its constructor reads alone."""
+    it runs: the compute dtype, scan over the stacked layers or not, the remat policy, and
+    whether its output layer asks for the fused loss gradient (models/output.py). Each model
+    still spells out create_model's keyword arguments, so its constructor reads alone."""
 
-    def __init__(self, config: Any, *, dtype: Any, scan_layers: bool, remat: str | None):
+    def __init__(self, config: Any, *, dtype: Any, scan_layers: bool, remat: str | None,
+                 fused_loss: bool = False):
         self.static_config = StaticConfig(config)
         self.dtype = compute_dtype(dtype)
         self.scan_layers = bool(scan_layers)
         self.remat = check_remat(remat)
+        self.fused_loss = bool(fused_loss)
 
     @property
     def config(self) -> Any:

@@ -20,15 +20,20 @@ gives the losses the training and eval steps need without ever holding the whole
   row's maximum, which the log-sum-exp computes anyway, so the step has no separate argmax over
   the vocabulary. (It differs from argmax only on exact ties with another token.)
 
-Rows whose logits fit in one chunk (e.g. an 8,192-token vocabulary at 512 positions) take the
-whole-logits loss, `token_cross_entropy`, and autodiff: XLA:CPU fuses its softmax gradient into
-the head's matmuls and its argmax into the softmax's maximum, which measured faster there than
-the hand-made gradient, and the memory is bounded anyway.
+Rows whose logits fit in one chunk (e.g. an 8,192-token vocabulary at 512 positions, or the MLM
+head's masked positions) take, on CPUs, the whole-logits loss, `token_cross_entropy`, and
+autodiff: XLA:CPU fuses its softmax gradient into the head's matmuls and its argmax into the
+softmax's maximum, which measured faster there than the hand-made gradient, and the memory is
+bounded anyway. Elsewhere (`OutputLayer.fused`, the backend's choice) they take the one-chunk
+case of the hand-made gradient: on a GPU the autodiff one makes separate passes over the float32
+logits (exp, the label's scatter, the softmax's product); compiled for an H200
+(bench/gpu_estimate.py), a RoBERTa base step moves 11% more bytes with it.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from dataclasses import dataclass
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -41,15 +46,22 @@ IGNORE_INDEX = -100  # label of a position that is not a target
 # into power-of-two chunks of positions that stay under it (one chunk when the whole row fits).
 LOGITS_PER_CHUNK_ROW = 2**22
 MIN_CHUNK = 8  # positions: fewer would leave the vocabulary matmul too thin to run well
+VOCAB_MULTIPLE = 128  # the chunked loss pads the vocabulary to this (see _padded_head)
 
 
-class OutputLayer(NamedTuple):
+@partial(jax.tree_util.register_dataclass, data_fields=["features", "table", "bias"],
+         meta_fields=["fused"])
+@dataclass(frozen=True)
+class OutputLayer:
     """logits = features @ table.T (+ bias): features [..., width] in the compute dtype, the
-    float32 table [vocab, width] (the tied input embeddings or an own one) and bias [vocab]."""
+    float32 table [vocab, width] (the tied input embeddings or an own one) and bias [vocab].
+    fused: the loss takes the hand-made gradient even where the logits fit one chunk (the
+    model's backend choice, flax_lm/backend.py; static, not an array, under jit)."""
 
     features: jax.Array
     table: jax.Array
     bias: jax.Array | None = None
+    fused: bool = False
 
     def logits(self) -> jax.Array:
         """The float32 logits [..., vocab]."""
@@ -97,7 +109,7 @@ def cross_entropy_sums(
     length = output.features.shape[1]
     weights = weights.astype(jnp.float32)
     chunk = chunk_length(length, output.table.shape[0])
-    if chunk == length:  # logits that fit are left to autodiff, which XLA:CPU fuses better
+    if chunk == length and not output.fused:  # autodiff of whole logits: XLA:CPU fuses it better
         logits = output.logits()
         if next_token:
             logits, labels, weights = logits[:, :-1], labels[:, 1:], weights[:, 1:]
@@ -132,12 +144,26 @@ def _unchunked(x: jax.Array) -> jax.Array:
     return jnp.swapaxes(x, 0, 1).reshape(batch, chunks * chunk, *x.shape[3:])
 
 
-def _softmax_terms(x, table, bias, labels):
-    """One chunk's logits, shifted by their row maximum (non-targets' zeroed), with their sum of
-    exponentials, safe labels, target mask, cross-entropies and correctness."""
+def _padded_head(table, bias, dtype):
+    """The table in the compute dtype and the bias, their vocabulary padded to a multiple of
+    VOCAB_MULTIPLE: done once for all chunks, where each chunk would otherwise convert the table
+    again and XLA:GPU pad both it and the chunk's logits gradient to aligned widths."""
+    padding = -table.shape[0] % VOCAB_MULTIPLE
+    table = jnp.pad(table.astype(dtype), ((0, padding), (0, 0)))
+    return table, None if bias is None else jnp.pad(bias, (0, padding))
+
+
+def _softmax_terms(x, table, bias, labels, vocab):
+    """One chunk's logits over a `_padded_head` (the padding's masked out), shifted by their row
+    maximum (non-targets' zeroed), with their sum of exponentials, safe labels, target mask,
+    cross-entropies and correctness."""
     is_target = labels != IGNORE_INDEX
-    logits = vocab_logits(x, table)
-    logits = jnp.where(is_target[..., None], logits if bias is None else logits + bias, 0.0)
+    logits = jnp.einsum("...d,vd->...v", x, table, preferred_element_type=jnp.float32)
+    if bias is not None:
+        logits = logits + bias
+    if table.shape[0] > vocab:
+        logits = jnp.where(jnp.arange(table.shape[0]) < vocab, logits, -jnp.inf)
+    logits = jnp.where(is_target[..., None], logits, 0.0)
     shifted = logits - logits.max(axis=-1, keepdims=True)
     sum_exp = jnp.exp(shifted).sum(axis=-1)
     safe_labels = jnp.where(is_target, labels, 0)
@@ -149,10 +175,12 @@ def _softmax_terms(x, table, bias, labels):
 @jax.custom_vjp
 def _chunked_cross_entropy(features, table, bias, labels, weights):
     """Forward only (evaluation): the weighted sum and correctness, chunk by chunk."""
+    vocab = table.shape[0]
+    table, bias = _padded_head(table, bias, features.dtype)
 
     def body(loss, chunk):
         x, chunk_labels, chunk_weights = chunk
-        *_, cross_entropy, correct = _softmax_terms(x, table, bias, chunk_labels)
+        *_, cross_entropy, correct = _softmax_terms(x, table, bias, chunk_labels, vocab)
         return loss + (chunk_weights * cross_entropy).sum(), correct
 
     return jax.lax.scan(body, jnp.zeros((), jnp.float32), (features, labels, weights))
@@ -160,14 +188,14 @@ def _chunked_cross_entropy(features, table, bias, labels, weights):
 
 def _chunked_cross_entropy_forward(features, table, bias, labels, weights):
     """The sum and correctness, and the sum's gradients made on the way (see the module)."""
-    compute = features.dtype
-    table_in_compute = table.astype(compute)
+    compute, vocab = features.dtype, table.shape[0]
+    table_in_compute, padded_bias = _padded_head(table, bias, compute)
 
     def body(carry, chunk):
         loss, d_table, d_bias = carry  # d_bias None without a bias
         x, chunk_labels, chunk_weights = chunk
         shifted, sum_exp, safe_labels, cross_entropy, correct = _softmax_terms(
-            x, table, bias, chunk_labels
+            x, table_in_compute, padded_bias, chunk_labels, vocab
         )
         probabilities = jnp.exp(shifted) / sum_exp[..., None]
         one_hot = jax.nn.one_hot(safe_labels, probabilities.shape[-1], dtype=jnp.float32)
@@ -182,12 +210,12 @@ def _chunked_cross_entropy_forward(features, table, bias, labels, weights):
         loss = loss + (chunk_weights * cross_entropy).sum()
         return (loss, d_table, d_bias), (correct, d_x)
 
-    start = (jnp.zeros((), jnp.float32), jnp.zeros(table.shape, jnp.float32),
-             None if bias is None else jnp.zeros(bias.shape, jnp.float32))
+    start = (jnp.zeros((), jnp.float32), jnp.zeros(table_in_compute.shape, jnp.float32),
+             None if bias is None else jnp.zeros(padded_bias.shape, jnp.float32))
     (loss, d_table, d_bias), (correct, d_features) = jax.lax.scan(
         body, start, (features, labels, weights)
     )
-    return (loss, correct), (d_features, d_table, d_bias)
+    return (loss, correct), (d_features, d_table[:vocab], None if bias is None else d_bias[:vocab])
 
 
 def _chunked_cross_entropy_backward(gradients, cotangents):

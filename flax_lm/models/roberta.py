@@ -11,6 +11,7 @@ parameters, run under `jax.lax.scan`.
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from typing import Any
 
 import jax
@@ -101,9 +102,10 @@ class RobertaForMaskedLM(LanguageModel):
 
     def __init__(self, config: RobertaConfig, seed: int = 0, *, dtype: Any = "float32",
                  scan_layers: bool = True, remat: str | None = None,
-                 attention: str = "reference"):
+                 attention: str = "reference", fused_loss: bool = False):
         check_config(config)
-        super().__init__(config, dtype=dtype, scan_layers=scan_layers, remat=remat)
+        super().__init__(config, dtype=dtype, scan_layers=scan_layers, remat=remat,
+                         fused_loss=fused_loss)
         keys = jax.random.split(jax.random.key(seed), 5)
         width, std, pad = config.hidden_size, config.initializer_range, config.pad_token_id
         self.word_embeddings = Embed(config.vocab_size, width, keys[0], std=std, padding_idx=pad)
@@ -127,7 +129,7 @@ class RobertaForMaskedLM(LanguageModel):
     def output_layer(self, hidden: jax.Array) -> OutputLayer:
         """The MLM head for hidden states [..., hidden_size], e.g. only those of the masked
         positions, which is all the MLM loss needs (see objectives.MaskedLM)."""
-        return self.lm_head(hidden, self.word_embeddings)
+        return replace(self.lm_head(hidden, self.word_embeddings), fused=self.fused_loss)
 
     def encode(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
                dropout_rng: jax.Array | None = None) -> jax.Array:
