@@ -294,12 +294,9 @@ def plan_step(cfg: TrainConfig, objective_name: str, target: Target, *,
               with_flops: bool = True) -> Plan:
     """Compile the train step of `cfg` for `target`'s devices and measure it (`with_flops`:
     also trace its FLOPs, which the variants tried for a suggestion do not need)."""
-    from flax_lm.train.build import abstract_step
-    from flax_lm.train.prepare import prepare_model
-    from flax_lm.train.step import compile_train_step, make_mesh
+    from flax_lm.train.step import compile_train_step
 
-    mesh = make_mesh(target.devices, spec=cfg.mesh)
-    p = prepare_model(cfg, objective_name, num_devices=mesh.size)
+    p, mesh, train_step, state, batch = step_to_compile(cfg, objective_name, target)
     settings = {
         "per_device_train_batch_size": cfg.per_device_train_batch_size,
         "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
@@ -309,7 +306,6 @@ def plan_step(cfg: TrainConfig, objective_name: str, target: Target, *,
         "remat": cfg.remat,
         "mesh": dict(mesh.shape),
     }
-    train_step, state, batch = abstract_step(p, mesh)
     flops = step_flops(p, mesh, train_step, state, batch) if with_flops else {}
     held = {
         "parameters": shard_bytes(state.params),
@@ -341,6 +337,18 @@ def plan_step(cfg: TrainConfig, objective_name: str, target: Target, *,
     )  # fmt: skip
     fits = None if target.memory_bytes is None else per_device["total"] <= target.memory_bytes
     return Plan(settings, per_device, fits, True, round(seconds, 2), flops)
+
+
+def step_to_compile(cfg: TrainConfig, objective_name: str, target: Target):
+    """(prepared run, mesh, train step, state shapes, batch shapes) of `cfg` on `target`'s
+    devices: what `compile_train_step` compiles, as the training command would."""
+    from flax_lm.train.build import abstract_step
+    from flax_lm.train.prepare import prepare_model
+    from flax_lm.train.step import make_mesh
+
+    mesh = make_mesh(target.devices, spec=cfg.mesh)
+    p = prepare_model(cfg, objective_name, num_devices=mesh.size)
+    return (p, mesh, *abstract_step(p, mesh))
 
 
 def step_flops(p, mesh, train_step, state, batch) -> dict[str, float]:
