@@ -14,9 +14,9 @@ pay on one; the rest is the same everywhere:
   the block, stacked per layer in memory (float32 LayerNorm terms, the GELU's parts). Unrolled,
   XLA sees the whole step and recomputes such elementwise terms inside the backward kernels that
   read them. Compiled for an H200 (bench/gpu_estimate.py), the GPT-2 124M step (bfloat16, batch
-  32 x 512) moves 128 GB scanned against 71 GB unrolled, with 13.5 against 6.6 GiB of
-  temporaries, for three times the compile time: GPUs unroll, CPUs and TPUs (whose recipes are
-  planned scanned) scan.
+  32 x 512) moves 124 GB scanned against 67 GB unrolled, with 13.4 against 6.5 GiB of
+  temporaries, for two to three times the compile time: GPUs unroll, CPUs and TPUs (whose
+  recipes are planned scanned) scan.
 - fused_loss: whether the cross-entropy over the vocabulary takes its hand-made, one-pass
   gradient even where a row's logits fit one chunk (flax_lm/models/output.py): everywhere but
   on CPUs, whose compiler fuses autodiff's whole-logits gradient better.
