@@ -18,8 +18,9 @@ pay on one; the rest is the same everywhere:
   temporaries, for two to three times the compile time: GPUs unroll, CPUs and TPUs (whose
   recipes are planned scanned) scan.
 - fused_loss: whether the cross-entropy over the vocabulary takes its hand-made, one-pass
-  gradient even where a row's logits fit one chunk (flax_lm/models/output.py): everywhere but
-  on CPUs, whose compiler fuses autodiff's whole-logits gradient better.
+  gradient even where a row's logits fit one chunk, and pads the vocabulary to aligned widths
+  for its matmuls (flax_lm/models/output.py): everywhere but on CPUs, whose compiler fuses
+  autodiff's whole-logits gradient better and pads nothing itself.
 - single_microbatch_loop: whether a train step without gradient accumulation still goes through
   the accumulation loop. XLA:CPU ran a one-trip `while` loop markedly slower than the same body
   without it, so without accumulation the step calls the gradient directly, on every platform

@@ -46,12 +46,14 @@ def example(dtype: str, seed: int = 0):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("chunk, fused", [(SEQ, False), (SEQ, True), (8, False), (16, False)],
-                         ids=["one-chunk", "one-chunk-fused", "three-chunks", "padded"])
+@pytest.mark.parametrize("chunk, fused", [(SEQ, False), (SEQ, True), (8, False), (8, True),
+                                          (16, False)],
+                         ids=["one-chunk", "one-chunk-fused", "three-chunks",
+                              "three-chunks-fused", "padded"])
 def test_chunked_loss_and_gradients_equal_the_whole_logits(monkeypatch, dtype, chunk, fused):
     """Chunked (and, with `fused`, one chunk through the hand-made gradient too, as off-CPU
-    backends take it) against autodiff of the whole logits. The vocabulary (40) is padded to
-    VOCAB_MULTIPLE inside, which must change nothing."""
+    backends take it) against autodiff of the whole logits. `fused` also pads the vocabulary
+    (40) to VOCAB_MULTIPLE inside, which must change nothing."""
     monkeypatch.setattr(output_module, "LOGITS_PER_CHUNK_ROW", chunk * VOCAB)
     assert chunk_length(SEQ, VOCAB) == chunk
     features, table, bias, labels, weights = example(dtype)

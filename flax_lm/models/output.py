@@ -46,7 +46,7 @@ IGNORE_INDEX = -100  # label of a position that is not a target
 # into power-of-two chunks of positions that stay under it (one chunk when the whole row fits).
 LOGITS_PER_CHUNK_ROW = 2**22
 MIN_CHUNK = 8  # positions: fewer would leave the vocabulary matmul too thin to run well
-VOCAB_MULTIPLE = 128  # the chunked loss pads the vocabulary to this (see _padded_head)
+VOCAB_MULTIPLE = 128  # a fused loss pads the vocabulary to this (see _padded_head)
 
 
 @partial(jax.tree_util.register_dataclass, data_fields=["features", "table", "bias"],
@@ -55,8 +55,9 @@ VOCAB_MULTIPLE = 128  # the chunked loss pads the vocabulary to this (see _padde
 class OutputLayer:
     """logits = features @ table.T (+ bias): features [..., width] in the compute dtype, the
     float32 table [vocab, width] (the tied input embeddings or an own one) and bias [vocab].
-    fused: the loss takes the hand-made gradient even where the logits fit one chunk (the
-    model's backend choice, flax_lm/backend.py; static, not an array, under jit)."""
+    fused: the loss as accelerators take it (the model's backend choice, flax_lm/backend.py):
+    the hand-made gradient even where the logits fit one chunk, and the vocabulary padded to
+    VOCAB_MULTIPLE for the chunks' matmuls. Static, not an array, under jit."""
 
     features: jax.Array
     table: jax.Array
@@ -126,6 +127,7 @@ def cross_entropy_sums(
         labels = jnp.pad(labels, ((0, 0), (0, padding)), constant_values=IGNORE_INDEX)
         weights = jnp.pad(weights, ((0, 0), (0, padding)))
     loss, is_correct = _chunked_cross_entropy(
+        VOCAB_MULTIPLE if output.fused else 1,
         _chunked(features, chunks), output.table, output.bias, _chunked(labels, chunks),
         _chunked(weights, chunks),
     )
@@ -144,11 +146,13 @@ def _unchunked(x: jax.Array) -> jax.Array:
     return jnp.swapaxes(x, 0, 1).reshape(batch, chunks * chunk, *x.shape[3:])
 
 
-def _padded_head(table, bias, dtype):
+def _padded_head(table, bias, dtype, multiple):
     """The table in the compute dtype and the bias, their vocabulary padded to a multiple of
-    VOCAB_MULTIPLE: done once for all chunks, where each chunk would otherwise convert the table
-    again and XLA:GPU pad both it and the chunk's logits gradient to aligned widths."""
-    padding = -table.shape[0] % VOCAB_MULTIPLE
+    `multiple`: done once for all chunks, where each chunk would otherwise convert the table
+    again and XLA:GPU pad both it and the chunk's logits gradient to aligned widths. (XLA:CPU
+    pads nothing: there the padding would only cost a copy of the table, so a CPU model's
+    output layer, not `fused`, asks for a multiple of 1.)"""
+    padding = -table.shape[0] % multiple
     table = jnp.pad(table.astype(dtype), ((0, padding), (0, 0)))
     return table, None if bias is None else jnp.pad(bias, (0, padding))
 
@@ -172,11 +176,12 @@ def _softmax_terms(x, table, bias, labels, vocab):
     return shifted, sum_exp, safe_labels, cross_entropy, is_target & (label_logit >= 0.0)
 
 
-@jax.custom_vjp
-def _chunked_cross_entropy(features, table, bias, labels, weights):
-    """Forward only (evaluation): the weighted sum and correctness, chunk by chunk."""
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _chunked_cross_entropy(multiple, features, table, bias, labels, weights):
+    """Forward only (evaluation): the weighted sum and correctness, chunk by chunk, over the
+    vocabulary padded to `multiple`."""
     vocab = table.shape[0]
-    table, bias = _padded_head(table, bias, features.dtype)
+    table, bias = _padded_head(table, bias, features.dtype, multiple)
 
     def body(loss, chunk):
         x, chunk_labels, chunk_weights = chunk
@@ -186,10 +191,10 @@ def _chunked_cross_entropy(features, table, bias, labels, weights):
     return jax.lax.scan(body, jnp.zeros((), jnp.float32), (features, labels, weights))
 
 
-def _chunked_cross_entropy_forward(features, table, bias, labels, weights):
+def _chunked_cross_entropy_forward(multiple, features, table, bias, labels, weights):
     """The sum and correctness, and the sum's gradients made on the way (see the module)."""
     compute, vocab = features.dtype, table.shape[0]
-    table_in_compute, padded_bias = _padded_head(table, bias, compute)
+    table_in_compute, padded_bias = _padded_head(table, bias, compute, multiple)
 
     def body(carry, chunk):
         loss, d_table, d_bias = carry  # d_bias None without a bias
@@ -218,7 +223,7 @@ def _chunked_cross_entropy_forward(features, table, bias, labels, weights):
     return (loss, correct), (d_features, d_table[:vocab], None if bias is None else d_bias[:vocab])
 
 
-def _chunked_cross_entropy_backward(gradients, cotangents):
+def _chunked_cross_entropy_backward(multiple, gradients, cotangents):
     d_features, d_table, d_bias = gradients
     scale = cotangents[0]  # the sum's; is_correct has none
     return ((scale * d_features).astype(d_features.dtype), scale * d_table,
