@@ -103,6 +103,9 @@ def test_chunks_hold_a_bounded_share_of_the_vocabulary_logits():
     assert chunk_length(512, 50257) == 64  # GPT-2: 8 chunks of 64 positions
     assert chunk_length(100, 50257) == 64  # a padded last chunk
     assert chunk_length(512, 2**23) == output_module.MIN_CHUNK
+    # the MLM head's fallback over every position: chunks no larger than its usual 48 targets
+    assert chunk_length(128, 37902, most=48) == 32
+    assert chunk_length(40, 8192, most=48) == 40
 
 
 def test_gpt2_objectives_match_the_loss_of_its_logits(monkeypatch):

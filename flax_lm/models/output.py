@@ -85,17 +85,21 @@ def token_cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array
     return jnp.where(is_target, losses, 0.0), is_target, is_correct
 
 
-def chunk_length(length: int, vocab_size: int) -> int:
-    """Positions per chunk: the whole row when its logits fit in LOGITS_PER_CHUNK_ROW, else the
-    largest power of two that does (at least MIN_CHUNK)."""
+def chunk_length(length: int, vocab_size: int, most: int | None = None) -> int:
+    """Positions per chunk: the whole row when its logits fit in LOGITS_PER_CHUNK_ROW (and it
+    has at most `most` positions), else the largest power of two that does (at least
+    MIN_CHUNK)."""
     fits = LOGITS_PER_CHUNK_ROW // vocab_size
+    if most is not None:
+        fits = min(fits, most)
     if length <= fits:
         return length
     return max(MIN_CHUNK, 1 << (max(fits, 1).bit_length() - 1))
 
 
 def cross_entropy_sums(
-    output: OutputLayer, labels: jax.Array, weights: jax.Array, *, next_token: bool = False
+    output: OutputLayer, labels: jax.Array, weights: jax.Array, *, next_token: bool = False,
+    most_per_chunk: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """(Σ weights x cross-entropy, is_correct) over the [batch, seq] positions.
 
@@ -105,11 +109,13 @@ def cross_entropy_sums(
     weights[:, t + 1]; the last position has no target. The sum is differentiable in the
     features, table and bias; is_correct (bool [batch, seq or seq - 1]) is not. Logits of
     non-targets are taken as zeros, so whatever garbage (NaN, inf) padding rows produce reaches
-    neither the sum nor the gradient of the logits.
+    neither the sum nor the gradient of the logits. `most_per_chunk`: positions a chunk may
+    hold at most (the MLM head's fallback over every position keeps its chunks no larger than
+    the masked positions it usually takes, so the rare branch sets no memory peak).
     """
     length = output.features.shape[1]
     weights = weights.astype(jnp.float32)
-    chunk = chunk_length(length, output.table.shape[0])
+    chunk = chunk_length(length, output.table.shape[0], most_per_chunk)
     if chunk == length and not output.fused:  # autodiff of whole logits: XLA:CPU fuses it better
         logits = output.logits()
         if next_token:

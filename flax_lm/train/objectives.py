@@ -65,14 +65,16 @@ def summed_loss_terms(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Arr
 
 
 def summed_output_terms(
-    output: OutputLayer, labels: jax.Array, *, next_token: bool = False
+    output: OutputLayer, labels: jax.Array, *, next_token: bool = False,
+    most_per_chunk: int | None = None,
 ) -> dict[str, jax.Array]:
     """`summed_loss_terms` of the output layer's logits (with `next_token`, of the logits but the
     last against the labels but the first), made without holding them whole when they are large
-    (models/output.py)."""
+    (models/output.py; `most_per_chunk` as there)."""
     is_target = labels != IGNORE_INDEX
     loss_sum, is_correct = cross_entropy_sums(
-        output, labels, is_target.astype(jnp.float32), next_token=next_token
+        output, labels, is_target.astype(jnp.float32), next_token=next_token,
+        most_per_chunk=most_per_chunk,
     )
     return {
         "loss_sum": loss_sum,
@@ -311,8 +313,8 @@ class MaskedLM:
                                        jnp.take_along_axis(labels, order, axis=1))
 
         @jax.checkpoint  # keeps its residuals out of the taken branch
-        def every_position(hidden):
-            return summed_output_terms(model.output_layer(hidden), labels)
+        def every_position(hidden):  # in chunks no larger than the usual branch's logits
+            return summed_output_terms(model.output_layer(hidden), labels, most_per_chunk=limit)
 
         fits = is_target.sum(axis=1).max() <= limit
         return jax.lax.cond(fits, targets_only, every_position, hidden)
