@@ -272,21 +272,30 @@ def run(args: argparse.Namespace, work: Path) -> dict:
                      "layers": args.layers},
         "peak": peak, "runs": [],
     }
-    for name in args.configs.split(","):
-        bench, batch_sizes = ACCEL_CONFIGS[name]
-        for batch_size in batch_sizes if args.batch_size is None else (args.batch_size,):
-            print(f"{name}, batch {batch_size}", flush=True)
-            spec = {"name": name, "config": dataclasses.asdict(bench), "batch_size": batch_size,
-                    "steps": args.steps, "dtype": args.dtype, "dropout": args.dropout,
-                    "attention": args.attn_implementation, "layers": args.layers}
-            ours = run_measurement("ours", spec, work)
-            device_kind = ours.get("device_kind", results.get("device_kind", "unknown"))
-            results.setdefault("device_kind", device_kind)
-            peers = {mode: run_measurement("torch", {**spec, "mode": mode}, work)
-                     for mode in torch_modes(args)}
-            results["runs"].append(summarise(name, bench, batch_size, ours, peers, results))
-            save(results, args)
+    for name, batch_size in measurement_order(args):
+        bench = ACCEL_CONFIGS[name][0]
+        print(f"{name}, batch {batch_size}", flush=True)
+        spec = {"name": name, "config": dataclasses.asdict(bench), "batch_size": batch_size,
+                "steps": args.steps, "dtype": args.dtype, "dropout": args.dropout,
+                "attention": args.attn_implementation, "layers": args.layers}
+        ours = run_measurement("ours", spec, work)
+        device_kind = ours.get("device_kind", results.get("device_kind", "unknown"))
+        results.setdefault("device_kind", device_kind)
+        peers = {mode: run_measurement("torch", {**spec, "mode": mode}, work)
+                 for mode in torch_modes(args)}
+        results["runs"].append(summarise(name, bench, batch_size, ours, peers, results))
+        save(results, args)
     return results
+
+
+def measurement_order(args: argparse.Namespace) -> list[tuple[str, int]]:
+    """(config, batch size) pairs, each config's first batch size before any config's second:
+    a run cut short by a device's time limit has every config measured once (results are
+    saved after each)."""
+    sizes = {name: list(ACCEL_CONFIGS[name][1]) if args.batch_size is None else [args.batch_size]
+             for name in args.configs.split(",")}
+    rounds = max(len(s) for s in sizes.values())
+    return [(name, s[i]) for i in range(rounds) for name, s in sizes.items() if i < len(s)]
 
 
 def summarise(name: str, bench: BenchConfig, batch_size: int, ours: dict, peers: dict,
