@@ -98,7 +98,7 @@ def measure_ours(spec: dict) -> dict:
 
     bench = BenchConfig(**spec["config"])
     scan_layers = LAYERS[spec.get("layers", "auto")]
-    if scan_layers is None:
+    if scan_layers is None:  # named in the results, so resolved here as create_model would
         scan_layers = choices_for(platform()).scan_layers
     compiled, compile_seconds, state, batch, config = build_step(
         bench, scan_layers=scan_layers, dtype=spec["dtype"], attention=spec["attention"],

@@ -28,7 +28,6 @@ from flax import nnx
 
 from bench import CONFIGS, HYPERPARAMETERS, TOKENIZER_VOCAB, BenchConfig
 from flax_lm import perf
-from flax_lm.backend import choices_for, platform
 from flax_lm.config import build_config
 from flax_lm.hostmem import reexec_with_huge_pages
 from flax_lm.models import create_model
@@ -53,8 +52,6 @@ def build_step(bench: BenchConfig, *, scan_layers: bool | None = None, dtype: st
     if bench.tokenizer_vocab:  # the bench's own tokenizer's vocabulary, without training it
         overrides += f",vocab_size={TOKENIZER_VOCAB}"
     config = build_config(bench.model_type, dropout=dropout, overrides=overrides or None)
-    if scan_layers is None:
-        scan_layers = choices_for(platform()).scan_layers
     model = create_model(config, seed=0, scan_layers=scan_layers, dtype=dtype,
                          attention=attention)
     graphdef, params = nnx.split(model, nnx.Param)

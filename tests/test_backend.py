@@ -17,8 +17,10 @@ import optax
 import pytest
 from conftest import Bigram
 from flax import nnx
+from transformers import GPT2Config
 
 from flax_lm.backend import Machine, device_platform, skip_unused_tpu_plugin, startup_platform
+from flax_lm.models import create_model
 from flax_lm.train.args import TrainConfig, resolve_defaults
 from flax_lm.train.build import model_options
 from flax_lm.train.objectives import CausalLM
@@ -123,5 +125,7 @@ def test_the_layer_loop_is_the_platforms_unless_a_flag_names_one(platform, versi
     mesh = SimpleNamespace(devices=np.array([device]))
     cfg = resolve_defaults(TrainConfig(scan_layers=flag))
     options = model_options(cfg, mesh)
-    assert options["scan_layers"] is scanned
     assert options["platform"] == device_platform(device)
+    model = nnx.eval_shape(lambda: create_model(GPT2Config(n_embd=32, n_layer=2, n_head=2,
+                                                           vocab_size=64), **options))
+    assert model.scan_layers is scanned

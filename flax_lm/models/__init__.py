@@ -31,26 +31,28 @@ def model_class(model_type: str | None) -> type[Model]:
     return MODEL_CLASSES[model_type]
 
 
-def create_model(config: Any, seed: int = 0, *, dtype: Any = "float32", scan_layers: bool = True,
-                 remat: str | None = None, attention: str = "auto",
-                 platform: str | None = None) -> Model:
+def create_model(config: Any, seed: int = 0, *, dtype: Any = "float32",
+                 scan_layers: bool | None = True, remat: str | None = None,
+                 attention: str = "auto", platform: str | None = None) -> Model:
     """A freshly initialised model for a GPT2Config or RobertaConfig, as transformers initialises
     one for training from scratch (normal(initializer_range) weights, zero biases, unit LayerNorm).
 
     dtype: compute precision, "float32" or "bfloat16" (parameters stay float32; softmax, LayerNorm
     statistics and logits are float32). scan_layers: run the stacked layers under lax.scan (False:
-    unrolled loop over the same parameters). remat: None, "full" or "dots" (see
+    unrolled loop over the same parameters; None: the platform's choice). remat: None, "full" or "dots" (see
     layers.REMAT_POLICIES). attention: "auto" (the implementation for this backend and dtype),
     "reference", "xla" or "cudnn" (see attention.py). platform: the platform the model is built
     for, which decides "auto" and is checked against a named choice (default: this process's; a
-    plan compiles for devices it need not have), and whether its loss takes the fused gradient
-    (flax_lm/backend.py).
+    plan compiles for devices it need not have), and, from its entry in flax_lm/backend.py, the
+    layer loop when scan_layers is None and whether its loss takes the fused gradient.
     """
     cls = model_class(getattr(config, "model_type", None))
     platform = platform or local_platform()
+    choices = choices_for(platform)
     attention = choose_attention(platform, compute_dtype(dtype), attention)
+    scan_layers = choices.scan_layers if scan_layers is None else scan_layers
     return cls(config, seed, dtype=dtype, scan_layers=scan_layers, remat=remat,
-               attention=attention, fused_loss=choices_for(platform).fused_loss)
+               attention=attention, fused_loss=choices.fused_loss)
 
 
 def weight_decay_mask(params_state: nnx.State) -> nnx.State:

@@ -143,7 +143,8 @@ class GPT2LMHeadModel(LanguageModel):
             position_ids = query_positions[None]
         hidden, (keys, values) = self._forward(input_ids, position_ids, mask, None,
                                                (cache["key"], cache["value"]), index)
-        return self.output_layer(hidden).logits(), {"key": keys, "value": values, "index": index + length}
+        cache = {"key": keys, "value": values, "index": index + length}
+        return self.output_layer(hidden).logits(), cache
 
     def _check_length(self, length: int) -> None:
         if length > self.config.n_positions:

@@ -196,7 +196,7 @@ def read_config(model_dir: Path) -> Any:
     return AutoConfig.from_pretrained(str(model_dir))
 
 
-def load_model(model_dir: str | Path, *, dtype: Any = "float32", scan_layers: bool = True,
+def load_model(model_dir: str | Path, *, dtype: Any = "float32", scan_layers: bool | None = True,
                remat: str | None = None, attention: str = "auto",
                platform: str | None = None) -> Model:
     """A model from a directory written by `save_model` or by PyTorch transformers'

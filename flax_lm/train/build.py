@@ -14,7 +14,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from flax_lm.backend import choices_for, device_platform
+from flax_lm.backend import device_platform
 from flax_lm.models import create_model
 from flax_lm.models.hf_io import load_model
 from flax_lm.train.args import TrainConfig
@@ -37,12 +37,9 @@ def model_options(cfg: TrainConfig, mesh: Mesh) -> dict[str, Any]:
     """The model's options, for the platform of the mesh's devices, which for a plan need not be
     this process's (a TPU or GPU compiled for on a CPU gets that platform's attention and layer
     loop)."""
-    platform = device_platform(mesh.devices.flat[0])
-    scan_layers = cfg.scan_layers
-    if scan_layers is None:
-        scan_layers = choices_for(platform).scan_layers
-    return {"dtype": cfg.dtype, "scan_layers": scan_layers, "remat": cfg.remat,
-            "attention": cfg.attn_implementation, "platform": platform}
+    return {"dtype": cfg.dtype, "scan_layers": cfg.scan_layers, "remat": cfg.remat,
+            "attention": cfg.attn_implementation,
+            "platform": device_platform(mesh.devices.flat[0])}
 
 
 def build_model(p: Prepared, mesh: Mesh) -> nnx.Module:
