@@ -83,18 +83,38 @@ def test_chunked_loss_and_gradients_equal_the_whole_logits(monkeypatch, dtype, c
     np.testing.assert_array_equal(evaluated_correct, got_correct)
 
 
-def test_garbage_in_positions_that_are_no_targets_reaches_neither_sum_nor_count(monkeypatch):
+def test_one_pass_maximum_and_sum_of_exponentials():
+    """The fused loss's online softmax reduction against the two-pass one: the maximum exact,
+    the sum to rounding, also in rows led by, or made almost only of, the vocabulary padding
+    (the lowest float), whose padding-only partial results merge first."""
+    rng = np.random.default_rng(0)
+    lowest = np.finfo(np.float32).min
+    rows = rng.normal(size=(6, 300)).astype(np.float32) * 4.0
+    rows[1, :200] = lowest  # padding first, then logits
+    rows[2, 1:] = lowest  # one logit
+    rows[3] = 0.0  # a position that is no target: zeroed logits
+    rows[4, ::2] = lowest  # padding and logits interleaved
+    rows[5, 100:] = 60.0  # ties at a large maximum
+    maximum, sum_exp = jax.jit(output_module._max_and_sum_exp)(jnp.asarray(rows))
+    np.testing.assert_array_equal(maximum, rows.max(axis=1))
+    want = np.exp(rows.astype(np.float64) - rows.max(axis=1, keepdims=True)).sum(axis=1)
+    np.testing.assert_allclose(sum_exp, want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["cpu-loss", "fused-loss"])
+def test_garbage_in_positions_that_are_no_targets_reaches_neither_sum_nor_count(monkeypatch,
+                                                                                 fused):
     monkeypatch.setattr(output_module, "LOGITS_PER_CHUNK_ROW", 8 * VOCAB)
     features, table, bias, labels, weights = example("float32")
     garbage = features.at[0, :5].set(jnp.nan).at[1, 3].set(jnp.inf)
     labels = labels.at[0, :5].set(IGNORE_INDEX).at[1, 3].set(IGNORE_INDEX)
     weights = jnp.where(labels == IGNORE_INDEX, 0.0, weights)
-    clean = cross_entropy_sums(OutputLayer(features, table, bias), labels, weights)
-    dirty = cross_entropy_sums(OutputLayer(garbage, table, bias), labels, weights)
+    clean = cross_entropy_sums(OutputLayer(features, table, bias, fused=fused), labels, weights)
+    dirty = cross_entropy_sums(OutputLayer(garbage, table, bias, fused=fused), labels, weights)
     np.testing.assert_allclose(dirty[0], clean[0], rtol=1e-6)
     np.testing.assert_array_equal(dirty[1], clean[1])
-    d_features = jax.grad(lambda f: cross_entropy_sums(OutputLayer(f, table, bias), labels,
-                                                       weights)[0])(garbage)
+    d_features = jax.grad(lambda f: cross_entropy_sums(
+        OutputLayer(f, table, bias, fused=fused), labels, weights)[0])(garbage)
     assert np.isfinite(np.asarray(d_features)).all()
 
 

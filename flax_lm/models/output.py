@@ -19,6 +19,8 @@ gives the losses the training and eval steps need without ever holding the whole
 - Accuracy comes from the same reduction: a target counts as correct when its logit is the
   row's maximum, which the log-sum-exp computes anyway, so the step has no separate argmax over
   the vocabulary. (It differs from argmax only on exact ties with another token.)
+- Off the CPU (`OutputLayer.fused`) the maximum and the sum of exponentials come from one pass
+  over each chunk's float32 logits (an online softmax, `_max_and_sum_exp`), not two.
 
 Rows whose logits fit in one chunk (e.g. an 8,192-token vocabulary at 512 positions, or the MLM
 head's masked positions) take, on CPUs, the whole-logits loss, `token_cross_entropy`, and
@@ -133,8 +135,7 @@ def cross_entropy_sums(
         labels = jnp.pad(labels, ((0, 0), (0, padding)), constant_values=IGNORE_INDEX)
         weights = jnp.pad(weights, ((0, 0), (0, padding)))
     loss, is_correct = _chunked_cross_entropy(
-        VOCAB_MULTIPLE if output.fused else 1,
-        _chunked(features, chunks), output.table, output.bias, _chunked(labels, chunks),
+        output.fused, _chunked(features, chunks), output.table, output.bias, _chunked(labels, chunks),
         _chunked(weights, chunks),
     )
     return loss, _unchunked(is_correct)[:, :length]
@@ -163,19 +164,42 @@ def _padded_head(table, bias, dtype, multiple):
     return table, None if bias is None else jnp.pad(bias, (0, padding))
 
 
-def _softmax_terms(x, table, bias, labels, vocab):
+def _max_and_sum_exp(logits):
+    """(row maximum m, Σ exp(logits - m)) in ONE pass over the float32 logits: a variadic
+    reduction of (maximum, sum) pairs, each merge rescaling the smaller maximum's sum (the online
+    softmax). Two reductions would read the chunk's logits twice; on a GPU those passes are
+    memory-bound. The padding is the lowest float, not -inf: merging two padding-only partial
+    results gives exp(0), never exp(-inf + inf)."""
+
+    def merge(a, b):
+        (max_a, sum_a), (max_b, sum_b) = a, b
+        maximum = jnp.maximum(max_a, max_b)
+        return maximum, sum_a * jnp.exp(max_a - maximum) + sum_b * jnp.exp(max_b - maximum)
+
+    lowest = jnp.finfo(jnp.float32).min
+    return jax.lax.reduce((logits, jnp.ones_like(logits)), (lowest, 0.0), merge,
+                          (logits.ndim - 1,))
+
+
+def _softmax_terms(x, table, bias, labels, vocab, online):
     """One chunk's logits over a `_padded_head` (the padding's masked out), shifted by their row
     maximum (non-targets' zeroed), with their sum of exponentials, safe labels, target mask,
-    cross-entropies and correctness."""
+    cross-entropies and correctness. `online`: the maximum and the sum in one pass
+    (`_max_and_sum_exp`), as a fused loss takes them; XLA:CPU keeps two reductions."""
     is_target = labels != IGNORE_INDEX
     logits = jnp.einsum("...d,vd->...v", x, table, preferred_element_type=jnp.float32)
     if bias is not None:
         logits = logits + bias
     if table.shape[0] > vocab:
-        logits = jnp.where(jnp.arange(table.shape[0]) < vocab, logits, -jnp.inf)
+        padding = jnp.finfo(jnp.float32).min if online else -jnp.inf
+        logits = jnp.where(jnp.arange(table.shape[0]) < vocab, logits, padding)
     logits = jnp.where(is_target[..., None], logits, 0.0)
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    sum_exp = jnp.exp(shifted).sum(axis=-1)
+    if online:
+        maximum, sum_exp = _max_and_sum_exp(logits)
+        shifted = logits - maximum[..., None]
+    else:
+        shifted = logits - logits.max(axis=-1, keepdims=True)
+        sum_exp = jnp.exp(shifted).sum(axis=-1)
     safe_labels = jnp.where(is_target, labels, 0)
     label_logit = jnp.take_along_axis(shifted, safe_labels[..., None], axis=-1)[..., 0]
     cross_entropy = jnp.where(is_target, jnp.log(sum_exp) - label_logit, 0.0)
@@ -183,30 +207,31 @@ def _softmax_terms(x, table, bias, labels, vocab):
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _chunked_cross_entropy(multiple, features, table, bias, labels, weights):
-    """Forward only (evaluation): the weighted sum and correctness, chunk by chunk, over the
-    vocabulary padded to `multiple`."""
+def _chunked_cross_entropy(fused, features, table, bias, labels, weights):
+    """Forward only (evaluation): the weighted sum and correctness, chunk by chunk; `fused`
+    (OutputLayer.fused) pads the vocabulary to VOCAB_MULTIPLE and reduces it in one pass."""
     vocab = table.shape[0]
-    table, bias = _padded_head(table, bias, features.dtype, multiple)
+    table, bias = _padded_head(table, bias, features.dtype, VOCAB_MULTIPLE if fused else 1)
 
     def body(loss, chunk):
         x, chunk_labels, chunk_weights = chunk
-        *_, cross_entropy, correct = _softmax_terms(x, table, bias, chunk_labels, vocab)
+        *_, cross_entropy, correct = _softmax_terms(x, table, bias, chunk_labels, vocab, fused)
         return loss + (chunk_weights * cross_entropy).sum(), correct
 
     return jax.lax.scan(body, jnp.zeros((), jnp.float32), (features, labels, weights))
 
 
-def _chunked_cross_entropy_forward(multiple, features, table, bias, labels, weights):
+def _chunked_cross_entropy_forward(fused, features, table, bias, labels, weights):
     """The sum and correctness, and the sum's gradients made on the way (see the module)."""
     compute, vocab = features.dtype, table.shape[0]
-    table_in_compute, padded_bias = _padded_head(table, bias, compute, multiple)
+    table_in_compute, padded_bias = _padded_head(table, bias, compute,
+                                                 VOCAB_MULTIPLE if fused else 1)
 
     def body(carry, chunk):
         loss, d_table, d_bias = carry  # d_bias None without a bias
         x, chunk_labels, chunk_weights = chunk
         shifted, sum_exp, safe_labels, cross_entropy, correct = _softmax_terms(
-            x, table_in_compute, padded_bias, chunk_labels, vocab
+            x, table_in_compute, padded_bias, chunk_labels, vocab, fused
         )
         probabilities = jnp.exp(shifted) / sum_exp[..., None]
         one_hot = jax.nn.one_hot(safe_labels, probabilities.shape[-1], dtype=jnp.float32)
@@ -229,7 +254,7 @@ def _chunked_cross_entropy_forward(multiple, features, table, bias, labels, weig
     return (loss, correct), (d_features, d_table[:vocab], None if bias is None else d_bias[:vocab])
 
 
-def _chunked_cross_entropy_backward(multiple, gradients, cotangents):
+def _chunked_cross_entropy_backward(fused, gradients, cotangents):
     d_features, d_table, d_bias = gradients
     scale = cotangents[0]  # the sum's; is_correct has none
     return ((scale * d_features).astype(d_features.dtype), scale * d_table,
