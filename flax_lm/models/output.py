@@ -167,14 +167,16 @@ def _padded_head(table, bias, dtype, multiple):
 def _max_and_sum_exp(logits):
     """(row maximum m, Σ exp(logits - m)) in ONE pass over the float32 logits: a variadic
     reduction of (maximum, sum) pairs, each merge rescaling the smaller maximum's sum (the online
-    softmax). Two reductions would read the chunk's logits twice; on a GPU those passes are
-    memory-bound. The padding is the lowest float, not -inf: merging two padding-only partial
-    results gives exp(0), never exp(-inf + inf)."""
+    softmax), with one exponential a merge. Two reductions would read the chunk's logits twice;
+    on a GPU those passes are memory-bound. The padding is the lowest float, not -inf: merging
+    two padding-only partial results gives exp(0), never exp(-inf + inf)."""
 
     def merge(a, b):
         (max_a, sum_a), (max_b, sum_b) = a, b
-        maximum = jnp.maximum(max_a, max_b)
-        return maximum, sum_a * jnp.exp(max_a - maximum) + sum_b * jnp.exp(max_b - maximum)
+        scale = jnp.exp(-jnp.abs(max_a - max_b))  # the smaller maximum's sum, rescaled
+        a_larger = max_a >= max_b
+        return (jnp.maximum(max_a, max_b),
+                jnp.where(a_larger, sum_a + sum_b * scale, sum_a * scale + sum_b))
 
     lowest = jnp.finfo(jnp.float32).min
     return jax.lax.reduce((logits, jnp.ones_like(logits)), (lowest, 0.0), merge,
