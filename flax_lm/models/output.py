@@ -237,10 +237,11 @@ def _chunked_cross_entropy_forward(fused, features, table, bias, labels, weights
         )
         probabilities = jnp.exp(shifted) / sum_exp[..., None]
         one_hot = jax.nn.one_hot(safe_labels, probabilities.shape[-1], dtype=jnp.float32)
-        d_logits = (probabilities - one_hot) * chunk_weights[..., None]
-        if bias is not None:
-            d_bias = d_bias + d_logits.sum(axis=(0, 1))
-        d_logits = d_logits.astype(compute).reshape(-1, d_logits.shape[-1])  # [tokens, vocab]
+        d_logits = ((probabilities - one_hot) * chunk_weights[..., None]).astype(compute)
+        d_logits = d_logits.reshape(-1, d_logits.shape[-1])  # [tokens, vocab]
+        if bias is not None:  # from the rounded gradient the table's takes too: the float32
+            # one, read by both this sum and the rounding, would be written out in full first
+            d_bias = d_bias + d_logits.sum(axis=0, dtype=jnp.float32)
         d_x = jnp.dot(d_logits, table_in_compute,
                       preferred_element_type=jnp.float32).astype(compute).reshape(x.shape)
         d_table = d_table + jnp.dot(d_logits.T, x.reshape(-1, x.shape[-1]),
