@@ -191,6 +191,25 @@ def test_scanned_and_unrolled_layers_agree(make_config):
                                atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("name", ["gpt2", "roberta", "roberta-variant"])
+def test_unrolled_layers_recompute_the_activation_to_the_same_gradients(name):
+    """Unrolled, the MLP recomputes its activation (GELU tanh or erf) in the backward pass
+    (layers.recomputed_activation); scanned, autodiff keeps its terms: same loss and gradients."""
+    config = PARITY_CONFIGS[name]()
+    ids, mask = padded_batch(config)
+    results = {}
+    for scan in (True, False):
+        model = create_model(config, scan_layers=scan)
+        mlp = (model.h if config.model_type == "gpt2" else model.layers).mlp
+        assert mlp.recompute_activation is not scan
+        graphdef, params = nnx.split(model)
+        results[scan] = jax.jit(jax.value_and_grad(masked_loss(graphdef, ids, mask)))(params)
+    (scanned_loss, scanned_grads), (unrolled_loss, unrolled_grads) = results[True], results[False]
+    assert abs(float(scanned_loss - unrolled_loss)) <= 1e-5
+    for a, b in zip(jax.tree.leaves(scanned_grads), jax.tree.leaves(unrolled_grads), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+
+
 def test_scanned_and_unrolled_layers_draw_the_same_dropout():
     config = gpt2_config()
     ids, mask = padded_batch(config)

@@ -58,7 +58,7 @@ def check_config(config: GPT2Config) -> None:
 
 
 class GPT2Block(nnx.Module):
-    def __init__(self, config: GPT2Config, key: jax.Array, attention: str):
+    def __init__(self, config: GPT2Config, key: jax.Array, attention: str, unrolled: bool):
         width, std = config.n_embd, config.initializer_range
         # GPT-2's scaled init of the two projections that write into the residual stream.
         out_std = std / math.sqrt(2 * config.n_layer)
@@ -70,7 +70,8 @@ class GPT2Block(nnx.Module):
         self.ln_2 = LayerNorm(width, config.layer_norm_epsilon)
         hidden = config.n_inner if config.n_inner is not None else 4 * width
         self.mlp = MLP(width, hidden, mlp_key, activation=config.activation_function, std=std,
-                       out_std=out_std, dropout_rate=config.resid_pdrop)
+                       out_std=out_std, dropout_rate=config.resid_pdrop,
+                       recompute_activation=unrolled)
 
     def __call__(self, x, mask, *, scale, dropout_key=None, kv_cache=None, cache_index=None):
         attn_key, mlp_key = split_key(dropout_key, 2)
@@ -95,7 +96,8 @@ class GPT2LMHeadModel(LanguageModel):
         std = config.initializer_range
         self.wte = Embed(config.vocab_size, config.n_embd, wte_key, std=std)
         self.wpe = Embed(config.n_positions, config.n_embd, wpe_key, std=std)
-        self.h = stacked(lambda key: GPT2Block(config, key, attention), layers_key, config.n_layer)
+        self.h = stacked(lambda key: GPT2Block(config, key, attention, not scan_layers), layers_key,
+                         config.n_layer)
         self.ln_f = LayerNorm(config.n_embd, config.layer_norm_epsilon)
         tied = config.tie_word_embeddings
         self.lm_head = None if tied else Embed(config.vocab_size, config.n_embd, head_key, std=std)

@@ -61,7 +61,7 @@ def position_ids_from_input_ids(input_ids: jax.Array, padding_idx: int) -> jax.A
 
 
 class RobertaLayer(nnx.Module):
-    def __init__(self, config: RobertaConfig, key: jax.Array, attention: str):
+    def __init__(self, config: RobertaConfig, key: jax.Array, attention: str, unrolled: bool):
         width, std, eps = config.hidden_size, config.initializer_range, config.layer_norm_eps
         attn_key, mlp_key = jax.random.split(key)
         self.attention = SelfAttention(
@@ -70,7 +70,8 @@ class RobertaLayer(nnx.Module):
             out_dropout=config.hidden_dropout_prob, implementation=attention)
         self.attention_norm = LayerNorm(width, eps)
         self.mlp = MLP(width, config.intermediate_size, mlp_key, activation=config.hidden_act,
-                       std=std, out_std=std, dropout_rate=config.hidden_dropout_prob)
+                       std=std, out_std=std, dropout_rate=config.hidden_dropout_prob,
+                       recompute_activation=unrolled)
         self.output_norm = LayerNorm(width, eps)
 
     def __call__(self, x, mask, *, scale, dropout_key=None):
@@ -113,8 +114,8 @@ class RobertaForMaskedLM(LanguageModel):
                                          padding_idx=pad)
         self.token_type_embeddings = Embed(config.type_vocab_size, width, keys[2], std=std)
         self.embeddings_norm = LayerNorm(width, config.layer_norm_eps)
-        self.layers = stacked(lambda key: RobertaLayer(config, key, attention), keys[3],
-                              config.num_hidden_layers)
+        self.layers = stacked(lambda key: RobertaLayer(config, key, attention, not scan_layers),
+                              keys[3], config.num_hidden_layers)
         self.lm_head = MaskedLMHead(config, keys[4])
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
