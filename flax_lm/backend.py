@@ -16,7 +16,8 @@ pay on one; the rest is the same everywhere:
   read them. Compiled for an H200 (bench/gpu_estimate.py), the GPT-2 124M step (bfloat16, batch
   32 x 512) moves 124 GB scanned against 67 GB unrolled, with 13.4 against 6.5 GiB of
   temporaries, for two to three times the compile time: GPUs unroll, CPUs and TPUs (whose
-  recipes are planned scanned) scan.
+  recipes are planned scanned) scan. Unrolled layers also recompute the MLP's activation in the
+  backward pass (layers.recomputed_activation), where XLA would keep its inner terms.
 - fused_loss: whether the cross-entropy over the vocabulary takes its hand-made, one-pass
   gradient even where a row's logits fit one chunk, and pads the vocabulary to aligned widths
   for its matmuls (flax_lm/models/output.py): everywhere but on CPUs, whose compiler fuses
