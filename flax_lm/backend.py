@@ -14,7 +14,7 @@ pay on one; the rest is the same everywhere:
   the block, stacked per layer in memory (float32 LayerNorm terms, the GELU's parts). Unrolled,
   XLA sees the whole step and recomputes such elementwise terms inside the backward kernels that
   read them. Compiled for an H200 (bench/gpu_estimate.py), the GPT-2 124M step (bfloat16, batch
-  32 x 512) moves 124 GB scanned against 67 GB unrolled, with 13.4 against 6.5 GiB of
+  32 x 512) moves 121 GB scanned against 62 GB unrolled, with 13.4 against 5.4 GiB of
   temporaries, for two to three times the compile time: GPUs unroll, CPUs and TPUs (whose
   recipes are planned scanned) scan. Unrolled layers also recompute the MLP's activation in the
   backward pass (layers.recomputed_activation), where XLA would keep its inner terms.
