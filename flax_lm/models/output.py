@@ -153,13 +153,13 @@ def _unchunked(x: jax.Array) -> jax.Array:
     return jnp.swapaxes(x, 0, 1).reshape(batch, chunks * chunk, *x.shape[3:])
 
 
-def _padded_head(table, bias, dtype, multiple):
-    """The table in the compute dtype and the bias, their vocabulary padded to a multiple of
-    `multiple`: done once for all chunks, where each chunk would otherwise convert the table
-    again and XLA:GPU pad both it and the chunk's logits gradient to aligned widths. (XLA:CPU
-    pads nothing: there the padding would only cost a copy of the table, so a CPU model's
-    output layer, not `fused`, asks for a multiple of 1.)"""
-    padding = -table.shape[0] % multiple
+def _padded_head(table, bias, dtype, fused):
+    """The table in the compute dtype and the bias, their vocabulary padded, for a `fused` loss,
+    to a multiple of VOCAB_MULTIPLE: done once for all chunks, where each chunk would otherwise
+    convert the table again and XLA:GPU pad both it and the chunk's logits gradient to aligned
+    widths. (XLA:CPU pads nothing: there the padding would only cost a copy of the table, so a
+    CPU model's output layer, not `fused`, is left as it is.)"""
+    padding = -table.shape[0] % VOCAB_MULTIPLE if fused else 0
     table = jnp.pad(table.astype(dtype), ((0, padding), (0, 0)))
     return table, None if bias is None else jnp.pad(bias, (0, padding))
 
@@ -213,7 +213,7 @@ def _chunked_cross_entropy(fused, features, table, bias, labels, weights):
     """Forward only (evaluation): the weighted sum and correctness, chunk by chunk; `fused`
     (OutputLayer.fused) pads the vocabulary to VOCAB_MULTIPLE and reduces it in one pass."""
     vocab = table.shape[0]
-    table, bias = _padded_head(table, bias, features.dtype, VOCAB_MULTIPLE if fused else 1)
+    table, bias = _padded_head(table, bias, features.dtype, fused)
 
     def body(loss, chunk):
         x, chunk_labels, chunk_weights = chunk
@@ -226,8 +226,7 @@ def _chunked_cross_entropy(fused, features, table, bias, labels, weights):
 def _chunked_cross_entropy_forward(fused, features, table, bias, labels, weights):
     """The sum and correctness, and the sum's gradients made on the way (see the module)."""
     compute, vocab = features.dtype, table.shape[0]
-    table_in_compute, padded_bias = _padded_head(table, bias, compute,
-                                                 VOCAB_MULTIPLE if fused else 1)
+    table_in_compute, padded_bias = _padded_head(table, bias, compute, fused)
 
     def body(carry, chunk):
         loss, d_table, d_bias = carry  # d_bias None without a bias
