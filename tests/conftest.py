@@ -16,6 +16,7 @@ os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 
 import contextlib
 import hashlib
+import importlib
 import shutil
 import subprocess
 import sysconfig
@@ -28,6 +29,8 @@ from pathlib import Path
 import jax.numpy as jnp
 import pytest
 from flax import nnx
+from fsspec.implementations.local import LocalFileSystem
+from fsspec.utils import stringify_path
 
 from flax_lm.models.output import OutputLayer
 
@@ -201,3 +204,50 @@ class Bigram(nnx.Module):
 
     def __call__(self, input_ids, attention_mask, dropout_rng=None):
         return self.output_layer(self.encode(input_ids, attention_mask)).logits()
+
+
+class FakeGCS(LocalFileSystem):
+    """fsspec's gs:// (and gcs://) protocol kept in a local folder, `root`."""
+
+    protocol = ("gs", "gcs")
+    root = ""
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        path = stringify_path(path)
+        for prefix in ("gs://", "gcs://"):
+            if path.startswith(prefix):
+                path = os.path.join(cls.root, path.removeprefix(prefix))
+        return super()._strip_protocol(path)
+
+    def glob(self, path, **kwargs):  # "bucket/path" names, as gcsfs gives (epath adds gs://)
+        return [os.path.relpath(p, self.root) for p in super().glob(path, **kwargs)]
+
+
+@pytest.fixture
+def fake_gcs(tmp_path, monkeypatch) -> Path:
+    """gs://BUCKET/PATH lives in tmp_path/gcs/BUCKET/PATH, for both ways a run reaches it:
+    epath's fsspec backend (what it uses without TensorFlow) and the TensorStore specs orbax
+    builds for checkpoint arrays (for gs:// its GCS driver; here its local one). The Cloud Storage client
+    orbax asks whether the bucket has a hierarchical namespace is answered: no. No network."""
+    from etils.epath import backend
+    from orbax.checkpoint._src.path import gcs_utils
+    from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+
+    root = tmp_path / "gcs"
+    root.mkdir()
+    monkeypatch.setattr(FakeGCS, "root", str(root))
+    for protocol in FakeGCS.protocol:
+        monkeypatch.setitem(importlib.import_module("fsspec.registry")._registry, protocol, FakeGCS)
+    backend.fsspec_backend._get_filesystem.cache_clear()
+
+    def local_path(path: str) -> str:  # orbax's kvstore specs then take their local route
+        path = os.path.normpath(path).replace("gs:/", "gs://")
+        return str(root / path.removeprefix("gs://")) if path.startswith("gs://") else path
+
+    monkeypatch.setattr(ts_utils, "_normalize_path", local_path)
+    monkeypatch.setattr(gcs_utils, "is_hierarchical_namespace_enabled", lambda path: False)
+    monkeypatch.setattr(importlib.import_module("flax_lm.train.runlock"), "CLAIM_SETTLE_SECONDS", 0.1)
+    monkeypatch.chdir(tmp_path)
+    yield root
+    backend.fsspec_backend._get_filesystem.cache_clear()
