@@ -15,6 +15,8 @@ from flax_lm.train.args import SCRIPT_NAMES, mask_secrets, parse_config, secret_
 from flax_lm.train.cli import main
 
 TOKENS = {"--hub_token": "hf_HubTokenOfTheSecretsTest0123", "--token": "hf_DataTokenOfTheTest4567"}
+ENV_TOKEN = "hf_EnvironmentTokenOfTheTest89"  # HF_TOKEN: W&B must not record the environment
+SECRETS = (*TOKENS.values(), ENV_TOKEN)
 
 
 def token_argv(objective: str, code_corpus, tokenizer_dir: Path, out: Path, *extra: str) -> list:
@@ -31,17 +33,19 @@ def token_argv(objective: str, code_corpus, tokenizer_dir: Path, out: Path, *ext
 
 
 @pytest.fixture
-def command_line(monkeypatch, tmp_path):
+def command_line(monkeypatch, tmp_path, capfd):
     """Runs the training script in this process as a user starts it (sys.argv is what W&B
-    records), W&B offline with its folders in tmp_path; returns (exit status, stdout, stderr)."""
+    records; HF_TOKEN set too), W&B offline with its folders in tmp_path; returns (exit status,
+    stdout, stderr), output written to the file descriptors included."""
     wandb_home = tmp_path / "wandb-home"
-    for name, value in {"WANDB_MODE": "offline", "WANDB_PROJECT": "flax-lm-tests",
-                        "WANDB_DIR": wandb_home / "dir", "WANDB_CACHE_DIR": wandb_home / "cache",
+    for name, value in {"HF_TOKEN": ENV_TOKEN, "WANDB_MODE": "offline",
+                        "WANDB_PROJECT": "flax-lm-tests", "WANDB_DIR": wandb_home / "dir",
+                        "WANDB_CACHE_DIR": wandb_home / "cache",
                         "WANDB_CONFIG_DIR": wandb_home / "config",
                         "WANDB_DATA_DIR": wandb_home / "data"}.items():  # fmt: skip
         monkeypatch.setenv(name, str(value))
 
-    def run(objective: str, argv: list[str], capfd) -> tuple[int, str, str]:
+    def run(objective: str, argv: list[str]) -> tuple[int, str, str]:
         monkeypatch.setattr(sys, "argv", [SCRIPT_NAMES[objective], *argv])
         status = main(argv, objective=objective)
         out, err = capfd.readouterr()
@@ -51,13 +55,13 @@ def command_line(monkeypatch, tmp_path):
 
 
 def holding_a_token(root: Path, *outputs: str) -> list[str]:
-    """Every file under `root` that holds a token's bytes, and the numbers of the `outputs` that
-    hold one."""
-    secrets = [token.encode() for token in TOKENS.values()]
+    """Every file under `root` that holds a token's bytes (a flag's or HF_TOKEN's), and the
+    numbers of the `outputs` that hold one."""
+    secrets = [token.encode() for token in SECRETS]
     files = [p for p in root.rglob("*") if p.is_file() and not p.is_symlink()]
     found = [str(p) for p in files if any(s in p.read_bytes() for s in secrets)]
     return found + [f"output {i}" for i, text in enumerate(outputs)
-                    if any(token in text for token in TOKENS.values())]  # fmt: skip
+                    if any(token in text for token in SECRETS)]  # fmt: skip
 
 
 def command_line_warnings(stderr: str) -> list[str]:
@@ -68,22 +72,22 @@ def command_line_warnings(stderr: str) -> list[str]:
 
 @pytest.mark.parametrize("objective", ["clm", "mlm"])
 def test_tokens_reach_no_file_and_no_output(objective, command_line, code_corpus,
-                                            tiny_tokenizer_dir, tmp_path, capfd):
+                                            tiny_tokenizer_dir, tmp_path):
     out = tmp_path / "out"
     status, stdout, stderr = command_line(
-        objective, token_argv(objective, code_corpus, tiny_tokenizer_dir, out), capfd)
+        objective, token_argv(objective, code_corpus, tiny_tokenizer_dir, out))
     assert status == 0, stderr[-3000:]
+    assert holding_a_token(tmp_path, stdout, stderr) == []
+    assert len(command_line_warnings(stderr)) == 1
     # the run wrote everywhere a token could have gone, W&B's copy of the command line included
     (wandb_file,) = out.glob("wandb/offline-run-*/run-*.wandb")
     assert b"--token=***" in wandb_file.read_bytes()
     assert any(out.glob("runs/*")) and any(out.glob("checkpoints/2/*"))
-    assert len(command_line_warnings(stderr)) == 1
-    assert holding_a_token(tmp_path, stdout, stderr) == []
 
     missing = tmp_path / "no-such-file.txt"
     argv = token_argv(objective, code_corpus, tiny_tokenizer_dir, tmp_path / "failed",
                       "--train_file", str(missing))
-    status, stdout, stderr = command_line(objective, argv, capfd)
+    status, stdout, stderr = command_line(objective, argv)
     warnings = command_line_warnings(stderr)
     assert len(warnings) == 1
     errors = "\n".join(line for line in stderr.splitlines() if line not in warnings)
