@@ -588,12 +588,21 @@ def recorded_config(cfg: TrainConfig) -> dict[str, Any]:
             for name, value in dataclasses.asdict(cfg).items()}  # fmt: skip
 
 
+def config_yaml(cfg: TrainConfig, objective: str) -> str:
+    """The config as YAML that `--config` reads back (this objective's flags only; no secrets)."""
+    recorded = recorded_config(cfg)
+    values = {f.name: recorded[f.name] for f in fields_for(objective)}
+    return yaml.safe_dump(
+        {k: v for k, v in values.items() if FIELDS[k].metadata["in_yaml"]}, sort_keys=False
+    )
+
+
 # ------------------------------------------------------------------------------------ secrets
 
 SECRET_MASK = "***"
 COMMAND_LINE_SECRET_WARNING = (
-    "warning: {flags} on the command line can be read by other users of this machine (`ps`) "
-    "and stays in the shell history: run `hf auth login` once, or set HF_TOKEN, instead"
+    "warning: {flags} on the command line: visible to other users of this machine (`ps`) and "
+    "kept in the shell history; run `hf auth login` once, or set HF_TOKEN, instead"
 )
 
 
@@ -616,8 +625,8 @@ def mask_secrets(argv: list[str]) -> list[str]:
     masked: list[str] = []
     for arg in argv:
         previous = masked[-1] if masked else ""
-        if previous.startswith("--") and "=" not in previous and secret_flag(previous) \
-                and not arg.startswith("--"):  # fmt: skip
+        value_of_previous = previous.startswith("--") and "=" not in previous
+        if value_of_previous and secret_flag(previous) and not arg.startswith("--"):
             arg = SECRET_MASK
         elif arg.startswith("--") and "=" in arg and secret_flag(arg):
             arg = f"{arg.split('=', 1)[0]}={SECRET_MASK}"
@@ -629,13 +638,4 @@ def warn_about_secrets_on_the_command_line(argv: list[str]) -> None:
     """One line on stderr when a command line holds a token (kept working, for compatibility)."""
     flags = secret_flags_given(argv)
     if flags:
-        print(COMMAND_LINE_SECRET_WARNING.format(flags=" and ".join(flags)), file=sys.stderr)
-
-
-def config_yaml(cfg: TrainConfig, objective: str) -> str:
-    """The config as YAML that `--config` reads back (this objective's flags only; no secrets)."""
-    recorded = recorded_config(cfg)
-    values = {f.name: recorded[f.name] for f in fields_for(objective)}
-    return yaml.safe_dump(
-        {k: v for k, v in values.items() if FIELDS[k].metadata["in_yaml"]}, sort_keys=False
-    )
+        print(COMMAND_LINE_SECRET_WARNING.format(flags=", ".join(flags)), file=sys.stderr)
