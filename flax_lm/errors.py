@@ -33,10 +33,10 @@ class ArgParser(argparse.ArgumentParser):
 
     def unknown_flag_message(self, unknown: Sequence[str]) -> str:
         flag = next((u for u in unknown if u.startswith("-")), unknown[0])
-        name = flag.split("=", 1)[0]
+        name = flag.split("=", 1)[0] if flag.startswith("-") else flag  # a value may be a token
         close = difflib.get_close_matches(name, self.known_flags(), n=3, cutoff=0.6)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        return f"unrecognized argument {flag!r}{hint}"
+        return f"unrecognized argument {name!r}{hint}"
 
 
 def one_line(err: BaseException, limit: int | None = 300) -> str:
