@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import CACHE_EVERY_COMPILE
 
 from flax_lm.cli import COMMANDS
 from flax_lm.train.args import TrainConfig
@@ -77,7 +78,8 @@ def test_ci_runs_the_readmes_install_and_test_commands():
 
 SMALL_TRAINING = (
     "--per_device_train_batch_size 4 --per_device_eval_batch_size 4 "
-    "--max_steps 2 --save_steps 2 --eval_steps 2 --logging_steps 1"
+    "--max_steps 2 --save_steps 2 --eval_steps 2 --logging_steps 1 "
+    "--compilation_cache_dir jax_cache"  # the test's own, which the rerun loads its programs from
 )
 TINY_CONFIG = {
     "gpt2": "--config_overrides n_embd=32,n_head=2,n_layer=2,n_positions=64",
@@ -196,6 +198,7 @@ def readme_run(tmp_path_factory, code_corpus) -> tuple[Path, dict[str, Step]]:
         "PATH": os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), os.environ["PATH"]]),
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
         "CORPUS": str(code_corpus.train),
+        **CACHE_EVERY_COMPILE,
     }
     assignments, commands = pipeline_commands()
     steps: dict[str, Step] = {}
