@@ -11,7 +11,7 @@
 #          the backend choice (flax_lm/backend.py: unrolled on GPUs) against bench's figures;
 # profile: one bfloat16 GPT-2 124M train step (batch 32) traced with jax.profiler.
 # With a lent device's ~15 minutes (machine start included), in this order, one call each:
-#   bash bench/gpu_check.sh bench            (the README's GPU table and the targets)
+#   bash bench/gpu_check.sh bench            (docs/performance.md's GPU figures and the targets)
 #   bash bench/gpu_check.sh layers tests     (the backend's layer-loop choice; device parity)
 # and `profile` only with time left. bench/gpu_estimate.py's table says what to expect.
 # Output: $OUT if set (the device runner's folder), else bench/results/gpu-check/.

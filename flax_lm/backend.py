@@ -13,10 +13,10 @@ pay on one; the rest is the same everywhere:
   compiles the block once, but JAX fixes what its backward pass reads: every intermediate of
   the block, stacked per layer in memory (float32 LayerNorm terms, the GELU's parts). Unrolled,
   XLA sees the whole step and recomputes such elementwise terms inside the backward kernels that
-  read them. Compiled for an H200 (bench/gpu_estimate.py), the GPT-2 124M step (bfloat16, batch
-  32 x 512) moves 121 GB scanned against 62 GB unrolled, with 13.4 against 5.4 GiB of
-  temporaries, for two to three times the compile time: GPUs unroll, CPUs and TPUs (whose
-  recipes are planned scanned) scan. Unrolled layers also recompute the MLP's activation in the
+  read them. Compiled for a GPU (bench/gpu_estimate.py), an unrolled step moves about half the
+  bytes of a scanned one and holds under half its temporaries, for a longer compile
+  (docs/performance.md, "On a GPU"): GPUs unroll, CPUs and TPUs (whose recipes are planned
+  scanned) scan. Unrolled layers also recompute the MLP's activation in the
   backward pass (layers.recomputed_activation), where XLA would keep its inner terms.
 - fused_loss: whether the cross-entropy over the vocabulary takes its hand-made, one-pass
   gradient even where a row's logits fit one chunk, and pads the vocabulary to aligned widths

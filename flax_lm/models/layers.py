@@ -256,12 +256,12 @@ def recomputed_activation(name: str, x: jax.Array, bias: jax.Array | None) -> ja
     In unrolled layers, XLA keeps what autodiff leaves for the backward pass: the activation's
     inner terms (the GELU's tanh or erf parts), another array the size of x written in the
     forward pass and read in the backward, and the biased x a third. Recomputed, the forward pass
-    writes only the activation and the backward reads only x. Compiled for an H100
-    (bench/gpu_estimate.py), a GPT-2 124M step at batch 32 x 512 moves 2.4 GB less and holds
-    1.1 GiB less, a RoBERTa base step at 128 x 128 4.9 GB and 2.3 GiB less. The barrier
+    writes only the activation and the backward reads only x, so a GPU step moves fewer bytes
+    and holds fewer temporaries (bench/gpu_estimate.py; the figures are in docs/performance.md,
+    "On a GPU"). The barrier
     `jax.checkpoint` puts in (prevent_cse) is what keeps XLA from merging the recomputation back
     into the forward pass. Scanned layers leave it out: there JAX itself picks what the backward
-    pass reads, and compiled for a TPU v3-8 the GPT-2 recipe held 0.4 GiB more with it."""
+    pass reads, and on a TPU the scanned GPT-2 recipe held more memory with it, not less."""
     def biased(x, bias):
         return ACTIVATIONS[name](x if bias is None else x + bias)
 
