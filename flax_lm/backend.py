@@ -98,7 +98,8 @@ def device_platform(device: Any) -> str:
     return "rocm" if "rocm" in version else "cuda"
 
 
-# PCI ids JAX itself looks for (jax._src.hardware_utils): Google's vendor id, its TPU chips.
+# PCI ids of TPU chips, the ones JAX's own hardware detection looks for: Google's vendor id
+# and its TPU chips' device ids.
 GOOGLE_PCI_VENDOR = "0x1ae0"
 TPU_PCI_DEVICES = frozenset({"0x0027", "0x0056", "0x005e", "0x0062", "0x0063", "0x006f", "0x0076"})
 NVIDIA_DEVICE_FILES = ("/dev/nvidia0", "/dev/nvidiactl", "/dev/dxg")
@@ -117,23 +118,29 @@ class Machine:
     rocm_plugin: bool
 
 
-def this_machine(environ: Mapping[str, str]) -> Machine:
-    """This machine's accelerators and JAX plugins, found without loading any of them."""
-    tpu_chips = bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))  # TPU devices
-    for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
-        device = Path(vendor).with_name("device")
+def tpu_chips_here(pci_devices: Path = Path("/sys/bus/pci/devices")) -> bool:
+    """Whether this host has TPU chips: their device files, or PCI devices of their ids."""
+    if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
+        return True
+    for vendor in pci_devices.glob("*/vendor"):
         try:
-            if Path(vendor).read_text().strip() == GOOGLE_PCI_VENDOR:
-                tpu_chips |= device.read_text().strip() in TPU_PCI_DEVICES
+            if vendor.read_text().strip() == GOOGLE_PCI_VENDOR:
+                if vendor.with_name("device").read_text().strip() in TPU_PCI_DEVICES:
+                    return True
         except OSError:
             continue
+    return False
+
+
+def this_machine(environ: Mapping[str, str]) -> Machine:
+    """This machine's accelerators and JAX plugins, found without loading any of them."""
     plugins = {m.name for m in pkgutil.iter_modules() if m.name.startswith("jax_")}
     namespace = importlib.util.find_spec("jax_plugins")
     if namespace is not None and namespace.submodule_search_locations:
         plugins |= {m.name for m in pkgutil.iter_modules(namespace.submodule_search_locations)}
     libtpu = environ.get("TPU_LIBRARY_PATH") or importlib.util.find_spec("libtpu")
     return Machine(
-        tpu_chips=tpu_chips,
+        tpu_chips=tpu_chips_here(),
         libtpu=bool(libtpu),
         nvidia_gpu=any(os.path.exists(f) for f in NVIDIA_DEVICE_FILES),
         cuda_plugin=any(re.search(r"cuda\d*", name) for name in plugins),
