@@ -22,10 +22,6 @@ pay on one; the rest is the same everywhere:
   gradient even where a row's logits fit one chunk, and pads the vocabulary to aligned widths
   for its matmuls (flax_lm/models/output.py): everywhere but on CPUs, whose compiler fuses
   autodiff's whole-logits gradient better and pads nothing itself.
-- single_microbatch_loop: whether a train step without gradient accumulation still goes through
-  the accumulation loop. XLA:CPU ran a one-trip `while` loop markedly slower than the same body
-  without it, so without accumulation the step calls the gradient directly, on every platform
-  until another is measured to prefer the loop.
 - host_huge_pages: whether the commands that run a model re-execute themselves with glibc's
   huge-page tunable (flax_lm/hostmem.py). Only the CPU computes in host memory.
 - The dropout mask (flax_lm/models/layers.py keep_mask) is the same counter-based hash on every
@@ -57,22 +53,17 @@ class Backend:
     fused_attention: str  # ... for bfloat16 / float16 compute
     scan_layers: bool
     fused_loss: bool
-    single_microbatch_loop: bool
     host_huge_pages: bool
 
 
 BACKENDS: dict[str, Backend] = {
     "cpu": Backend("reference", "reference", scan_layers=True, fused_loss=False,
-                   single_microbatch_loop=False, host_huge_pages=True),
-    "cuda": Backend("xla", "cudnn", scan_layers=False, fused_loss=True,
-                    single_microbatch_loop=False, host_huge_pages=False),
-    "rocm": Backend("xla", "xla", scan_layers=False, fused_loss=True,
-                    single_microbatch_loop=False, host_huge_pages=False),
-    "tpu": Backend("xla", "xla", scan_layers=True, fused_loss=True,
-                   single_microbatch_loop=False, host_huge_pages=False),
+                   host_huge_pages=True),
+    "cuda": Backend("xla", "cudnn", scan_layers=False, fused_loss=True, host_huge_pages=False),
+    "rocm": Backend("xla", "xla", scan_layers=False, fused_loss=True, host_huge_pages=False),
+    "tpu": Backend("xla", "xla", scan_layers=True, fused_loss=True, host_huge_pages=False),
 }
-OTHER_PLATFORMS = Backend("xla", "xla", scan_layers=True, fused_loss=True,
-                          single_microbatch_loop=False, host_huge_pages=False)
+OTHER_PLATFORMS = Backend("xla", "xla", scan_layers=True, fused_loss=True, host_huge_pages=False)
 
 
 def choices_for(platform: str) -> Backend:
