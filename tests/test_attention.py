@@ -12,8 +12,8 @@ import pytest
 from flax import nnx
 from test_models import decode_in_steps, dropout_key, gpt2_config, roberta_config
 
-from flax_lm.errors import UserError
 from flax_lm.models import attention, create_model
+from flax_lm.models.errors import ModelError
 from flax_lm.models.gpt2 import GPT2LMHeadModel
 from flax_lm.models.roberta import RobertaForMaskedLM
 
@@ -124,7 +124,7 @@ def test_the_implementation_is_chosen_by_platform_and_dtype(platform, dtype, req
     ("cuda", "bfloat16", "flash", "flash"),
 ])
 def test_impossible_choices_are_user_errors(platform, dtype, requested, named):
-    with pytest.raises(UserError, match=named):
+    with pytest.raises(ModelError, match=named):
         attention.choose_attention(platform, jnp.dtype(dtype), requested)
 
 
@@ -135,7 +135,7 @@ def test_models_take_the_chosen_implementation():
 
     assert built(gpt2_config(), attention="auto").h.attn.implementation == "reference"
     assert built(roberta_config(), attention="xla").layers.attention.implementation == "xla"
-    with pytest.raises(UserError, match="cudnn"):
+    with pytest.raises(ModelError, match="cudnn"):
         built(gpt2_config(), attention="cudnn", dtype="bfloat16")
     # A model built for another platform's devices (a plan compiling for a GPU on this CPU) takes
     # that platform's choice, and a named one is checked against it.
@@ -145,7 +145,7 @@ def test_models_take_the_chosen_implementation():
     assert fused.fused_loss and not built(gpt2_config()).fused_loss
     assert built(roberta_config(), attention="cudnn", dtype="bfloat16",
                  platform="cuda").layers.attention.implementation == "cudnn"
-    with pytest.raises(UserError, match="tpu"):
+    with pytest.raises(ModelError, match="tpu"):
         built(gpt2_config(), attention="cudnn", dtype="bfloat16", platform="tpu")
 
 

@@ -27,7 +27,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from flax_lm.backend import choices_for
-from flax_lm.errors import UserError
+from flax_lm.models.errors import ModelError
 from flax_lm.models.layers import Dense, dropout, split_key
 
 IMPLEMENTATIONS = ("reference", "xla", "cudnn")
@@ -38,17 +38,23 @@ FUSED_DTYPES = (jnp.bfloat16, jnp.float16)  # what cuDNN's fused attention takes
 CUDNN_BACKEND = "cudnn"
 
 
+def check_heads(width: int, num_heads: int) -> None:
+    """Attention splits the hidden size evenly over its heads."""
+    if width % num_heads:
+        raise ModelError(f"hidden size {width} is not divisible by {num_heads} attention heads")
+
+
 def choose_attention(platform: str, dtype: Any, requested: str = "auto") -> str:
     """The attention implementation for a model computing in `dtype` on `platform` ("cpu",
     "tpu", "cuda", "rocm", "gpu"): `requested` when it is not "auto" (checked), otherwise the
     platform's choice in flax_lm/backend.py: cuDNN's fused attention on NVIDIA GPUs in
     bfloat16/float16, the reference path on CPUs, and XLA's on the rest."""
     if requested not in CHOICES:
-        raise UserError(f"unknown attention implementation {requested!r}; "
+        raise ModelError(f"unknown attention implementation {requested!r}; "
                         f"choose one of {', '.join(CHOICES)}")
     fused_dtype = jnp.dtype(dtype) in FUSED_DTYPES
     if requested == "cudnn" and (platform not in ("cuda", "gpu") or not fused_dtype):
-        raise UserError(f"attention implementation 'cudnn' needs an NVIDIA GPU and bfloat16 "
+        raise ModelError(f"attention implementation 'cudnn' needs an NVIDIA GPU and bfloat16 "
                         f"compute (--dtype bfloat16); here: {platform}, {jnp.dtype(dtype).name}")
     if requested != "auto":
         return requested

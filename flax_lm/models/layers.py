@@ -28,7 +28,7 @@ from flax.linen import get_logical_axis_rules
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec
 
-from flax_lm.errors import UserError
+from flax_lm.models.errors import ModelError
 
 
 def param(kind: type[nnx.Param], value: jax.Array, axes: tuple[str, ...]) -> nnx.Param:
@@ -78,14 +78,14 @@ REMAT_POLICIES = {
 
 def check_activation(name: str) -> str:
     if name not in ACTIVATIONS:
-        raise UserError(f"unsupported activation {name!r}; supported: {', '.join(ACTIVATIONS)}")
+        raise ModelError(f"unsupported activation {name!r}; supported: {', '.join(ACTIVATIONS)}")
     return name
 
 
 def check_remat(remat: str | None) -> str | None:
     if remat is not None and remat not in REMAT_POLICIES:
         choices = ", ".join(map(repr, REMAT_POLICIES))
-        raise UserError(f"unsupported remat {remat!r}; use None, {choices}")
+        raise ModelError(f"unsupported remat {remat!r}; use None, {choices}")
     return remat
 
 
@@ -385,7 +385,7 @@ COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 def compute_dtype(dtype: Any) -> Any:
     name = jnp.dtype(dtype).name if not isinstance(dtype, str) else dtype
     if name not in COMPUTE_DTYPES:
-        raise UserError(f"unsupported dtype {dtype!r}; use one of {', '.join(COMPUTE_DTYPES)}")
+        raise ModelError(f"unsupported dtype {dtype!r}; use one of {', '.join(COMPUTE_DTYPES)}")
     return COMPUTE_DTYPES[name]
 
 
