@@ -216,8 +216,9 @@ def gpu_topology(name: str) -> Target:
     from jax.experimental import topologies
 
     try:
+        config = spec.target_config(installed_cudnn())
         devices = topologies.get_topology_desc(
-            platform="cuda", topology=f"1x1x{count}", target_config=spec.target_config(installed_cudnn())
+            platform="cuda", topology=f"1x1x{count}", target_config=config
         ).devices
     except (NotImplementedError, RuntimeError) as err:
         raise UserError(
