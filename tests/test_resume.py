@@ -356,20 +356,22 @@ def test_export_writes_a_checkpoint_to_gs(clm_reference, fake_gcs):
 
 
 def test_resume_skips_interrupted_saves(clm_reference, tmp_path):
-    """The newest step dirs are a save still in its temporary dir and one without its commit
-    marker: the resume takes the newest complete checkpoint, says so, and still matches."""
+    """The newest step dirs are saves still in orbax's temporary dirs: the resume takes the
+    newest complete checkpoint, says so, and still matches."""
     objective, (argv, expected) = "clm", clm_reference
     out = tmp_path / "crashed"
     source, target = expected / "checkpoints", out / "checkpoints"
     for step in (3, 6):
         shutil.copytree(source / str(step), target / str(step))
     shutil.copytree(source / "9", target / "9.orbax-checkpoint-tmp-1700000000000")
-    shutil.copytree(source / "10", target / "10")
-    (target / "10" / "commit_success.txt").unlink()
+    shutil.copytree(source / "10", target / "10.orbax-checkpoint-tmp-1700000000001")
 
     stdout, _ = run_in_process([*with_output_dir(argv, out), "--resume_from_checkpoint"], objective)
     assert f"resumed from checkpoint {target / '6'} at step 6" in stdout
-    assert "skipped incomplete checkpoints ['9.orbax-checkpoint-tmp-1700000000000', '10']" in stdout
+    assert (
+        "skipped incomplete checkpoints ['9.orbax-checkpoint-tmp-1700000000000', "
+        "'10.orbax-checkpoint-tmp-1700000000001']"
+    ) in stdout
     assert sorted(p.name for p in target.iterdir()) == ["10", "3", "6", "9"]
     later = [r for r in metrics_records(expected) if r["step"] > 6]
     assert metrics_records(out) == later

@@ -20,6 +20,7 @@ progress.py.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -52,7 +53,15 @@ from flax_lm.train.metrics import (
     write_json,
 )
 from flax_lm.train.optim import warn_about_warmup
-from flax_lm.train.prepare import Prepared, prepare, run_dirs, run_identity
+from flax_lm.train.prepare import (
+    Prepared,
+    check_resume_matches,
+    next_to_try,
+    prepare,
+    run_dirs,
+    run_identity,
+    skip_damaged,
+)
 from flax_lm.train.progress import (
     Progress,
     RecentMetrics,
@@ -75,6 +84,12 @@ def run(cfg: TrainConfig, objective_name: str) -> dict[str, Any]:
     mesh = make_mesh(spec=cfg.mesh)
     prepared = prepare(cfg, objective_name, num_devices=mesh.size)
     return Trainer(prepared, mesh, objective_name).run()
+
+
+# What the storage says when it cannot take a write: no space, no quota, no permission, a
+# read-only or failing device, a file too large.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO,
+                errno.EFBIG}  # fmt: skip
 
 
 def cannot_write(output_dir: epath.Path, err: Exception) -> UserError:
@@ -119,6 +134,8 @@ class Trainer:
         try:
             self.start_output_dir()  # the first write: everything above only reads
             return self.run_holding_the_lock(params, training)
+        except (checkpoint.WriteFailed, OSError) as err:
+            raise self.cannot_continue(err) from None
         finally:
             for lock in self.locks:
                 lock.release()
@@ -159,6 +176,27 @@ class Trainer:
             print(f"pushed to the Hub: {self.hub.push(step, self.last_checkpoint)}")
         return results
 
+    def cannot_continue(self, err: checkpoint.WriteFailed | OSError) -> Exception:
+        """A storage fault while the run writes (no space, no permission, a refusing bucket) as
+        one line: what failed to be written, and how to go on from the newest complete
+        checkpoint; any other OSError as it is."""
+        if isinstance(err, OSError) and err.errno not in WRITE_ERRNOS:
+            return err
+        if isinstance(err, OSError):
+            path, reason = err.filename or self.prepared.output_dir, one_line(err)
+        else:
+            path, reason = err.path, err.reason
+        directory = self.prepared.checkpoint_dir
+        step = checkpoint.newest_step(directory)
+        if step is None:
+            then = "no checkpoint is complete yet: free space and rerun the same command"
+        else:
+            then = (
+                f"the newest complete checkpoint is {directory / str(step)}: free space and "
+                f"rerun the same command to continue from step {step}"
+            )
+        return UserError(f"cannot write {path}: {reason}; {then}")
+
     # ------------------------------------------------------------------------------ setup
 
     def start_output_dir(self) -> None:
@@ -183,6 +221,8 @@ class Trainer:
         if not self.is_main:
             return
         if self.prepared.resume is not None:
+            for step_dir, aside in self.prepared.resume.aside.items():
+                step_dir.rename(aside)  # damaged: kept, where no later run tries it again
             keep_records_up_to(out / METRICS_FILE, self.prepared.resume.step)
         elif self.cfg.do_train:
             checkpoints = self.prepared.checkpoint_dir
@@ -204,14 +244,32 @@ class Trainer:
         if prepared.resume is None:  # a resumed run's data held a batch: read none of it again
             prepared.train_batches.require_one_batch()
         else:
-            source = checkpoint.open_manager(prepared.resume.directory, create=False)
-            try:
-                state, meta = checkpoint.restore(source, prepared.resume.step, like=state)
-            finally:
-                source.close()
+            state, meta = self.restore_resumed(like=state)
             prepared.train_batches.load_state(meta["data"])
             progress = Progress(**meta.get("progress", {}))
         return Training(state, parts, progress)
+
+    def restore_resumed(self, like: TrainState) -> tuple[TrainState, dict[str, Any]]:
+        """The state and JSON part of the checkpoint to resume, laid out like `like`. One whose
+        arrays cannot be read is skipped for the newest before it that restores (unless a flag
+        named it: see prepare.next_to_try), which must be of the same run setup."""
+        prepared = self.prepared
+        while True:
+            resume = prepared.resume
+            source = checkpoint.open_manager(resume.directory, create=False, read_only=True)
+            try:
+                state, meta = checkpoint.restore(source, resume.step, like=like)
+                break
+            except checkpoint.Unreadable as err:
+                skip_damaged(resume, err)
+                own_steps = checkpoint.saved_steps(prepared.checkpoint_dir)
+                prepared.resume = next_to_try(resume, own_steps)
+                check_resume_matches(prepared.resume, prepared, self.objective_name)
+            finally:
+                source.close()
+        if self.is_main:
+            print(prepared.resume.describe(), flush=True)  # the run's first line
+        return state, meta
 
     # ------------------------------------------------------------------------------ train
 
@@ -227,10 +285,11 @@ class Trainer:
             remove_interrupted_saves=True,
         )
         try:
-            if prepared.resume is not None:
-                self.continue_from_checkpoint(manager)
-            state, tokens_per_second, last_eval = self.loop(training, manager, log)
-            manager.wait_until_finished()
+            with checkpoint.save_errors_left_to_the_caller():
+                if prepared.resume is not None:
+                    self.continue_from_checkpoint(manager)
+                state, tokens_per_second, last_eval = self.loop(training, manager, log)
+                checkpoint.finish(manager)
         finally:
             manager.close()
         results = {
@@ -251,9 +310,8 @@ class Trainer:
         """The resumed run replaces what came after its checkpoint (prepare said so)."""
         resume = self.prepared.resume
         self.last_checkpoint = resume.directory / str(resume.step)
-        for step in manager.all_steps():
-            if step > resume.step:
-                manager.delete(step)
+        for step in resume.later:  # (never a damaged one: they are set aside, not deleted)
+            manager.delete(step)
 
     def loop(self, training: Training, manager, log: RunLog):
         """Steps from the state's step to total_steps; returns (state, steady tokens/s, last
@@ -295,7 +353,7 @@ class Trainer:
                         recent.fetch()  # a non-finite step stops the run here: it is never saved
                         self.save(manager, state, step, batches, progress, log, stopping)
                 if stopping:
-                    manager.wait_until_finished()
+                    checkpoint.finish(manager)
                     raise Interrupted(signals.received, step, self.last_checkpoint)
                 if step < total:
                     batch = next(batches)
@@ -362,7 +420,7 @@ class Trainer:
         """--push_to_hub at a checkpoint; strategies that upload the checkpoint itself wait for
         its save to finish first."""
         if self.cfg.hub_strategy in CHECKPOINTS_UPLOADED:
-            manager.wait_until_finished()
+            checkpoint.finish(manager)
         self.hub.push_in_background(step, self.last_checkpoint)
 
     def save_checkpoint(
