@@ -43,6 +43,17 @@ def test_params_only_restores_the_parameters_alone(saved):
         assert params[name].sharding == like[name].sharding
 
 
+def test_a_damaged_checkpoint_is_unreadable_with_its_reason(saved):
+    state, directory = saved
+    for path in (directory / "3" / "state").rglob("manifest.ocdbt"):
+        path.unlink()  # the arrays cannot be read
+    with checkpoint.open_manager(directory, create=False) as manager:
+        with pytest.raises(checkpoint.Unreadable) as raised:
+            checkpoint.restore(manager, 3, state)
+    assert isinstance(raised.value, UserError)  # one error line where nothing else is tried
+    assert raised.value.step_dir == directory / "3" and "NOT_FOUND" in raised.value.reason
+
+
 # orbax alone, as it restores a checkpoint one of whose array files is cut short: before
 # flax_lm.train.orbax_fix, the reads abandoned with orbax's closed event loop ended in "Exception
 # ignored ... RuntimeError: Event loop is closed" and "Task was destroyed but it is pending!"

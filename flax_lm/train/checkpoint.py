@@ -44,13 +44,11 @@ def open_manager(
     max_to_keep: int | None = None,
     create: bool = True,
     remove_interrupted_saves: bool = False,
-    read_only: bool = False,
 ) -> ocp.CheckpointManager:
     """A CheckpointManager; `remove_interrupted_saves` deletes temporary dirs left by a crash."""
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=create, cleanup_tmp_directories=remove_interrupted_saves,
-        read_only=read_only,
-    )  # fmt: skip
+        max_to_keep=max_to_keep, create=create, cleanup_tmp_directories=remove_interrupted_saves
+    )
     return ocp.CheckpointManager(absolute(directory), options=options, item_names=ITEMS)
 
 
@@ -71,7 +69,7 @@ def finish(manager: ocp.CheckpointManager) -> None:
     try:
         manager.wait_until_finished()
     except Exception as err:
-        raise WriteFailed(epath.Path(manager.directory), err) from None
+        raise WriteFailed(None, err) from None
 
 
 @contextlib.contextmanager
@@ -92,9 +90,10 @@ def not_an_orbax_error(record: logging.LogRecord) -> bool:
 
 
 class WriteFailed(Exception):
-    """A checkpoint that could not be written: where, and the storage's error on one line."""
+    """A checkpoint that could not be written: its path (None: the save in flight) and the
+    storage's error, on one line."""
 
-    def __init__(self, path: epath.Path, err: Exception):
+    def __init__(self, path: epath.Path | None, err: Exception):
         self.path, self.reason = path, storage_reason(err)
         super().__init__(f"{path}: {self.reason}")
 
@@ -152,15 +151,21 @@ class Unreadable(UserError):
         )
 
 
-def storage_reason(err: BaseException) -> str:
+def storage_reason(err: BaseException, limit: int = 300) -> str:
     """What orbax or TensorStore said went wrong, on one line: the innermost error that says more
-    than "see the details" (TensorStore's JSON spec left out)."""
+    than "see the details", without TensorStore's JSON spec. Longer than `limit`, its status
+    (`RESOURCE_EXHAUSTED`, ...) and its last clause, which holds the system's own words ("No
+    space left on device")."""
     reasons = []
     while err is not None:
         reasons.append(one_line(err, None).split(" [tensorstore_spec")[0])
         err = err.__cause__ or err.__context__
     useful = [r for r in reasons if "See full TensorStore details" not in r] or reasons
-    return useful[-1][:300]
+    reason = useful[-1]
+    if len(reason) <= limit:
+        return reason
+    status, last = reason.split(":", 1)[0], reason.rsplit('": ', 1)[-1]
+    return f"{status}: ... {last}"[:limit]
 
 
 def find_checkpoint(
@@ -194,7 +199,7 @@ def saved_steps(root: epath.Path) -> list[int]:
     checkpoints set aside as damaged, are not steps)."""
     if not root.is_dir():
         return []
-    with open_manager(root, create=False, read_only=True) as manager:
+    with open_manager(root, create=False) as manager:
         return sorted(manager.all_steps())
 
 

@@ -182,11 +182,11 @@ class Trainer:
         checkpoint; any other OSError as it is."""
         if isinstance(err, OSError) and err.errno not in WRITE_ERRNOS:
             return err
+        directory = self.prepared.checkpoint_dir
         if isinstance(err, OSError):
             path, reason = err.filename or self.prepared.output_dir, one_line(err)
-        else:
-            path, reason = err.path, err.reason
-        directory = self.prepared.checkpoint_dir
+        else:  # a save refused at once, or else the one in flight when orbax raised its error
+            path, reason = err.path or self.last_checkpoint or directory, err.reason
         step = checkpoint.newest_step(directory)
         if step is None:
             then = "no checkpoint is complete yet: free space and rerun the same command"
@@ -256,7 +256,7 @@ class Trainer:
         prepared = self.prepared
         while True:
             resume = prepared.resume
-            source = checkpoint.open_manager(resume.directory, create=False, read_only=True)
+            source = checkpoint.open_manager(resume.directory, create=False)
             try:
                 state, meta = checkpoint.restore(source, resume.step, like=like)
                 break
