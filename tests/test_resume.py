@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CACHE_EVERY_COMPILE, Background, assert_one_line_error
+from conftest import CACHE_EVERY_COMPILE, Background, assert_one_line_error, small_filesystem
 from safetensors.numpy import load_file
 
 from flax_lm.train.cli import main
@@ -719,15 +719,9 @@ sys.exit(main(sys.argv[2:], objective="clm"))
 @pytest.fixture
 def small_disk(tmp_path) -> Iterator[tuple[Path, bool]]:
     """(a folder, whether it is a filesystem of its own) with room for the reference run's first
-    two checkpoints and its model, not a third: a size-limited tmpfs where this runs as root and
-    may mount (CI), else a plain folder."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mount = ["mount", "-t", "tmpfs", "-o", "size=1800k", "tmpfs", str(disk)]
-    mounted = os.geteuid() == 0 and subprocess.run(mount, capture_output=True).returncode == 0
-    yield disk, mounted
-    if mounted:
-        subprocess.run(["umount", str(disk)], check=True)
+    two checkpoints and its model, not a third."""
+    with small_filesystem(tmp_path / "disk", "1800k") as mounted:
+        yield tmp_path / "disk", mounted
 
 
 def test_a_full_disk_ends_in_one_line_and_the_rerun_continues(clm_reference, small_disk):
