@@ -3,6 +3,7 @@ that other tools cannot read) and, after a resume, no records from beyond the ch
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
@@ -90,5 +91,5 @@ def test_a_full_disk_under_tensorboard_is_an_oserror_at_once(tmp_path, monkeypat
             for step in range(100_000):
                 board.add_scalars({"train/loss": float(step)}, step)
         assert raised.value.errno == errno.ENOSPC
-        with pytest.raises(OSError):
+        with pytest.raises(OSError) if mounted else contextlib.nullcontext():
             board.close()  # what is left to write still finds no space; the file is closed

@@ -8,6 +8,7 @@ signals itself right after step KILL_AFTER is logged, which makes the kill point
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -355,6 +356,25 @@ def test_export_writes_a_checkpoint_to_gs(clm_reference, fake_gcs):
     assert (exported / "tokenizer.json").read_bytes() == (expected / "tokenizer.json").read_bytes()
 
 
+def test_an_export_to_a_full_disk_ends_in_one_line(clm_reference, tmp_path, monkeypatch, capsys):
+    from flax_lm.cli import main as flax_lm
+    from flax_lm.models import hf_io
+
+    _, expected = clm_reference
+    disk = tmp_path / "disk"
+    with small_filesystem(disk, "64k") as mounted:  # less than the model
+        if not mounted:
+            def full(path, data):
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+            monkeypatch.setattr(hf_io, "write_bytes_atomically", full)
+        argv = ["export", str(expected / "checkpoints" / str(STEPS)), "--output_dir", str(disk / "m")]
+        status = flax_lm(argv)
+        assert_one_line_error((status, capsys.readouterr().err), str(disk / "m"),
+                              "No space left on device", "--overwrite_output_dir")  # fmt: skip
+        assert not [p.name for p in (disk / "m").iterdir() if "partial" in p.name]
+
+
 def test_resume_skips_interrupted_saves(clm_reference, tmp_path):
     """The newest step dirs are saves still in orbax's temporary dirs: the resume takes the
     newest complete checkpoint, says so, and still matches."""
@@ -649,6 +669,23 @@ def test_a_gs_rerun_skips_damaged_and_uncommitted_checkpoints(mlm_reference, fak
     assert_continues(expected, run, 6)
     assert sorted(set_aside(target)) == ["9"]
     assert sorted(p.name for p in target.iterdir() if p.name.isdigit()) == ["10", "3", "6", "9"]
+
+
+def test_gs_checkpoints_are_complete_by_their_commit_marker(clm_reference, fake_gcs):
+    """orbax's rule in a bucket: a step without commit_success.txt is a save that never finished;
+    a run's folder or its checkpoints folder (no marker of their own) are no such thing."""
+    from flax_lm.errors import UserError
+    from flax_lm.train.checkpoint import find_checkpoint, interrupted_saves
+
+    _, expected = clm_reference
+    copy_checkpoints(expected, fake_gcs / "bucket" / "run" / "checkpoints", steps=(6, 10))
+    (fake_gcs / "bucket" / "run" / "checkpoints" / "10" / "commit_success.txt").unlink()
+    for spec in ("gs://bucket/run", "gs://bucket/run/checkpoints", "gs://bucket/run/checkpoints/6"):
+        directory, steps, _ = find_checkpoint(spec, Path("elsewhere"))
+        assert (str(directory), steps) == ("gs://bucket/run/checkpoints", [6]), spec
+    assert [p.name for p in interrupted_saves(directory)] == ["10"]
+    with pytest.raises(UserError, match="incomplete"):
+        find_checkpoint("gs://bucket/run/checkpoints/10", Path("elsewhere"))
 
 
 def test_resuming_from_a_named_damaged_checkpoint_is_an_error(clm_reference, tmp_path, capsys):

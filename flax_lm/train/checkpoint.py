@@ -180,7 +180,7 @@ def find_checkpoint(
         path = location(spec, "--resume_from_checkpoint")
     if not path.is_dir():
         raise UserError(f"no checkpoint to resume from: {path} is not a directory")
-    if ocp.path.step.is_path_temporary(path):
+    if is_step_name(path.name) and ocp.path.step.is_path_temporary(path):
         raise UserError(
             f"checkpoint {path} is incomplete (its save was interrupted): resume from "
             f"an earlier one in {path.parent}"
@@ -210,6 +210,12 @@ def interrupted_saves(root: epath.Path, after: int = -1) -> list[epath.Path]:
     found = [path.get() for path in ocp.path.step.all_temporary_paths(root)]
     stepped = [(step_of(path), path.name, path) for path in found]
     return [path for step, _, path in sorted(stepped) if step > after]
+
+
+def is_step_name(name: str) -> bool:
+    """Whether `name` is a step's (STEP, or orbax's temporary for it): on gs://, where any folder
+    without a commit marker counts as a temporary, only such names are asked about."""
+    return name.isdigit() or ocp.path.step.TMP_DIR_SUFFIX in name
 
 
 def step_of(path: epath.Path) -> int:

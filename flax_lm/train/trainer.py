@@ -20,7 +20,6 @@ progress.py.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +30,7 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from flax_lm.errors import UserError, one_line
+from flax_lm.errors import UserError, is_write_fault, one_line
 from flax_lm.models.hf_io import save_model
 from flax_lm.perf import achieved_flops_per_second, model_flops_per_token
 from flax_lm.storage import save_pretrained
@@ -84,12 +83,6 @@ def run(cfg: TrainConfig, objective_name: str) -> dict[str, Any]:
     mesh = make_mesh(spec=cfg.mesh)
     prepared = prepare(cfg, objective_name, num_devices=mesh.size)
     return Trainer(prepared, mesh, objective_name).run()
-
-
-# What the storage says when it cannot take a write: no space, no quota, no permission, a
-# read-only or failing device, a file too large.
-WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO,
-                errno.EFBIG}  # fmt: skip
 
 
 def cannot_write(output_dir: epath.Path, err: Exception) -> UserError:
@@ -180,7 +173,7 @@ class Trainer:
         """A storage fault while the run writes (no space, no permission, a refusing bucket) as
         one line: what failed to be written, and how to go on from the newest complete
         checkpoint; any other OSError as it is."""
-        if isinstance(err, OSError) and err.errno not in WRITE_ERRNOS:
+        if isinstance(err, OSError) and not is_write_fault(err):
             return err
         directory = self.prepared.checkpoint_dir
         if isinstance(err, OSError):
@@ -279,19 +272,19 @@ class Trainer:
         """Train to total_steps; returns the final state, train results and the last eval."""
         cfg, prepared = self.cfg, self.prepared
         started = time.perf_counter()
-        manager = checkpoint.open_manager(
-            prepared.checkpoint_dir,
-            max_to_keep=cfg.save_total_limit,
-            remove_interrupted_saves=True,
-        )
-        try:
-            with checkpoint.save_errors_left_to_the_caller():
+        with checkpoint.save_errors_left_to_the_caller():
+            manager = checkpoint.open_manager(
+                prepared.checkpoint_dir,
+                max_to_keep=cfg.save_total_limit,
+                remove_interrupted_saves=True,
+            )
+            try:
                 if prepared.resume is not None:
                     self.continue_from_checkpoint(manager)
                 state, tokens_per_second, last_eval = self.loop(training, manager, log)
                 checkpoint.finish(manager)
-        finally:
-            manager.close()
+            finally:
+                manager.close()
         results = {
             "train_loss": training.progress.loss if training.progress.num_targets else None,
             "train_runtime": round(time.perf_counter() - started, 3),
