@@ -480,12 +480,14 @@ def test_an_unreachable_hub_is_one_line(in_background):
 
 
 def test_resuming_a_damaged_checkpoint_prints_exactly_one_line(copied_run):
+    """Named by --resume_from_checkpoint, a damaged checkpoint is an error (a rerun would go on
+    from the one before): one line, and nothing after it as the process exits."""
     flags, out = copied_run
-    damage(out / "checkpoints" / "2", "array data")
+    step = damage(out / "checkpoints" / "2", "array data")
     before = snapshot(out)
-    argv = as_argv({**flags, "--resume_from_checkpoint": []})
+    argv = as_argv({**flags, "--resume_from_checkpoint": [str(step)]})
     done = run_command([sys.executable, "run_clm_flax.py", *argv])
-    assert_one_line_error(done, f"checkpoint {out / 'checkpoints' / '2'}", "damaged")
+    assert_one_line_error(done, f"checkpoint {step}", "damaged")
     assert snapshot(out) == before
 
 
