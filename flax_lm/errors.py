@@ -59,6 +59,12 @@ def is_write_fault(err: BaseException) -> bool:
     )
 
 
+def os_reason(err: OSError) -> str:
+    """An OSError's own words without the file name it carries ("[Errno 28] No space left on
+    device"), for a message that names the file itself."""
+    return f"[Errno {err.errno}] {err.strerror}" if err.strerror else one_line(err)
+
+
 def damaged(path, err: Exception) -> UserError:
     """The error for a file that cannot be parsed, as an interrupted copy or download leaves it."""
     return UserError(

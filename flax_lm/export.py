@@ -16,7 +16,7 @@ from pathlib import Path
 import jax
 from flax import nnx
 
-from flax_lm.errors import ArgParser, UserError, is_write_fault, one_line, report_user_errors
+from flax_lm.errors import ArgParser, UserError, is_write_fault, os_reason, report_user_errors
 from flax_lm.model_source import find_model, load_model_and_tokenizer
 from flax_lm.models.hf_io import save_model
 from flax_lm.storage import check_output_dir, location, save_pretrained
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         if not is_write_fault(err):
             raise
         raise UserError(
-            f"cannot write {err.filename or out}: {one_line(err)}; free space and rerun the "
+            f"cannot write {err.filename or out}: {os_reason(err)}; free space and rerun the "
             "command with --overwrite_output_dir (a model file is replaced in one step, never "
             "left half-written)"
         ) from None

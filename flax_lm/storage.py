@@ -84,9 +84,9 @@ def write_bytes_atomically(path: epath.Path, data: bytes) -> None:
     partial = path.parent / f".{path.name}.partial"
     try:
         partial.write_bytes(data)
-    except OSError:  # a full disk: what was written of it would only take space
+    except OSError as err:  # a full disk: what was written of it would only take space
         partial.unlink(missing_ok=True)
-        raise
+        raise OSError(err.errno, err.strerror, str(path)) from None  # (named as it is known)
     os.replace(partial, path)
 
 

@@ -30,7 +30,7 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from flax_lm.errors import UserError, is_write_fault, one_line
+from flax_lm.errors import UserError, is_write_fault, one_line, os_reason
 from flax_lm.models.hf_io import save_model
 from flax_lm.perf import achieved_flops_per_second, model_flops_per_token
 from flax_lm.storage import save_pretrained
@@ -177,7 +177,7 @@ class Trainer:
             return err
         directory = self.prepared.checkpoint_dir
         if isinstance(err, OSError):
-            path, reason = err.filename or self.prepared.output_dir, one_line(err)
+            path, reason = err.filename or self.prepared.output_dir, os_reason(err)
         else:  # a save refused at once, or else the one in flight when orbax raised its error
             path, reason = err.path or self.last_checkpoint or directory, err.reason
         step = checkpoint.newest_step(directory)
