@@ -714,24 +714,25 @@ def test_when_no_checkpoint_restores_one_line_names_each(clm_reference, tmp_path
     assert "--overwrite_output_dir" in line
 
 
-def test_a_failed_metrics_write_ends_in_one_line(clm_reference, tmp_path, monkeypatch):
-    """metrics.jsonl cannot be appended to after step 8 (the disk is full): one line naming it,
-    the error and checkpoint 6 to continue from; exit 2."""
+@pytest.mark.parametrize("error", [errno.ENOSPC, errno.EACCES])  # full; permission lost
+def test_a_failed_metrics_write_ends_in_one_line(error, clm_reference, tmp_path, monkeypatch):
+    """metrics.jsonl cannot be appended to after step 8: one line naming it, the error and
+    checkpoint 6 to continue from; exit 2."""
     from flax_lm.train import metrics
 
     argv, _ = clm_reference
     out = tmp_path / "full"
     write = metrics.RunLog.write
 
-    def write_until_full(log, group, record):
+    def write_until_refused(log, group, record):
         if record["step"] > 8:
-            raise OSError(28, "No space left on device", str(out / "metrics.jsonl"))
+            raise OSError(error, os.strerror(error), str(out / "metrics.jsonl"))
         write(log, group, record)
 
-    monkeypatch.setattr(metrics.RunLog, "write", write_until_full)
+    monkeypatch.setattr(metrics.RunLog, "write", write_until_refused)
     _, stderr = run_in_process(with_output_dir(argv, out), "clm", status=2)
     line = assert_one_line_error((2, stderr.splitlines()[-1]), "metrics.jsonl",
-                                 "No space left on device", "step 6")  # fmt: skip
+                                 os.strerror(error), "step 6")  # fmt: skip
     assert str(out / "checkpoints" / "6") in line and "rerun the same command" in line
 
 
