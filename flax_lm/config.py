@@ -195,10 +195,17 @@ def load_tokenizer(name: str, *, cache_dir: str | None = None, token: str | None
         reason = "not a directory" if path.exists() else "no such directory, nor a Hub repo id"
         raise cannot_load_tokenizer(name, reason)
     try:
-        return AutoTokenizer.from_pretrained(name, cache_dir=cache_dir, token=token)
+        tokenizer = AutoTokenizer.from_pretrained(name, cache_dir=cache_dir, token=token)
     except (OSError, ValueError) as err:
         damaged = damaged_file(path) if path.is_dir() else None
         raise damaged or cannot_load_tokenizer(name, one_line(err)) from None
+    for option in LOADING_OPTIONS:  # saved back, they would change the folder it came from
+        tokenizer.init_kwargs.pop(option, None)
+    return tokenizer
+
+
+# How transformers found a tokenizer, which it keeps among the tokenizer's settings.
+LOADING_OPTIONS = ("is_local", "local_files_only")
 
 
 def cannot_load_tokenizer(name: str, reason: str) -> UserError:

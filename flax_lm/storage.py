@@ -95,10 +95,9 @@ def copy_into(local_dir: Path, target: epath.Path) -> None:
 
 
 def save_pretrained(obj, target: epath.Path) -> None:
-    """`obj.save_pretrained` (a tokenizer or config) into a local or cloud dir."""
-    if not is_cloud(target):
-        obj.save_pretrained(os.fspath(target))
-        return
+    """`obj.save_pretrained` (a tokenizer or config) into a local or cloud dir, each file replaced
+    in one step: the folder may hold the very files a run reads (its config and tokenizer), and
+    a run killed while exporting must leave them whole."""
     staging = Path(tempfile.mkdtemp(prefix="flax-lm-save-"))
     try:
         obj.save_pretrained(str(staging))

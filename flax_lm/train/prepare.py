@@ -351,11 +351,14 @@ def check_resume_matches(resume: Resume, prepared: Prepared, objective_name: str
     now = run_identity(prepared, objective_name)
     if not resume.rerun:  # a checkpoint named by a flag may continue on moved or renamed data
         now.pop("dataset")
+    recorded = dict(resume.meta)
+    if isinstance(recorded.get("model"), dict):  # checkpoints may predate RUN_WRITTEN
+        recorded["model"] = without_run_written(recorded["model"])
     changed = [
         change
         for key, value in now.items()
-        if key in resume.meta
-        for change in differences(key, resume.meta[key], value)
+        if key in recorded
+        for change in differences(key, recorded[key], value)
     ]
     if changed:
         if resume.rerun:
@@ -396,8 +399,16 @@ def run_identity(prepared: Prepared, objective_name: str) -> dict[str, Any]:
     }
 
 
+# config.json keys that describe a file, not the model: the export writes them (with the model's
+# dtype as stored, whatever --dtype computes in) into output_dir, which may be the folder the run
+# read its config from, so a rerun reading them back is the same run.
+RUN_WRITTEN = ("transformers_version", "architectures", "dtype", "torch_dtype")
+
+
 def model_identity(config: PretrainedConfig) -> dict[str, Any]:
     """The model config's settings (as JSON) that a resumed run must share with its checkpoint."""
-    settings = json.loads(config.to_json_string(use_diff=True))
-    settings.pop("transformers_version", None)
-    return settings
+    return without_run_written(json.loads(config.to_json_string(use_diff=True)))
+
+
+def without_run_written(settings: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in settings.items() if key not in RUN_WRITTEN}
