@@ -64,6 +64,23 @@ def test_save_strategy_no_saves_no_checkpoint_but_the_model(code_corpus, tiny_to
     assert (out / "model.safetensors").is_file() and (out / "train_results.json").is_file()
 
 
+def test_evaluation_strategy_no_and_logging_dir(code_corpus, tiny_tokenizer_dir, tmp_path):
+    """Hugging Face's names: --evaluation_strategy no without --do_train or --do_eval trains
+    without evaluating; --logging_dir is where TensorBoard writes, instead of output_dir/runs."""
+    out, board = tmp_path / "hf-flags", tmp_path / "board"
+    argv = trainer_argv(code_corpus, tiny_tokenizer_dir, out, "--max_steps", "2",
+                        "--evaluation_strategy", "no", "--logging_dir", str(board),
+                        "--report_to", "tensorboard")  # fmt: skip
+    argv.remove("--do_train")
+    run_in_process(argv, "clm")
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [2]
+    assert not any("eval_loss" in r for r in records)
+    assert not (out / "eval_results.json").exists() and (out / "train_results.json").is_file()
+    assert [p.name.startswith("events.out.tfevents") for p in board.iterdir()] == [True]
+    assert not (out / "runs").exists()
+
+
 # ------------------------------------------------------------------------------------- wandb
 
 WANDB_BLOCK, WANDB_RECORD_HEADER = 32768, 7  # the .wandb file: LevelDB log blocks of records

@@ -12,7 +12,7 @@ import sys
 from flax_lm.backend import skip_unused_tpu_plugin
 from flax_lm.errors import EXIT_INTERRUPTED, report_user_errors
 from flax_lm.hostmem import reexec_with_huge_pages
-from flax_lm.train.args import OBJECTIVES, config_yaml, parse_config
+from flax_lm.train.args import OBJECTIVES, apply_log_level, config_yaml, parse_config
 
 EXIT_NONFINITE = 1
 
@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None, objective: str = "clm") -> int:
     if cfg.print_config:
         print(config_yaml(cfg, objective), end="")
         return 0
+    apply_log_level(cfg.log_level)
     # JAX and the models load only for a real run
     from flax_lm.train.distributed import Interrupted
     from flax_lm.train.progress import NonFiniteLoss

@@ -99,9 +99,12 @@ class RunLog:
         total_steps: int,
         initial_step: int,
         tensorboard: bool,
+        tensorboard_dir: str | None = None,
         wandb_run=None,
         enabled: bool = True,
     ):
+        """`tensorboard_dir`: where the TensorBoard events go (--logging_dir; default
+        output_dir/runs, through the staging folder of a gs:// output_dir)."""
         self.enabled, self.output_dir, self.staging = enabled, output_dir, None
         self.wandb = wandb_run if enabled else None
         self.start = time.perf_counter()
@@ -115,7 +118,7 @@ class RunLog:
         if enabled and tensorboard:
             from tensorboardX import SummaryWriter
 
-            self.board = SummaryWriter(logdir=str(files / TENSORBOARD_SUBDIR))
+            self.board = SummaryWriter(logdir=tensorboard_dir or str(files / TENSORBOARD_SUBDIR))
         self.bar = tqdm(
             total=total_steps,
             initial=initial_step,

@@ -249,7 +249,8 @@ def pretrained_model_dir(cfg: TrainConfig) -> Path | None:
     name = cfg.model_name_or_path
     if not name or not is_hub_id(name):
         return Path(name) if name else None
-    return download_model(name, "--model_name_or_path", cfg.cache_dir, cfg.token)
+    return download_model(name, "--model_name_or_path", cfg.cache_dir, cfg.token,
+                          cfg.model_revision)
 
 
 def config_source(cfg: TrainConfig, model_dir: Path | None, objective_name: str) -> str:
@@ -259,7 +260,8 @@ def config_source(cfg: TrainConfig, model_dir: Path | None, objective_name: str)
         return str(model_dir)
     name = cfg.config_name
     if name and name not in base_config_names() and is_hub_id(name):
-        return str(download_config(name, "--config_name", cfg.cache_dir, cfg.token))
+        return str(download_config(name, "--config_name", cfg.cache_dir, cfg.token,
+                                   cfg.model_revision))
     return name or BASE_CONFIGS[MODEL_TYPES[objective_name]]
 
 
@@ -294,7 +296,9 @@ def tokenizer_of(cfg: TrainConfig) -> PreTrainedTokenizerBase:
         raise UserError(
             "no tokenizer: give --tokenizer_name (a directory saved by train-tokenizer)"
         )
-    return load_tokenizer(name, cache_dir=cfg.cache_dir, token=cfg.token)
+    return load_tokenizer(
+        name, cache_dir=cfg.cache_dir, token=cfg.token, revision=cfg.model_revision
+    )
 
 
 def check_vocab(tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig) -> None:

@@ -134,6 +134,7 @@ class Trainer:
             total_steps=self.prepared.total_steps,
             initial_step=self.prepared.resume.step if self.prepared.resume else 0,
             tensorboard="tensorboard" in self.cfg.report_to,
+            tensorboard_dir=self.cfg.logging_dir,
             wandb_run=wandb_run,
             enabled=self.is_main,
         )
