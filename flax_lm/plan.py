@@ -38,6 +38,7 @@ from typing import Any
 
 from flax_lm.errors import ArgParser, UserError, one_line, report_user_errors
 from flax_lm.train.args import (
+    AUTO,
     SCRIPT_NAMES,
     TrainConfig,
     build_parser,
@@ -404,6 +405,61 @@ def suggest(cfg: TrainConfig, objective: str, target: Target, missed: Plan) -> l
     return found
 
 
+# ------------------------------------------------------------------------------- --remat auto
+
+AUTO_REMAT_ORDER = (None, "dots", "full")  # from the least recomputation to the least memory
+AUTO_REMAT_SPARE = 0.10  # of the device's memory, left for what the compiler does not count
+
+
+def choose_remat(cfg: TrainConfig, objective: str, target: Target) -> tuple[TrainConfig, str]:
+    """`cfg` with --remat auto resolved for `target`'s devices, and the line saying the choice.
+
+    CPUs compute in host memory, which the plan cannot hold a run to: no remat, nothing
+    compiled, nothing said. On TPUs and GPUs each policy of AUTO_REMAT_ORDER is compiled in turn
+    until one leaves AUTO_REMAT_SPARE of the device memory spare; when none does, full remat,
+    and the run's own compile says what would fit (see `does_not_fit`)."""
+    from flax_lm.backend import device_platform
+
+    if cfg.remat != AUTO:
+        return cfg, ""
+    if device_platform(target.devices[0]) == "cpu" or target.memory_bytes is None:
+        return dataclasses.replace(cfg, remat=None), ""
+    tried = []
+    for remat in AUTO_REMAT_ORDER:
+        candidate = dataclasses.replace(cfg, remat=remat)
+        plan = plan_step(candidate, objective, target, with_flops=False)
+        tried.append(f"{remat or 'none'} {gib(plan.total)}")
+        if plan.compiled and plan.total <= (1 - AUTO_REMAT_SPARE) * target.memory_bytes:
+            break
+    else:
+        candidate = dataclasses.replace(cfg, remat="full")
+    return candidate, (
+        f"remat auto: {candidate.remat or 'none'} (train step per device: {', '.join(tried)} "
+        f"of {gib(target.memory_bytes)} {target.memory_kind}; --remat sets it)"
+    )
+
+
+def does_not_fit(cfg: TrainConfig, objective: str, err: Exception) -> UserError | None:
+    """The one-line error for a run whose train step XLA refused for memory at its first
+    compile (`err`), naming what would fit on the local devices; None for any other error."""
+    refused = OUT_OF_MEMORY.search(str(err))
+    if refused is None:
+        return None
+    target = local_target()
+    needed = to_bytes(refused.group(1), refused.group(2))
+    missed = Plan({}, {"total": needed}, False, False, 0.0)
+    found = suggest(cfg, objective, target, missed)
+    fits = "; ".join(
+        f"{' '.join(f'--{k} {v}' for k, v in item['flags'].items())} fits "
+        f"({gib(item['plan'].total)})" for item in found
+    ) or "nothing tried fits: a smaller model, sequence length or more devices"
+    return UserError(
+        f"the train step does not fit in device memory: its temporaries need {gib(needed)} "
+        f"of {refused.group(3)}{refused.group(4)}iB; {fits} (flax-lm plan with the same flags "
+        "says more)"
+    )
+
+
 # ------------------------------------------------------------------------------------ output
 
 
@@ -537,6 +593,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg, objective, options = parse_args(argv)
     target = topology_target(options.topology) if options.topology else local_target()
+    cfg, chosen = choose_remat(cfg, objective, target)
+    if chosen:
+        print(chosen, file=sys.stderr)
     plan = plan_step(cfg, objective, target)
     suggestions = []
     if plan.fits is False:

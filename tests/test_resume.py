@@ -583,3 +583,46 @@ def test_skipped_nonfinite_steps_apply_no_update(clm_reference, poisoned_steps, 
     assert train_loss == pytest.approx(np.mean(losses), rel=1e-9)  # equal targets per step
     meta = json.loads((out / "checkpoints" / str(STEPS) / "meta" / "metadata").read_text())
     assert meta["progress"]["skipped_steps"] == [3]
+
+
+def flax_lm_output(*argv: str) -> str:
+    """stdout of `flax-lm ARGV` run in this process, which must succeed."""
+    from flax_lm.cli import main as flax_lm
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = flax_lm(list(argv))
+    assert status == 0, err.getvalue()[-3000:]
+    return out.getvalue()
+
+
+def test_the_commands_read_a_gs_run_folder_or_checkpoint(clm_reference, mlm_reference,
+                                                         code_corpus, fake_gcs):
+    """evaluate, generate, fill-mask, export and plot take a gs:// run (or checkpoint) and
+    answer as they do for the same run in a local folder."""
+    (_, clm_run), (_, mlm_run) = clm_reference, mlm_reference
+    for name, run in (("clm", clm_run), ("mlm", mlm_run)):
+        shutil.copytree(run, fake_gcs / "bucket" / name)
+    clm, mlm = "gs://bucket/clm", "gs://bucket/mlm"
+    validation = ["--validation_file", str(code_corpus.validation), "--block_size", "32"]
+    remote = json.loads(flax_lm_output("evaluate", "--model", f"{clm}/checkpoints/6", *validation))
+    local = json.loads(flax_lm_output("evaluate", "--model", str(clm_run / "checkpoints" / "6"),
+                                      *validation))  # fmt: skip
+    assert remote["model"] == f"{clm}/checkpoints/6"
+    assert remote["eval_loss"] == local["eval_loss"] and remote["eval_samples"] > 0
+
+    prompt = ["--prompt", "def ", "--max_new_tokens", "5", "--temperature", "0"]
+    assert flax_lm_output("generate", "--model", clm, *prompt) == flax_lm_output(
+        "generate", "--model", str(clm_run), *prompt)
+    text = ["x = <mask>", "--json"]
+    assert json.loads(flax_lm_output("fill-mask", *text, "--model", mlm)) == json.loads(
+        flax_lm_output("fill-mask", *text, "--model", str(mlm_run)))
+
+    flax_lm_output("export", clm, "--output_dir", "gs://bucket/exported")
+    exported = load_file(str(fake_gcs / "bucket" / "exported" / "model.safetensors"))
+    for name, array in load_file(str(clm_run / "model.safetensors")).items():
+        np.testing.assert_array_equal(exported[name], array)  # the newest checkpoint is the end
+
+    flax_lm_output("plot", clm)
+    assert (fake_gcs / "bucket" / "clm" / "metrics.png").read_bytes()[:4] == b"\x89PNG"
+    assert [p.name for p in Path.cwd().iterdir()] == ["gcs"]  # nothing local named after a URL

@@ -81,6 +81,42 @@ def test_evaluation_strategy_no_and_logging_dir(code_corpus, tiny_tokenizer_dir,
     assert not (out / "runs").exists()
 
 
+# An XLA refusal as the TPU compiler words it, with the allocator's report after it.
+XLA_OUT_OF_MEMORY = (
+    "RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space "
+    "hbm. Used 51.62G of 15.48G hbm. Exceeded hbm capacity by 36.14G.\n\nTotal hbm usage >= "
+    "52.12G:\n    reserved        530.00M\n    program          51.62G\n    arguments      "
+    "unknown size\n\nProgram hbm requirement 51.62G:\n    global            68.0K\n    "
+    "memory required for HLO temporaries (50.10G) exceeds available HBM (15.48G)\n"
+    "  Largest program allocations in hbm:\n  1. Size: 6.14G\n     Operator: op_name=..."
+)
+
+
+def test_a_step_that_does_not_fit_ends_the_run_with_what_would(code_corpus, tiny_tokenizer_dir,
+                                                              tmp_path, monkeypatch, capsys):
+    """XLA refusing the train step at its first compile: the run ends with exit 2 and one
+    error line naming a setting that fits (compiled to check), not the allocator's report."""
+    from flax_lm.train import trainer
+    from flax_lm.train.cli import main
+
+    compiles = []
+
+    def out_of_memory(*args):
+        compiles.append(args)
+        raise RuntimeError(XLA_OUT_OF_MEMORY)
+
+    monkeypatch.setattr(trainer, "compile_train_step", out_of_memory)
+    out = tmp_path / "too-big"
+    argv = trainer_argv(code_corpus, tiny_tokenizer_dir, out, "--max_steps", "2")
+    assert main(argv, objective="clm") == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "--remat full fits" in last, err[-3000:]
+    assert "50.10 GiB" in last and "15.48" in last
+    assert "Traceback" not in err and "Largest program allocations" not in err
+    assert len(compiles) == 1 and not any((out / "checkpoints").glob("*"))  # no step saved
+
+
 # ------------------------------------------------------------------------------------- wandb
 
 WANDB_BLOCK, WANDB_RECORD_HEADER = 32768, 7  # the .wandb file: LevelDB log blocks of records

@@ -29,7 +29,7 @@ from flax_lm.corpus import progress_bars_on_terminal_only
 from flax_lm.errors import UserError
 from flax_lm.hub_models import download_config, download_model, is_hub_id
 from flax_lm.models.hf_io import check_weight_files
-from flax_lm.storage import is_cloud, is_inside, location, same_place
+from flax_lm.storage import is_inside, location, same_place
 from flax_lm.train import checkpoint
 from flax_lm.train.args import SCRIPT_NAMES, TrainConfig
 from flax_lm.train.data.batches import TrainBatches
@@ -111,11 +111,6 @@ def load_and_check(cfg: TrainConfig, objective_name: str, num_devices: int) -> P
     output_dir = location(cfg.output_dir, "--output_dir")
     if cfg.checkpoint_dir:
         location(cfg.checkpoint_dir, "--checkpoint_dir")
-    if cfg.push_to_hub and is_cloud(output_dir):
-        raise UserError(
-            f"--push_to_hub uploads a local output_dir, not {output_dir}: give a local "
-            "--output_dir and --checkpoint_dir gs://... for the checkpoints"
-        )
     for directory in run_dirs(cfg):
         check_not_locked(directory)
     resume = find_resume(cfg, output_dir)
