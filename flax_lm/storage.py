@@ -109,16 +109,13 @@ def save_pretrained(obj, target: epath.Path) -> None:
 
 def stage_files(source: epath.Path, target: Path, *, folders: Collection[str] = ()) -> None:
     """The files directly in `source` (and everything under its subfolders named in `folders`)
-    copied into the local folder `target`."""
+    copied into the local folder `target` (walked a folder at a time: gs:// has no `**`)."""
     target.mkdir(parents=True, exist_ok=True)
     for path in source.iterdir():
         if path.is_file():
             (target / path.name).write_bytes(path.read_bytes())
         elif path.name in folders:
-            for file in (f for f in path.rglob("*") if f.is_file()):
-                local = target / path.name / os.path.relpath(os.fspath(file), os.fspath(path))
-                local.parent.mkdir(parents=True, exist_ok=True)
-                local.write_bytes(file.read_bytes())
+            stage_files(path, target / path.name, folders=[p.name for p in path.iterdir()])
 
 
 @contextlib.contextmanager
