@@ -455,8 +455,8 @@ def does_not_fit(cfg: TrainConfig, objective: str, err: Exception) -> UserError 
     ) or "nothing tried fits: a smaller model, sequence length or more devices"
     return UserError(
         f"the train step does not fit in device memory: its temporaries need {gib(needed)} "
-        f"of {refused.group(3)}{refused.group(4)}iB; {fits} (flax-lm plan with the same flags "
-        "says more)"
+        f"of {gib(to_bytes(refused.group(3), refused.group(4)))}; {fits} (flax-lm plan with "
+        "the same flags says more)"
     )
 
 
