@@ -176,11 +176,14 @@ def set_token_ids(config: PretrainedConfig, tokenizer_dir: str) -> PretrainedCon
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 
 
-def load_tokenizer(name: str, *, cache_dir: str | None = None, token: str | None = None):
+def load_tokenizer(
+    name: str, *, cache_dir: str | None = None, token: str | None = None,
+    revision: str | None = None,
+):
     """A fast tokenizer from a local directory (train-tokenizer's, or a model's) or, for a name
-    that can only be one, a Hub repo id (downloaded into `cache_dir`, with `token` for gated or
-    private repos). Each failure is one UserError naming `name`; a directory whose JSON does not
-    parse names that file as damaged."""
+    that can only be one, a Hub repo id (at `revision`, downloaded into `cache_dir`, with `token`
+    for gated or private repos). Each failure is one UserError naming `name`; a directory whose
+    JSON does not parse names that file as damaged."""
     from transformers import AutoTokenizer  # slow import: only when loading
 
     from flax_lm.hub_models import is_hub_id
@@ -195,10 +198,19 @@ def load_tokenizer(name: str, *, cache_dir: str | None = None, token: str | None
         reason = "not a directory" if path.exists() else "no such directory, nor a Hub repo id"
         raise cannot_load_tokenizer(name, reason)
     try:
-        return AutoTokenizer.from_pretrained(name, cache_dir=cache_dir, token=token)
+        tokenizer = AutoTokenizer.from_pretrained(
+            name, cache_dir=cache_dir, token=token, revision=revision
+        )
     except (OSError, ValueError) as err:
         damaged = damaged_file(path) if path.is_dir() else None
         raise damaged or cannot_load_tokenizer(name, one_line(err)) from None
+    for option in LOADING_OPTIONS:  # saved back, they would change the folder it came from
+        tokenizer.init_kwargs.pop(option, None)
+    return tokenizer
+
+
+# How transformers found a tokenizer, which it keeps among the tokenizer's settings.
+LOADING_OPTIONS = ("is_local", "local_files_only")
 
 
 def cannot_load_tokenizer(name: str, reason: str) -> UserError:

@@ -16,6 +16,7 @@ import json
 
 from flax_lm.errors import ArgParser, UserError, report_user_errors
 from flax_lm.model_source import find_model, load_model_and_tokenizer
+from flax_lm.storage import local_run_folder
 from flax_lm.train.args import check_range
 
 OBJECTIVE_OF_MODEL = {"gpt2": "clm", "roberta": "mlm"}
@@ -77,14 +78,20 @@ def check_length_flag(args, model_type: str) -> None:
 @report_user_errors
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from flax_lm.config import load_base_config
     from flax_lm.corpus import resolve_data_files
+
+    resolve_data_files(args.validation_file)  # a missing file is reported before loading a model
+    with local_run_folder(args.model, "--model") as model:
+        return evaluate_model(args, model)
+
+
+def evaluate_model(args, model: str) -> int:
+    from flax_lm.config import load_base_config
     from flax_lm.train.evaluation import eval_config, evaluate
     from flax_lm.train.metrics import strict_json
     from flax_lm.train.step import make_mesh
 
-    resolve_data_files(args.validation_file)  # a missing file is reported before loading a model
-    source = find_model(args.model, args.config_name, args.tokenizer_name)
+    source = find_model(model, args.config_name, args.tokenizer_name)
     model_config = load_base_config(source.config)  # gpt2 or roberta, else a UserError
     check_length_flag(args, model_config.model_type)
     objective = OBJECTIVE_OF_MODEL[model_config.model_type]
@@ -95,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     results = evaluate(graphdef, params, tokenizer, cfg, objective, mesh)
     seq_len = cfg.block_size if objective == "clm" else cfg.max_seq_length
     report = {
-        "model": source.describe(),
+        "model": args.model if model != args.model else source.describe(),
         "model_type": model_config.model_type,
         "objective": objective,
         "seq_len": seq_len,

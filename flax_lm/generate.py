@@ -239,6 +239,13 @@ def complete(model, tokenizer, prompts: str | Sequence[str], **settings) -> tupl
 
 def load_saved_model(model_dir: str, model_type: str, command: str):
     """(model, tokenizer) of a saved `model_type` dir (config.json, model.safetensors, tokenizer)."""
+    from flax_lm.storage import local_run_folder
+
+    with local_run_folder(model_dir, "--model") as local:
+        return load_local_model(local, model_type, command)
+
+
+def load_local_model(model_dir: str, model_type: str, command: str):
     from flax_lm.config import load_base_config, load_tokenizer
     from flax_lm.models.hf_io import load_model
 

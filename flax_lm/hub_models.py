@@ -38,19 +38,26 @@ def hub_error(flag: str, name: str, err: Exception) -> UserError:
     )
 
 
-def download_config(name: str, flag: str, cache_dir: str | None, token: str | None) -> Path:
-    """The config.json of Hub model `name`, downloaded (or found) in the Hub cache."""
+def download_config(
+    name: str, flag: str, cache_dir: str | None, token: str | None, revision: str | None = None
+) -> Path:
+    """The config.json of Hub model `name` (at `revision`: a branch, tag or commit), downloaded
+    (or found) in the Hub cache."""
     try:
-        return Path(hf_hub_download(name, "config.json", cache_dir=cache_dir, token=token))
+        return Path(hf_hub_download(name, "config.json", cache_dir=cache_dir, token=token,
+                                    revision=revision))  # fmt: skip
     except Exception as err:  # unknown repo, no network and not cached, refused token: one line
         raise hub_error(flag, name, err) from None
 
 
-def download_model(name: str, flag: str, cache_dir: str | None, token: str | None) -> Path:
-    """A local directory holding Hub model `name`'s config, weights and tokenizer files."""
+def download_model(
+    name: str, flag: str, cache_dir: str | None, token: str | None, revision: str | None = None
+) -> Path:
+    """A local directory holding Hub model `name`'s config, weights and tokenizer files (at
+    `revision`)."""
     try:
         folder = snapshot_download(
-            name, allow_patterns=MODEL_FILES, cache_dir=cache_dir, token=token
+            name, allow_patterns=MODEL_FILES, cache_dir=cache_dir, token=token, revision=revision
         )
     except Exception as err:
         raise hub_error(flag, name, err) from None

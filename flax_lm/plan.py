@@ -39,6 +39,7 @@ from typing import Any
 
 from flax_lm.errors import ArgParser, UserError, one_line, report_user_errors
 from flax_lm.train.args import (
+    AUTO,
     SCRIPT_NAMES,
     TrainConfig,
     build_parser,
@@ -424,6 +425,59 @@ def suggest(cfg: TrainConfig, objective: str, target: Target, missed: Plan) -> l
     return found
 
 
+# ------------------------------------------------------------------------------- --remat auto
+
+AUTO_REMAT_ORDER = (None, "dots", "full")  # from the least recomputation to the least memory
+AUTO_REMAT_SPARE = 0.10  # of the device's memory, left for what the compiler does not count
+
+
+def choose_remat(cfg: TrainConfig, objective: str, target: Target) -> tuple[TrainConfig, str]:
+    """`cfg` with --remat auto resolved for `target`'s devices, and the line saying the choice.
+
+    CPUs compute in host memory, which the plan cannot hold a run to: no remat, nothing
+    compiled, nothing said. On TPUs and GPUs each policy of AUTO_REMAT_ORDER is compiled in turn
+    until one leaves AUTO_REMAT_SPARE of the device memory spare; when none does, full remat,
+    and the run's own compile says what would fit (see `does_not_fit`)."""
+    from flax_lm.backend import device_platform
+
+    if cfg.remat != AUTO:
+        return cfg, ""
+    if device_platform(target.devices[0]) == "cpu" or target.memory_bytes is None:
+        return dataclasses.replace(cfg, remat=None), ""
+    tried = []
+    for remat in AUTO_REMAT_ORDER:
+        candidate = dataclasses.replace(cfg, remat=remat)
+        plan = plan_step(candidate, objective, target, with_flops=False)
+        tried.append(f"{remat or 'none'} {gib(plan.total)}")
+        if plan.compiled and plan.total <= (1 - AUTO_REMAT_SPARE) * target.memory_bytes:
+            break
+    else:
+        candidate = dataclasses.replace(cfg, remat="full")
+    return candidate, (
+        f"remat auto: {candidate.remat or 'none'} (train step per device: {', '.join(tried)} "
+        f"of {gib(target.memory_bytes)} {target.memory_kind}; --remat sets it)"
+    )
+
+
+def does_not_fit(cfg: TrainConfig, objective: str, err: Exception) -> UserError | None:
+    """The one-line error for a run whose train step XLA refused for memory at its first
+    compile (`err`), naming what would fit on the local devices; None for any other error."""
+    if not refused_for_memory(err):
+        return None
+    target = local_target()
+    missed = Plan({}, {"total": 0}, False, False, 0.0)  # XLA's refusal says no more than that
+    found = suggest(cfg, objective, target, missed)
+    fits = "; ".join(
+        f"{' '.join(f'--{k} {v}' for k, v in item['flags'].items())} fits "
+        f"({gib(item['plan'].total)})" for item in found
+    ) or "nothing tried fits: a smaller model, sequence length or more devices"
+    memory = "" if target.memory_bytes is None else f" ({gib(target.memory_bytes)} a device)"
+    return UserError(
+        f"the train step does not fit in device memory{memory}; {fits} (flax-lm plan with "
+        "the same flags says more)"
+    )
+
+
 # ------------------------------------------------------------------------------------ output
 
 
@@ -562,6 +616,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg, objective, options = parse_args(argv)
     target = topology_target(options.topology) if options.topology else local_target()
+    cfg, chosen = choose_remat(cfg, objective, target)
+    if chosen:
+        print(chosen, file=sys.stderr)
     plan = plan_step(cfg, objective, target)
     suggestions = []
     if plan.fits is False:

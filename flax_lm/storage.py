@@ -9,11 +9,12 @@ a URL. Local paths keep working as plain paths (epath's local backend is `os`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 from etils import epath
@@ -99,14 +100,58 @@ def copy_into(local_dir: Path, target: epath.Path) -> None:
 
 
 def save_pretrained(obj, target: epath.Path) -> None:
-    """`obj.save_pretrained` (a tokenizer or config) into a local or cloud dir."""
-    if not is_cloud(target):
-        obj.save_pretrained(os.fspath(target))
-        return
+    """`obj.save_pretrained` (a tokenizer or config) into a local or cloud dir, each file replaced
+    in one step: the folder may hold the very files a run reads (its config and tokenizer), and
+    a run killed while exporting must leave them whole."""
     staging = Path(tempfile.mkdtemp(prefix="flax-lm-save-"))
     try:
         obj.save_pretrained(str(staging))
         copy_into(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def stage_files(source: epath.Path, target: Path, *, folders: Collection[str] = ()) -> None:
+    """The files directly in `source` (and everything under its subfolders named in `folders`)
+    copied into the local folder `target` (walked a folder at a time: gs:// has no `**`)."""
+    target.mkdir(parents=True, exist_ok=True)
+    for path in source.iterdir():
+        if path.is_file():
+            (target / path.name).write_bytes(path.read_bytes())
+        elif path.name in folders:
+            stage_files(path, target / path.name, folders=[p.name for p in path.iterdir()])
+
+
+@contextlib.contextmanager
+def local_run_folder(spec: str, flag: str, *, checkpoint: bool = False) -> Iterator[str]:
+    """`spec` as a local path for commands that read a run: itself, or for a gs:// run folder or
+    checkpoint a local copy of what they read (the run's top-level files: config, tokenizer,
+    model.safetensors, metrics.jsonl; and the checkpoint named, or the run's newest when
+    `checkpoint` or when it has no model.safetensors), removed afterwards."""
+    if not is_cloud(spec):
+        yield spec
+        return
+    from flax_lm.train import checkpoint as checkpoints
+
+    path = location(spec, flag)
+    if not path.is_dir():
+        raise UserError(f"{flag} {spec} is not a directory")
+    staging = Path(tempfile.mkdtemp(prefix="flax-lm-run-"))
+    try:
+        if checkpoints.STEP_PREFIX.match(path.name) and (path / checkpoints.ITEMS[0]).is_dir():
+            run, step_dir = path.parent.parent, path
+        else:
+            steps = checkpoints.checkpoint_steps(path / checkpoints.CHECKPOINTS_SUBDIR)
+            has_model = (path / "model.safetensors").exists()
+            newest = path / checkpoints.CHECKPOINTS_SUBDIR / str(steps[-1]) if steps else None
+            run, step_dir = path, newest if (checkpoint or not has_model) else None
+        stage_files(run, staging)
+        local = staging
+        if step_dir is not None:
+            staged_step = staging / checkpoints.CHECKPOINTS_SUBDIR / step_dir.name
+            stage_files(step_dir, staged_step, folders=[p.name for p in step_dir.iterdir()])
+            local = staged_step if step_dir == path else staging
+        yield str(local)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

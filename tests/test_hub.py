@@ -292,6 +292,26 @@ def test_a_run_continues_on_another_machine_from_last_checkpoint(online_hub, cod
     assert results["train_steps"] == 4
 
 
+def test_push_to_hub_from_a_gs_output_dir(online_hub, code_corpus, tiny_tokenizer_dir,
+                                          fake_gcs):
+    """A run writing to gs:// pushes from local copies: the repo gets the bucket's model and,
+    with --hub_strategy checkpoint, its newest checkpoint as last-checkpoint/."""
+    status, stdout, stderr = run(push_argv(code_corpus, tiny_tokenizer_dir, "gs://bucket/tiny-gpt2",
+                                           "--hub_token", TOKEN, "--hub_strategy", "checkpoint"))
+    assert status == 0, stderr[-3000:]
+    assert "pushed to the Hub: https://huggingface.co/someone/tiny-gpt2/commit/0123abc" in stdout
+    assert [(call[3], call[4]) for call in online_hub.calls[1:]] == [
+        (AT_2, True), ("flax-lm: checkpoint 2 as last-checkpoint", True),
+        (AT_3, False), ("flax-lm: checkpoint 3 as last-checkpoint", False)]
+    bucket, in_repo = fake_gcs / "bucket" / "tiny-gpt2", repo_files(online_hub)
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "all_results.json"):
+        assert (online_hub.repo / name).read_bytes() == (bucket / name).read_bytes(), name
+    saved = {f"{LAST_CHECKPOINT}/{p.relative_to(bucket / 'checkpoints')}"
+             for p in (bucket / "checkpoints" / "3").rglob("*") if p.is_file()}
+    assert {name for name in in_repo if name.startswith(LAST_CHECKPOINT)} == saved
+    assert not (Path.cwd() / "gs:").exists()  # nothing local named after the URL
+
+
 # ------------------------------------------------------------- models and configs from Hub ids
 
 HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"

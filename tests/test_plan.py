@@ -4,6 +4,7 @@ it compiles for a TPU topology through libtpu on this CPU, and bad input gets on
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import io
 import json
@@ -236,3 +237,42 @@ def test_a_train_step_compiles_for_two_h100s_on_this_cpu(tiny_tokenizer_dir, mon
     assert result["fits"] is True and result["settings"]["mesh"] == {"data": 2, "fsdp": 1}
     hlo = compiled_steps[0].as_text()
     assert "__cudnn$fmha" in hlo and all_reduced_elements(hlo)
+
+
+@pytest.mark.parametrize(("needs_gib", "chosen"), [
+    ({None: 12.0, "dots": 9.0, "full": 5.0}, None),  # fits as it is, with 10% spare
+    ({None: 14.5, "dots": 9.0, "full": 5.0}, "dots"),  # fits, but with less than 10% spare
+    ({None: 51.6, "dots": 20.0, "full": 9.0}, "full"),
+    ({None: 51.6, "dots": 40.0, "full": 30.0}, "full"),  # nothing fits: the run's compile says
+])  # fmt: skip
+def test_remat_auto_takes_the_first_policy_that_leaves_memory_spare(
+    tiny_tokenizer_dir, monkeypatch, needs_gib, chosen
+):
+    """--remat auto on a TPU or GPU: none, dots, full in turn, compiled until one leaves 10% of
+    the device's memory; on a CPU none, without compiling."""
+    from types import SimpleNamespace
+
+    from flax_lm import plan as plan_module
+    from flax_lm.train.args import parse_config
+
+    compiled = []
+
+    def measured(cfg, objective, target, with_flops=True):
+        compiled.append(cfg.remat)
+        total = int(needs_gib[cfg.remat] * 2**30)
+        return plan_module.Plan({}, {"total": total}, total <= target.memory_bytes, True, 1.0)
+
+    monkeypatch.setattr(plan_module, "plan_step", measured)
+    cfg = parse_config(["--output_dir", "o", "--train_file", "a.txt"], "clm")
+    assert cfg.remat == "auto"
+    tpu = plan_module.Target("v3-8", [SimpleNamespace(platform="tpu")], int(15.48 * 2**30), "HBM")
+    resolved, line = plan_module.choose_remat(cfg, "clm", tpu)
+    assert resolved.remat == chosen
+    order = [None, "dots", "full"]
+    assert compiled == order[: order.index(chosen) + 1]
+    assert line.startswith(f"remat auto: {chosen or 'none'} (") and "15.48 GiB" in line
+
+    compiled.clear()
+    cpu = plan_module.Target("local", [SimpleNamespace(platform="cpu")], 2**40, "host memory")
+    assert plan_module.choose_remat(cfg, "clm", cpu) == (dataclasses.replace(cfg, remat=None), "")
+    assert compiled == []

@@ -99,7 +99,7 @@ class Signalled:
     KILL_AFTER is logged, writing into `out`."""
 
     def __init__(self, argv: list[str], objective: str, signum: int, out: Path) -> None:
-        self.argv, self.out = with_output_dir(argv, out), out
+        self.argv, self.out = argv, out
         self.time_file = out.parent / f"{out.name}_signal_time"
         env = {**os.environ, "JAX_PLATFORMS": "cpu", **CACHE_EVERY_COMPILE,
                "SIGNAL_TIME_FILE": str(self.time_file)}  # fmt: skip
@@ -135,8 +135,31 @@ def assert_same_run(expected: Path, actual: Path) -> None:
 
 
 def with_output_dir(argv: list[str], out: Path) -> list[str]:
-    position = argv.index("--output_dir") + 1
-    return [*argv[:position], str(out), *argv[position + 1 :]]
+    return with_flag(argv, "--output_dir", out)
+
+
+def with_flag(argv: list[str], flag: str, value) -> list[str]:
+    position = argv.index(flag) + 1
+    return [*argv[:position], str(value), *argv[position + 1 :]]
+
+
+def in_readme_layout(argv: list[str], objective: str, code_corpus, out: Path) -> list[str]:
+    """The run of `argv` as README "3. Training" lays it out: the tokenizer and the config made
+    into `out` by the pipeline's own commands (the same tokenizer and model as the reference
+    run's), then trained with `out` as --config_name, --tokenizer_name and --output_dir."""
+    from flax_lm.cli import main as flax_lm
+
+    overrides = TINY_MODELS[objective][TINY_MODELS[objective].index("--config_overrides") + 1]
+    model_type = {"clm": "gpt2", "mlm": "roberta"}[objective]
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert flax_lm(["train-tokenizer", "--train_file", str(code_corpus.train),
+                        "--vocab_size", "512", "--output_dir", str(out)]) == 0  # fmt: skip
+        assert flax_lm(["create-config", "--model_type", model_type, "--tokenizer_name", str(out),
+                        "--config_overrides", overrides, "--output_dir", str(out)]) == 0  # fmt: skip
+    argv = [arg for arg in argv if arg != overrides and arg != "--config_overrides"]
+    for flag in ("--config_name", "--tokenizer_name", "--output_dir"):
+        argv = with_flag(argv, flag, out)
+    return argv
 
 
 @pytest.fixture(scope="session")
@@ -198,6 +221,7 @@ def signalled_runs(request, tmp_path_factory) -> dict[str, Signalled]:
         objective, signum = SIGNALLED_RUNS[test]
         argv, _ = request.getfixturevalue(f"{objective}_reference")
         out = tmp_path_factory.mktemp("signalled") / "run"
+        argv = in_readme_layout(argv, objective, request.getfixturevalue("code_corpus"), out)
         started[test] = Signalled(argv, objective, signum, out)
     yield started
     for run in started.values():
@@ -231,6 +255,28 @@ def test_sigkill_then_resume_matches_the_uninterrupted_run(objective, request, s
     assert_same_run(expected, out)
     assert sorted(int(p.name) for p in (out / "checkpoints").iterdir()) == [3, 6, 9, 10]
     assert not (out / LOCK_FILE).exists()  # released at the end
+    assert_a_longer_rerun_continues(argv, objective, out)
+
+
+def assert_a_longer_rerun_continues(argv: list[str], objective: str, out: Path) -> None:
+    """The finished run's command rerun with more steps (CLM: --max_steps; MLM:
+    --num_train_epochs, 12 steps' worth) continues it from its last step to the new end."""
+    before = metrics_records(out)
+    if objective == "clm":
+        longer = with_flag(argv, "--max_steps", STEPS + 2)
+    else:
+        last = [record for record in before if "loss" in record][-1]  # train step STEPS's
+        steps_per_epoch = STEPS / last["epoch"]  # the epoch is rounded: about that many
+        position = argv.index("--max_steps")
+        longer = [*argv[:position], *argv[position + 2 :],
+                  "--num_train_epochs", str((STEPS + 2.5) / steps_per_epoch)]  # fmt: skip
+    stdout, _ = run_in_process(longer, objective)
+    resumed = f"resumed from checkpoint {out / 'checkpoints' / str(STEPS)} at step {STEPS}"
+    assert stdout.splitlines()[0].startswith(resumed)
+    after = metrics_records(out)
+    assert after[: len(before)] == before
+    assert [r["step"] for r in after[len(before) :] if "loss" in r] == [STEPS + 1, STEPS + 2]
+    assert max(int(p.name) for p in (out / "checkpoints").iterdir()) == STEPS + 2
 
 
 @pytest.mark.slow
@@ -253,8 +299,8 @@ def test_sigterm_saves_a_checkpoint_and_the_resume_matches(clm_reference, reques
     assert "Traceback" not in done.stderr
     assert_exported_model_is_checkpoint(out, KILL_AFTER)  # as after every checkpoint
 
-    stdout, _ = run_in_process([*argv, "--resume_from_checkpoint"], objective)
-    assert f"at step {KILL_AFTER}" in stdout
+    stdout, _ = run_in_process(argv, objective)  # the same command, rerun
+    assert f"at step {KILL_AFTER}" in stdout.splitlines()[0]
     assert_same_run(expected, out)
 
 
@@ -787,3 +833,46 @@ def test_a_full_disk_ends_in_one_line_and_the_rerun_continues(clm_reference, sma
     stdout, _ = run_in_process(argv, "clm")  # the same command, rerun
     assert stdout.splitlines()[0].startswith(f"resumed from checkpoint {out / 'checkpoints' / '6'}")
     assert_same_run(expected, out)
+
+
+def flax_lm_output(*argv: str) -> str:
+    """stdout of `flax-lm ARGV` run in this process, which must succeed."""
+    from flax_lm.cli import main as flax_lm
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = flax_lm(list(argv))
+    assert status == 0, err.getvalue()[-3000:]
+    return out.getvalue()
+
+
+def test_the_commands_read_a_gs_run_folder_or_checkpoint(clm_reference, mlm_reference,
+                                                         code_corpus, fake_gcs):
+    """evaluate, generate, fill-mask, export and plot take a gs:// run (or checkpoint) and
+    answer as they do for the same run in a local folder."""
+    (_, clm_run), (_, mlm_run) = clm_reference, mlm_reference
+    for name, run in (("clm", clm_run), ("mlm", mlm_run)):
+        shutil.copytree(run, fake_gcs / "bucket" / name)
+    clm, mlm = "gs://bucket/clm", "gs://bucket/mlm"
+    validation = ["--validation_file", str(code_corpus.validation), "--block_size", "32"]
+    remote = json.loads(flax_lm_output("evaluate", "--model", f"{clm}/checkpoints/6", *validation))
+    local = json.loads(flax_lm_output("evaluate", "--model", str(clm_run / "checkpoints" / "6"),
+                                      *validation))  # fmt: skip
+    assert remote["model"] == f"{clm}/checkpoints/6"
+    assert remote["eval_loss"] == local["eval_loss"] and remote["eval_samples"] > 0
+
+    prompt = ["--prompt", "def ", "--max_new_tokens", "5", "--temperature", "0"]
+    assert flax_lm_output("generate", "--model", clm, *prompt) == flax_lm_output(
+        "generate", "--model", str(clm_run), *prompt)
+    text = ["x = <mask>", "--json"]
+    assert json.loads(flax_lm_output("fill-mask", *text, "--model", mlm)) == json.loads(
+        flax_lm_output("fill-mask", *text, "--model", str(mlm_run)))
+
+    flax_lm_output("export", clm, "--output_dir", "gs://bucket/exported")
+    exported = load_file(str(fake_gcs / "bucket" / "exported" / "model.safetensors"))
+    for name, array in load_file(str(clm_run / "model.safetensors")).items():
+        np.testing.assert_array_equal(exported[name], array)  # the newest checkpoint is the end
+
+    flax_lm_output("plot", clm)
+    assert (fake_gcs / "bucket" / "clm" / "metrics.png").read_bytes()[:4] == b"\x89PNG"
+    assert [p.name for p in Path.cwd().iterdir()] == ["gcs"]  # nothing local named after a URL

@@ -100,8 +100,10 @@ def test_mask_secrets_hides_the_value_of_every_token_flag():
             "--push_to_hub", "--tokenizer_name", "tok"]  # fmt: skip
     assert mask_secrets(argv) == ["--output_dir", "out", "--hub_token", "***", "--token=***",
                                   "--my_token", "***", "--push_to_hub", "--tokenizer_name", "tok"]
-    assert [secret_flag(name) for name in ("hub_token", "token", "tokenizer_name", "output_dir")] \
-        == [True, True, False, False]
+    names = ("hub_token", "token", "tokenizer_name", "output_dir", "use_auth_token")
+    assert [secret_flag(name) for name in names] == [True, True, False, False, False]
+    # a switch named like a token takes no value: the flag after it is not masked
+    assert mask_secrets(["--use_auth_token", "--do_train"]) == ["--use_auth_token", "--do_train"]
 
 
 def test_a_mistyped_token_flag_and_the_config_show_no_token(capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shlex
 from pathlib import Path
 
@@ -288,7 +289,112 @@ def test_one_settings_file_as_the_only_argument(suffix, tmp_path, capsys):
     assert (cfg.output_dir, cfg.train_file, cfg.learning_rate) == ("o", ["a.txt"], 3e-4)
     assert (cfg.dtype, cfg.report_to, cfg.do_eval) == ("bfloat16", [], False)
     path.write_text('{"output_dir": "o", "fp16": true, "evaluation_strategy": "steps"}')
-    if suffix == ".json":
-        run_main_error([str(path)], capsys, "'evaluation_strategy'", str(path))
+    if suffix == ".json":  # Hugging Face's older key is read as eval_strategy
+        run_main_error([str(path)], capsys, "--fp16")
+        path.write_text('{"output_dir": "o", "evaluation_strate": "steps"}')
+        run_main_error([str(path)], capsys, "'evaluation_strate'", str(path))
         path.write_text('{"output_dir": "o",')
         run_main_error([str(path)], capsys, str(path), "JSON")
+
+
+# ------------------------------------------------------- Hugging Face's flag names of recent years
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--evaluation_strategy", "epoch"], {"eval_strategy": "epoch", "do_eval": True}),
+        (["--evaluation_strategy", "no"], {"eval_strategy": "no", "do_eval": False,
+                                           "do_train": True}),
+        (["--do_eval", "--evaluation_strategy", "no"], {"eval_strategy": "no", "do_eval": True}),
+        (["--logging_dir", "tb/run-1"], {"logging_dir": "tb/run-1"}),
+        (["--use_auth_token"], {"use_auth_token": True, "token": None}),
+        (["--model_revision", "v2.0"], {"model_revision": "v2.0"}),
+        (["--log_level", "warning"], {"log_level": "warning"}),
+        (["--save_safetensors"], {"save_safetensors": True}),
+        (["--save_safetensors", "True"], {"save_safetensors": True}),
+        (["--report_to", "none"], {"report_to": []}),
+    ],
+)  # fmt: skip
+def test_hugging_face_flag_names_parse_with_their_meaning(flags, expected):
+    cfg = parse_config([*BASE, *flags], "clm")
+    assert {name: getattr(cfg, name) for name in expected} == expected
+
+
+def test_evaluation_strategy_in_a_yaml_file_is_eval_strategy(tmp_path):
+    config = write_yaml(tmp_path / "hf.yaml", "evaluation_strategy: epoch\n")
+    assert parse_config(["--config", config, *BASE], "clm").eval_strategy == "epoch"
+
+
+@pytest.mark.parametrize(
+    ("flags", "names"),
+    [
+        (["--save_safetensors", "false"], ("--save_safetensors", "safetensors")),
+        (["--no_save_safetensors"], ("--save_safetensors",)),
+        (["--log_level", "loud"], ("--log_level", "'loud'")),
+        (["--logging_dir", "gs://bucket/tb"], ("--logging_dir", "gs://bucket/tb")),
+    ],
+)  # fmt: skip
+def test_hugging_face_flags_that_cannot_apply_are_one_line_errors(flags, names, capsys):
+    run_main_error([*BASE, *flags], capsys, *names)
+
+
+def test_log_level_sets_the_libraries_loggers():
+    import logging
+
+    from flax_lm.train.args import LOGGERS, apply_log_level
+
+    before = {name: logging.getLogger(name).level for name in LOGGERS}
+    try:
+        apply_log_level("passive")
+        assert {name: logging.getLogger(name).level for name in LOGGERS} == before
+        apply_log_level("error")
+        assert all(logging.getLogger(name).level == logging.ERROR for name in LOGGERS)
+        apply_log_level("debug")
+        assert logging.getLogger("transformers.modeling_utils").isEnabledFor(logging.DEBUG)
+    finally:
+        for name, level in before.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def test_model_revision_reaches_every_hub_download(monkeypatch):
+    """--model_revision is the revision of the Hub config, model and tokenizer a run reads."""
+    import transformers
+
+    from flax_lm import hub_models
+    from flax_lm.train import prepare
+
+    asked = []
+
+    def download(name, *args, revision=None, **kwargs):
+        asked.append((name, revision))
+        raise OSError("offline")
+
+    monkeypatch.setattr(hub_models, "hf_hub_download", download)
+    monkeypatch.setattr(hub_models, "snapshot_download", download)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", download)
+    cfg = parse_config([*BASE, "--config_name", "someone/gpt", "--model_revision", "v2"], "clm")
+    for load in (lambda: prepare.config_source(cfg, None, "clm"), lambda: prepare.tokenizer_of(cfg),
+                 lambda: prepare.pretrained_model_dir(
+                     dataclasses.replace(cfg, model_name_or_path="someone/gpt"))):  # fmt: skip
+        with raises_user_error("someone/gpt"):
+            load()
+    assert asked == [("someone/gpt", "v2")] * 3
+
+
+@pytest.mark.parametrize("objective", ["clm", "mlm"])
+def test_help_reads_like_a_tools_help(objective, capsys):
+    """A one-paragraph description of the command (no internal docstring), then each flag with
+    its default said once."""
+    with pytest.raises(SystemExit):
+        main(["--help"], objective=objective)
+    text = capsys.readouterr().out
+    description = text.split("\n\n")[1]
+    assert ("GPT-2" if objective == "clm" else "RoBERTa") in description
+    assert "TrainConfig" not in text and "`" not in description
+    entries = re.split(r"\n  (?=-)", text.split("options:")[1])
+    assert len(entries) > 80
+    for entry in entries:
+        assert entry.count("default") <= 1, entry
+    evaluation = next(e for e in entries if e.startswith("--eval_strategy"))
+    assert "--evaluation_strategy" in evaluation

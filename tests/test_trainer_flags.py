@@ -64,6 +64,59 @@ def test_save_strategy_no_saves_no_checkpoint_but_the_model(code_corpus, tiny_to
     assert (out / "model.safetensors").is_file() and (out / "train_results.json").is_file()
 
 
+def test_evaluation_strategy_no_and_logging_dir(code_corpus, tiny_tokenizer_dir, tmp_path):
+    """Hugging Face's names: --evaluation_strategy no without --do_train or --do_eval trains
+    without evaluating; --logging_dir is where TensorBoard writes, instead of output_dir/runs."""
+    out, board = tmp_path / "hf-flags", tmp_path / "board"
+    argv = trainer_argv(code_corpus, tiny_tokenizer_dir, out, "--max_steps", "2",
+                        "--evaluation_strategy", "no", "--logging_dir", str(board),
+                        "--report_to", "tensorboard")  # fmt: skip
+    argv.remove("--do_train")
+    run_in_process(argv, "clm")
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [2]
+    assert not any("eval_loss" in r for r in records)
+    assert not (out / "eval_results.json").exists() and (out / "train_results.json").is_file()
+    assert [p.name.startswith("events.out.tfevents") for p in board.iterdir()] == [True]
+    assert not (out / "runs").exists()
+
+
+class OutOfMemory(RuntimeError):
+    """An XLA refusal as JAX raises it: the status code, then the allocator's report."""
+
+    error_code_string = "RESOURCE_EXHAUSTED"
+
+
+XLA_OUT_OF_MEMORY = (
+    "RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space "
+    "hbm. Used 51.62G of 15.48G hbm.\n  Largest program allocations in hbm:\n  1. Size: 6.14G"
+)
+
+
+def test_a_step_that_does_not_fit_ends_the_run_with_what_would(code_corpus, tiny_tokenizer_dir,
+                                                              tmp_path, monkeypatch, capsys):
+    """XLA refusing the train step at its first compile: the run ends with exit 2 and one
+    error line naming a setting that fits (compiled to check), not the allocator's report."""
+    from flax_lm.train import trainer
+    from flax_lm.train.cli import main
+
+    compiles = []
+
+    def out_of_memory(*args):
+        compiles.append(args)
+        raise OutOfMemory(XLA_OUT_OF_MEMORY)
+
+    monkeypatch.setattr(trainer, "compile_train_step", out_of_memory)
+    out = tmp_path / "too-big"
+    argv = trainer_argv(code_corpus, tiny_tokenizer_dir, out, "--max_steps", "2")
+    assert main(argv, objective="clm") == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "--remat full fits" in last, err[-3000:]
+    assert "Traceback" not in err and "Largest program allocations" not in err
+    assert len(compiles) == 1 and not any((out / "checkpoints").glob("*"))  # no step saved
+
+
 # ------------------------------------------------------------------------------------- wandb
 
 WANDB_BLOCK, WANDB_RECORD_HEADER = 32768, 7  # the .wandb file: LevelDB log blocks of records

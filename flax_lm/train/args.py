@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import importlib.util
 import json
+import logging
 import math
 import re
 import sys
@@ -38,6 +39,7 @@ SCHEDULERS = (
 CONFIG_FILE_SUFFIXES = (".json", ".yaml", ".yml")
 HUB_STRATEGIES = ("end", "every_save", "checkpoint", "all_checkpoints")
 DEFAULT_CACHE_DIR = "~/.cache/flax_lm/jax"
+AUTO = "auto"  # --remat's default: chosen for the devices before training (flax_lm/plan.py)
 
 
 MAX_SEED = 2**32  # seeds NumPy and JAX both take
@@ -108,13 +110,15 @@ def opt(
     bare: Any = None,
     in_yaml: bool = True,
     secret: bool = False,
+    aliases: tuple[str, ...] = (),
 ) -> Any:
     """A TrainConfig field and everything about its flag: the help, the objective it belongs to
     (None: both), its choices or range, how a value is parsed (default: by the field's type), the
-    value of the flag given bare (booleans: True), whether a --config file may set it, and whether
-    it is a secret (never printed or stored; see secret_flag)."""
+    value of the flag given bare (booleans: True), whether a --config file may set it, whether
+    it is a secret (never printed or stored; see secret_flag), and other names it answers to (Hugging Face's
+    older names for the same setting)."""
     metadata = {"help": help, "only": only, "choices": choices, "range": range, "parse": parse,
-                "bare": bare, "in_yaml": in_yaml, "secret": secret}  # fmt: skip
+                "bare": bare, "in_yaml": in_yaml, "secret": secret, "aliases": aliases}  # fmt: skip
     return field(default=default, metadata=metadata, repr=not secret)
 
 
@@ -132,7 +136,10 @@ class TrainConfig:
     overwrite_output_dir: bool = opt(
         False, "start over in an output_dir that holds files (replaces its checkpoints)"
     )
-    do_train: bool = opt(False, "train (with neither --do_train nor --do_eval: both)")
+    do_train: bool = opt(
+        False, "train (with neither --do_train nor --do_eval: both, or with --eval_strategy no "
+        "training only)"
+    )
     do_eval: bool = opt(False, "evaluate on the validation split")
     push_to_hub: bool = opt(
         False, "upload the model and results to the Hugging Face Hub (at checkpoints, at the end)"
@@ -166,6 +173,14 @@ class TrainConfig:
     token: str | None = opt(
         None, "Hub token for gated or private datasets and tokenizers", secret=True
     )
+    use_auth_token: bool = opt(
+        False, "accepted for Hugging Face's older scripts, changes nothing: the Hub token "
+        "(--token, HF_TOKEN or `hf auth login`'s) is always sent when one is set"
+    )
+    model_revision: str = opt(
+        "main", "branch, tag or commit of the Hub models named by --model_name_or_path, "
+        "--config_name and --tokenizer_name"
+    )
     dtype: str = opt(
         "float32", "compute dtype (params stay float32)", choices=("float32", "bfloat16")
     )
@@ -177,9 +192,11 @@ class TrainConfig:
         "unrolled on GPUs"
     )
     remat: str | None = opt(
-        None,
-        "rematerialise each block to save memory: what it keeps for the backward pass",
-        choices=("full", "qkv_out", "mlp", "dots"),  # models.layers.REMAT_POLICIES
+        AUTO,
+        "rematerialise each block to save memory: what it keeps for the backward pass; auto: "
+        "none on CPUs, on TPUs and GPUs the first of none, dots, full whose compiled step "
+        "leaves 10%% of the device's memory spare (said in one line at the start)",
+        choices=(AUTO, "none", "full", "qkv_out", "mlp", "dots"),  # models.layers.REMAT_POLICIES
     )
     gradient_checkpointing: bool = opt(
         False, "recompute activations in the backward pass: the same as --remat full"
@@ -296,8 +313,10 @@ class TrainConfig:
     logging_first_step: bool = opt(False, "log the train metrics of the first step too")
     eval_strategy: str = opt(
         "steps",
-        "evaluate every eval_steps, at the end of each epoch, or only after training",
+        "evaluate every eval_steps, at the end of each epoch, or only after training "
+        "(--do_eval) or never",
         choices=("steps", "epoch", "no"),
+        aliases=("evaluation_strategy",),
     )
     eval_steps: int | None = opt(
         None, "evaluate every N steps (default: logging_steps)", range=POSITIVE
@@ -316,6 +335,17 @@ class TrainConfig:
     )
     report_to: list[str] | None = opt(
         None, "also log to: tensorboard, wandb, all or none (default: tensorboard)"
+    )
+    logging_dir: str | None = opt(
+        None, "where TensorBoard writes its events (a local dir; default: output_dir/runs)"
+    )
+    log_level: str = opt(
+        "passive",
+        "level of the Python loggers of flax-lm, transformers and datasets (passive: theirs)",
+        choices=("debug", "info", "warning", "error", "critical", "passive"),
+    )
+    save_safetensors: bool = opt(
+        True, "the exported model is model.safetensors, the only format written (False refused)"
     )
     run_name: str | None = opt(None, "the run's name in Weights & Biases (default: output_dir)")
     compilation_cache_dir: str = opt(DEFAULT_CACHE_DIR, "JAX compilation cache ('none': off)")
@@ -351,37 +381,70 @@ def converter(f: dataclasses.Field):
     return str
 
 
+DESCRIPTIONS = {
+    "clm": "Train a GPT-2 model from scratch (or continue a pretrained one) with causal "
+    "language modeling",
+    "mlm": "Train a RoBERTa model from scratch (or continue a pretrained one) with masked "
+    "language modeling",
+}
+DESCRIPTION = (
+    "{what}, on a Hub dataset or local text files, with JAX on every local device (TPU, GPU or "
+    "CPU). The flags are those of Hugging Face's Flax language-modeling scripts and Trainer; "
+    "--config FILE.yaml sets any of them. Checkpoints go to output_dir/checkpoints, and "
+    "rerunning the same command continues the run from the newest one."
+)
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Each flag's default after its help, once: not where the help already names its default,
+    nor for an unset (None) value, nor on a --no_ flag (its flag's line says it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            "default" in text
+            or default is None
+            or default is argparse.SUPPRESS
+            or isinstance(action, argparse._StoreFalseAction)
+        ):
+            return text
+        return f"{text} (default: {default})"
+
+
 def build_parser(objective: str) -> ArgParser:
     script = SCRIPT_NAMES[objective]
     parser = ArgParser(
         prog=script,
+        usage="%(prog)s [--config FILE.yaml] [--FLAG VALUE ...]",
         allow_abbrev=False,
-        description=__doc__.split("\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=DESCRIPTION.format(what=DESCRIPTIONS[objective]),
+        formatter_class=HelpFormatter,
     )
     for f in fields_for(objective):
         flag, kind, help_text = f"--{f.name}", FIELD_TYPES[f.name], f.metadata["help"]
+        flag = (flag, *(f"--{alias}" for alias in f.metadata["aliases"]))
         if f.metadata["choices"]:
             help_text += f" ({'|'.join(f.metadata['choices'])})"
         if kind in (bool, bool | None):
             parser.add_argument(
-                flag, nargs="?", const=True, type=parse_bool, metavar="BOOL", help=help_text
+                *flag, nargs="?", const=True, type=parse_bool, metavar="BOOL", help=help_text
             )
             if f.default is not False:
                 parser.add_argument(
                     f"--no_{f.name}",
                     dest=f.name,
                     action="store_false",
-                    help=f"same as {flag} False",
+                    help=f"same as {flag[0]} False",
                 )
         elif f.metadata["bare"] is not None:
             parser.add_argument(
-                flag, nargs="?", const=f.metadata["bare"], metavar="PATH", help=help_text
+                *flag, nargs="?", const=f.metadata["bare"], metavar="PATH", help=help_text
             )
         elif is_word_list(f):
-            parser.add_argument(flag, nargs="+", help=help_text)
+            parser.add_argument(*flag, nargs="+", help=help_text)
         else:
-            parser.add_argument(flag, type=converter(f), help=help_text)
+            parser.add_argument(*flag, type=converter(f), help=help_text)
     parser.set_defaults(**{f.name: f.default for f in fields_for(objective)})
     return parser
 
@@ -404,6 +467,8 @@ def read_yaml_config(path: str, objective: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UserError(f"--config {path} must be a mapping of flag names to values")
     known = {f.name: f for f in fields_for(objective) if f.metadata["in_yaml"]}
+    aliases = {alias: f.name for f in known.values() for alias in f.metadata["aliases"]}
+    data = {aliases.get(key, key): value for key, value in data.items()}
     values = {}
     for key, value in data.items():
         if key not in known:
@@ -522,6 +587,11 @@ def check_run_inputs(cfg: TrainConfig) -> None:
     trains = cfg.do_train or not cfg.do_eval
     if cfg.streaming and trains and cfg.max_steps is None:
         raise UserError("--streaming needs --max_steps: a stream has no known length")
+    if cfg.logging_dir and "://" in cfg.logging_dir:
+        raise UserError(
+            f"--logging_dir {cfg.logging_dir}: TensorBoard writes to a local dir (with a gs:// "
+            "output_dir, leave it out: the events are copied to output_dir/runs)"
+        )
     if "wandb" in report_to_names(cfg.report_to) and importlib.util.find_spec("wandb") is None:
         raise UserError("--report_to wandb needs the wandb package: pip install 'flax-lm[wandb]'")
     for name in ("save_strategy", "eval_strategy"):
@@ -537,11 +607,14 @@ def check_trainer_flags(cfg: TrainConfig) -> None:
     if cfg.fp16:
         raise UserError("--fp16: flax-lm does not compute in float16; use --bf16 "
                         "(--dtype bfloat16), which needs no loss scaling")
+    if not cfg.save_safetensors:
+        raise UserError("--save_safetensors False: flax-lm exports model.safetensors only "
+                        "(PyTorch pickles can run code when loaded); drop the flag")
     if cfg.trust_remote_code:
         from flax_lm.corpus import refuse_remote_code  # imports datasets: only when needed
 
         refuse_remote_code(cfg.trust_remote_code)
-    if cfg.gradient_checkpointing and cfg.remat not in (None, "full"):
+    if cfg.gradient_checkpointing and cfg.remat not in (AUTO, "full"):
         raise UserError(
             f"--gradient_checkpointing is --remat full, but --remat {cfg.remat} is given too: "
             "give one of them"
@@ -574,12 +647,23 @@ def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
     return dataclasses.replace(
         cfg,
         do_train=cfg.do_train or both,
-        do_eval=cfg.do_eval or both,
+        do_eval=cfg.do_eval or (both and cfg.eval_strategy != "no"),
         eval_steps=cfg.eval_steps or cfg.logging_steps,
         dtype="bfloat16" if cfg.bf16 else cfg.dtype,
-        remat="full" if cfg.gradient_checkpointing else cfg.remat,
+        remat="full" if cfg.gradient_checkpointing else None if cfg.remat == "none" else cfg.remat,
         report_to=resolve_report_to(cfg.report_to),
     )
+
+
+LOGGERS = ("flax_lm", "transformers", "datasets")  # what --log_level sets
+
+
+def apply_log_level(level: str) -> None:
+    """--log_level: the level of the libraries' Python loggers (`passive` leaves theirs)."""
+    if level == "passive":
+        return
+    for name in LOGGERS:
+        logging.getLogger(name).setLevel(level.upper())
 
 
 def recorded_config(cfg: TrainConfig) -> dict[str, Any]:
@@ -608,9 +692,14 @@ COMMAND_LINE_SECRET_WARNING = (
 
 def secret_flag(name: str) -> bool:
     """Whether the flag `name` (`--name`, `--name=value` or `name`) takes a secret: those marked
-    secret here, and any flag of any command whose name ends in "token" (a Hub token)."""
+    secret here, and any flag of any command whose name ends in "token" (a Hub token), but for
+    a switch such as --use_auth_token, which takes no value."""
     name = name.split("=", 1)[0].lstrip("-")
-    return name.endswith("token") or (name in FIELDS and FIELDS[name].metadata["secret"])
+    if name in FIELDS:
+        return FIELDS[name].metadata["secret"] or (
+            name.endswith("token") and FIELDS[name].type not in (bool, "bool")
+        )
+    return name.endswith("token")
 
 
 def secret_flags_given(argv: list[str]) -> list[str]:

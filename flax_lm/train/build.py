@@ -17,7 +17,7 @@ from jax.sharding import Mesh
 from flax_lm.backend import device_platform
 from flax_lm.models import create_model
 from flax_lm.models.hf_io import load_model
-from flax_lm.train.args import TrainConfig
+from flax_lm.train.args import AUTO, TrainConfig
 from flax_lm.train.data.feed import TRAIN_BATCH_AXIS, split_microbatches
 from flax_lm.train.optim import make_schedule, make_training_optimizer
 from flax_lm.train.prepare import Prepared
@@ -35,7 +35,8 @@ def model_options(cfg: TrainConfig, mesh: Mesh) -> dict[str, Any]:
     """The model's options, for the platform of the mesh's devices, which for a plan need not be
     this process's (a TPU or GPU compiled for on a CPU gets that platform's attention and layer
     loop)."""
-    return {"dtype": cfg.dtype, "scan_layers": cfg.scan_layers, "remat": cfg.remat,
+    remat = None if cfg.remat == AUTO else cfg.remat  # auto: resolved before, or a CPU's none
+    return {"dtype": cfg.dtype, "scan_layers": cfg.scan_layers, "remat": remat,
             "attention": cfg.attn_implementation,
             "platform": device_platform(mesh.devices.flat[0])}
 

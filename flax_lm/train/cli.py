@@ -15,6 +15,7 @@ from flax_lm.errors import EXIT_INTERRUPTED, report_user_errors
 from flax_lm.hostmem import reexec_with_huge_pages
 from flax_lm.train.args import (
     OBJECTIVES,
+    apply_log_level,
     config_yaml,
     parse_config,
     warn_about_secrets_on_the_command_line,
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None, objective: str = "clm") -> int:
     if cfg.print_config:
         print(config_yaml(cfg, objective), end="")
         return 0
+    apply_log_level(cfg.log_level)
     # JAX and the models load only for a real run
     from flax_lm.train.distributed import Interrupted
     from flax_lm.train.progress import NonFiniteLoss

@@ -14,7 +14,9 @@ trained model is still in output_dir and the error says how to upload it by hand
 
 from __future__ import annotations
 
+import shutil
 import sys
+import tempfile
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -22,6 +24,7 @@ import huggingface_hub
 from huggingface_hub import HfApi
 
 from flax_lm.errors import UserError, one_line
+from flax_lm.storage import is_cloud, stage_files
 
 NEVER_UPLOADED = ["*.lock", ".cache/**"]
 CHECKPOINTS = "checkpoints/**"  # uploaded with --hub_strategy all_checkpoints only
@@ -64,17 +67,31 @@ class HubPusher:
         self.repo_id, self.output_dir, self.strategy = repo_id, output_dir, strategy
         self.api = HfApi(token=token)  # None: the saved token, as prepare_hub_repo found it
         self.running: tuple[int, Future] | None = None
+        self.staged: list[Path] = []  # local copies of a gs:// output_dir, uploaded from
+
+    def local(self, folder, subfolders: tuple[str, ...] = ()) -> Path:
+        """`folder` itself, or for gs:// a local copy of its files (and `subfolders`), which the
+        Hub client uploads from; the copies are removed after the final upload."""
+        if not is_cloud(folder):
+            return Path(folder)
+        staging = Path(tempfile.mkdtemp(prefix="flax-lm-hub-"))
+        self.staged.append(staging)
+        stage_files(folder, staging / folder.name, folders=subfolders)
+        return staging / folder.name
 
     def _upload(self, step: int, checkpoint: Path | None, **options):
         """The model folder (with checkpoints/ for all_checkpoints), then for `checkpoint` the
         checkpoint as last-checkpoint/STEP/, replacing the one there; the last upload's result
         (HfApi runs background uploads one after another, in order)."""
-        ignored = NEVER_UPLOADED + ([] if self.strategy == "all_checkpoints" else [CHECKPOINTS])
+        every_checkpoint = self.strategy == "all_checkpoints"
+        ignored = NEVER_UPLOADED + ([] if every_checkpoint else [CHECKPOINTS])
         message = f"flax-lm: model after {step} training steps"
+        folder = self.local(self.output_dir, ("checkpoints",) if every_checkpoint else ())
         result = self.api.upload_folder(
-            repo_id=self.repo_id, folder_path=self.output_dir, ignore_patterns=ignored,
+            repo_id=self.repo_id, folder_path=folder, ignore_patterns=ignored,
             commit_message=message, **options)
         if self.strategy == "checkpoint" and checkpoint is not None:
+            checkpoint = self.local(checkpoint, tuple(p.name for p in checkpoint.iterdir()))
             result = self.api.upload_folder(
                 repo_id=self.repo_id, folder_path=checkpoint.parent, path_in_repo=LAST_CHECKPOINT,
                 allow_patterns=[f"{checkpoint.name}/*"], delete_patterns=["*"],
@@ -112,9 +129,15 @@ class HubPusher:
             self._report_background_failure()
         try:
             return self._upload(step, checkpoint).commit_url
+        except UserError:
+            raise
         except Exception as err:
             raise UserError(
                 f"the upload to the Hub repo {self.repo_id} failed "
                 f"({one_line(err, None)}); the model is saved in {self.output_dir}: "
                 f"upload it with `hf upload {self.repo_id} {self.output_dir} "
                 "--exclude 'checkpoints/*'`") from None
+        finally:
+            for staging in self.staged:
+                shutil.rmtree(staging, ignore_errors=True)
+            self.staged = []

@@ -151,9 +151,12 @@ class RunLog:
         total_steps: int,
         initial_step: int,
         tensorboard: bool,
+        tensorboard_dir: str | None = None,
         wandb_run=None,
         enabled: bool = True,
     ):
+        """`tensorboard_dir`: where the TensorBoard events go (--logging_dir; default
+        output_dir/runs, through the staging folder of a gs:// output_dir)."""
         self.enabled, self.output_dir, self.staging = enabled, output_dir, None
         self.wandb = wandb_run if enabled else None
         self.start = time.perf_counter()
@@ -165,7 +168,7 @@ class RunLog:
         self.jsonl = (files / METRICS_FILE).open("a", encoding="utf-8") if enabled else None
         self.board = None
         if enabled and tensorboard:
-            self.board = EventFile(files / TENSORBOARD_SUBDIR)
+            self.board = EventFile(Path(tensorboard_dir) if tensorboard_dir else files / TENSORBOARD_SUBDIR)
         self.bar = tqdm(
             total=total_steps,
             initial=initial_step,

@@ -30,7 +30,7 @@ from flax_lm.corpus import progress_bars_on_terminal_only
 from flax_lm.errors import UserError
 from flax_lm.hub_models import download_config, download_model, is_hub_id
 from flax_lm.models.hf_io import check_weight_files
-from flax_lm.storage import is_cloud, is_inside, location, same_place
+from flax_lm.storage import is_inside, location, same_place
 from flax_lm.train import checkpoint
 from flax_lm.train.args import SCRIPT_NAMES, TrainConfig
 from flax_lm.train.data.batches import TrainBatches
@@ -119,11 +119,6 @@ def load_and_check(cfg: TrainConfig, objective_name: str, num_devices: int) -> P
     output_dir = location(cfg.output_dir, "--output_dir")
     if cfg.checkpoint_dir:
         location(cfg.checkpoint_dir, "--checkpoint_dir")
-    if cfg.push_to_hub and is_cloud(output_dir):
-        raise UserError(
-            f"--push_to_hub uploads a local output_dir, not {output_dir}: give a local "
-            "--output_dir and --checkpoint_dir gs://... for the checkpoints"
-        )
     for directory in run_dirs(cfg):
         check_not_locked(directory)
     resume = find_resume(cfg, output_dir)
@@ -305,7 +300,8 @@ def pretrained_model_dir(cfg: TrainConfig) -> Path | None:
     name = cfg.model_name_or_path
     if not name or not is_hub_id(name):
         return Path(name) if name else None
-    return download_model(name, "--model_name_or_path", cfg.cache_dir, cfg.token)
+    return download_model(name, "--model_name_or_path", cfg.cache_dir, cfg.token,
+                          cfg.model_revision)
 
 
 def config_source(cfg: TrainConfig, model_dir: Path | None, objective_name: str) -> str:
@@ -315,7 +311,8 @@ def config_source(cfg: TrainConfig, model_dir: Path | None, objective_name: str)
         return str(model_dir)
     name = cfg.config_name
     if name and name not in base_config_names() and is_hub_id(name):
-        return str(download_config(name, "--config_name", cfg.cache_dir, cfg.token))
+        return str(download_config(name, "--config_name", cfg.cache_dir, cfg.token,
+                                   cfg.model_revision))
     return name or BASE_CONFIGS[MODEL_TYPES[objective_name]]
 
 
@@ -350,7 +347,9 @@ def tokenizer_of(cfg: TrainConfig) -> PreTrainedTokenizerBase:
         raise UserError(
             "no tokenizer: give --tokenizer_name (a directory saved by train-tokenizer)"
         )
-    return load_tokenizer(name, cache_dir=cfg.cache_dir, token=cfg.token)
+    return load_tokenizer(
+        name, cache_dir=cfg.cache_dir, token=cfg.token, revision=cfg.model_revision
+    )
 
 
 def check_vocab(tokenizer: PreTrainedTokenizerBase, config: PretrainedConfig) -> None:
@@ -407,11 +406,14 @@ def check_resume_matches(resume: Resume, prepared: Prepared, objective_name: str
     now = run_identity(prepared, objective_name)
     if not resume.rerun:  # a checkpoint named by a flag may continue on moved or renamed data
         now.pop("dataset")
+    recorded = dict(resume.meta)
+    if isinstance(recorded.get("model"), dict):  # checkpoints may predate RUN_WRITTEN
+        recorded["model"] = without_run_written(recorded["model"])
     changed = [
         change
         for key, value in now.items()
-        if key in resume.meta
-        for change in differences(key, resume.meta[key], value)
+        if key in recorded
+        for change in differences(key, recorded[key], value)
     ]
     if changed:
         if resume.rerun:
@@ -452,8 +454,16 @@ def run_identity(prepared: Prepared, objective_name: str) -> dict[str, Any]:
     }
 
 
+# config.json keys that describe a file, not the model: the export writes them (with the model's
+# dtype as stored, whatever --dtype computes in) into output_dir, which may be the folder the run
+# read its config from, so a rerun reading them back is the same run.
+RUN_WRITTEN = ("transformers_version", "architectures", "dtype", "torch_dtype")
+
+
 def model_identity(config: PretrainedConfig) -> dict[str, Any]:
     """The model config's settings (as JSON) that a resumed run must share with its checkpoint."""
-    settings = json.loads(config.to_json_string(use_diff=True))
-    settings.pop("transformers_version", None)
-    return settings
+    return without_run_written(json.loads(config.to_json_string(use_diff=True)))
+
+
+def without_run_written(settings: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in settings.items() if key not in RUN_WRITTEN}

@@ -35,7 +35,7 @@ from flax_lm.models.hf_io import save_model
 from flax_lm.perf import achieved_flops_per_second, model_flops_per_token
 from flax_lm.storage import save_pretrained
 from flax_lm.train import checkpoint
-from flax_lm.train.args import TrainConfig, recorded_config
+from flax_lm.train.args import AUTO, TrainConfig, recorded_config
 from flax_lm.train.build import StepParts, build_params, step_parts
 from flax_lm.train.data.batches import eval_batch_count, run_position
 from flax_lm.train.data.feed import (
@@ -88,7 +88,24 @@ def run(cfg: TrainConfig, objective_name: str) -> dict[str, Any]:
     setup_jax(cfg)
     mesh = make_mesh(spec=cfg.mesh)
     prepared = prepare(cfg, objective_name, num_devices=mesh.size)
+    if prepared.cfg.do_train:
+        prepared.cfg = resolve_remat(prepared.cfg, objective_name, mesh)
     return Trainer(prepared, mesh, objective_name).run()
+
+
+def resolve_remat(cfg: TrainConfig, objective_name: str, mesh: jax.sharding.Mesh) -> TrainConfig:
+    """--remat auto for the mesh's devices (flax_lm.plan.choose_remat), said in one line."""
+    if cfg.remat != AUTO:
+        return cfg
+    from flax_lm.plan import Target, choose_remat
+
+    device = jax.local_devices()[0]
+    stats = (device.memory_stats() or {}) if device.platform != "cpu" else {}
+    target = Target("local", list(mesh.devices.flat), stats.get("bytes_limit"), "device memory")
+    cfg, chosen = choose_remat(cfg, objective_name, target)
+    if chosen and jax.process_index() == 0:
+        print(chosen, flush=True)
+    return cfg
 
 
 def cannot_write(output_dir: epath.Path, err: Exception) -> UserError:
@@ -150,6 +167,7 @@ class Trainer:
             total_steps=self.prepared.total_steps,
             initial_step=self.prepared.resume.step if self.prepared.resume else 0,
             tensorboard="tensorboard" in self.cfg.report_to,
+            tensorboard_dir=self.cfg.logging_dir,
             wandb_run=wandb_run,
             enabled=self.is_main,
         )
@@ -368,9 +386,17 @@ class Trainer:
         return Prefetcher(stream, PREFETCH_BATCHES, make_put(self.mesh, TRAIN_BATCH_AXIS))
 
     def compiled_train_step(self, training: Training, state: TrainState, batch, log: RunLog):
-        train_step, seconds = compile_train_step(
-            training.parts.train_step, state, batch, self.mesh
-        )
+        try:
+            train_step, seconds = compile_train_step(
+                training.parts.train_step, state, batch, self.mesh
+            )
+        except Exception as err:  # noqa: BLE001 - XLA's error types differ between versions
+            from flax_lm.plan import does_not_fit
+
+            error = does_not_fit(self.cfg, self.objective_name, err)
+            if error is None:
+                raise
+            raise error from None
         self.compile_seconds["train_step"] = seconds
         log.message(f"compiled the train step in {seconds:.2f} s")
         return train_step
