@@ -25,7 +25,7 @@ from flax_lm.config import (
     load_base_config,
     load_tokenizer,
 )
-from flax_lm.corpus import progress_bars_on_terminal_only
+from flax_lm.console import data_progress
 from flax_lm.errors import UserError
 from flax_lm.hub_models import download_config, download_model, is_hub_id
 from flax_lm.models.hf_io import check_weight_files
@@ -103,7 +103,7 @@ class Prepared:
 
 def prepare(cfg: TrainConfig, objective_name: str, num_devices: int) -> Prepared:
     """Load and check the model config, tokenizer, data and resume point; write nothing."""
-    with progress_bars_on_terminal_only():  # a failing start prints its one error line only
+    with data_progress(lines=True):  # progress lines in a log; a failing start: its error line
         return load_and_check(cfg, objective_name, num_devices)
 
 
