@@ -66,9 +66,9 @@ def _line_progress_class():
 
     class LineProgress(datasets_tqdm):
         def __init__(self, *args, **kwargs):
+            self.line_at = (kwargs.get("initial", 0), time.monotonic())  # of the last line
             kwargs.update(file=_Discard(), mininterval=0.5)
             super().__init__(*args, **kwargs)
-            self.line_at = (0.0, time.monotonic())  # (done, when) of the last line
 
         def display(self, msg=None, pos=None) -> None:
             done, when = self.line_at
@@ -78,7 +78,7 @@ def _line_progress_class():
                 self.print_line()
 
         def print_line(self) -> None:
-            seconds = time.monotonic() - self.start_t if hasattr(self, "start_t") else 0.0
+            seconds = self._time() - self.start_t  # tqdm's clock
             what = (self.desc or "preparing data").rstrip(": ")
             print(progress_line(what, self.n, self.total, seconds), flush=True)
             self.line_at = (self.n, time.monotonic())

@@ -90,6 +90,20 @@ def parse_comma_list(text: str | list) -> list[str]:
     return [str(item).strip() for item in items if str(item).strip()]
 
 
+STEP_RANGE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+def parse_step_range(text: str) -> tuple[int, int]:
+    """--profile_steps "START:END" (training steps, from 1, both included) as (start, end)."""
+    match = STEP_RANGE.match(str(text))
+    if match is None:
+        raise UserError(f"--profile_steps must be START:END (e.g. 10:15), got {text!r}")
+    start, end = map(int, match.groups())
+    if not 1 <= start <= end:
+        raise UserError(f"--profile_steps {text}: needs 1 <= START <= END")
+    return start, end
+
+
 def parse_steps_or_fraction(text: str | float) -> int | float:
     """--warmup_steps: a whole number of steps (int), or a fraction of training below 1
     (transformers 5's meaning)."""
@@ -318,6 +332,10 @@ class TrainConfig:
         None, "also log to: tensorboard, wandb, all or none (default: tensorboard)"
     )
     run_name: str | None = opt(None, "the run's name in Weights & Biases (default: output_dir)")
+    profile_steps: str | None = opt(
+        None, "START:END: write a JAX profiler trace of those training steps (from 1, both "
+        "included) into output_dir/profile/, for TensorBoard's profile plugin or XProf"
+    )
     compilation_cache_dir: str = opt(DEFAULT_CACHE_DIR, "JAX compilation cache ('none': off)")
     # the command itself
     config: str | None = opt(None, "YAML file setting any of these flags", in_yaml=False)
@@ -495,6 +513,8 @@ def check_values(cfg: TrainConfig, objective: str) -> TrainConfig:
             f"training steps, got {cfg.warmup_steps}"
         )
     check_trainer_flags(cfg)
+    if cfg.profile_steps is not None:
+        parse_step_range(cfg.profile_steps)
     if not cfg.use_fast_tokenizer:
         raise UserError("--use_fast_tokenizer False: flax-lm uses fast (Rust) tokenizers only")
     return cfg

@@ -82,6 +82,7 @@ class Prepared:
     total_steps: int
     resume: Resume | None
     model_dir: Path | None = None  # --model_name_or_path as a local dir (a Hub id: its cache)
+    documents: dict[str, int | None] = dataclasses.field(default_factory=dict)  # None: a stream
 
     @property
     def output_dir(self) -> epath.Path:
@@ -131,6 +132,7 @@ def load_and_check(cfg: TrainConfig, objective_name: str, num_devices: int) -> P
             print(resume.describe(), flush=True)  # the run's first line
     shards = prepared.shard_ids
     raw = load_raw_splits(cfg)
+    prepared.documents = {name: getattr(split, "num_rows", None) for name, split in raw.items()}
     prepared.splits = tokenize_shards(
         raw, prepared.tokenizer, cfg, objective_name, shards, cfg.data_shards
     )
