@@ -104,7 +104,7 @@ class Prepared:
 
 def prepare(cfg: TrainConfig, objective_name: str, num_devices: int) -> Prepared:
     """Load and check the model config, tokenizer, data and resume point; write nothing."""
-    with data_progress(lines=True):  # progress lines in a log; a failing start: its error line
+    with data_progress(lines=jax.process_index() == 0):  # a log gets one process's lines
         return load_and_check(cfg, objective_name, num_devices)
 
 

@@ -1,6 +1,6 @@
 """--profile_steps START:END: a JAX profiler trace of those steps of the real run, for
 TensorBoard's profile plugin or XProf (`tensorboard --logdir output_dir/profile`, or
-`xprof output_dir/profile`), on every backend.
+`xprof --logdir output_dir/profile`), on every backend.
 
 It is a step hook of the training loop (`StepHook`): called before and after every step, it
 starts the trace before step START (once the previous step has finished, so the trace holds
