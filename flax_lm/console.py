@@ -21,7 +21,6 @@ LINE_SECONDS = 60.0  # and at least every minute when the work is slow or its to
 # The modules of `datasets` whose progress bars (loading files, map and filter) data preparation
 # shows; each creates its bars through its module-level `hf_tqdm`.
 DATASETS_BAR_MODULES = ("datasets.builder", "datasets.arrow_dataset")
-_lines_shown = False  # inside a data_progress(lines=True): inner ones change nothing
 
 
 def stderr_is_terminal() -> bool:
@@ -68,7 +67,8 @@ def _line_progress_class():
         def __init__(self, *args, **kwargs):
             self.line_at = (kwargs.get("initial", 0), time.monotonic())  # of the last line
             kwargs.update(file=_Discard(), mininterval=0.5)
-            super().__init__(*args, **kwargs)
+            # past datasets' own __init__: it disables every bar while data_progress hides them
+            super(datasets_tqdm, self).__init__(*args, **kwargs)
 
         def display(self, msg=None, pos=None) -> None:
             done, when = self.line_at
@@ -98,26 +98,18 @@ def data_progress(lines: bool = False) -> Iterator[None]:
     stays clean: a failing command prints exactly its one error line there."""
     import datasets
 
-    global _lines_shown
-    if stderr_is_terminal() or datasets.are_progress_bars_disabled() or _lines_shown:
+    if stderr_is_terminal() or datasets.are_progress_bars_disabled():  # (or an outer one hid them)
         yield
         return
-    if not lines:
-        datasets.disable_progress_bars()
-        try:
-            yield
-        finally:
-            datasets.enable_progress_bars()
-        return
-    modules = [importlib.import_module(name) for name in DATASETS_BAR_MODULES]
+    datasets.disable_progress_bars()  # downloads' and the others' bars too
+    modules = [importlib.import_module(name) for name in DATASETS_BAR_MODULES] if lines else []
     bars = [module.hf_tqdm for module in modules]
     line_progress = _line_progress_class()
     for module in modules:
         module.hf_tqdm = line_progress
-    _lines_shown = True
     try:
         yield
     finally:
-        _lines_shown = False
         for module, bar in zip(modules, bars, strict=True):
             module.hf_tqdm = bar
+        datasets.enable_progress_bars()

@@ -215,8 +215,13 @@ class TrainConfig:
     trust_remote_code: bool = opt(
         False, "refused: flax-lm never runs code from the Hub (a dataset's loading script)"
     )
-    train_file: list[str] | None = opt(None, "training files, dirs or globs")
-    validation_file: list[str] | None = opt(None, "validation files, dirs or globs")
+    train_file: list[str] | None = opt(
+        None, "training files, dirs or globs: local or URLs (gs://, hf://datasets/...), "
+        ".gz/.bz2/.xz/.zst read as they are"
+    )
+    validation_file: list[str] | None = opt(
+        None, "validation files, dirs or globs (as --train_file)"
+    )
     validation_split_percentage: int = opt(
         5, "%% of train held out when there is no validation set", range=Range(0, 100)
     )
@@ -230,7 +235,10 @@ class TrainConfig:
     overwrite_cache: bool = opt(False, "ignore cached tokenized datasets")
     cache_dir: str | None = opt(None, "cache dir of Hub downloads: datasets, models, tokenizers")
     keep_linebreaks: bool = opt(True, "keep line breaks of .txt files (--no_keep_linebreaks)")
-    text_column: str = opt("text", "the column holding the text")
+    text_column: str = opt(
+        "text", "the column holding the text (without a `text` column: the only column of "
+        "strings, e.g. OSCAR's `content`)"
+    )
     streaming: bool = opt(False, "stream the dataset instead of downloading it (needs --max_steps)")
     filter_keywords: list[str] | None = opt(
         None, "keep documents containing any of a,b,c", parse=parse_comma_list
