@@ -156,3 +156,12 @@ def test_a_missing_client_stops_training_with_one_line(tmp_path, capsys, tiny_to
             "--tokenizer_name", str(tiny_tokenizer_dir),
             "--train_file", "s3://bucket/oscar/*.jsonl.zst", "--do_train"]
     training_fails_cleanly(argv, "clm", capsys, out, "s3://bucket/oscar/*.jsonl.zst")
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["normal", "streaming"])
+def test_the_only_column_of_strings_is_taken_and_named(tmp_path, capsys, streaming):
+    rows = [{"body": f"import module_{i}", "size": i, "meta": {"lang": "py"}} for i in range(5)]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = load([str(tmp_path / "rows.jsonl")], streaming=streaming)
+    assert texts(got) == [r["body"] for r in rows]
+    assert "'body'" in capsys.readouterr().out
