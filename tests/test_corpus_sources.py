@@ -165,3 +165,10 @@ def test_the_only_column_of_strings_is_taken_and_named(tmp_path, capsys, streami
     got = load([str(tmp_path / "rows.jsonl")], streaming=streaming)
     assert texts(got) == [r["body"] for r in rows]
     assert "'body'" in capsys.readouterr().out
+
+
+def test_workers_read_a_gs_glob_as_one_process_does(oscar, fake_gcs, tmp_path):
+    shutil.copytree(oscar / "gz", fake_gcs / "bucket" / "oscar")
+    want = texts(load([str(oscar / "plain")]))
+    got = load(["gs://bucket/oscar/*.jsonl.gz"], num_proc=2, cache_dir=str(tmp_path / "cache"))
+    assert texts(got) == want
