@@ -23,7 +23,7 @@ import contextlib
 import glob
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import datasets
@@ -232,6 +232,7 @@ def load_text_dataset(
     token: str | None = None,
     revision: str | None = None,
     num_proc: int | None = None,
+    say: Callable[[str], None] = print,
 ) -> Corpus:
     """A corpus with exactly one column, "text", from a hub dataset or local files/dirs/globs.
 
@@ -242,6 +243,7 @@ def load_text_dataset(
     `revision`: a hub dataset's branch, tag or commit (`refs/convert/parquet`: its Parquet
     conversion).
     `num_proc`: processes that read local files into `datasets`' cache (one file each at a time).
+    `say`: where the column taken for the text is named, when it is not "text" by default.
     """
     if (dataset_name is None) == (data_files is None):
         raise UserError("give either a dataset name or data files, not both or neither")
@@ -252,7 +254,7 @@ def load_text_dataset(
         dataset = _load_hub_dataset(dataset_name, split, streaming, cache_dir, token, options)
     else:
         dataset = _load_files(data_files, streaming, cache_dir, keep_linebreaks, num_proc, token)
-    dataset = _only_text_column(dataset, text_column)
+    dataset = _only_text_column(dataset, text_column, say)
     dataset = first_examples(dataset, max_samples)
     _check_has_text(dataset)
     return dataset
@@ -409,7 +411,7 @@ def _string_columns(dataset: Corpus, names: list[str]) -> list[str]:
     return [name for name in names if isinstance(first.get(name), str)]
 
 
-def _only_text_column(dataset: Corpus, column: str) -> Corpus:
+def _only_text_column(dataset: Corpus, column: str, say: Callable[[str], None]) -> Corpus:
     """The corpus reduced to `column`, named "text". Without a "text" column (the default), a
     corpus with exactly one column of strings (OSCAR's "content") has it taken, and said so."""
     names = _column_names(dataset)
@@ -417,8 +419,8 @@ def _only_text_column(dataset: Corpus, column: str) -> Corpus:
         strings = _string_columns(dataset, names)
         if len(strings) == 1:
             column = strings[0]
-            print(f"text column: {column!r}, the corpus's only column of strings (it has no "
-                  f"{DEFAULT_TEXT_COLUMN!r}; --text_column chooses another)")
+            say(f"text column: {column!r}, the corpus's only column of strings (it has no "
+                f"{DEFAULT_TEXT_COLUMN!r}; --text_column chooses another)")
     if column not in names:
         raise UserError(
             f"text column {column!r} not found; the dataset has columns: {', '.join(names)} "
