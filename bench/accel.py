@@ -14,7 +14,7 @@ Every measurement runs in its own process, so neither framework holds the other'
 Tokens/s is steady state over --steps steps after WARMUP_STEPS; compile seconds are flax-lm's
 ahead-of-time compile and torch's first step; peak device memory is JAX's peak_bytes_in_use and
 torch.cuda.max_memory_allocated (None on a CPU). MFU is against the bfloat16 matmul peak measured
-in the same run and against the card's published dense bfloat16 peak (PUBLISHED_BF16_PEAKS).
+in the same run and against the card's published dense bfloat16 peak (perf.PUBLISHED_BF16_PEAKS).
 A failed measurement (e.g. torch.compile without a compiler) is recorded and the run goes on.
 Writes bench/results/<device>.json and prints a table.
 """
@@ -52,22 +52,6 @@ ACCEL_CONFIGS: dict[str, tuple[BenchConfig, tuple[int, ...]]] = {
                               "num_attention_heads=2", 32, 4, 4, 1e-3, True), (4,)),
 }
 DEFAULT_CONFIGS = "gpt2-124m,roberta-base"
-# Dense (no sparsity) bfloat16 tensor throughput from the vendors' data sheets, FLOP/s, matched
-# against JAX's device_kind in this order (the first name found in it wins).
-PUBLISHED_BF16_PEAKS = (
-    ("H200", 989e12),
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),  # SXM
-    ("A100", 312e12),
-    ("L40S", 362e12),
-    ("L4", 121e12),
-    ("TPU v6 lite", 918e12),
-    ("TPU v5 lite", 197e12),
-    ("TPU v5", 459e12),  # v5p
-    ("TPU v4", 275e12),
-)
-
-
 def model_config(bench: BenchConfig, dropout: float | None = None):
     """The transformers config both sides build (as profile_step.build_step does)."""
     from flax_lm.config import build_config
@@ -76,10 +60,6 @@ def model_config(bench: BenchConfig, dropout: float | None = None):
     if bench.tokenizer_vocab:
         overrides += f",vocab_size={TOKENIZER_VOCAB}"
     return build_config(bench.model_type, dropout=dropout, overrides=overrides or None)
-
-
-def published_bf16_peak(device_kind: str) -> float | None:
-    return next((peak for name, peak in PUBLISHED_BF16_PEAKS if name in device_kind), None)
 
 
 def device_slug(device_kind: str) -> str:
@@ -303,7 +283,7 @@ def summarise(name: str, bench: BenchConfig, batch_size: int, ours: dict, peers:
     config = model_config(bench)
     flops = perf.model_flops_per_token(config, bench.seq_len)
     measured = results["peak"]["jax"]["bfloat16"]
-    published = published_bf16_peak(results["device_kind"])
+    published = perf.published_bf16_peak(results["device_kind"])
     sides = {"flax-lm": ours, **{f"torch {mode}": peer for mode, peer in peers.items()}}
     sides = {label: with_mfu(side, flops, measured, published) for label, side in sides.items()}
     compiled = sides.get("torch compile", {})
@@ -316,7 +296,7 @@ def summarise(name: str, bench: BenchConfig, batch_size: int, ours: dict, peers:
 
 def markdown(results: dict) -> str:
     peak = results["peak"]["jax"]["bfloat16"]
-    published = published_bf16_peak(results.get("device_kind", ""))
+    published = perf.published_bf16_peak(results.get("device_kind", ""))
     lines = [
         f"Device: {results.get('device_kind')}; measured bfloat16 matmul peak (JAX) "
         f"{peak / 1e12:.3g} TFLOP/s; published dense bfloat16 peak "

@@ -1,10 +1,13 @@
-"""Read a text corpus (local files, directories, globs or a hub dataset) as one "text" column.
+"""Read a text corpus (files, directories, globs or a hub dataset) as one "text" column.
 
 Shared by tokenizer training and the training scripts, so every step sees the same documents.
-A bad local file is reported by name as a UserError instead of surfacing as a traceback halfway
-through a run: the head of each file is checked before `datasets` reads it (empty, binary), and
-only when `datasets` fails are the files decoded to name the one that is not UTF-8, so a good
-corpus is read once. A stream, read lazily during training, is checked whole beforehand.
+Files may be local or any fsspec URL whose client is installed (gs://, hf://datasets/..., s3://),
+and compressed (.gz, .bz2, .xz, .zst: chosen by the extension, the loader by the one before it),
+as OSCAR publishes its JSON Lines. A bad file is reported by name as a UserError instead of
+surfacing as a traceback halfway through a run: the head of each file is checked before
+`datasets` reads it (empty, binary), and only when `datasets` fails are the files decoded to name
+the one that is not UTF-8, so a good corpus is read once. A local stream, read lazily during
+training, is checked whole beforehand (a remote one by its head: reading a bucket twice costs).
 
 Hub datasets that are loading scripts (the original `oscar` among them) no longer load with
 `datasets` 4 and later, and flax-lm never runs code from the Hub. They still load from the Hub's
@@ -20,13 +23,15 @@ import contextlib
 import glob
 import logging
 import os
-import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import datasets
+import fsspec
 
+from flax_lm.console import data_progress
 from flax_lm.errors import UserError, one_line
+from flax_lm.storage import GCS_EXTRA, URL
 
 # Extension -> loader. Any other extension (source code, .md, ...) is read as one document per file.
 LOADER_BY_EXTENSION = {
@@ -36,6 +41,10 @@ LOADER_BY_EXTENSION = {
     ".csv": "csv",
     ".parquet": "parquet",
 }
+COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")  # read through fsspec's codecs (.zst: zstandard)
+# The client to install for a URL scheme whose fsspec filesystem is missing (others: fsspec's own
+# advice)
+CLIENTS = {"gs": GCS_EXTRA, "gcs": GCS_EXTRA}
 DOCUMENT_LOADER = "document"
 TEXT_LOADERS = ("text", DOCUMENT_LOADER, "json", "csv")  # loaders whose files must be UTF-8 text
 READ_CHUNK_BYTES = 1 << 20
@@ -44,6 +53,7 @@ READ_CHUNK_BYTES = 1 << 20
 # cache reads a message header every chunk, not every few kilobytes (each such read maps the
 # pages around it into the process: the whole cache for short lines)
 CACHE_BATCH_ROWS = 1_000_000
+DEFAULT_TEXT_COLUMN = "text"
 PARQUET_CONVERSION = "refs/convert/parquet"  # the Hub's Parquet copy of a dataset
 SCRIPT_ROUTES = (
     f"its Hub Parquet conversion (--dataset_revision {PARQUET_CONVERSION}), a Parquet corpus "
@@ -55,20 +65,76 @@ SCRIPT_ROUTES = (
 Corpus = datasets.Dataset | datasets.IterableDataset
 
 
-def resolve_data_files(specs: str | Sequence[str]) -> list[str]:
-    """Expand files, directories (recursively) and globs into a sorted, de-duplicated file list.
+def resolve_data_files(specs: str | Sequence[str], token: str | None = None) -> list[str]:
+    """Expand files, directories (recursively) and globs, local or URLs, into a sorted,
+    de-duplicated file list (local files as absolute paths, remote ones as URLs).
 
     Directories skip hidden entries and __pycache__; empty files found by expanding a directory or
     glob are skipped (they hold no document), while an empty file named explicitly is kept so that
-    validation can report it.
+    validation can report it. `token`: for hf:// URLs (default: HF_TOKEN or `hf auth login`'s).
     """
     specs = [specs] if isinstance(specs, str | os.PathLike) else list(specs)
     if not specs:
         raise UserError("no data files given")
     files: set[str] = set()
-    for spec in specs:
-        files.update(_expand_spec(str(spec)))
+    for spec in map(str, specs):
+        files.update(_expand_url(spec, token) if is_url(spec) else _expand_spec(spec))
     return sorted(files)
+
+
+def is_url(spec: str) -> bool:
+    """Whether `spec` is a URL (scheme://...), read through fsspec, rather than a local path."""
+    return URL.match(spec) is not None
+
+
+def url_filesystem(url: str, token: str | None = None) -> fsspec.AbstractFileSystem:
+    """The fsspec filesystem of `url`'s scheme; UserError naming the client when it is missing."""
+    scheme = URL.match(url).group(1)
+    try:
+        cls = fsspec.get_filesystem_class(scheme)
+    except ImportError as err:
+        raise UserError(
+            f"{url}: reading {scheme}:// needs a client that is not installed "
+            f"({CLIENTS.get(scheme, one_line(err))})"
+        ) from None
+    except ValueError:
+        raise UserError(f"{url}: {scheme}:// is not a protocol fsspec knows") from None
+    return cls(token=token) if token and scheme == "hf" else cls()
+
+
+def _expand_url(spec: str, token: str | None) -> list[str]:
+    """A remote file, directory or glob as URLs of its non-empty files (see resolve_data_files)."""
+    fs, scheme = url_filesystem(spec, token), URL.match(spec).group(1)
+    try:
+        if not glob.has_magic(spec) and not fs.isdir(spec):
+            if not fs.exists(spec):
+                raise UserError(f"data file {spec!r} does not exist")
+            return [spec]
+        found = [_url(scheme, name) for name in fs.glob(spec)] if glob.has_magic(spec) else [spec]
+        files = []
+        for url in found:
+            if fs.isdir(url):  # a directory's files, recursively
+                files += [_url(scheme, name) for name in fs.glob(url.rstrip("/") + "/**")]
+            else:
+                files.append(url)
+        files = [url for url in files if _visible(url) and fs.isfile(url) and fs.size(url) > 0]
+    except UserError:
+        raise
+    except Exception as err:  # no network, no permission, a bad bucket: the client's own words
+        raise UserError(f"cannot read {spec}: {one_line(err)}") from None
+    if not files:
+        raise UserError(f"{spec!r} matches no non-empty files")
+    return files
+
+
+def _url(scheme: str, name: str) -> str:
+    """A name a filesystem lists ("bucket/path", without the scheme) as a URL."""
+    return name if "://" in name else f"{scheme}://{name}"
+
+
+def _visible(url: str) -> bool:
+    parts = url.split("://", 1)[1].split("/")
+    return not any(part.startswith(".") or part == "__pycache__" for part in parts[1:])
 
 
 def _expand_spec(spec: str) -> list[str]:
@@ -118,16 +184,20 @@ def loader_for(files: Sequence[str]) -> str:
 
 
 def _loader(path: str) -> str:
-    return LOADER_BY_EXTENSION.get(Path(path).suffix.lower(), DOCUMENT_LOADER)
+    """The loader of a file's extension, looked up past a compression's (corpus.jsonl.zst: json)."""
+    name = Path(path).name.lower()
+    for compression in COMPRESSIONS:
+        name = name.removesuffix(compression)
+    return LOADER_BY_EXTENSION.get(Path(name).suffix, DOCUMENT_LOADER)
 
 
 def check_text_file(path: str, whole: bool = True) -> None:
-    """UserError unless `path` is a non-empty UTF-8 text file; reads it in chunks (only the
-    first one unless `whole`)."""
+    """UserError unless `path` (a local file or a URL, compressed or not) is non-empty UTF-8
+    text once decompressed; reads it in chunks (only the first one unless `whole`)."""
     decoder = codecs.getincrementaldecoder("utf-8")()
     offset = 0
     try:
-        with open(path, "rb") as f:
+        with fsspec.open(path, "rb", compression="infer") as f:
             while chunk := f.read(READ_CHUNK_BYTES):
                 if b"\0" in chunk:
                     raise UserError(f"{path} looks binary (it contains NUL bytes), not text")
@@ -140,8 +210,10 @@ def check_text_file(path: str, whole: bool = True) -> None:
         raise UserError(
             f"{path} is not UTF-8 text (bad byte near offset {offset + err.start})"
         ) from None
-    except OSError as err:
-        raise UserError(f"cannot read {path}: {err.strerror}") from None
+    except UserError:
+        raise
+    except Exception as err:  # unreadable, or not the compression its extension says
+        raise UserError(f"cannot read {path}: {getattr(err, 'strerror', None) or one_line(err)}") from None
     if offset == 0:
         raise UserError(f"{path} is empty")
 
@@ -152,7 +224,7 @@ def load_text_dataset(
     dataset_config_name: str | None = None,
     split: str = "train",
     data_files: Sequence[str] | None = None,
-    text_column: str = "text",
+    text_column: str = DEFAULT_TEXT_COLUMN,
     streaming: bool = False,
     cache_dir: str | None = None,
     keep_linebreaks: bool = True,
@@ -160,6 +232,7 @@ def load_text_dataset(
     token: str | None = None,
     revision: str | None = None,
     num_proc: int | None = None,
+    say: Callable[[str], None] = print,
 ) -> Corpus:
     """A corpus with exactly one column, "text", from a hub dataset or local files/dirs/globs.
 
@@ -170,6 +243,7 @@ def load_text_dataset(
     `revision`: a hub dataset's branch, tag or commit (`refs/convert/parquet`: its Parquet
     conversion).
     `num_proc`: processes that read local files into `datasets`' cache (one file each at a time).
+    `say`: where the column taken for the text is named, when it is not "text" by default.
     """
     if (dataset_name is None) == (data_files is None):
         raise UserError("give either a dataset name or data files, not both or neither")
@@ -179,8 +253,8 @@ def load_text_dataset(
         options = hub_dataset_options(dataset_config_name, revision)
         dataset = _load_hub_dataset(dataset_name, split, streaming, cache_dir, token, options)
     else:
-        dataset = _load_local_files(data_files, streaming, cache_dir, keep_linebreaks, num_proc)
-    dataset = _only_text_column(dataset, text_column)
+        dataset = _load_files(data_files, streaming, cache_dir, keep_linebreaks, num_proc, token)
+    dataset = _only_text_column(dataset, text_column, say)
     dataset = first_examples(dataset, max_samples)
     _check_has_text(dataset)
     return dataset
@@ -205,22 +279,6 @@ def text_dataset_from_flags(
         revision=flags.dataset_revision,
         **options,
     )
-
-
-@contextlib.contextmanager
-def progress_bars_on_terminal_only():
-    """Show datasets' download/caching progress bars only on a terminal.
-
-    Captured or logged stderr stays clean: a failing command prints exactly its one error line.
-    """
-    hide = not sys.stderr.isatty() and not datasets.are_progress_bars_disabled()
-    if hide:
-        datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        if hide:
-            datasets.enable_progress_bars()
 
 
 @contextlib.contextmanager
@@ -278,7 +336,7 @@ def hub_split_names(name: str, options: dict, token: str | None = None) -> list[
 
 def _load_hub_dataset(name, split, streaming, cache_dir, token, options) -> Corpus:
     try:
-        with progress_bars_on_terminal_only(), hub_retry_warnings_silenced():
+        with data_progress(), hub_retry_warnings_silenced():
             return datasets.load_dataset(
                 name, split=split, streaming=streaming, cache_dir=cache_dir, token=token,
                 **options,
@@ -287,20 +345,22 @@ def _load_hub_dataset(name, split, streaming, cache_dir, token, options) -> Corp
         raise hub_dataset_error(name, err) from None
 
 
-def _load_local_files(specs, streaming, cache_dir, keep_linebreaks, num_proc=None) -> Corpus:
-    files = resolve_data_files(specs)
+def _load_files(
+    specs, streaming, cache_dir, keep_linebreaks, num_proc=None, token=None
+) -> Corpus:
+    files = resolve_data_files(specs, token)
     loader = loader_for(files)
     if loader in TEXT_LOADERS:
         for path in files:
-            check_text_file(path, whole=streaming)
-    elif empty := [f for f in files if os.path.getsize(f) == 0]:
+            check_text_file(path, whole=streaming and not is_url(path))
+    elif empty := [f for f in files if _size(f, token) == 0]:
         raise UserError(f"{empty[0]} is empty")
     builder, options = {
         "text": ("text", {"keep_linebreaks": keep_linebreaks}),
         DOCUMENT_LOADER: ("text", {"sample_by": "document"}),
     }.get(loader, (loader, {}))
     try:
-        with progress_bars_on_terminal_only():
+        with data_progress():
             return datasets.load_dataset(
                 builder,
                 data_files=files,
@@ -309,9 +369,13 @@ def _load_local_files(specs, streaming, cache_dir, keep_linebreaks, num_proc=Non
                 cache_dir=cache_dir,
                 num_proc=None if streaming or len(files) == 1 else num_proc,
                 writer_batch_size=CACHE_BATCH_ROWS,
+                token=token,
                 **options,
             )
-    except datasets.exceptions.DatasetGenerationError as err:
+    except Exception as err:  # a file datasets cannot parse, or a remote one it cannot fetch
+        remote = any(map(is_url, files))
+        if not (remote or isinstance(err, datasets.exceptions.DatasetGenerationError)):
+            raise
         if loader in TEXT_LOADERS:  # name the file that is not UTF-8 text, if one is not
             for path in files:
                 check_text_file(path)
@@ -319,24 +383,51 @@ def _load_local_files(specs, streaming, cache_dir, keep_linebreaks, num_proc=Non
         raise UserError(f"cannot read the {loader} files ({files[0]}, ...): {cause}") from None
 
 
-def _column_names(dataset: Corpus) -> list[str]:
-    if dataset.column_names is not None:
-        return list(dataset.column_names)
+def _size(path: str, token: str | None) -> int:
+    return url_filesystem(path, token).size(path) if is_url(path) else os.path.getsize(path)
+
+
+def _first_example(dataset: Corpus) -> dict:
     first = next(iter(dataset), None)  # streaming without known features: peek one example
     if first is None:
         raise UserError("the corpus holds no documents")
-    return list(first)
+    return first
 
 
-def _only_text_column(dataset: Corpus, column: str) -> Corpus:
+def _column_names(dataset: Corpus) -> list[str]:
+    if dataset.column_names is not None:
+        return list(dataset.column_names)
+    return list(_first_example(dataset))
+
+
+def _is_string(feature) -> bool:
+    return getattr(feature, "dtype", None) in ("string", "large_string")
+
+
+def _string_columns(dataset: Corpus, names: list[str]) -> list[str]:
+    if dataset.features is not None:
+        return [name for name in names if _is_string(dataset.features.get(name))]
+    first = _first_example(dataset)
+    return [name for name in names if isinstance(first.get(name), str)]
+
+
+def _only_text_column(dataset: Corpus, column: str, say: Callable[[str], None]) -> Corpus:
+    """The corpus reduced to `column`, named "text". Without a "text" column (the default), a
+    corpus with exactly one column of strings (OSCAR's "content") has it taken, and said so."""
     names = _column_names(dataset)
+    if column == DEFAULT_TEXT_COLUMN and column not in names:
+        strings = _string_columns(dataset, names)
+        if len(strings) == 1:
+            column = strings[0]
+            say(f"text column: {column!r}, the corpus's only column of strings (it has no "
+                f"{DEFAULT_TEXT_COLUMN!r}; --text_column chooses another)")
     if column not in names:
         raise UserError(
             f"text column {column!r} not found; the dataset has columns: {', '.join(names)} "
             "(choose one with --text_column)"
         )
     feature = (dataset.features or {}).get(column)
-    if feature is not None and getattr(feature, "dtype", None) not in ("string", "large_string"):
+    if feature is not None and not _is_string(feature):
         raise UserError(f"text column {column!r} holds {feature}, not strings")
     dataset = dataset.select_columns([column])
     return dataset if column == "text" else dataset.rename_column(column, "text")

@@ -15,7 +15,8 @@ no optimizer, no elementwise work), so it does not depend on how a step is imple
   triangle, so it is counted at half: coefficient 6 for causal models, 12 for bidirectional ones.
 
 MFU = tokens/s * flops_per_token / peak FLOP/s, with the peak measured on the same machine
-(bench/peak.py), so the figure says how close a run gets to what the hardware can do.
+(bench/peak.py), so the figure says how close a run gets to what the hardware can do. A training
+run's log lines give MFU against the device's published bfloat16 peak, where it is known.
 """
 
 from __future__ import annotations
@@ -29,6 +30,27 @@ FLOPS_FORMULA = (
     "(fwd+bwd; c = 6 causal, 12 bidirectional)"
 )
 CAUSAL_MODEL_TYPES = frozenset({"gpt2"})
+
+
+# Dense (no sparsity) bfloat16 tensor throughput from the vendors' data sheets, FLOP/s, matched
+# against JAX's device_kind in this order (the first name found in it wins).
+PUBLISHED_BF16_PEAKS = (
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),  # SXM
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("TPU v6 lite", 918e12),
+    ("TPU v5 lite", 197e12),
+    ("TPU v5", 459e12),  # v5p
+    ("TPU v4", 275e12),
+)
+
+
+def published_bf16_peak(device_kind: str) -> float | None:
+    """A device's published dense bfloat16 FLOP/s, None where it is not known (CPUs among them)."""
+    return next((peak for name, peak in PUBLISHED_BF16_PEAKS if name in device_kind), None)
 
 
 def attention_flops_per_token(n_layer: int, seq_len: int, d_model: int, *, causal: bool) -> float:

@@ -222,7 +222,10 @@ class FakeGCS(LocalFileSystem):
         return super()._strip_protocol(path)
 
     def glob(self, path, **kwargs):  # "bucket/path" names, as gcsfs gives (epath adds gs://)
-        return [os.path.relpath(p, self.root) for p in super().glob(path, **kwargs)]
+        found = super().glob(path, **kwargs)
+        if kwargs.get("detail"):  # {name: info}, as datasets asks for it
+            return {os.path.relpath(p, self.root): info for p, info in found.items()}
+        return [os.path.relpath(p, self.root) for p in found]
 
 
 @pytest.fixture

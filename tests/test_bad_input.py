@@ -48,8 +48,9 @@ def bad_files(tmp_path_factory) -> dict[str, str]:
         "latin1.txt": "caf\xe9 = 'cr\xe8me'\n".encode("latin-1"),
         "binary.json": b"\x80\x04\x95\x00\x00",
         "latin1.jsonl": '{"text": "caf\xe9"}\n'.encode("latin-1"),
-        "body.jsonl": b'{"body": "import os"}\n{"body": "import sys"}\n',
-        "body.csv": b"body\nimport os\nimport sys\n",
+        # two columns of strings, neither "text" (with one, that one is taken)
+        "body.jsonl": b'{"body": "import os", "lang": "py"}\n{"body": "import sys", "lang": "py"}\n',
+        "body.csv": b"body,lang\nimport os,py\nimport sys,py\n",
         "tiny.txt": b"x = 1\n",
     }
     for name, data in contents.items():
@@ -94,7 +95,7 @@ def as_argv(flags: Flags) -> list[str]:
         ("clm", {"--train_file": ["{binary_json}"]}, ("{binary_json}", "binary")),
         ("clm", {"--validation_file": ["{latin1_jsonl}"]}, ("{latin1_jsonl}", "UTF-8")),
         ("clm", {"--train_file": ["{body_jsonl}"]}, ("'text'", "body", "--text_column")),
-        ("mlm", {"--train_file": ["{body_csv}"]}, ("'text'", "body")),
+        ("mlm", {"--train_file": ["{body_csv}"]}, ("'text'", "body", "lang")),
         ("clm", {"--train_file": ["{tiny_txt}"]}, ("train", "too small", "6 characters")),
         ("mlm", {"--validation_file": ["{tiny_txt}"]}, ("validation", "too small")),
         ("clm", {"--per_device_train_batch_size": ["100000"]}, ("100000", "batch")),

@@ -159,7 +159,7 @@ def bad_corpora(tmp_path: Path) -> dict[str, Path]:
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes("blåbær\n".encode("latin-1"))
     rows = tmp_path / "rows.jsonl"
-    rows.write_text('{"body": "text"}\n')
+    rows.write_text('{"body": "text", "lang": "en"}\n')  # two string columns, neither "text"
     return {"empty": empty, "binary": binary, "latin1": latin1, "rows": rows}
 
 

@@ -74,9 +74,12 @@ def test_clm_trains_and_writes_every_output(clm_run):
     assert [r["step"] for r in train] == list(range(1, STEPS + 1))
     assert [r["step"] for r in evals] == [5, 10]
     for record in train:
-        assert set(record) == {"step", "epoch", "loss", "learning_rate", "grad_norm",
-                               "tokens_per_second", "time"}  # fmt: skip
+        assert set(record) == {"step", "epoch", "loss", "accuracy", "perplexity",
+                               "learning_rate", "grad_norm", "tokens_per_second", "time"}  # fmt: skip
         assert record["tokens_per_second"] > 0 and record["grad_norm"] > 0
+        assert record["perplexity"] == pytest.approx(np.exp(record["loss"]), rel=1e-9)
+        assert 0 <= record["accuracy"] <= 1
+    assert train[-1]["accuracy"] > train[0]["accuracy"]  # it learns the commonest tokens
     for record in evals:
         assert set(record) == {"step", "eval_loss", "eval_accuracy", "perplexity", "time"}
         assert record["perplexity"] == pytest.approx(np.exp(record["eval_loss"]), rel=1e-9)

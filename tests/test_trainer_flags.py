@@ -212,11 +212,12 @@ def test_only_the_logging_process_reaches_wandb(tmp_path):
     for enabled in (False, True):
         log = RunLog(tmp_path, total_steps=1, initial_step=0, tensorboard=False,
                      wandb_run=RecordingRun(), enabled=enabled)
-        log.train({"step": 1, "epoch": 0.5, "loss": 2.5, "learning_rate": 0.1,
-                   "grad_norm": 1.0, "tokens_per_second": 10.0})
+        log.train({"step": 1, "epoch": 0.5, "loss": 2.5, "accuracy": 0.25, "perplexity": 12.2,
+                   "learning_rate": 0.1, "grad_norm": 1.0, "tokens_per_second": 10.0})
         log.close()
     assert RecordingRun.logged == [  # process 0 alone (enabled) logged
-        (1, {"train/epoch": 0.5, "train/loss": 2.5, "train/learning_rate": 0.1,
-             "train/grad_norm": 1.0, "train/tokens_per_second": 10.0}),
+        (1, {"train/epoch": 0.5, "train/loss": 2.5, "train/accuracy": 0.25,
+             "train/perplexity": 12.2, "train/learning_rate": 0.1, "train/grad_norm": 1.0,
+             "train/tokens_per_second": 10.0}),
         "finish",
     ]

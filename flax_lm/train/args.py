@@ -92,6 +92,20 @@ def parse_comma_list(text: str | list) -> list[str]:
     return [str(item).strip() for item in items if str(item).strip()]
 
 
+STEP_RANGE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+def parse_step_range(text: str) -> tuple[int, int]:
+    """--profile_steps "START:END" (training steps, from 1, both included) as (start, end)."""
+    match = STEP_RANGE.match(str(text))
+    if match is None:
+        raise UserError(f"--profile_steps must be START:END (e.g. 10:15), got {text!r}")
+    start, end = map(int, match.groups())
+    if not 1 <= start <= end:
+        raise UserError(f"--profile_steps {text}: needs 1 <= START <= END")
+    return start, end
+
+
 def parse_steps_or_fraction(text: str | float) -> int | float:
     """--warmup_steps: a whole number of steps (int), or a fraction of training below 1
     (transformers 5's meaning)."""
@@ -218,8 +232,13 @@ class TrainConfig:
     trust_remote_code: bool = opt(
         False, "refused: flax-lm never runs code from the Hub (a dataset's loading script)"
     )
-    train_file: list[str] | None = opt(None, "training files, dirs or globs")
-    validation_file: list[str] | None = opt(None, "validation files, dirs or globs")
+    train_file: list[str] | None = opt(
+        None, "training files, dirs or globs: local or URLs (gs://, hf://datasets/...), "
+        ".gz/.bz2/.xz/.zst read as they are"
+    )
+    validation_file: list[str] | None = opt(
+        None, "validation files, dirs or globs (as --train_file)"
+    )
     validation_split_percentage: int = opt(
         5, "%% of train held out when there is no validation set", range=Range(0, 100)
     )
@@ -233,7 +252,10 @@ class TrainConfig:
     overwrite_cache: bool = opt(False, "ignore cached tokenized datasets")
     cache_dir: str | None = opt(None, "cache dir of Hub downloads: datasets, models, tokenizers")
     keep_linebreaks: bool = opt(True, "keep line breaks of .txt files (--no_keep_linebreaks)")
-    text_column: str = opt("text", "the column holding the text")
+    text_column: str = opt(
+        "text", "the column holding the text (without a `text` column: the only column of "
+        "strings, e.g. OSCAR's `content`)"
+    )
     streaming: bool = opt(False, "stream the dataset instead of downloading it (needs --max_steps)")
     filter_keywords: list[str] | None = opt(
         None, "keep documents containing any of a,b,c", parse=parse_comma_list
@@ -348,6 +370,10 @@ class TrainConfig:
         True, "the exported model is model.safetensors, the only format written (False refused)"
     )
     run_name: str | None = opt(None, "the run's name in Weights & Biases (default: output_dir)")
+    profile_steps: str | None = opt(
+        None, "START:END: write a JAX profiler trace of those training steps (from 1, both "
+        "included) into output_dir/profile/, for TensorBoard's profile plugin or XProf"
+    )
     compilation_cache_dir: str = opt(DEFAULT_CACHE_DIR, "JAX compilation cache ('none': off)")
     # the command itself
     config: str | None = opt(None, "YAML file setting any of these flags", in_yaml=False)
@@ -560,6 +586,8 @@ def check_values(cfg: TrainConfig, objective: str) -> TrainConfig:
             f"training steps, got {cfg.warmup_steps}"
         )
     check_trainer_flags(cfg)
+    if cfg.profile_steps is not None:
+        parse_step_range(cfg.profile_steps)
     if not cfg.use_fast_tokenizer:
         raise UserError("--use_fast_tokenizer False: flax-lm uses fast (Rust) tokenizers only")
     return cfg

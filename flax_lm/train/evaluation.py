@@ -8,7 +8,9 @@ figures its training run reported.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
+from functools import partial
 from typing import Any
 
 import jax
@@ -39,7 +41,8 @@ def evaluate(
     """Loss, accuracy, perplexity, examples and targets over all of cfg.validation_file, with
     the masks a training run of the same seed and eval batch size draws (its data shard 0)."""
     objective = make_objective(objective_name, tokenizer, cfg)
-    raw = load_text_dataset(data_files=cfg.validation_file, text_column=cfg.text_column)
+    raw = load_text_dataset(data_files=cfg.validation_file, text_column=cfg.text_column,
+                            say=partial(print, file=sys.stderr))  # stdout: the results' JSON
     dataset = tokenize_splits({"validation": raw}, tokenizer, cfg, objective_name)["validation"]
     batch_size = cfg.per_device_eval_batch_size * mesh.size
     examples_seen = []

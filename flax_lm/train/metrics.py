@@ -1,14 +1,20 @@
-"""Where a run's numbers go: `metrics.jsonl`, TensorBoard events, Weights & Biases and the
-progress bar. TensorBoard and W&B get the same names ("train/loss", "eval/loss", ...) at the
-training step; W&B (`--report_to wandb`) writes its run under output_dir/wandb/ and follows its
-own environment variables (WANDB_MODE=offline: no network, `wandb sync` uploads it later).
+"""Where a run's numbers go: `metrics.jsonl`, TensorBoard events, Weights & Biases, the
+progress bar and the log's lines. TensorBoard and W&B get the same names ("train/loss",
+"train/accuracy", "eval/loss", ...) at the training step; W&B (`--report_to wandb`) writes its
+run under output_dir/wandb/ and follows its own environment variables (WANDB_MODE=offline: no
+network, `wandb sync` uploads it later).
 
 metrics.jsonl holds one JSON object per line:
-  train: {"step", "epoch", "loss", "learning_rate", "grad_norm", "tokens_per_second", "time"}
-         (loss: token-weighted mean since the previous train line; grad_norm: mean over those
-         steps, before clipping; learning_rate: that of the last step; time: seconds since start)
+  train: {"step", "epoch", "loss", "accuracy", "perplexity", "learning_rate", "grad_norm",
+         "tokens_per_second", "mfu" (where the device's peak is known), "time"}
+         (loss: token-weighted mean since the previous train line, accuracy the share of those
+         targets predicted right, perplexity exp(loss); grad_norm: mean over those steps, before
+         clipping; learning_rate: that of the last step; time: seconds since start)
   eval:  {"step", "eval_loss", "eval_accuracy", "perplexity", "time"}
 Non-finite numbers are written as null, so every line is strict JSON.
+
+Every train and eval record and every checkpoint saved is also a line on stdout; the progress
+bar (stderr) is drawn only on a terminal (console.py), above which those lines then print.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from flax_lm.console import duration, stderr_is_terminal
 from flax_lm.errors import UserError, one_line
 from flax_lm.storage import copy_into, is_cloud
 from flax_lm.train.args import mask_secrets
@@ -140,6 +147,47 @@ class EventFile:
             self.records.close()
 
 
+def train_line(record: dict[str, Any], total_steps: int, eta_seconds: float | None) -> str:
+    """A train record as the line a log shows: "step 20/100: epoch 0.41, loss 5.1234, ...";
+    MFU where the record has it, the time left where it is known."""
+    parts = [
+        f"epoch {record['epoch']:.4g}",
+        f"loss {record['loss']:.4f}",
+        f"accuracy {record['accuracy']:.4f}",
+        f"perplexity {record['perplexity']:.2f}",
+        f"learning_rate {record['learning_rate']:.3e}",
+        f"grad_norm {record['grad_norm']:.3f}",
+        f"{record['tokens_per_second']:,.0f} tokens/s",
+    ]
+    if record.get("mfu") is not None:
+        parts.append(f"MFU {100 * record['mfu']:.1f}%")
+    if eta_seconds is not None:
+        parts.append(f"ETA {duration(eta_seconds)}")
+    return f"step {record['step']}/{total_steps}: " + ", ".join(parts)
+
+
+def run_header(
+    *, documents: dict[str, int | None], examples: int | None, seq_len: int, devices: str,
+    mesh: dict[str, int], global_batch: str, steps: int, steps_per_epoch: int | None,
+) -> str:
+    """The lines a training run starts with, as Hugging Face's scripts start theirs: what it
+    reads, on what, in how many steps. Unknown counts (a stream's) are said to be so."""
+    def count(value: int | None) -> str:
+        return "unknown (streamed)" if value is None else f"{value:,}"
+
+    epochs = f"{steps / steps_per_epoch:.4g} epochs of {steps_per_epoch:,} steps" if (
+        steps_per_epoch) else "a stream: no epochs known ahead"
+    tokens = "" if examples is None else f" ({examples * seq_len:,} tokens)"
+    return "\n".join([
+        "***** Running training *****",
+        "  documents: " + ", ".join(f"{count(n)} {name}" for name, n in documents.items()),
+        f"  train examples: {count(examples)} of {seq_len} tokens{tokens}",
+        f"  devices: {devices}, mesh {' x '.join(f'{k}={v}' for k, v in mesh.items())}",
+        f"  global batch: {global_batch}",
+        f"  steps: {steps:,} ({epochs})",
+    ])
+
+
 class RunLog:
     """Appends train and eval records to metrics.jsonl and TensorBoard, and drives the progress
     bar. `enabled=False` (processes other than the first) makes every call a no-op."""
@@ -160,6 +208,8 @@ class RunLog:
         self.enabled, self.output_dir, self.staging = enabled, output_dir, None
         self.wandb = wandb_run if enabled else None
         self.start = time.perf_counter()
+        self.total_steps = total_steps
+        self.last_line: tuple[int, float] | None = None  # (step, time) of the last train line
         files = Path(output_dir)
         if enabled and is_cloud(output_dir):  # appended here, copied there by sync()
             files = self.staging = Path(tempfile.mkdtemp(prefix="flax-lm-log-"))
@@ -174,7 +224,7 @@ class RunLog:
             initial=initial_step,
             desc="train",
             unit="step",
-            disable=not enabled,
+            disable=not enabled or not stderr_is_terminal(),
             dynamic_ncols=True,
         )
 
@@ -186,11 +236,25 @@ class RunLog:
 
     def train(self, record: dict[str, Any]) -> None:
         self.write("train", record)
+        self.message(train_line(record, self.total_steps, self.eta(record["step"])))
         self.bar.set_postfix(
             loss=f"{record['loss']:.4f}",
             lr=f"{record['learning_rate']:.2e}",
             tok_s=f"{record['tokens_per_second']:,.0f}",
         )
+
+    def eta(self, step: int) -> float | None:
+        """Seconds to the last step at the pace since the previous train line (evaluations and
+        checkpoints included: they take their share of what is left too)."""
+        now, last = time.perf_counter(), self.last_line
+        self.last_line = (step, now)
+        if last is None or step <= last[0]:
+            return None
+        return (self.total_steps - step) * (now - last[1]) / (step - last[0])
+
+    def checkpoint(self, step: int, seconds: float, where: Any) -> None:
+        """The line of a checkpoint saved: its step, the seconds the loop waited, where."""
+        self.message(f"step {step}: saved checkpoint {where} in {seconds:.2f} s")
 
     def eval(self, record: dict[str, Any]) -> None:
         self.write("eval", record)

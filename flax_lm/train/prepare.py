@@ -26,7 +26,7 @@ from flax_lm.config import (
     load_base_config,
     load_tokenizer,
 )
-from flax_lm.corpus import progress_bars_on_terminal_only
+from flax_lm.console import data_progress
 from flax_lm.errors import UserError
 from flax_lm.hub_models import download_config, download_model, is_hub_id
 from flax_lm.models.hf_io import check_weight_files
@@ -90,6 +90,7 @@ class Prepared:
     total_steps: int
     resume: Resume | None
     model_dir: Path | None = None  # --model_name_or_path as a local dir (a Hub id: its cache)
+    documents: dict[str, int | None] = dataclasses.field(default_factory=dict)  # None: a stream
 
     @property
     def output_dir(self) -> epath.Path:
@@ -111,7 +112,7 @@ class Prepared:
 
 def prepare(cfg: TrainConfig, objective_name: str, num_devices: int) -> Prepared:
     """Load and check the model config, tokenizer, data and resume point; write nothing."""
-    with progress_bars_on_terminal_only():  # a failing start prints its one error line only
+    with data_progress(lines=jax.process_index() == 0):  # a log gets one process's lines
         return load_and_check(cfg, objective_name, num_devices)
 
 
@@ -132,6 +133,7 @@ def load_and_check(cfg: TrainConfig, objective_name: str, num_devices: int) -> P
         check_resume_matches(resume, prepared, objective_name)
     shards = prepared.shard_ids
     raw = load_raw_splits(cfg)
+    prepared.documents = {name: getattr(split, "num_rows", None) for name, split in raw.items()}
     prepared.splits = tokenize_shards(
         raw, prepared.tokenizer, cfg, objective_name, shards, cfg.data_shards
     )

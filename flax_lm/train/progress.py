@@ -1,6 +1,7 @@
 """What the training loop counts as it steps: tokens per second (leaving out evaluation and
 checkpointing), the sums behind train_loss that a checkpoint carries, and the steps' metrics,
-which stay on the device until a logging or saving step fetches them.
+which stay on the device until a logging or saving step fetches them (and the train record made
+of them).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from flax_lm.train.metrics import perplexity
 from flax_lm.train.step import TrainState
 
 
@@ -151,12 +153,16 @@ def train_record(
     throughput.lap()
     good = [metrics for _, metrics in fetched if is_finite_step(metrics)]
     loss_sum = sum(float(m["loss_sum"]) for m in good)
-    num_targets = sum(float(m["num_targets"]) for m in good)
+    num_targets = max(sum(float(m["num_targets"]) for m in good), 1.0)
+    loss = loss_sum / num_targets if good else math.nan
     return {
         "step": step,
         "epoch": round(epoch, 4),
-        "loss": loss_sum / max(num_targets, 1.0) if good else math.nan,
+        "loss": loss,
+        "accuracy": sum(float(m["num_correct"]) for m in good) / num_targets if good else math.nan,
+        "perplexity": perplexity(loss) if good else math.nan,
         "learning_rate": float(fetched[-1][1]["learning_rate"]),
         "grad_norm": float(np.mean([m["grad_norm"] for m in good])) if good else math.nan,
         "tokens_per_second": round(throughput.last_rate, 1),
     }
+

@@ -32,7 +32,7 @@ from jax.experimental import multihost_utils
 
 from flax_lm.errors import UserError, is_write_fault, one_line, os_reason
 from flax_lm.models.hf_io import save_model
-from flax_lm.perf import achieved_flops_per_second, model_flops_per_token
+from flax_lm.perf import achieved_flops_per_second, model_flops_per_token, published_bf16_peak
 from flax_lm.storage import save_pretrained
 from flax_lm.train import checkpoint
 from flax_lm.train.args import AUTO, TrainConfig, recorded_config
@@ -54,6 +54,7 @@ from flax_lm.train.metrics import (
     METRICS_FILE,
     RunLog,
     keep_records_up_to,
+    run_header,
     start_wandb,
     write_json,
 )
@@ -67,6 +68,7 @@ from flax_lm.train.prepare import (
     run_identity,
     skip_damaged,
 )
+from flax_lm.train.profile import StepHook, StepProfiler, closing_all
 from flax_lm.train.progress import (
     Progress,
     RecentMetrics,
@@ -339,18 +341,24 @@ class Trainer:
             log.message(f"the checkpoint is at step {start}: training already reached {total}")
             last_eval = self.evaluate(state.params, start, log) if self.cfg.do_eval else {}
             return state, None, last_eval
+        log.message(self.header())
         last_eval: dict[str, Any] = {}
         tokens_per_step = self.prepared.global_batch_size * self.prepared.seq_len
         recent = RecentMetrics(
             progress, self.cfg.skip_nonfinite_steps, last_checkpoint=lambda: self.last_checkpoint
         )
         signals = StopSignals(several_processes=jax.process_count() > 1)
-        with signals, self.train_batches(start) as batches:
+        hooks = self.step_hooks(log)
+        with signals, self.train_batches(start) as batches, closing_all(hooks):
             batch = next(batches)
             train_step = self.compiled_train_step(training, state, batch, log)
             throughput = Throughput()
             for step in range(start + 1, total + 1):
+                for hook in hooks:
+                    hook.before_step(step, state)
                 state, metrics = train_step(state, batch)
+                for hook in hooks:
+                    hook.after_step(step, state)
                 recent.add(step, metrics)
                 throughput.add(tokens_per_step)
                 log.advance()
@@ -358,9 +366,7 @@ class Trainer:
                     jax.block_until_ready(state)
                     throughput.lap(steady=False)
                 if self.is_logging_step(step):
-                    log.train(
-                        train_record(step, recent.take(), throughput, self.epoch(step, batches))
-                    )
+                    log.train(self.train_record(step, recent, throughput, batches))
                 if self.is_eval_step(step):
                     with throughput.paused(state):
                         last_eval = self.evaluate(state.params, step, log)
@@ -375,6 +381,45 @@ class Trainer:
                 if step < total:
                     batch = next(batches)
         return state, throughput.steady_rate, last_eval
+
+    def step_hooks(self, log: RunLog) -> list[StepHook]:
+        """What runs around every step: --profile_steps' profiler."""
+        if self.cfg.profile_steps is None:
+            return []
+        return [StepProfiler(self.cfg.profile_steps, self.prepared.output_dir, say=log.message)]
+
+    def header(self) -> str:
+        """The run header: documents, examples, devices and mesh, global batch, steps."""
+        cfg, prepared = self.cfg, self.prepared
+        accumulation = cfg.gradient_accumulation_steps
+        tokens = prepared.global_batch_size * prepared.seq_len
+        return run_header(
+            documents=prepared.documents,
+            examples=prepared.train_batches.num_examples,
+            seq_len=prepared.seq_len,
+            devices=f"{self.mesh.size} x {self.mesh.devices.flat[0].device_kind}",
+            mesh=dict(self.mesh.shape),
+            global_batch=(
+                f"{prepared.global_batch_size:,} sequences ({cfg.per_device_train_batch_size} "
+                f"per device x {self.mesh.size} devices x {accumulation} accumulation), "
+                f"{tokens:,} tokens a step"
+            ),
+            steps=prepared.total_steps,
+            steps_per_epoch=prepared.train_batches.steps_per_epoch,
+        )
+
+    def train_record(
+        self, step: int, recent: RecentMetrics, throughput: Throughput, batches: Prefetcher
+    ) -> dict[str, Any]:
+        """The train line of the steps since the last one, with MFU against the devices'
+        published peak where it is known."""
+        record = train_record(step, recent.take(), throughput, self.epoch(step, batches))
+        peak = published_bf16_peak(self.mesh.devices.flat[0].device_kind)
+        if peak:
+            flops = model_flops_per_token(self.prepared.model_config, self.prepared.seq_len)
+            achieved = achieved_flops_per_second(record["tokens_per_second"], flops)
+            record["mfu"] = round(achieved / (peak * self.mesh.size), 4)
+        return record
 
     def train_batches(self, start: int) -> Prefetcher:
         """The model-ready batches from step `start` on, made and placed on the devices ahead."""
@@ -434,7 +479,9 @@ class Trainer:
     ) -> None:
         """A checkpoint after `step`; before the last step also output_dir's model (the final one
         is written after training) and, unless stopping, its push to the Hub."""
+        started = time.perf_counter()
         self.save_checkpoint(manager, state, step, batches, progress)
+        log.checkpoint(step, time.perf_counter() - started, self.last_checkpoint)
         log.sync()
         if step < self.prepared.total_steps:
             self.save_outputs(state.params)
