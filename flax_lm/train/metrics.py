@@ -8,6 +8,8 @@ metrics.jsonl holds one JSON object per line:
          (loss: token-weighted mean since the previous train line; grad_norm: mean over those
          steps, before clipping; learning_rate: that of the last step; time: seconds since start)
   eval:  {"step", "eval_loss", "eval_accuracy", "perplexity", "time"}
+  header: {"step", "header": {"attention", "attention_reason"}} (how the run computes, from
+         `step` on: written when a run starts, unless the file's last header says the same)
 Non-finite numbers are written as null, so every line is strict JSON.
 """
 
@@ -110,6 +112,7 @@ class RunLog:
             files = self.staging = Path(tempfile.mkdtemp(prefix="flax-lm-log-"))
             if (output_dir / METRICS_FILE).exists():
                 (files / METRICS_FILE).write_bytes((output_dir / METRICS_FILE).read_bytes())
+        self.initial_step = initial_step
         self.jsonl = (files / METRICS_FILE).open("a", encoding="utf-8") if enabled else None
         self.board = None
         if enabled and tensorboard:
@@ -138,6 +141,21 @@ class RunLog:
             lr=f"{record['learning_rate']:.2e}",
             tok_s=f"{record['tokens_per_second']:,.0f}",
         )
+
+    def header(self, fields: dict[str, Any]) -> None:
+        """Say how the run computes, from its first step on: a header record in metrics.jsonl
+        (not in TensorBoard or W&B), unless the last one already says the same."""
+        if not self.enabled:
+            return
+        self.jsonl.flush()
+        last = None
+        with open(self.jsonl.name, encoding="utf-8") as lines:
+            for line in lines:
+                if line.strip() and '"header"' in line:
+                    last = json.loads(line).get("header", last)
+        if last != fields:
+            self.jsonl.write(strict_json({"step": self.initial_step, "header": fields}) + "\n")
+            self.jsonl.flush()
 
     def eval(self, record: dict[str, Any]) -> None:
         self.write("eval", record)

@@ -36,7 +36,13 @@ from flax_lm.perf import achieved_flops_per_second, model_flops_per_token
 from flax_lm.storage import save_pretrained
 from flax_lm.train import checkpoint
 from flax_lm.train.args import TrainConfig, recorded_config
-from flax_lm.train.build import TRAIN_BATCH_AXIS, StepParts, build_params, step_parts
+from flax_lm.train.build import (
+    TRAIN_BATCH_AXIS,
+    StepParts,
+    build_params,
+    settle_attention,
+    step_parts,
+)
 from flax_lm.train.data.batches import eval_batch_count, run_position
 from flax_lm.train.data.feed import PREFETCH_BATCHES, TrainStream, eval_host_batches, stream_epoch
 from flax_lm.train.data.prefetch import Prefetcher
@@ -106,6 +112,10 @@ class Trainer:
         self.locks: list[RunLock] = []  # of output_dir (and checkpoint_dir), on process 0
 
     def run(self) -> dict[str, Any]:
+        self.prepared, self.attention = settle_attention(self.prepared, self.mesh)
+        self.cfg = self.prepared.cfg
+        if self.is_main:
+            print(f"attention: {self.attention.implementation} ({self.attention.reason})")
         self.graphdef, params = build_params(self.prepared, self.mesh)
         training = self.start_training(params) if self.cfg.do_train else None
         if self.cfg.do_train:
@@ -137,6 +147,8 @@ class Trainer:
             wandb_run=wandb_run,
             enabled=self.is_main,
         )
+        log.header({"attention": self.attention.implementation,
+                    "attention_reason": self.attention.reason})
         results: dict[str, Any] = {}
         try:
             step = 0
