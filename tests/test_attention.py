@@ -8,7 +8,9 @@ tests/test_plan.py compiles it for TPU topologies."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +18,9 @@ import numpy as np
 import pytest
 from flax import nnx
 from test_models import decode_in_steps, dropout_key, gpt2_config, roberta_config
+from test_resume import run_argv, run_in_process
 
+from flax_lm import backend
 from flax_lm.errors import UserError
 from flax_lm.models import attention, create_model
 from flax_lm.models.gpt2 import GPT2LMHeadModel
@@ -322,3 +326,24 @@ def test_a_kernel_that_works_is_kept_and_dropout_says_why_it_is_unfused(monkeypa
     # and the real splash kernel cannot run on a CPU outside the interpreter: a real failure
     assert attention.kernel_problem("splash", heads=2, head_dim=16, length=SPLASH_LENGTH,
                                     causal=True, dtype=jnp.float32) is not None
+
+
+def test_a_training_run_whose_fast_kernel_fails_says_so_and_trains_on_xla(
+    code_corpus, tiny_tokenizer_dir, tmp_path, monkeypatch
+):
+    """A CPU made to choose cuDNN's kernel, which fails as a cuDNN/CUDA mismatch would: the run
+    says so in one line, trains with XLA's attention, and its metrics.jsonl header says why."""
+    cpu = dataclasses.replace(backend.BACKENDS["cpu"], attention="cudnn", fused_attention="cudnn")
+    monkeypatch.setitem(backend.BACKENDS, "cpu", cpu)
+    monkeypatch.setitem(attention.KERNELS, "cudnn", failing_kernel)
+    out = tmp_path / "run"
+    argv = [*run_argv("clm", code_corpus, tiny_tokenizer_dir, out, tmp_path / "cache"),
+            "--max_steps", "2", "--save_steps", "2", "--eval_steps", "2"]
+    stdout, _ = run_in_process(argv, "clm")
+    said = [line for line in stdout.splitlines() if line.startswith("attention:")]
+    assert len(said) == 1 and "xla" in said[0] and "CUDNN_STATUS_EXECUTION_FAILED" in said[0]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    header = records[0]["header"]
+    assert header["attention"] == "xla" and "cudnn" in header["attention_reason"]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 2 and all(np.isfinite(losses))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import subprocess
@@ -20,6 +21,8 @@ from flax_lm.models import create_model, matmul_param_count
 
 REPO = Path(__file__).resolve().parent.parent
 SEQ = 32
+sys.path.insert(0, str(REPO / "bench"))  # bench/accel.py imports its siblings by name
+accel = importlib.import_module("accel")
 
 
 BENCH_SCRIPTS = {  # test -> the script's arguments ({out}: a folder of its own)
@@ -182,6 +185,18 @@ def test_bench_on_a_missing_accelerator_says_so():
     assert "--device gpu" in done.stderr and "cpu" in done.stderr
 
 
+def test_the_loss_check_fails_beyond_its_tolerance():
+    """A flax-lm curve that falls faster than PyTorch's (a mask leaking future tokens) fails;
+    bfloat16 rounding within the tolerance passes."""
+    peer = {"losses": [9.0, 8.0, 7.0]}
+    close = {"losses": [9.0 * 1.001, 8.0, 7.0 * (1 + accel.LOSS_TOLERANCE["last"] / 2)]}
+    leaking = {"losses": [9.0, 7.0, 5.0]}
+    assert accel.loss_check(close, peer)["ok"]
+    found = accel.loss_check(leaking, peer)
+    assert not found["ok"] and found["last"]["relative_difference"] == pytest.approx(2 / 7)
+    assert not accel.loss_check({"losses": [float("nan"), 8.0, 7.0]}, peer)["ok"]
+
+
 @pytest.mark.slow
 def test_accelerator_bench_harness_on_the_cpu(bench_scripts):
     """bench.py --device gpu's harness (bench/accel.py) with micro models on the CPU: flax-lm's
@@ -203,5 +218,13 @@ def test_accelerator_bench_harness_on_the_cpu(bench_scripts):
                 side["tokens_per_second"] * run["flops_per_token"]
                 / results["peak"]["jax"]["bfloat16"])
             assert abs(side["first_loss"] - math.log(8192)) < 0.5
+            assert len(side["losses"]) == 2 + 3  # the timed steps and the warmup's
+        # the loss check: PyTorch started from flax-lm's weights on its tokens and schedule
+        check = run["loss_check"]["torch eager"]
+        assert check["ok"] and check["steps"] == 5
+        assert check["first"]["relative_difference"] < 1e-3  # the same model and tokens
+        assert ours["losses"][-1] < ours["losses"][0]  # and it trained
+        assert check["last"]["relative_difference"] <= accel.LOSS_TOLERANCE["last"]
         assert f"| {run['config']} | 4 | torch eager |" in done.stdout
         assert f"| {run['config']} | 4 | flax-lm (scanned) |" in done.stdout
+        assert f"{run['config']} b4 vs torch eager" in done.stdout

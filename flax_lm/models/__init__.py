@@ -26,7 +26,7 @@ SUPPORTED_MODEL_TYPES = tuple(MODEL_CLASSES)
 Model = GPT2LMHeadModel | RobertaForMaskedLM
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "create_model", "matmul_param_count", "settled_attention",
-           "weight_decay_mask"]
+           "training_attention", "weight_decay_mask"]
 
 
 def model_class(model_type: str | None) -> type[Model]:
@@ -67,11 +67,23 @@ def settled_attention(config: Any, *, dtype: Any, requested: str, platform: str,
     (attention.settle_attention: a fast kernel that fails here gives way to XLA's)."""
     heads, width = config.num_attention_heads, config.hidden_size
     is_causal = model_class(getattr(config, "model_type", None)) is GPT2LMHeadModel
-    rate = config.attn_pdrop if is_causal else config.attention_probs_dropout_prob
     return settle_attention(attention_choice(platform, compute_dtype(dtype), requested),
                             heads=heads, head_dim=width // heads, length=length,
-                            causal=is_causal, dtype=compute_dtype(dtype), attn_dropout=rate,
-                            try_kernel=try_kernel)
+                            causal=is_causal, dtype=compute_dtype(dtype),
+                            attn_dropout=attention_dropout(config), try_kernel=try_kernel)
+
+
+def attention_dropout(config: Any) -> float:
+    """The rate of dropout on the attention probabilities while training."""
+    if model_class(getattr(config, "model_type", None)) is GPT2LMHeadModel:
+        return float(config.attn_pdrop)
+    return float(config.attention_probs_dropout_prob)
+
+
+def training_attention(config: Any, implementation: str) -> str:
+    """The attention a train step computes with `implementation` chosen: the reference path
+    where attention dropout is active (attention.DROPOUT_FALLBACK says why)."""
+    return "reference" if attention_dropout(config) > 0 else implementation
 
 
 def weight_decay_mask(params_state: nnx.State) -> nnx.State:

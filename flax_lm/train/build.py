@@ -44,14 +44,17 @@ def model_options(cfg: TrainConfig, mesh: Mesh) -> dict[str, Any]:
             "platform": device_platform(mesh.devices.flat[0])}
 
 
-def settle_attention(p: Prepared, mesh: Mesh) -> tuple[Prepared, AttentionChoice]:
+def settle_attention(p: Prepared, mesh: Mesh, *,
+                     try_kernel: bool = True) -> tuple[Prepared, AttentionChoice]:
     """The run with its attention implementation named, and why: the platform's (or the
-    flag's), unless that fast kernel fails or errs on this machine (tried on a small input),
-    then XLA's. Every process takes process 0's: the processes must compile one program."""
+    flag's), unless that fast kernel cannot take the run's length or (`try_kernel`: tried on a
+    small input on this machine) fails or errs, then XLA's. Every process takes process 0's: the
+    processes must compile one program. A plan, compiling for devices it need not have, does
+    not try the kernel."""
     cfg = p.cfg
     choice = settled_attention(p.model_config, dtype=cfg.dtype, requested=cfg.attn_implementation,
                                platform=device_platform(mesh.devices.flat[0]), length=p.seq_len,
-                               try_kernel=True)
+                               try_kernel=try_kernel)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
