@@ -334,6 +334,8 @@ def measurement_order(args: argparse.Namespace) -> list[tuple[str, int]]:
     saved after each)."""
     sizes = {name: list(ACCEL_CONFIGS[name][1]) if args.batch_size is None else [args.batch_size]
              for name in args.configs.split(",")}
+    if args.first_batch_only:
+        sizes = {name: s[:1] for name, s in sizes.items()}
     rounds = max(len(s) for s in sizes.values())
     return [(name, s[i]) for i in range(rounds) for name, s in sizes.items() if i < len(s)]
 
@@ -426,6 +428,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--configs", default=DEFAULT_CONFIGS,
                         help=f"comma-separated, from: {', '.join(ACCEL_CONFIGS)}")
     parser.add_argument("--batch_size", type=int, help="one batch size (default: per config)")
+    parser.add_argument("--first_batch_only", action="store_true",
+                        help="each config at its first batch size only (gpt2-124m 32)")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per measurement")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
                         help="flax-lm's compute dtype (torch: bfloat16 autocast)")

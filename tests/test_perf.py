@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -228,3 +230,34 @@ def test_accelerator_bench_harness_on_the_cpu(bench_scripts):
         assert f"| {run['config']} | 4 | torch eager |" in done.stdout
         assert f"| {run['config']} | 4 | flax-lm (scanned) |" in done.stdout
         assert f"{run['config']} b4 vs torch eager" in done.stdout
+
+
+def gpu_check_stages() -> dict[str, int]:
+    """The stages bench/gpu_check.sh's header lists, with their expected device seconds."""
+    header = (REPO / "bench" / "gpu_check.sh").read_text().split("\nset -u", 1)[0]
+    return {name: int(seconds) for name, seconds in
+            re.findall(r"^#\s+(\w+)\s+~(\d+) s ", header, re.M)}
+
+
+@pytest.mark.slow
+def test_the_gpu_check_is_one_call_that_runs_dry_on_the_cpu(tmp_path):
+    """`bash bench/gpu_check.sh --dry`: the default stages (versions, the attention kernel
+    against the reference, flax-lm against torch with the loss check) with micro models on the
+    CPU, results in $OUT. Its header's expected times keep the default call under 7 minutes."""
+    stages = gpu_check_stages()
+    default = ["versions", "attention", "bench"]
+    assert list(stages)[:3] == default and {"eager", "layers", "profile"} <= set(stages)
+    assert sum(stages[name] for name in default) < 7 * 60
+    env = {**os.environ, "OUT": str(tmp_path), "WHEELS_DIR": str(tmp_path / "no-wheels")}
+    done = subprocess.run(["bash", "bench/gpu_check.sh", "--dry"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert sorted(summary) == sorted(default)
+    assert all(stage["status"] == 0 for stage in summary.values())
+    assert "jax" in (tmp_path / "versions.txt").read_text()
+    assert " passed" in (tmp_path / "attention.txt").read_text()
+    results = json.loads((tmp_path / "bench.json").read_text())
+    assert [run["config"] for run in results["runs"]] == ["micro-clm", "micro-mlm"]
+    for run in results["runs"]:
+        assert run["loss_check"]["torch eager"]["ok"]
