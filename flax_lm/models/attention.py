@@ -53,6 +53,9 @@ FUSED_DTYPES = (jnp.bfloat16, jnp.float16)  # what cuDNN's fused attention takes
 CUDNN_BACKEND = "cudnn"
 
 
+NAMED = "named by --attn_implementation"  # the reason of a choice the user made
+
+
 class AttentionChoice(NamedTuple):
     """The implementation a run uses and why (printed, and in metrics.jsonl's header)."""
 
@@ -96,7 +99,7 @@ def attention_choice(platform: str, dtype: Any, requested: str = "auto") -> Atte
         raise UserError(f"attention implementation 'splash' needs a TPU v4 or later; "
                         f"here: {platform}")
     if requested != "auto":
-        return AttentionChoice(requested, "named by --attn_implementation")
+        return AttentionChoice(requested, NAMED)
     choices = choices_for(platform)
     name = choices.fused_attention if fused_dtype else choices.attention
     return AttentionChoice(name, f"the choice for {platform} in {dtype_name}")
@@ -118,7 +121,7 @@ def settle_attention(choice: AttentionChoice, *, heads: int, head_dim: int, leng
         problem = kernel_problem(name, heads=heads, head_dim=head_dim, length=length,
                                  causal=causal, dtype=dtype)
     if problem is not None:
-        if reason == "named by --attn_implementation":
+        if reason == NAMED:
             raise UserError(f"--attn_implementation {name}: {problem}")
         name, reason = "xla", f"{name} attention cannot be used here: {problem}"
     if attn_dropout > 0 and name != "reference":
