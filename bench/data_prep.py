@@ -183,7 +183,7 @@ class MemoryGroup:
     the kernel charges it the processes' memory and the page cache they read and write, reclaims
     its clean cache pages when it reaches the cap, and kills a process when nothing more can be
     reclaimed. cgroup v1 (/sys/fs/cgroup/memory) or v2 (a cgroup2 mount at /sys/fs/cgroup with
-    the memory controller; the figures in the README come from v1); both need root."""
+    the memory controller; the figures in docs/performance.md come from v1); both need root."""
 
     V1, V2 = Path("/sys/fs/cgroup/memory"), Path("/sys/fs/cgroup")
 

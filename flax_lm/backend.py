@@ -16,19 +16,15 @@ pay on one; the rest is the same everywhere:
   compiles the block once, but JAX fixes what its backward pass reads: every intermediate of
   the block, stacked per layer in memory (float32 LayerNorm terms, the GELU's parts). Unrolled,
   XLA sees the whole step and recomputes such elementwise terms inside the backward kernels that
-  read them. Compiled for an H200 (bench/gpu_estimate.py), the GPT-2 124M step (bfloat16, batch
-  32 x 512) moves 121 GB scanned against 62 GB unrolled, with 13.4 against 5.4 GiB of
-  temporaries, for two to three times the compile time: GPUs unroll, CPUs and TPUs (whose
-  recipes are planned scanned) scan. Unrolled layers also recompute the MLP's activation in the
+  read them. Compiled for a GPU (bench/gpu_estimate.py), an unrolled step moves about half the
+  bytes of a scanned one and holds under half its temporaries, for a longer compile
+  (docs/performance.md, "On a GPU"): GPUs unroll, CPUs and TPUs (whose recipes are planned
+  scanned) scan. Unrolled layers also recompute the MLP's activation in the
   backward pass (layers.recomputed_activation), where XLA would keep its inner terms.
 - fused_loss: whether the cross-entropy over the vocabulary takes its hand-made, one-pass
   gradient even where a row's logits fit one chunk, and pads the vocabulary to aligned widths
   for its matmuls (flax_lm/models/output.py): everywhere but on CPUs, whose compiler fuses
   autodiff's whole-logits gradient better and pads nothing itself.
-- single_microbatch_loop: whether a train step without gradient accumulation still goes through
-  the accumulation loop. XLA:CPU ran a one-trip `while` loop markedly slower than the same body
-  without it, so without accumulation the step calls the gradient directly, on every platform
-  until another is measured to prefer the loop.
 - host_huge_pages: whether the commands that run a model re-execute themselves with glibc's
   huge-page tunable (flax_lm/hostmem.py). Only the CPU computes in host memory.
 - The dropout mask (flax_lm/models/layers.py keep_mask) is the same counter-based hash on every
@@ -60,28 +56,24 @@ class Backend:
     fused_attention: str  # ... for bfloat16 / float16 compute
     scan_layers: bool
     fused_loss: bool
-    single_microbatch_loop: bool
     host_huge_pages: bool
 
 
 BACKENDS: dict[str, Backend] = {
     "cpu": Backend("reference", "reference", scan_layers=True, fused_loss=False,
-                   single_microbatch_loop=False, host_huge_pages=True),
-    "cuda": Backend("xla", "cudnn", scan_layers=False, fused_loss=True,
-                    single_microbatch_loop=False, host_huge_pages=False),
-    "rocm": Backend("xla", "xla", scan_layers=False, fused_loss=True,
-                    single_microbatch_loop=False, host_huge_pages=False),
+                   host_huge_pages=True),
+    "cuda": Backend("xla", "cudnn", scan_layers=False, fused_loss=True, host_huge_pages=False),
+    "rocm": Backend("xla", "xla", scan_layers=False, fused_loss=True, host_huge_pages=False),
     "tpu": Backend("splash", "splash", scan_layers=True, fused_loss=True,  # v4 and later
-                   single_microbatch_loop=False, host_huge_pages=False),
+                   host_huge_pages=False),
     "tpu_v3": Backend("xla", "xla", scan_layers=True, fused_loss=True,  # and v2
-                      single_microbatch_loop=False, host_huge_pages=False),
+                      host_huge_pages=False),
 }
 BACKENDS["tpu_v2"] = BACKENDS["tpu_v3"]
 # TPU generations before splash attention's (device_kind "TPU v2", "TPU v3"): Mosaic, which
 # compiles Pallas kernels for TPUs, targets v4 and later.
 OLD_TPU_KIND = re.compile(r"TPU v([23])\b")
-OTHER_PLATFORMS = Backend("xla", "xla", scan_layers=True, fused_loss=True,
-                          single_microbatch_loop=False, host_huge_pages=False)
+OTHER_PLATFORMS = Backend("xla", "xla", scan_layers=True, fused_loss=True, host_huge_pages=False)
 
 
 def choices_for(platform: str) -> Backend:
@@ -112,7 +104,8 @@ def device_platform(device: Any) -> str:
     return "rocm" if "rocm" in version else "cuda"
 
 
-# PCI ids JAX itself looks for (jax._src.hardware_utils): Google's vendor id, its TPU chips.
+# PCI ids of TPU chips, the ones JAX's own hardware detection looks for: Google's vendor id
+# and its TPU chips' device ids.
 GOOGLE_PCI_VENDOR = "0x1ae0"
 TPU_PCI_DEVICES = frozenset({"0x0027", "0x0056", "0x005e", "0x0062", "0x0063", "0x006f", "0x0076"})
 NVIDIA_DEVICE_FILES = ("/dev/nvidia0", "/dev/nvidiactl", "/dev/dxg")
@@ -131,23 +124,29 @@ class Machine:
     rocm_plugin: bool
 
 
-def this_machine(environ: Mapping[str, str]) -> Machine:
-    """This machine's accelerators and JAX plugins, found without loading any of them."""
-    tpu_chips = bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))  # TPU devices
-    for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
-        device = Path(vendor).with_name("device")
+def tpu_chips_here(pci_devices: Path = Path("/sys/bus/pci/devices")) -> bool:
+    """Whether this host has TPU chips: their device files, or PCI devices of their ids."""
+    if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
+        return True
+    for vendor in pci_devices.glob("*/vendor"):
         try:
-            if Path(vendor).read_text().strip() == GOOGLE_PCI_VENDOR:
-                tpu_chips |= device.read_text().strip() in TPU_PCI_DEVICES
+            if vendor.read_text().strip() == GOOGLE_PCI_VENDOR:
+                if vendor.with_name("device").read_text().strip() in TPU_PCI_DEVICES:
+                    return True
         except OSError:
             continue
+    return False
+
+
+def this_machine(environ: Mapping[str, str]) -> Machine:
+    """This machine's accelerators and JAX plugins, found without loading any of them."""
     plugins = {m.name for m in pkgutil.iter_modules() if m.name.startswith("jax_")}
     namespace = importlib.util.find_spec("jax_plugins")
     if namespace is not None and namespace.submodule_search_locations:
         plugins |= {m.name for m in pkgutil.iter_modules(namespace.submodule_search_locations)}
     libtpu = environ.get("TPU_LIBRARY_PATH") or importlib.util.find_spec("libtpu")
     return Machine(
-        tpu_chips=tpu_chips,
+        tpu_chips=tpu_chips_here(),
         libtpu=bool(libtpu),
         nvidia_gpu=any(os.path.exists(f) for f in NVIDIA_DEVICE_FILES),
         cuda_plugin=any(re.search(r"cuda\d*", name) for name in plugins),

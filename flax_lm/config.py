@@ -223,19 +223,15 @@ def damaged_file(directory: str | Path) -> UserError | None:
     return None
 
 
-def check_heads(width: int, num_heads: int) -> None:
-    """Attention splits the hidden size evenly over its heads (the models check it too)."""
-    if width % num_heads:
-        raise UserError(f"hidden size {width} is not divisible by {num_heads} attention heads")
-
-
 def check_config(config: PretrainedConfig, tokenizer_size: int | None = None) -> None:
     """Catch sizes the model cannot be built with, before anything is written."""
     for field in SIZE_FIELDS:
         value = getattr(config, field)
         if not isinstance(value, int) or value <= 0:
             raise UserError(f"config {field} must be a positive integer, got {value!r}")
-    check_heads(config.hidden_size, config.num_attention_heads)
+    width, heads = config.hidden_size, config.num_attention_heads
+    if width % heads:  # the rule of the models' check_heads, told before anything is written
+        raise UserError(f"hidden size {width} is not divisible by {heads} attention heads")
     for field in DROPOUT_FIELDS[config.model_type]:
         value = getattr(config, field)
         if not 0.0 <= value < 1.0:

@@ -39,8 +39,8 @@ LOADER_BY_EXTENSION = {
 DOCUMENT_LOADER = "document"
 TEXT_LOADERS = ("text", DOCUMENT_LOADER, "json", "csv")  # loaders whose files must be UTF-8 text
 READ_CHUNK_BYTES = 1 << 20
-# Rows per Arrow record batch in the cache of local files: each chunk a loader reads (10 MB of
-# text at most) is written as one record batch instead of one per 1,000 rows, so opening the
+# Rows per Arrow record batch in the cache of local files: each chunk a loader reads (datasets'
+# text loader's chunk size at most) is written as one record batch instead of one per 1,000 rows, so opening the
 # cache reads a message header every chunk, not every few kilobytes (each such read maps the
 # pages around it into the process: the whole cache for short lines)
 CACHE_BATCH_ROWS = 1_000_000

@@ -33,10 +33,10 @@ class ArgParser(argparse.ArgumentParser):
 
     def unknown_flag_message(self, unknown: Sequence[str]) -> str:
         flag = next((u for u in unknown if u.startswith("-")), unknown[0])
-        name = flag.split("=", 1)[0]
+        name = flag.split("=", 1)[0] if flag.startswith("-") else flag  # a value may be a token
         close = difflib.get_close_matches(name, self.known_flags(), n=3, cutoff=0.6)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        return f"unrecognized argument {flag!r}{hint}"
+        return f"unrecognized argument {name!r}{hint}"
 
 
 def one_line(err: BaseException, limit: int | None = 300) -> str:
@@ -47,20 +47,32 @@ def one_line(err: BaseException, limit: int | None = 300) -> str:
 
 def damaged(path, err: Exception) -> UserError:
     """The error for a file that cannot be parsed, as an interrupted copy or download leaves it."""
-    return UserError(
+    return UserError(damaged_message(path, err))
+
+
+def damaged_message(path, err: Exception) -> str:
+    return (
         f"{path} is damaged ({one_line(err, 200)}): cut short by an interrupted copy or "
         "download? copy or download it again"
     )
 
 
+def user_errors() -> tuple[type[Exception], ...]:
+    """The errors a command shows as one line: UserError, and the models' ModelError once the
+    models are loaded (nothing raises it before; looked up so that no command loads them)."""
+    models = sys.modules.get("flax_lm.models.errors")
+    return (UserError,) if models is None else (UserError, models.ModelError)
+
+
 def report_user_errors(main: Callable[..., object]) -> Callable[..., int]:
-    """Wrap a command's main(): UserError -> `error: ...` on stderr and exit status 2."""
+    """Wrap a command's main(): UserError (or ModelError) -> `error: ...` on stderr and exit
+    status 2."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs) -> int:
         try:
             result = main(*args, **kwargs)
-        except UserError as err:
+        except user_errors() as err:
             print(f"error: {err}", file=sys.stderr)
             return EXIT_USAGE
         return int(result or 0)

@@ -1,11 +1,11 @@
 """Host memory: back large allocations with transparent huge pages (Linux, glibc).
 
-XLA:CPU allocates a step's temporary buffers afresh at every step (hundreds of MB for a small
-model, gigabytes for GPT-2 124M), glibc maps each large block anew, and the kernel faults it in
-4 KiB at a time: a small model's step spends a large share of its CPU time in the kernel. With
-glibc's `glibc.malloc.hugetlb=1` tunable, malloc asks for 2 MiB transparent huge pages on those
-mappings (where the kernel's THP mode is `madvise` or `always`): 512 times fewer faults, the
-same peak memory. bench/page_faults.py counts the faults; README's Performance section gives
+XLA:CPU allocates a step's temporary buffers afresh at every step, glibc maps each large block
+anew, and the kernel faults it in one base page at a time: a small model's step spends a large
+share of its CPU time in the kernel. With glibc's `glibc.malloc.hugetlb=1` tunable, malloc asks
+for transparent huge pages on those mappings (where the kernel's THP mode is `madvise` or
+`always`): one fault per huge page instead of one per base page, the same peak memory.
+bench/page_faults.py counts the faults; docs/performance.md ("Host memory in huge pages") gives
 the step times measured with and without it.
 
 glibc reads its tunables once, when a process starts, so the commands that run a model's

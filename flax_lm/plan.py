@@ -10,9 +10,9 @@ XLA then says how many bytes each device needs: parameters and optimizer state (
 shard shapes), the batch, the program and its temporaries, against the device's memory.
 
 --topology NAME compiles for devices this machine need not have: TPUs by any name libtpu knows
-(v3-8, v4:2x2x1, v5e:4x4, ...; needs `pip install -e '.[tpu]'`), with XLA's TPU compiler and the
-HBM it reports; or NVIDIA GPUs of GPU_TARGETS (h100, h200, a100; `h100:8` for eight in one host;
-needs JAX's CUDA plugin, no GPU), with XLA's GPU compiler told the chip's data sheet, against the
+(v3-8, v4:2x2x1, v5e:4x4, ...; needs `pip install -e '.[tpu]'`), with XLA's TPU compiler, against
+the HBM Google publishes for the generation (TPU_HBM_PER_CHIP); or NVIDIA GPUs of GPU_TARGETS (h100, h200, a100; `h100:8` for eight in one host;
+needs JAX's CUDA plugin, no GPU), with XLA's GPU compiler told the chip's data sheet and the installed cuDNN, against the
 share of its memory JAX takes (XLA_PYTHON_CLIENT_MEM_FRACTION, 0.75 unless set). Without it the
 plan is for the local devices: a GPU's memory limit, or for CPU devices the host memory available
 now, which they share. The schedule's length is the one thing
@@ -28,10 +28,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib.metadata
 import json
 import math
 import os
-import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,11 +57,18 @@ COMPILE_ONLY_TPU_ENV = {
     "TPU_WORKER_HOSTNAMES": "localhost",
     "TPU_WORKER_ID": "0",
 }
-OUT_OF_MEMORY = re.compile(
-    r"memory required for HLO temporaries \(([\d.]+)([KMGT]?)\) exceeds available HBM "
-    r"\(([\d.]+)([KMGT]?)\)"
-)
-UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+# HBM per chip, as Google's Cloud TPU system-architecture pages publish it, by JAX's device_kind.
+# JAX makes a device of each TensorCore (v2, v3, TPU7x) or of the whole chip (megacore: v4 and
+# v5p, as on their hosts, and single-core chips): tpu_hbm_bytes divides.
+TPU_HBM_PER_CHIP = {
+    "TPU v2": 16 * GIB,
+    "TPU v3": 32 * GIB,
+    "TPU v4": 32 * GIB,
+    "TPU v5 lite": 16 * GIB,  # v5e
+    "TPU v5": 95 * GIB,  # v5p
+    "TPU v6 lite": 32 * GIB,  # v6e (Trillium)
+    "TPU7x": 192 * GIB,  # Ironwood
+}
 MAX_FALLBACK_COMPILES = 4
 
 
@@ -84,8 +91,8 @@ class Target:
 
 
 def tpu_topology(name: str) -> Target:
-    """The devices of TPU topology `name` (compile-only) and their HBM, as XLA's TPU compiler
-    states it. UserError when libtpu is missing or does not know the name."""
+    """The devices of TPU topology `name` (compile-only) and their HBM (None for a generation
+    TPU_HBM_PER_CHIP does not list). UserError when libtpu is missing or does not know the name."""
     import jax
 
     # The plan runs nothing here: leave a local TPU to training. (A process where a backend
@@ -111,7 +118,16 @@ def tpu_topology(name: str) -> Target:
             f"--topology {name!r} is not a TPU topology libtpu knows (e.g. v3-8, v4:2x2x1, "
             f"v5e:4x4): {text[:200]}"
         ) from None
-    return Target(name, list(devices), hbm_bytes(devices[0]), "HBM")
+    return Target(name, list(devices), tpu_hbm_bytes(devices), "HBM")
+
+
+def tpu_hbm_bytes(devices: list) -> int | None:
+    """HBM per device of TPU `devices`: the published HBM of a chip, shared by the devices JAX
+    makes of it (one per TensorCore, or one for the chip)."""
+    per_chip = TPU_HBM_PER_CHIP.get(devices[0].device_kind)
+    if per_chip is None:
+        return None
+    return per_chip // len({getattr(device, "core_on_chip", 0) for device in devices})
 
 
 @dataclass(frozen=True)
@@ -131,9 +147,11 @@ class GpuSpec:
     shared_memory_per_block_optin: int
     bf16_dense_flops: float  # published, FLOP/s
 
-    def target_config(self) -> str:
-        """The GpuTargetConfigProto (text format) XLA compiles for."""
+    def target_config(self, cudnn: tuple[int, int] | None = None) -> str:
+        """The GpuTargetConfigProto (text format) XLA compiles for, with the cuDNN version the
+        GPU would run (XLA chooses cuDNN's kernels, fused attention among them, by it)."""
         major, minor = self.compute_capability
+        dnn = "" if cudnn is None else "dnn_version_info {{ major: {} minor: {} }}\n".format(*cudnn)
         return f"""gpu_device_info {{
   threads_per_block_limit: 1024 threads_per_warp: 32 threads_per_core_limit: 2048
   shared_memory_per_block: 49152
@@ -147,8 +165,7 @@ class GpuSpec:
   registers_per_core_limit: 65536 registers_per_block_limit: 65536
 }}
 platform_name: "CUDA"
-dnn_version_info {{ major: 9 minor: 8 }}
-device_description_str: "{self.name}"
+{dnn}device_description_str: "{self.name}"
 """
 
 
@@ -161,6 +178,21 @@ GPU_TARGETS = {
                     40 * 2**20, 167_936, 166_912, 312e12),
 }  # fmt: skip
 GPU_MEMORY_FRACTION = 0.75  # what JAX takes of a GPU's memory unless told otherwise
+CUDNN_DISTRIBUTIONS = ("nvidia-cudnn-cu13", "nvidia-cudnn-cu12")  # as jax[cuda13/12] installs it
+
+
+def installed_cudnn() -> tuple[int, int] | None:
+    """(major, minor) of the cuDNN that JAX's CUDA plugin loads, from its wheel's metadata; None
+    where no cuDNN wheel is installed (XLA then assumes no cuDNN)."""
+    for name in CUDNN_DISTRIBUTIONS:
+        try:
+            version = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        major, minor = (version.split(".") + ["0"])[:2]
+        if major.isdigit() and minor.isdigit():
+            return int(major), int(minor)
+    return None
 
 
 def gpu_target(name: str) -> tuple[GpuSpec, int] | None:
@@ -187,7 +219,7 @@ def gpu_topology(name: str) -> Target:
 
     try:
         devices = topologies.get_topology_desc(
-            platform="cuda", topology=f"1x1x{count}", target_config=spec.target_config()
+            platform="cuda", topology=f"1x1x{count}", target_config=spec.target_config(installed_cudnn())
         ).devices
     except (NotImplementedError, RuntimeError) as err:
         raise UserError(
@@ -214,28 +246,6 @@ def environment(values: dict[str, str]):
     finally:
         for key in added:
             os.environ.pop(key, None)
-
-
-def hbm_bytes(device) -> int:
-    """The HBM XLA lets a program of `device` use: from the out-of-memory refusal of a probe
-    that needs 256 GiB of temporaries (XLA's TPU compiler states no limit otherwise)."""
-    import jax
-    import jax.numpy as jnp
-    from jax.sharding import SingleDeviceSharding
-
-    probe = jax.ShapeDtypeStruct((2**18, 128), jnp.float32, sharding=SingleDeviceSharding(device))
-    try:  # sorting the product makes XLA hold all of it
-        jax.jit(lambda x: jnp.sort(x @ x.T, axis=0)[0]).lower(probe).compile()
-    except Exception as err:  # noqa: BLE001 - XLA's error types differ between versions
-        found = OUT_OF_MEMORY.search(str(err))
-        if found:
-            return to_bytes(found.group(3), found.group(4))
-        raise
-    raise RuntimeError(f"XLA compiled a 256 GiB program for {device.device_kind}: no HBM limit")
-
-
-def to_bytes(number: str, unit: str) -> int:
-    return round(float(number) * UNITS[unit])
 
 
 def local_target() -> Target:
@@ -273,7 +283,7 @@ class Plan:
     settings: dict[str, Any]
     per_device_bytes: dict[str, int]
     fits: bool | None
-    compiled: bool  # False: XLA refused it for memory (temporaries from its message)
+    compiled: bool  # False: XLA refused it for memory (per_device_bytes: what it holds, no more)
     compile_seconds: float
     flops: dict[str, float] = field(default_factory=dict)
 
@@ -321,11 +331,10 @@ def plan_step(cfg: TrainConfig, objective_name: str, target: Target, *,
     try:
         compiled, seconds = compile_train_step(train_step, state, batch, mesh)
     except Exception as err:  # noqa: BLE001 - XLA's error types differ between versions
-        refused = OUT_OF_MEMORY.search(str(err))
-        if refused is None:
+        if not refused_for_memory(err):
             raise
-        per_device = {**held, "temporaries": to_bytes(refused.group(1), refused.group(2))}
-        per_device["total"] = shard_bytes(state) + held["batch"] + per_device["temporaries"]
+        # XLA says no more than that it does not fit: what is known is what the step holds
+        per_device = {**held, "total": shard_bytes(state) + held["batch"]}
         return Plan(settings, per_device, False, False, 0.0, flops)
     memory = compiled.memory_analysis()
     per_device = {
@@ -342,6 +351,12 @@ def plan_step(cfg: TrainConfig, objective_name: str, target: Target, *,
     )  # fmt: skip
     fits = None if target.memory_bytes is None else per_device["total"] <= target.memory_bytes
     return Plan(settings, per_device, fits, True, round(seconds, 2), flops)
+
+
+def refused_for_memory(err: Exception) -> bool:
+    """Whether XLA refused a compile because the program does not fit the device's memory (the
+    TPU compiler checks its HBM), by the error's status code."""
+    return getattr(err, "error_code_string", None) == "RESOURCE_EXHAUSTED"
 
 
 def step_to_compile(cfg: TrainConfig, objective_name: str, target: Target):
@@ -394,9 +409,12 @@ def suggest(cfg: TrainConfig, objective: str, target: Target, missed: Plan) -> l
         cfg, per_device_train_batch_size=batch // 2, gradient_accumulation_steps=accumulation
     )
     smaller = plan_step(half, objective, target, with_flops=False)
-    per_row = (missed.total - smaller.total) / (batch - batch // 2)
-    fixed = missed.total - per_row * batch
-    estimate = int((target.memory_bytes - fixed) // per_row) if per_row > 0 else batch // 2
+    estimate = batch // 2
+    if missed.compiled and smaller.compiled:  # the bytes of a row, from the two batches' totals
+        per_row = (missed.total - smaller.total) / (batch - batch // 2)
+        fixed = missed.total - per_row * batch
+        if per_row > 0:
+            estimate = int((target.memory_bytes - fixed) // per_row)
     sizes = [b for b in range(min(estimate, batch - 1), 0, -1) if batch % b == 0]
     for size in sizes[: MAX_FALLBACK_COMPILES - 2]:
         flags = {
@@ -432,7 +450,12 @@ def report(plan: Plan, target: Target) -> str:
     for name in rows:
         if name in b:
             lines.append(f"    {name.replace('_', ' '):<18}{gib(b[name]):>12}")
-    if target.memory_bytes is None:
+    if not plan.compiled:
+        memory = "the device's memory" if target.memory_bytes is None else (
+            f"{gib(target.memory_bytes)} {target.memory_kind}")
+        lines.append(f"    {'total':<18}more than {memory} (held before temporaries "
+                     f"{gib(b['total'])})")
+    elif target.memory_bytes is None:
         lines.append(f"    {'total':<18}{gib(b['total']):>12}")
     else:
         spare = 1 - b["total"] / target.memory_bytes
@@ -449,7 +472,7 @@ def report(plan: Plan, target: Target) -> str:
     if plan.compiled:
         lines.append(f"  compiled in {plan.compile_seconds:.1f} s")
     else:
-        lines.append("  XLA refused to compile it: its temporaries do not fit")
+        lines.append("  XLA refused to compile it: it does not fit the device's memory")
     verdict = {True: "fits", False: "does not fit", None: "no verdict (memory unknown)"}
     lines.append(verdict[plan.fits])
     return "\n".join(lines)

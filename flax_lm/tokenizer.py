@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from flax_lm.corpus import Corpus, iter_text_batches, refuse_remote_code, text_dataset_from_flags
 from flax_lm.errors import ArgParser, UserError, report_user_errors
 from flax_lm.storage import check_output_dir
+from flax_lm.train.args import warn_about_secrets_on_the_command_line
 
 SPECIAL_TOKENS = {  # role -> token; list order gives ids 0..4, as in roberta-base
     "bos_token": "<s>",
@@ -160,7 +161,9 @@ class DocumentCounter:
 
 @report_user_errors
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    warn_about_secrets_on_the_command_line(argv)
     check_args(args)
     corpus = load_corpus(args)
     start = time.perf_counter()

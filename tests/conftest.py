@@ -108,11 +108,12 @@ def assert_one_line_error(
 
 @contextlib.contextmanager
 def raises_user_error(*must_name: str) -> Iterator[pytest.ExceptionInfo]:
-    """The library's side of assert_one_line_error: a UserError whose message names each of
-    `must_name` (the bad value, the setting or file), whatever its wording."""
+    """The library's side of assert_one_line_error: a UserError (or the models' ModelError) whose
+    message names each of `must_name` (the bad value, the setting or file), whatever its wording."""
     from flax_lm.errors import UserError
+    from flax_lm.models.errors import ModelError
 
-    with pytest.raises(UserError) as raised:
+    with pytest.raises((UserError, ModelError)) as raised:
         yield raised
     missing = [name for name in must_name if str(name) not in str(raised.value)]
     assert not missing, f"{str(raised.value)!r} does not name {missing}"

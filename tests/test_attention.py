@@ -21,8 +21,8 @@ from test_models import decode_in_steps, dropout_key, gpt2_config, roberta_confi
 from test_resume import run_argv, run_in_process
 
 from flax_lm import backend
-from flax_lm.errors import UserError
 from flax_lm.models import attention, create_model
+from flax_lm.models.errors import ModelError
 from flax_lm.models.gpt2 import GPT2LMHeadModel
 from flax_lm.models.roberta import RobertaForMaskedLM
 
@@ -138,7 +138,7 @@ def test_the_implementation_is_chosen_by_platform_and_dtype(platform, dtype, req
     ("cuda", "bfloat16", "splash", "cuda"),
 ])
 def test_impossible_choices_are_user_errors(platform, dtype, requested, named):
-    with pytest.raises(UserError, match=named):
+    with pytest.raises(ModelError, match=named):
         attention.choose_attention(platform, jnp.dtype(dtype), requested)
 
 
@@ -149,7 +149,7 @@ def test_models_take_the_chosen_implementation():
 
     assert built(gpt2_config(), attention="auto").h.attn.implementation == "reference"
     assert built(roberta_config(), attention="xla").layers.attention.implementation == "xla"
-    with pytest.raises(UserError, match="cudnn"):
+    with pytest.raises(ModelError, match="cudnn"):
         built(gpt2_config(), attention="cudnn", dtype="bfloat16")
     # A model built for another platform's devices (a plan compiling for a GPU on this CPU) takes
     # that platform's choice, and a named one is checked against it.
@@ -159,7 +159,7 @@ def test_models_take_the_chosen_implementation():
     assert fused.fused_loss and not built(gpt2_config()).fused_loss
     assert built(roberta_config(), attention="cudnn", dtype="bfloat16",
                  platform="cuda").layers.attention.implementation == "cudnn"
-    with pytest.raises(UserError, match="tpu"):
+    with pytest.raises(ModelError, match="tpu"):
         built(gpt2_config(), attention="cudnn", dtype="bfloat16", platform="tpu")
 
 
@@ -307,7 +307,7 @@ def test_a_fast_kernel_that_fails_or_errs_gives_way_to_xla(monkeypatch):
     settled = attention.settle_attention(chosen, **GEOMETRY)
     assert settled.implementation == "xla" and "differs from the reference" in settled.reason
     # named by the user: not replaced, one clear error
-    with pytest.raises(UserError, match="cudnn"):
+    with pytest.raises(ModelError, match="cudnn"):
         attention.settle_attention(attention.attention_choice("cuda", jnp.bfloat16, "cudnn"),
                                    **GEOMETRY)
 

@@ -26,8 +26,8 @@ from test_models import (
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
 import flax_lm
-from flax_lm.errors import UserError
 from flax_lm.models import create_model
+from flax_lm.models.errors import ModelError
 from flax_lm.models.hf_io import export_state_dict, load_model, save_model
 
 CONFIGS = {
@@ -162,7 +162,7 @@ def test_missing_and_misshapen_tensors_are_all_named(tmp_path):
         tensors["transformer.ln_f.bias"] = np.zeros(65, np.float32)
 
     rewrite_weights(tmp_path, damage)
-    with pytest.raises(UserError) as error:
+    with pytest.raises(ModelError) as error:
         load_model(tmp_path)
     message = str(error.value)
     assert "\n" not in message

@@ -9,11 +9,19 @@ import io
 import json
 import math
 import re
+import sys
 
 import jax
 import pytest
 
-from flax_lm.plan import GPU_TARGETS, gpu_target
+from flax_lm.plan import (
+    GPU_TARGETS,
+    TPU_HBM_PER_CHIP,
+    gpu_target,
+    installed_cudnn,
+    refused_for_memory,
+    tpu_topology,
+)
 from flax_lm.plan import main as plan
 from flax_lm.train import step, trainer
 from flax_lm.train.cli import main as train
@@ -126,6 +134,7 @@ def test_splash_attention_compiles_for_tpu_v4_and_later(tiny_tokenizer_dir, monk
     assert status == 0, stderr[-2000:]
     result = json.loads(stdout)
     assert result["devices"] == 4 and result["settings"]["attention"] == "splash"
+    assert result["hbm_bytes"] == {"v5e:2x2": 16, "v4:2x2x1": 32}[topology] * 2**30  # a chip's
     program = compiled_steps[0].as_text()
     for kernel in ("splash_mha_fwd", "splash_mha_dq", "splash_mha_dkv"):
         assert kernel in program, kernel
@@ -155,6 +164,51 @@ def test_a_train_step_compiles_for_a_tpu_v3_8_on_this_cpu(tiny_tokenizer_dir, mo
     largest_parameter = 512 * 32  # the token embeddings
     all_reduced = all_reduced_elements(compiled_steps[0].as_text())
     assert all_reduced and max(all_reduced) <= largest_parameter, all_reduced
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed: pip install -e '.[tpu]'")
+@pytest.mark.parametrize(("topology", "kind", "devices", "gib_per_device"), [
+    ("v2:2x2", "TPU v2", 8, 8),  # a device per TensorCore: half of a chip's 16 GiB
+    ("v3-8", "TPU v3", 8, 16),
+    ("v5e:2x2", "TPU v5 lite", 4, 16),  # one core per chip
+    ("v5p:2x2x1", "TPU v5", 4, 95),  # megacore: the chip is the device
+    ("v6e:2x2", "TPU v6 lite", 4, 32),
+])  # fmt: skip
+def test_a_tpu_generation_has_its_published_hbm_per_device(topology, kind, devices,
+                                                          gib_per_device):
+    target = tpu_topology(topology)
+    assert (target.devices[0].device_kind, len(target.devices)) == (kind, devices)
+    assert target.memory_bytes == gib_per_device * 2**30
+    assert TPU_HBM_PER_CHIP[kind] % target.memory_bytes == 0
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed: pip install -e '.[tpu]'")
+def test_a_program_too_large_for_the_hbm_is_refused_for_memory():
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import SingleDeviceSharding
+
+    core = tpu_topology("v2:2x2").devices[0]
+    rows = jax.ShapeDtypeStruct((2**16, 128), jnp.float32, sharding=SingleDeviceSharding(core))
+    with pytest.raises(Exception) as refused:  # noqa: PT011 - the type is XLA's, by version
+        # a 16 GiB product on a core of 8 GiB, held whole to be sorted
+        jax.jit(lambda x: jnp.sort(x @ x.T, axis=0)[0]).lower(rows).compile()
+    assert refused_for_memory(refused.value)
+    assert not refused_for_memory(ValueError("RESOURCE_EXHAUSTED"))
+
+
+def test_the_gpu_target_states_the_installed_cudnn(tmp_path, monkeypatch):
+    """XLA is told the cuDNN of the installed wheel (as jax[cuda12] brings it), none without."""
+    monkeypatch.setattr(sys, "path", [str(tmp_path)])  # where the distributions are looked for
+    assert installed_cudnn() is None
+    assert "dnn_version_info" not in GPU_TARGETS["h100"].target_config(installed_cudnn())
+    wheel = tmp_path / "nvidia_cudnn_cu12-9.10.2.21.dist-info"
+    wheel.mkdir()
+    (wheel / "METADATA").write_text("Metadata-Version: 2.1\nName: nvidia-cudnn-cu12\n"
+                                    "Version: 9.10.2.21\n")
+    assert installed_cudnn() == (9, 10)
+    config = GPU_TARGETS["h100"].target_config(installed_cudnn())
+    assert "dnn_version_info { major: 9 minor: 10 }" in config
 
 
 @pytest.mark.parametrize(

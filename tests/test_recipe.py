@@ -72,7 +72,7 @@ def recipe_run(code_corpus, tiny_tokenizer_dir, tmp_path):
     return argv, out, kept
 
 
-@pytest.mark.slow  # a whole run: about 30 s of CPU
+@pytest.mark.slow  # a whole training run: filter, train, evaluate, write its outputs
 def test_the_recipe_filters_trains_and_writes_its_outputs(recipe_run, capsys):
     argv, out, kept = recipe_run
     status = main(argv, objective="clm")

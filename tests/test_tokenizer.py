@@ -240,4 +240,6 @@ def test_token_reaches_the_hub_dataset(tmp_path: Path, capsys, monkeypatch):
     status, _, err = run_main(capsys, "--dataset_name", "someone/gated", "--token", "hf_abc",
                               "--output_dir", str(tmp_path / "out"))
     assert seen == [("someone/gated", "hf_abc")]
-    assert_one_line_error((status, err), "'someone/gated'", "no network here")
+    warning, error = err.strip().splitlines()  # a token on the command line is visible to others
+    assert "--token" in warning and "HF_TOKEN" in warning and "hf_abc" not in err
+    assert_one_line_error((status, error), "'someone/gated'", "no network here")

@@ -9,13 +9,13 @@ from flax import nnx
 
 from flax_lm.backend import choices_for
 from flax_lm.backend import platform as local_platform
-from flax_lm.errors import UserError
 from flax_lm.models.attention import (
     AttentionChoice,
     attention_choice,
     choose_attention,
     settle_attention,
 )
+from flax_lm.models.errors import ModelError
 from flax_lm.models.gpt2 import GPT2LMHeadModel
 from flax_lm.models.layers import NO_DECAY_KINDS, compute_dtype
 from flax_lm.models.roberta import RobertaForMaskedLM
@@ -30,9 +30,9 @@ __all__ = ["SUPPORTED_MODEL_TYPES", "create_model", "matmul_param_count", "settl
 
 
 def model_class(model_type: str | None) -> type[Model]:
-    """Our class for a config's model_type; UserError listing the supported ones otherwise."""
+    """Our class for a config's model_type; ModelError listing the supported ones otherwise."""
     if model_type not in MODEL_CLASSES:
-        raise UserError(f"unsupported model_type {model_type!r}; supported: "
+        raise ModelError(f"unsupported model_type {model_type!r}; supported: "
                         f"{', '.join(SUPPORTED_MODEL_TYPES)}")
     return MODEL_CLASSES[model_type]
 

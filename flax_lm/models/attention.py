@@ -41,7 +41,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from flax_lm.backend import choices_for
-from flax_lm.errors import UserError, one_line
+from flax_lm.models.errors import ModelError
 from flax_lm.models.layers import Dense, dropout, rows_spec, split_key
 
 IMPLEMENTATIONS = ("reference", "xla", "cudnn", "splash")
@@ -51,6 +51,12 @@ FUSED_DTYPES = (jnp.bfloat16, jnp.float16)  # what cuDNN's fused attention takes
 # What "cudnn" passes to jax.nn.dot_product_attention; the CPU tests run the very same call
 # with "xla" to check the arguments built for it.
 CUDNN_BACKEND = "cudnn"
+
+
+def check_heads(width: int, num_heads: int) -> None:
+    """Attention splits the hidden size evenly over its heads."""
+    if width % num_heads:
+        raise ModelError(f"hidden size {width} is not divisible by {num_heads} attention heads")
 
 
 NAMED = "named by --attn_implementation"  # the reason of a choice the user made
@@ -88,16 +94,16 @@ def choose_attention(platform: str, dtype: Any, requested: str = "auto") -> str:
 def attention_choice(platform: str, dtype: Any, requested: str = "auto") -> AttentionChoice:
     """`choose_attention`, with the reason for the choice."""
     if requested not in CHOICES:
-        raise UserError(f"unknown attention implementation {requested!r}; "
+        raise ModelError(f"unknown attention implementation {requested!r}; "
                         f"choose one of {', '.join(CHOICES)}")
     dtype_name = jnp.dtype(dtype).name
     fused_dtype = jnp.dtype(dtype) in FUSED_DTYPES
     if requested == "cudnn" and (platform not in ("cuda", "gpu") or not fused_dtype):
-        raise UserError(f"attention implementation 'cudnn' needs an NVIDIA GPU and bfloat16 "
-                        f"compute (--dtype bfloat16); here: {platform}, {dtype_name}")
+        raise ModelError(f"attention implementation 'cudnn' needs an NVIDIA GPU and bfloat16 "
+                         f"compute (--dtype bfloat16); here: {platform}, {dtype_name}")
     if requested == "splash" and platform != "tpu":
-        raise UserError(f"attention implementation 'splash' needs a TPU v4 or later; "
-                        f"here: {platform}")
+        raise ModelError(f"attention implementation 'splash' needs a TPU v4 or later; "
+                         f"here: {platform}")
     if requested != "auto":
         return AttentionChoice(requested, NAMED)
     choices = choices_for(platform)
@@ -111,7 +117,7 @@ def settle_attention(choice: AttentionChoice, *, heads: int, head_dim: int, leng
     """The attention a training run takes: `choice`, unless it is a fast kernel that cannot take
     `length`, or (`try_kernel`: on this process's devices) fails to compile or run, or differs
     from the reference, on a small input of the run's geometry; then XLA's, the reason saying
-    why. A kernel the user named that fails is a UserError. Attention dropout in the model adds
+    why. A kernel the user named that fails is a ModelError. Attention dropout in the model adds
     why it takes the reference path while training (DROPOUT_FALLBACK)."""
     name, reason = choice
     problem = None
@@ -122,7 +128,7 @@ def settle_attention(choice: AttentionChoice, *, heads: int, head_dim: int, leng
                                  causal=causal, dtype=dtype)
     if problem is not None:
         if reason == NAMED:
-            raise UserError(f"--attn_implementation {name}: {problem}")
+            raise ModelError(f"--attn_implementation {name}: {problem}")
         name, reason = "xla", f"{name} attention cannot be used here: {problem}"
     if attn_dropout > 0 and name != "reference":
         reason += (f"; while training, attention dropout {attn_dropout:g} takes the reference "
@@ -161,7 +167,7 @@ def kernel_problem(name: str, *, heads: int, head_dim: int, length: int, causal:
     try:
         got = run(name)
     except Exception as err:  # noqa: BLE001 - compilers and runtimes raise their own types
-        return one_line(err, None)[:300]
+        return " ".join(str(err).split())[:300] or type(err).__name__
     want = run("reference")
     tolerance = KERNEL_TOLERANCE.get(jnp.dtype(dtype).name, 5e-2)
     for what, a, b in zip(("output", "dq", "dk", "dv"), got, want, strict=True):

@@ -25,16 +25,19 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from transformers import GPT2Config
 
-from flax_lm.config import check_heads
-from flax_lm.errors import UserError
-from flax_lm.models.attention import SelfAttention, cache_attention_mask, self_attention_mask
+from flax_lm.models.attention import (
+    SelfAttention,
+    cache_attention_mask,
+    check_heads,
+    self_attention_mask,
+)
+from flax_lm.models.errors import ModelError
 from flax_lm.models.layers import (
     MLP,
     Embed,
@@ -49,10 +52,13 @@ from flax_lm.models.layers import (
 )
 from flax_lm.models.output import OutputLayer
 
+if TYPE_CHECKING:  # transformers' config classes load torch: only named here
+    from transformers import GPT2Config
+
 
 def check_config(config: GPT2Config) -> None:
     if config.add_cross_attention:
-        raise UserError("add_cross_attention is not supported (GPT-2 here is decoder-only)")
+        raise ModelError("add_cross_attention is not supported (GPT-2 here is decoder-only)")
     check_heads(config.n_embd, config.n_head)
     check_activation(config.activation_function)
 
@@ -150,7 +156,7 @@ class GPT2LMHeadModel(LanguageModel):
 
     def _check_length(self, length: int) -> None:
         if length > self.config.n_positions:
-            raise UserError(f"sequence length {length} exceeds n_positions "
+            raise ModelError(f"sequence length {length} exceeds n_positions "
                             f"{self.config.n_positions} of the GPT-2 config")
 
     def _attention_scale(self, layer_idx: jax.Array) -> float | jax.Array:

@@ -22,8 +22,9 @@ from flax import nnx
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save
 
-from flax_lm.errors import UserError, damaged
+from flax_lm.errors import damaged_message
 from flax_lm.models import Model, create_model, model_class
+from flax_lm.models.errors import ModelError
 from flax_lm.models.layers import TorchTensor
 from flax_lm.storage import save_pretrained, write_bytes_atomically
 
@@ -88,7 +89,7 @@ def import_state_dict(model: Model, state_dict: Mapping[str, Any]) -> Model:
     """Set the model's parameters (in place; also works on an `nnx.eval_shape` model) from a
     PyTorch-layout state dict of array-likes; names with or without `transformer.`/`roberta.`.
 
-    Raises UserError naming every missing or misshapen tensor. Tensors the model does not use are
+    Raises ModelError naming every missing or misshapen tensor. Tensors the model does not use are
     ignored, with a warning naming them.
     """
     found = {base_name(name): tensor for name, tensor in state_dict.items()}
@@ -120,7 +121,7 @@ def import_state_dict(model: Model, state_dict: Mapping[str, Any]) -> Model:
     problems = ([f"missing {', '.join(missing)}"] if missing else []) + (
         [f"misshapen {', '.join(misshapen)}"] if misshapen else [])
     if problems:
-        raise UserError(f"checkpoint does not match the {model.config.model_type} config: "
+        raise ModelError(f"checkpoint does not match the {model.config.model_type} config: "
                         + "; ".join(problems))
     redundant = model.redundant_torch_tensors()
     unused = [n for n in state_dict if base_name(n) not in used and not redundant.fullmatch(n)]
@@ -154,19 +155,19 @@ def weight_files(model_dir: Path) -> list[Path]:
         try:
             weight_map = json.loads((model_dir / WEIGHTS_INDEX).read_text())["weight_map"]
         except (UnicodeDecodeError, json.JSONDecodeError, KeyError) as err:
-            raise damaged(model_dir / WEIGHTS_INDEX, err) from None
+            raise ModelError(damaged_message(model_dir / WEIGHTS_INDEX, err)) from None
         shards = [model_dir / name for name in sorted(set(weight_map.values()))]
         absent = [shard.name for shard in shards if not shard.is_file()]
         if absent:
-            raise UserError(f"{model_dir / WEIGHTS_INDEX} lists missing shards: "
+            raise ModelError(f"{model_dir / WEIGHTS_INDEX} lists missing shards: "
                             f"{', '.join(absent)}")
         return shards
     if any((model_dir / name).is_file() for name in PICKLED_WEIGHTS):
-        raise UserError(
+        raise ModelError(
             f"{model_dir} has only PyTorch pickle weights (pytorch_model.bin), which are never "
             "loaded here because unpickling can run arbitrary code; convert them to safetensors "
             "(in transformers: model.save_pretrained(dir, safe_serialization=True))")
-    raise UserError(f"{model_dir} has no {WEIGHTS} or {WEIGHTS_INDEX}")
+    raise ModelError(f"{model_dir} has no {WEIGHTS} or {WEIGHTS_INDEX}")
 
 
 def check_weight_files(model_dir: Path) -> list[Path]:
@@ -178,7 +179,7 @@ def check_weight_files(model_dir: Path) -> list[Path]:
             with safe_open(str(file), framework="np"):
                 pass
         except (SafetensorError, OSError) as err:
-            raise damaged(file, err) from None
+            raise ModelError(damaged_message(file, err)) from None
     return files
 
 
@@ -187,11 +188,11 @@ def read_config(model_dir: Path) -> Any:
 
     config_file = model_dir / "config.json"
     if not config_file.is_file():
-        raise UserError(f"{model_dir} has no config.json")
+        raise ModelError(f"{model_dir} has no config.json")
     try:
         model_type = json.loads(config_file.read_text()).get("model_type")
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise damaged(config_file, err) from None
+        raise ModelError(damaged_message(config_file, err)) from None
     model_class(model_type)
     return AutoConfig.from_pretrained(str(model_dir))
 
@@ -204,7 +205,7 @@ def load_model(model_dir: str | Path, *, dtype: Any = "float32", scan_layers: bo
     create_model's."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
-        raise UserError(f"model directory {model_dir} does not exist")
+        raise ModelError(f"model directory {model_dir} does not exist")
     config = read_config(model_dir)
     files = check_weight_files(model_dir)
     model = nnx.eval_shape(lambda: create_model(config, dtype=dtype, scan_layers=scan_layers,

@@ -28,7 +28,7 @@ from flax.linen import get_logical_axis_rules
 from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec
 
-from flax_lm.errors import UserError
+from flax_lm.models.errors import ModelError
 
 
 def param(kind: type[nnx.Param], value: jax.Array, axes: tuple[str, ...]) -> nnx.Param:
@@ -78,14 +78,14 @@ REMAT_POLICIES = {
 
 def check_activation(name: str) -> str:
     if name not in ACTIVATIONS:
-        raise UserError(f"unsupported activation {name!r}; supported: {', '.join(ACTIVATIONS)}")
+        raise ModelError(f"unsupported activation {name!r}; supported: {', '.join(ACTIVATIONS)}")
     return name
 
 
 def check_remat(remat: str | None) -> str | None:
     if remat is not None and remat not in REMAT_POLICIES:
         choices = ", ".join(map(repr, REMAT_POLICIES))
-        raise UserError(f"unsupported remat {remat!r}; use None, {choices}")
+        raise ModelError(f"unsupported remat {remat!r}; use None, {choices}")
     return remat
 
 
@@ -256,12 +256,12 @@ def recomputed_activation(name: str, x: jax.Array, bias: jax.Array | None) -> ja
     In unrolled layers, XLA keeps what autodiff leaves for the backward pass: the activation's
     inner terms (the GELU's tanh or erf parts), another array the size of x written in the
     forward pass and read in the backward, and the biased x a third. Recomputed, the forward pass
-    writes only the activation and the backward reads only x. Compiled for an H100
-    (bench/gpu_estimate.py), a GPT-2 124M step at batch 32 x 512 moves 2.4 GB less and holds
-    1.1 GiB less, a RoBERTa base step at 128 x 128 4.9 GB and 2.3 GiB less. The barrier
+    writes only the activation and the backward reads only x, so a GPU step moves fewer bytes
+    and holds fewer temporaries (bench/gpu_estimate.py; the figures are in docs/performance.md,
+    "On a GPU"). The barrier
     `jax.checkpoint` puts in (prevent_cse) is what keeps XLA from merging the recomputation back
     into the forward pass. Scanned layers leave it out: there JAX itself picks what the backward
-    pass reads, and compiled for a TPU v3-8 the GPT-2 recipe held 0.4 GiB more with it."""
+    pass reads, and on a TPU the scanned GPT-2 recipe held more memory with it, not less."""
     def biased(x, bias):
         return ACTIVATIONS[name](x if bias is None else x + bias)
 
@@ -392,7 +392,7 @@ COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 def compute_dtype(dtype: Any) -> Any:
     name = jnp.dtype(dtype).name if not isinstance(dtype, str) else dtype
     if name not in COMPUTE_DTYPES:
-        raise UserError(f"unsupported dtype {dtype!r}; use one of {', '.join(COMPUTE_DTYPES)}")
+        raise ModelError(f"unsupported dtype {dtype!r}; use one of {', '.join(COMPUTE_DTYPES)}")
     return COMPUTE_DTYPES[name]
 
 

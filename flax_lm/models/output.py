@@ -28,8 +28,8 @@ autodiff: XLA:CPU fuses its softmax gradient into the head's matmuls and its arg
 softmax's maximum, which measured faster there than the hand-made gradient, and the memory is
 bounded anyway. Elsewhere (`OutputLayer.fused`, the backend's choice) they take the one-chunk
 case of the hand-made gradient: on a GPU the autodiff one makes separate passes over the float32
-logits (exp, the label's scatter, the softmax's product); compiled for an H200
-(bench/gpu_estimate.py), a RoBERTa base step moves 11% more bytes with it.
+logits (exp, the label's scatter, the softmax's product), so a RoBERTa step compiled for a GPU
+moves more bytes with it (bench/gpu_estimate.py; docs/performance.md, "On a GPU").
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ import optax
 from flax_lm.models.layers import vocab_logits
 
 IGNORE_INDEX = -100  # label of a position that is not a target
-# Float32 logits a row holds at a time while the loss is computed (16 MiB): a sequence is cut
+# Float32 logits a row holds at a time while the loss is computed: a sequence is cut
 # into power-of-two chunks of positions that stay under it (one chunk when the whole row fits).
 LOGITS_PER_CHUNK_ROW = 2**22
 MIN_CHUNK = 8  # positions: fewer would leave the vocabulary matmul too thin to run well

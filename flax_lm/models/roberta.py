@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from transformers import RobertaConfig
 
-from flax_lm.config import check_heads
-from flax_lm.errors import UserError
-from flax_lm.models.attention import SelfAttention, self_attention_mask
+from flax_lm.models.attention import SelfAttention, check_heads, self_attention_mask
+from flax_lm.models.errors import ModelError
 from flax_lm.models.layers import (
     ACTIVATIONS,
     MLP,
@@ -40,15 +38,18 @@ from flax_lm.models.layers import (
 )
 from flax_lm.models.output import OutputLayer
 
+if TYPE_CHECKING:  # transformers' config classes load torch: only named here
+    from transformers import RobertaConfig
+
 
 def check_config(config: RobertaConfig) -> None:
     if config.is_decoder or config.add_cross_attention:
-        raise UserError("is_decoder/add_cross_attention are not supported for RoBERTa masked LM")
+        raise ModelError("is_decoder/add_cross_attention are not supported for RoBERTa masked LM")
     kind = getattr(config, "position_embedding_type", "absolute")
     if kind != "absolute":
-        raise UserError(f"position_embedding_type {kind!r} is not supported; use 'absolute'")
+        raise ModelError(f"position_embedding_type {kind!r} is not supported; use 'absolute'")
     if not isinstance(config.pad_token_id, int):
-        raise UserError("RoBERTa needs an integer pad_token_id (positions are counted from it)")
+        raise ModelError("RoBERTa needs an integer pad_token_id (positions are counted from it)")
     check_heads(config.hidden_size, config.num_attention_heads)
     check_activation(config.hidden_act)
 
@@ -138,7 +139,7 @@ class RobertaForMaskedLM(LanguageModel):
         config = self.config
         length = input_ids.shape[1]
         if length + config.pad_token_id + 1 > config.max_position_embeddings:
-            raise UserError(
+            raise ModelError(
                 f"sequence length {length} needs max_position_embeddings >= "
                 f"{length + config.pad_token_id + 1} (positions start after pad_token_id "
                 f"{config.pad_token_id}); the config has {config.max_position_embeddings}")

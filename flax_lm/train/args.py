@@ -112,10 +112,10 @@ def opt(
     """A TrainConfig field and everything about its flag: the help, the objective it belongs to
     (None: both), its choices or range, how a value is parsed (default: by the field's type), the
     value of the flag given bare (booleans: True), whether a --config file may set it, and whether
-    it is a secret (never printed or stored)."""
+    it is a secret (never printed or stored; see secret_flag)."""
     metadata = {"help": help, "only": only, "choices": choices, "range": range, "parse": parse,
                 "bare": bare, "in_yaml": in_yaml, "secret": secret}  # fmt: skip
-    return field(default=default, metadata=metadata)
+    return field(default=default, metadata=metadata, repr=not secret)
 
 
 @dataclass
@@ -584,8 +584,8 @@ def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
 
 def recorded_config(cfg: TrainConfig) -> dict[str, Any]:
     """The config as a dict to print or store, secrets blanked."""
-    secrets = {name: None for name, f in FIELDS.items() if f.metadata["secret"]}
-    return {**dataclasses.asdict(cfg), **secrets}
+    return {name: None if secret_flag(name) else value
+            for name, value in dataclasses.asdict(cfg).items()}  # fmt: skip
 
 
 def config_yaml(cfg: TrainConfig, objective: str) -> str:
@@ -595,3 +595,47 @@ def config_yaml(cfg: TrainConfig, objective: str) -> str:
     return yaml.safe_dump(
         {k: v for k, v in values.items() if FIELDS[k].metadata["in_yaml"]}, sort_keys=False
     )
+
+
+# ------------------------------------------------------------------------------------ secrets
+
+SECRET_MASK = "***"
+COMMAND_LINE_SECRET_WARNING = (
+    "warning: {flags} on the command line: visible to other users of this machine (`ps`) and "
+    "kept in the shell history; run `hf auth login` once, or set HF_TOKEN, instead"
+)
+
+
+def secret_flag(name: str) -> bool:
+    """Whether the flag `name` (`--name`, `--name=value` or `name`) takes a secret: those marked
+    secret here, and any flag of any command whose name ends in "token" (a Hub token)."""
+    name = name.split("=", 1)[0].lstrip("-")
+    return name.endswith("token") or (name in FIELDS and FIELDS[name].metadata["secret"])
+
+
+def secret_flags_given(argv: list[str]) -> list[str]:
+    """The secret flags of a command line, as given (`--hub_token`), in order."""
+    flags = [arg.split("=", 1)[0] for arg in argv if arg.startswith("--") and secret_flag(arg)]
+    return list(dict.fromkeys(flags))
+
+
+def mask_secrets(argv: list[str]) -> list[str]:
+    """The command line with every secret flag's value replaced by SECRET_MASK, for whatever
+    records a command line (W&B's run metadata)."""
+    masked: list[str] = []
+    for arg in argv:
+        previous = masked[-1] if masked else ""
+        value_of_previous = previous.startswith("--") and "=" not in previous
+        if value_of_previous and secret_flag(previous) and not arg.startswith("--"):
+            arg = SECRET_MASK
+        elif arg.startswith("--") and "=" in arg and secret_flag(arg):
+            arg = f"{arg.split('=', 1)[0]}={SECRET_MASK}"
+        masked.append(arg)
+    return masked
+
+
+def warn_about_secrets_on_the_command_line(argv: list[str]) -> None:
+    """One line on stderr when a command line holds a token (kept working, for compatibility)."""
+    flags = secret_flags_given(argv)
+    if flags:
+        print(COMMAND_LINE_SECRET_WARNING.format(flags=", ".join(flags)), file=sys.stderr)

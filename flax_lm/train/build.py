@@ -20,6 +20,7 @@ from flax_lm.models import create_model, settled_attention
 from flax_lm.models.attention import IMPLEMENTATIONS, AttentionChoice
 from flax_lm.models.hf_io import load_model
 from flax_lm.train.args import TrainConfig
+from flax_lm.train.data.feed import TRAIN_BATCH_AXIS, split_microbatches
 from flax_lm.train.optim import make_schedule, make_training_optimizer
 from flax_lm.train.prepare import Prepared
 from flax_lm.train.step import (
@@ -27,12 +28,9 @@ from flax_lm.train.step import (
     TrainState,
     batch_shapes,
     make_train_step,
-    split_microbatches,
     state_shapes,
     state_sharding,
 )
-
-TRAIN_BATCH_AXIS = 1  # train batches are [accumulation, rows, seq]: rows go over the devices
 
 
 def model_options(cfg: TrainConfig, mesh: Mesh) -> dict[str, Any]:

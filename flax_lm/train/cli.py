@@ -12,7 +12,12 @@ import sys
 from flax_lm.backend import skip_unused_tpu_plugin
 from flax_lm.errors import EXIT_INTERRUPTED, report_user_errors
 from flax_lm.hostmem import reexec_with_huge_pages
-from flax_lm.train.args import OBJECTIVES, config_yaml, parse_config
+from flax_lm.train.args import (
+    OBJECTIVES,
+    config_yaml,
+    parse_config,
+    warn_about_secrets_on_the_command_line,
+)
 
 EXIT_NONFINITE = 1
 
@@ -25,7 +30,9 @@ def main(argv: list[str] | None = None, objective: str = "clm") -> int:
     if argv is None:  # run_clm_flax.py / run_mlm_flax.py as commands (flax-lm does it itself)
         skip_unused_tpu_plugin(os.environ)
         reexec_with_huge_pages()
-    cfg = parse_config(sys.argv[1:] if argv is None else argv, objective)
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = parse_config(argv, objective)
+    warn_about_secrets_on_the_command_line(argv)
     if cfg.print_config:
         print(config_yaml(cfg, objective), end="")
         return 0

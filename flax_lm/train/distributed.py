@@ -16,11 +16,18 @@ from typing import Any
 import jax
 from jax.experimental import multihost_utils
 
+from flax_lm.backend import tpu_chips_here
 from flax_lm.errors import UserError
 from flax_lm.train.args import TrainConfig
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-PROCESS_COUNT_ENV = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
+# Launchers that start the processes of one run, by the variables they document: the one that
+# marks a launch by it, and the number of processes. jax.distributed.initialize() reads the rest
+# (coordinator, process id) from the same launchers itself.
+LAUNCHERS = (
+    ("slurm", "SLURM_JOB_ID", "SLURM_NTASKS"),
+    ("open mpi", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_SIZE"),
+)
 
 
 def setup_jax(cfg: TrainConfig) -> None:
@@ -34,7 +41,7 @@ def setup_jax(cfg: TrainConfig) -> None:
 
 def process_env() -> dict[str, int]:
     """num_processes and process_id from JAX_NUM_PROCESSES and JAX_PROCESS_ID, for a launch by
-    hand (jax reads only JAX_COORDINATOR_ADDRESS itself; clusters it detects need neither)."""
+    hand (jax reads only JAX_COORDINATOR_ADDRESS itself; the launchers it detects need neither)."""
     found = {}
     names = {"num_processes": "JAX_NUM_PROCESSES", "process_id": "JAX_PROCESS_ID"}
     for argument, name in names.items():
@@ -47,35 +54,27 @@ def process_env() -> dict[str, int]:
 
 
 def several_processes() -> bool:
-    """Whether this process is one of several of one run: started by hand (JAX_COORDINATOR_ADDRESS
-    or JAX_NUM_PROCESSES > 1), or in a cluster of more than one process that JAX detects."""
+    """Whether this process may be one of several of one run, to be joined by
+    jax.distributed: started by hand (JAX_COORDINATOR_ADDRESS or JAX_NUM_PROCESSES > 1), by a
+    launcher of more than one process, or on a Cloud TPU VM (whose slice may span hosts)."""
     by_hand = os.environ.get("JAX_NUM_PROCESSES", "")
     if os.environ.get("JAX_COORDINATOR_ADDRESS") or (by_hand.isdigit() and int(by_hand) > 1):
         return True
     cluster = detected_cluster()
-    return cluster is not None and cluster[1] > 1
+    return cluster is not None and (cluster[1] is None or cluster[1] > 1)
 
 
-def detected_cluster() -> tuple[str, int] | None:
-    """(name, process count) of the cluster environment that `jax.distributed.initialize()`
-    would use, or None: JAX's own detection, in its order (Open MPI, SLURM, Cloud TPU on GKE
-    or on TPU VMs through their metadata server, Kubernetes). Its registry of cluster kinds is
-    not public API, so without it (another JAX version) only the process-count variables of
-    SLURM and Open MPI are read. A single-host TPU VM or a one-task job is a cluster of one
-    process: it is run alone, without jax.distributed."""
-    try:
-        from jax._src.clusters import ClusterEnv
-
-        kinds = [kind for kind in ClusterEnv._cluster_types if not kind.opt_in_only_method]
-    except (ImportError, AttributeError):
-        for name in PROCESS_COUNT_ENV:
-            count = os.environ.get(name, "")
-            if count.isdigit():
-                return name, int(count)
-        return None
-    for kind in kinds:
-        if kind.is_env_present():
-            return kind.name, kind.get_process_count()
+def detected_cluster() -> tuple[str, int | None] | None:
+    """(launcher, process count) of a launch by SLURM or Open MPI, or ("cloud tpu", None) on a
+    host with TPU chips, where the slice's hosts are known to JAX (jax.distributed.initialize()
+    asks the TPU metadata server; one host joins itself alone); None otherwise. A one-task job
+    is a launch of one process: it runs alone, without jax.distributed."""
+    for name, marker, count in LAUNCHERS:
+        value = os.environ.get(count, "")
+        if marker in os.environ and value.isdigit():
+            return name, int(value)
+    if "tpu" in (os.environ.get("JAX_PLATFORMS") or "tpu") and tpu_chips_here():
+        return "cloud tpu", None
     return None
 
 

@@ -15,6 +15,7 @@ Non-finite numbers are written as null, so every line is strict JSON.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -22,6 +23,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ from tqdm.auto import tqdm
 
 from flax_lm.errors import UserError, one_line
 from flax_lm.storage import copy_into, is_cloud
+from flax_lm.train.args import mask_secrets
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_SUBDIR = "runs"
@@ -62,17 +65,30 @@ def keep_records_up_to(path: Path, step: int) -> None:
     path.write_text("".join(kept), encoding="utf-8")
 
 
+@contextlib.contextmanager
+def secrets_masked_in_sys_argv() -> Iterator[None]:
+    """sys.argv with every secret flag's value masked meanwhile: wandb.init records the
+    command line (sys.argv) in the run's metadata, which `wandb sync` or an online run uploads."""
+    original = sys.argv
+    sys.argv = mask_secrets(original)
+    try:
+        yield
+    finally:
+        sys.argv = original
+
+
 def start_wandb(output_dir: Path, run_name: str | None, config: dict[str, Any]):
     """A W&B run for this training run (process 0 only), its files under output_dir/wandb/."""
     import wandb
 
     try:
-        return wandb.init(
-            project=os.environ.get("WANDB_PROJECT", WANDB_DEFAULT_PROJECT),
-            name=run_name or str(output_dir),
-            dir=None if is_cloud(output_dir) else str(output_dir),  # gs://: W&B's ./wandb
-            config=config,
-        )
+        with secrets_masked_in_sys_argv():
+            return wandb.init(
+                project=os.environ.get("WANDB_PROJECT", WANDB_DEFAULT_PROJECT),
+                name=run_name or str(output_dir),
+                dir=None if is_cloud(output_dir) else str(output_dir),  # gs://: W&B's ./wandb
+                config=config,
+            )
     except Exception as err:  # no login, no network, a bad setting: one line before training
         raise UserError(
             f"--report_to wandb: cannot start a Weights & Biases run ({one_line(err, None)}): "

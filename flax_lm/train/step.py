@@ -27,7 +27,6 @@ from flax import nnx
 from flax.linen import logical_axis_rules
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from flax_lm.backend import choices_for, platform
 from flax_lm.errors import UserError
 from flax_lm.models.layers import ACTIVATION_BATCH, mesh_spec
 
@@ -157,12 +156,6 @@ def make_put(mesh: Mesh, batch_axis: int) -> Callable[[dict[str, np.ndarray]], B
     return put
 
 
-def split_microbatches(batch: dict[str, np.ndarray], accumulation: int) -> dict[str, np.ndarray]:
-    """A global batch [rows, ...] as [accumulation, rows / accumulation, ...]: the train step's
-    layout."""
-    return {k: v.reshape(accumulation, -1, *v.shape[1:]) for k, v in batch.items()}
-
-
 def process_rows(batch: dict[str, np.ndarray], batch_axis: int) -> dict[str, np.ndarray]:
     """This process's contiguous share of a global host batch."""
     count, index = jax.process_count(), jax.process_index()
@@ -226,18 +219,13 @@ def make_train_step(
     objective,
     optimizer: optax.GradientTransformation,
     schedule: optax.Schedule,
-    *,
-    single_microbatch_loop: bool | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """One optimizer step over a batch of shape [accumulation, microbatch, ...].
 
     Gradients of the summed loss are accumulated over the microbatches with lax.scan and divided
     by the number of targets of the whole batch, so any split into devices and microbatches
-    gives the gradient of the global mean loss. Metrics stay on device as sums.
-    `single_microbatch_loop`: whether one microbatch goes through that loop too (default: the
-    choice of JAX's default platform in flax_lm/backend.py)."""
-    if single_microbatch_loop is None:
-        single_microbatch_loop = choices_for(platform()).single_microbatch_loop
+    gives the gradient of the global mean loss. Metrics stay on device as sums. One microbatch
+    skips the loop: XLA:CPU runs a one-trip loop slower than its body alone."""
 
     def microbatch_loss(params, batch, dropout_rng):
         terms = objective.terms(nnx.merge(graphdef, params), batch, dropout_rng)
@@ -251,7 +239,7 @@ def make_train_step(
         micro_rngs = jax.random.split(step_rng, num_micro)
 
         first = (jax.tree.map(lambda x: x[0], batch), micro_rngs[0])
-        if num_micro == 1 and not single_microbatch_loop:
+        if num_micro == 1:
             grads, terms = grad_fn(state.params, *first)
         else:
             def accumulate(totals, micro_inputs):

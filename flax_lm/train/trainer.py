@@ -36,15 +36,15 @@ from flax_lm.perf import achieved_flops_per_second, model_flops_per_token
 from flax_lm.storage import save_pretrained
 from flax_lm.train import checkpoint
 from flax_lm.train.args import TrainConfig, recorded_config
-from flax_lm.train.build import (
-    TRAIN_BATCH_AXIS,
-    StepParts,
-    build_params,
-    settle_attention,
-    step_parts,
-)
+from flax_lm.train.build import StepParts, build_params, settle_attention, step_parts
 from flax_lm.train.data.batches import eval_batch_count, run_position
-from flax_lm.train.data.feed import PREFETCH_BATCHES, TrainStream, eval_host_batches, stream_epoch
+from flax_lm.train.data.feed import (
+    PREFETCH_BATCHES,
+    TRAIN_BATCH_AXIS,
+    TrainStream,
+    eval_host_batches,
+    stream_epoch,
+)
 from flax_lm.train.data.prefetch import Prefetcher
 from flax_lm.train.data.shards import every_process
 from flax_lm.train.distributed import Interrupted, StopSignals, setup_jax

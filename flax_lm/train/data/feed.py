@@ -12,12 +12,17 @@ from typing import Any
 
 import numpy as np
 
-from flax_lm.train.build import TRAIN_BATCH_AXIS
 from flax_lm.train.data.batches import TrainBatches, concatenated, eval_batches
-from flax_lm.train.step import split_microbatches
 
+TRAIN_BATCH_AXIS = 1  # train batches are [accumulation, rows, seq]: rows go over the devices
 PREFETCH_BATCHES = 2  # model-ready batches made and placed on the devices while a step runs
 EVAL_MASK_STREAM = 2**32  # eval masks come from (seed, this): the same masks at every evaluation
+
+
+def split_microbatches(batch: dict[str, np.ndarray], accumulation: int) -> dict[str, np.ndarray]:
+    """A global batch [rows, ...] as [accumulation, rows / accumulation, ...]: the train step's
+    layout."""
+    return {k: v.reshape(accumulation, -1, *v.shape[1:]) for k, v in batch.items()}
 
 
 class TrainStream:
