@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 import json
 import math
-import os
 import re
 import subprocess
 import sys
@@ -37,6 +36,9 @@ BENCH_SCRIPTS = {  # test -> the script's arguments ({out}: a folder of its own)
     "test_accelerator_bench_harness_on_the_cpu": [
         "bench/accel.py", "--configs", "micro-clm,micro-mlm", "--steps", "2", "--torch_modes",
         "eager", "--peak_sizes", "64", "--out", "{out}/accel.json"],
+    "test_the_gpu_check_is_one_call_that_runs_dry_on_the_cpu": [
+        "-c", "import os, subprocess, sys; os.environ.update(OUT='{out}', WHEELS_DIR='{out}/none');"
+        " sys.exit(subprocess.call(['bash', 'bench/gpu_check.sh', '--dry']))"],
 }  # fmt: skip
 
 
@@ -240,7 +242,7 @@ def gpu_check_stages() -> dict[str, int]:
 
 
 @pytest.mark.slow
-def test_the_gpu_check_is_one_call_that_runs_dry_on_the_cpu(tmp_path):
+def test_the_gpu_check_is_one_call_that_runs_dry_on_the_cpu(bench_scripts):
     """`bash bench/gpu_check.sh --dry`: the default stages (versions, the attention kernel
     against the reference, flax-lm against torch with the loss check) with micro models on the
     CPU, results in $OUT. Its header's expected times keep the default call under 7 minutes."""
@@ -248,9 +250,8 @@ def test_the_gpu_check_is_one_call_that_runs_dry_on_the_cpu(tmp_path):
     default = ["versions", "attention", "bench"]
     assert list(stages)[:3] == default and {"eager", "layers", "profile"} <= set(stages)
     assert sum(stages[name] for name in default) < 7 * 60
-    env = {**os.environ, "OUT": str(tmp_path), "WHEELS_DIR": str(tmp_path / "no-wheels")}
-    done = subprocess.run(["bash", "bench/gpu_check.sh", "--dry"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=1200)
+    script, tmp_path = bench_scripts["test_the_gpu_check_is_one_call_that_runs_dry_on_the_cpu"]
+    done = script.result(timeout=1200)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert sorted(summary) == sorted(default)
