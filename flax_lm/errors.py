@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import errno
 import functools
 import sys
 from collections.abc import Callable, Sequence
@@ -43,6 +44,25 @@ def one_line(err: BaseException, limit: int | None = 300) -> str:
     """An exception's message on one line (at most `limit` characters), for `...: {reason}` in a
     UserError; its type's name when it has no message."""
     return " ".join(str(err).split())[:limit] or type(err).__name__
+
+
+# What storage says when it cannot take a write: no space, no quota, no permission, a read-only
+# or failing device, a file too large.
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS,
+                          errno.EIO, errno.EFBIG})  # fmt: skip
+
+
+def is_write_fault(err: BaseException) -> bool:
+    """Whether `err` is storage refusing a write (see WRITE_ERRNOS)."""
+    return isinstance(err, PermissionError) or (
+        isinstance(err, OSError) and err.errno in WRITE_ERRNOS
+    )
+
+
+def os_reason(err: OSError) -> str:
+    """An OSError's own words without the file name it carries ("[Errno 28] No space left on
+    device"), for a message that names the file itself."""
+    return f"[Errno {err.errno}] {err.strerror}" if err.strerror else one_line(err)
 
 
 def damaged(path, err: Exception) -> UserError:

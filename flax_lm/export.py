@@ -16,7 +16,7 @@ from pathlib import Path
 import jax
 from flax import nnx
 
-from flax_lm.errors import ArgParser, UserError, report_user_errors
+from flax_lm.errors import ArgParser, UserError, is_write_fault, os_reason, report_user_errors
 from flax_lm.model_source import find_model, load_model_and_tokenizer
 from flax_lm.models.hf_io import save_model
 from flax_lm.storage import check_output_dir, location, save_pretrained
@@ -55,7 +55,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = location(args.output_dir, "--output_dir")  # a local dir or gs://bucket/path
     check_output_dir(out, overwrite=args.overwrite_output_dir, cloud=True)
-    exported = export_checkpoint(args.checkpoint, out, args.config_name, args.tokenizer_name)
+    try:
+        exported = export_checkpoint(args.checkpoint, out, args.config_name, args.tokenizer_name)
+    except OSError as err:
+        if not is_write_fault(err):
+            raise
+        raise UserError(
+            f"cannot write {err.filename or out}: {os_reason(err)}; free space and rerun the "
+            "command with --overwrite_output_dir (a model file is replaced in one step, never "
+            "left half-written)"
+        ) from None
     print(f"exported {exported} to {out}", file=sys.stderr)
     return 0
 

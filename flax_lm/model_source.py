@@ -48,7 +48,7 @@ def find_model(
     path = Path(model)
     if not path.is_dir():
         raise UserError(f"{flag} {model} is not a directory")
-    steps = checkpoint.checkpoint_steps(path / checkpoint.CHECKPOINTS_SUBDIR)
+    steps = checkpoint.saved_steps(path / checkpoint.CHECKPOINTS_SUBDIR)
     if path.name.isdigit() and (path / checkpoint.ITEMS[0]).is_dir():
         found, run_dir = (path.parent, int(path.name)), path.parent.parent
     elif steps and prefer_checkpoint:

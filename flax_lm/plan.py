@@ -10,13 +10,14 @@ XLA then says how many bytes each device needs: parameters and optimizer state (
 shard shapes), the batch, the program and its temporaries, against the device's memory.
 
 --topology NAME compiles for devices this machine need not have: TPUs by any name libtpu knows
-(v3-8, v4:2x2x1, v5e:4x4, ...; needs `pip install -e '.[tpu]'`), with XLA's TPU compiler, against
-the HBM Google publishes for the generation (TPU_HBM_PER_CHIP); or NVIDIA GPUs of GPU_TARGETS (h100, h200, a100; `h100:8` for eight in one host;
-needs JAX's CUDA plugin, no GPU), with XLA's GPU compiler told the chip's data sheet and the installed cuDNN, against the
-share of its memory JAX takes (XLA_PYTHON_CLIENT_MEM_FRACTION, 0.75 unless set). Without it the
-plan is for the local devices: a GPU's memory limit, or for CPU devices the host memory available
-now, which they share. The schedule's length is the one thing
-the flags cannot give without the corpus; it changes constants, not memory.
+(v3-8, v4:2x2x1, v5e:4x4, ...; needs `pip install -e '.[tpu]'`), with XLA's TPU compiler,
+against the HBM Google publishes for the generation (TPU_HBM_PER_CHIP); or NVIDIA GPUs of
+GPU_TARGETS (h100, h200, a100; `h100:8` for eight in one host; needs JAX's CUDA plugin, no GPU),
+with XLA's GPU compiler told the chip's data sheet and the installed cuDNN, against the share of
+its memory JAX takes (XLA_PYTHON_CLIENT_MEM_FRACTION, 0.75 unless set). Without it the plan is
+for the local devices: a GPU's memory limit, or for CPU devices the host memory available now,
+which they share. The schedule's length is the one thing the flags cannot give without the
+corpus; it changes constants, not memory.
 
 On a miss it compiles a few variants (at most four) and says what fits: rematerialisation, or a
 smaller per-device batch with more accumulation for the same global batch.
@@ -218,8 +219,9 @@ def gpu_topology(name: str) -> Target:
     from jax.experimental import topologies
 
     try:
+        config = spec.target_config(installed_cudnn())
         devices = topologies.get_topology_desc(
-            platform="cuda", topology=f"1x1x{count}", target_config=spec.target_config(installed_cudnn())
+            platform="cuda", topology=f"1x1x{count}", target_config=config
         ).devices
     except (NotImplementedError, RuntimeError) as err:
         raise UserError(

@@ -82,7 +82,11 @@ def write_bytes_atomically(path: epath.Path, data: bytes) -> None:
         path.write_bytes(data)
         return
     partial = path.parent / f".{path.name}.partial"
-    partial.write_bytes(data)
+    try:
+        partial.write_bytes(data)
+    except OSError as err:  # a full disk: what was written of it would only take space
+        partial.unlink(missing_ok=True)
+        raise OSError(err.errno, err.strerror, str(path)) from None  # (named as it is known)
     os.replace(partial, path)
 
 

@@ -252,3 +252,21 @@ def fake_gcs(tmp_path, monkeypatch) -> Path:
     monkeypatch.chdir(tmp_path)
     yield root
     backend.fsspec_backend._get_filesystem.cache_clear()
+
+
+@contextlib.contextmanager
+def small_filesystem(folder: Path, size: str) -> Iterator[bool]:
+    """`folder` (created) as a tmpfs of `size` ("1800k"), to fill as a full disk fills: True
+    where this runs as root and may mount (CI), else False and `folder` stays a plain folder
+    (the test then injects the write error). Unmounted afterwards."""
+    folder.mkdir(parents=True, exist_ok=True)
+    mount = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)]
+    try:
+        mounted = os.geteuid() == 0 and subprocess.run(mount, capture_output=True).returncode == 0
+    except FileNotFoundError:  # no mount command
+        mounted = False
+    try:
+        yield mounted
+    finally:
+        if mounted:
+            subprocess.run(["umount", "--lazy", str(folder)], check=True)  # (files left open)

@@ -270,24 +270,25 @@ def copied_run(tiny_run, tmp_path) -> tuple[Flags, Path]:
     return {**flags, "--output_dir": [str(copy)]}, copy
 
 
-def damage(step_dir: Path, how: str) -> None:
+def damage(step_dir: Path, how: str) -> Path:
+    """`step_dir` damaged as `how` says; its path afterwards."""
     if how == "array data":
         for path in (step_dir / "state").rglob("manifest.ocdbt"):
             path.unlink()
     elif how == "metadata":
         (step_dir / "meta" / "metadata").write_text('{"step": 2, "data": ')
-    elif how == "commit marker":
-        (step_dir / "commit_success.txt").unlink()
+    elif how == "interrupted save":  # orbax's temporary, as a crash during the save leaves it
+        return step_dir.rename(step_dir.with_name(f"{step_dir.name}.orbax-checkpoint-tmp-1"))
+    return step_dir
 
 
 @pytest.mark.parametrize(
     ("how", "problem"),
-    [("array data", "damaged"), ("metadata", "damaged"), ("commit marker", "interrupted")],
+    [("array data", "damaged"), ("metadata", "damaged"), ("interrupted save", "interrupted")],
 )
 def test_a_damaged_checkpoint_is_refused(how, problem, copied_run, capsys):
     flags, out = copied_run
-    step = out / "checkpoints" / "2"
-    damage(step, how)
+    step = damage(out / "checkpoints" / "2", how)
     argv = as_argv({**flags, "--resume_from_checkpoint": [str(step)]})
     training_fails_cleanly(argv, "clm", capsys, out, f"checkpoint {step}", problem)
 
@@ -479,12 +480,14 @@ def test_an_unreachable_hub_is_one_line(in_background):
 
 
 def test_resuming_a_damaged_checkpoint_prints_exactly_one_line(copied_run):
+    """Named by --resume_from_checkpoint, a damaged checkpoint is an error (a rerun would go on
+    from the one before): one line, and nothing after it as the process exits."""
     flags, out = copied_run
-    damage(out / "checkpoints" / "2", "array data")
+    step = damage(out / "checkpoints" / "2", "array data")
     before = snapshot(out)
-    argv = as_argv({**flags, "--resume_from_checkpoint": []})
+    argv = as_argv({**flags, "--resume_from_checkpoint": [str(step)]})
     done = run_command([sys.executable, "run_clm_flax.py", *argv])
-    assert_one_line_error(done, f"checkpoint {out / 'checkpoints' / '2'}", "damaged")
+    assert_one_line_error(done, f"checkpoint {step}", "damaged")
     assert snapshot(out) == before
 
 

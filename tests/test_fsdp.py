@@ -18,12 +18,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import CACHE_EVERY_COMPILE
 from safetensors.numpy import load_file
 from test_resume import TINY_MODELS, metrics_records, run_argv
 
 from flax_lm.train.cli import main
 from flax_lm.train.step import make_mesh, parse_mesh
 
+# The tests of the runs on 8 devices (one subprocess training six times): the longest fixture of
+# the suite, so left out of `pytest -m 'not slow'`.
+EIGHT_DEVICE_RUNS = pytest.mark.slow
 TOLERANCE = 1e-5  # float32: sharding changes only the order of the gradient reductions
 FSDP_MESH, OTHER_MESH = "data=2,fsdp=4", "data=8"  # the other one reuses the dp run's compile
 RESUME_STEP = 6  # a checkpoint of run_argv's (saved every 3 steps, 10 steps in all)
@@ -143,7 +147,9 @@ def fsdp_runs(code_corpus, tiny_tokenizer_dir, tmp_path_factory):
         argv = mesh_argv("clm", code_corpus, tiny_tokenizer_dir, dirs["clm", name], cache, mesh)
         runs.append(("clm", [*argv, "--resume_from_checkpoint", str(saved)]))
     report = root / "report.json"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+    # every program cached: the resumed runs load all of theirs (the step, the eval step, the
+    # initializer) from the runs on the same meshes before them instead of compiling them again
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", **CACHE_EVERY_COMPILE,
            "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}  # fmt: skip
     command = [sys.executable, "-c", DRIVER, json.dumps(runs), str(RESUME_STEP),
                json.dumps(TINY_CONFIGS), str(saved.parent), str(report)]  # fmt: skip
@@ -166,6 +172,7 @@ def assert_close_runs(expected: Path, actual: Path, tolerance: float = TOLERANCE
                 assert b[key] == pytest.approx(a[key], abs=tolerance), (a["step"], key)
 
 
+@EIGHT_DEVICE_RUNS
 @pytest.mark.parametrize("objective", ["clm", "mlm"])
 def test_fsdp_trains_like_data_parallelism(fsdp_runs, objective):
     dirs, _ = fsdp_runs
@@ -174,6 +181,7 @@ def test_fsdp_trains_like_data_parallelism(fsdp_runs, objective):
     assert train == list(range(1, 11))
 
 
+@EIGHT_DEVICE_RUNS
 def test_fsdp_checkpoint_resumes_exactly_on_the_same_mesh(fsdp_runs):
     dirs, _ = fsdp_runs
     uninterrupted, resumed = dirs["clm", "fsdp"], dirs["clm", "resumed-same"]
@@ -185,6 +193,7 @@ def test_fsdp_checkpoint_resumes_exactly_on_the_same_mesh(fsdp_runs):
     assert results[1]["train_loss"] == results[0]["train_loss"]
 
 
+@EIGHT_DEVICE_RUNS
 def test_fsdp_checkpoint_resumes_on_another_mesh(fsdp_runs):
     """Restoring onto another mesh changes no value: the state read onto fsdp=8 or data=8 is the
     saved one bit for bit, laid out for that mesh; training on from it (on data=8) stays within
@@ -204,12 +213,14 @@ def test_fsdp_checkpoint_resumes_on_another_mesh(fsdp_runs):
             a.get("loss", a.get("eval_loss")), abs=TOLERANCE)
 
 
+@EIGHT_DEVICE_RUNS
 def test_fsdp_holds_an_eighth_of_the_state_per_device(fsdp_runs):
     _, report = fsdp_runs
     replicated, sharded = report["bytes_per_device"]["data=8"], report["bytes_per_device"]["fsdp=8"]
     assert sharded <= 1.05 * replicated / 8, (sharded, replicated)
 
 
+@EIGHT_DEVICE_RUNS
 def test_a_fresh_model_is_created_sharded_and_alike_on_every_mesh(fsdp_runs):
     """The same seed gives the same parameters, bit for bit, on data=8 and data=2,fsdp=4; with
     fsdp=8 each device creates only its eighth: its shards and the initializer's temporaries

@@ -8,6 +8,7 @@ signals itself right after step KILL_AFTER is logged, which makes the kill point
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CACHE_EVERY_COMPILE, Background, assert_one_line_error
+from conftest import CACHE_EVERY_COMPILE, Background, assert_one_line_error, small_filesystem
 from safetensors.numpy import load_file
 
 from flax_lm.train.cli import main
@@ -357,21 +358,42 @@ def test_export_writes_a_checkpoint_to_gs(clm_reference, fake_gcs):
     assert (exported / "tokenizer.json").read_bytes() == (expected / "tokenizer.json").read_bytes()
 
 
+def test_an_export_to_a_full_disk_ends_in_one_line(clm_reference, tmp_path, monkeypatch, capsys):
+    from flax_lm.cli import main as flax_lm
+    from flax_lm.models import hf_io
+
+    _, expected = clm_reference
+    disk = tmp_path / "disk"
+    with small_filesystem(disk, "64k") as mounted:  # less than the model
+        if not mounted:
+            def full(path, data):
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+            monkeypatch.setattr(hf_io, "write_bytes_atomically", full)
+        argv = ["export", str(expected / "checkpoints" / str(STEPS)), "--output_dir", str(disk / "m")]
+        status = flax_lm(argv)
+        assert_one_line_error((status, capsys.readouterr().err), str(disk / "m"),
+                              "No space left on device", "--overwrite_output_dir")  # fmt: skip
+        assert not [p.name for p in (disk / "m").iterdir() if "partial" in p.name]
+
+
 def test_resume_skips_interrupted_saves(clm_reference, tmp_path):
-    """The newest step dirs are a save still in its temporary dir and one without its commit
-    marker: the resume takes the newest complete checkpoint, says so, and still matches."""
+    """The newest step dirs are saves still in orbax's temporary dirs: the resume takes the
+    newest complete checkpoint, says so, and still matches."""
     objective, (argv, expected) = "clm", clm_reference
     out = tmp_path / "crashed"
     source, target = expected / "checkpoints", out / "checkpoints"
     for step in (3, 6):
         shutil.copytree(source / str(step), target / str(step))
     shutil.copytree(source / "9", target / "9.orbax-checkpoint-tmp-1700000000000")
-    shutil.copytree(source / "10", target / "10")
-    (target / "10" / "commit_success.txt").unlink()
+    shutil.copytree(source / "10", target / "10.orbax-checkpoint-tmp-1700000000001")
 
     stdout, _ = run_in_process([*with_output_dir(argv, out), "--resume_from_checkpoint"], objective)
     assert f"resumed from checkpoint {target / '6'} at step 6" in stdout
-    assert "skipped incomplete checkpoints ['9.orbax-checkpoint-tmp-1700000000000', '10']" in stdout
+    assert (
+        "skipped incomplete checkpoints ['9.orbax-checkpoint-tmp-1700000000000', "
+        "'10.orbax-checkpoint-tmp-1700000000001']"
+    ) in stdout
     assert sorted(p.name for p in target.iterdir()) == ["10", "3", "6", "9"]
     later = [r for r in metrics_records(expected) if r["step"] > 6]
     assert metrics_records(out) == later
@@ -539,3 +561,231 @@ def test_skipped_nonfinite_steps_apply_no_update(clm_reference, poisoned_steps, 
     assert train_loss == pytest.approx(np.mean(losses), rel=1e-9)  # equal targets per step
     meta = json.loads((out / "checkpoints" / str(STEPS) / "meta" / "metadata").read_text())
     assert meta["progress"]["skipped_steps"] == [3]
+
+
+# -------------------------------------------------------------------------- storage faults
+
+
+def damage(step_dir: Path, how: str) -> None:
+    """Damage a complete checkpoint as storage can after its save: `truncate` its largest array
+    file, `delete` it, or cut short the JSON of `meta` (the run's position) or of `state`."""
+    arrays = sorted((step_dir / "state" / "ocdbt.process_0" / "d").iterdir(),
+                    key=lambda path: path.stat().st_size)  # fmt: skip
+    if how == "truncate":
+        arrays[-1].write_bytes(arrays[-1].read_bytes()[: arrays[-1].stat().st_size // 2])
+    elif how == "delete":
+        arrays[-1].unlink()
+    else:
+        path = step_dir / how / ("metadata" if how == "meta" else "_METADATA")
+        path.write_text(path.read_text()[:-40])
+
+
+def copy_checkpoints(expected: Path, target: Path, steps=(3, 6, 9, 10)) -> None:
+    for step in steps:
+        shutil.copytree(expected / "checkpoints" / str(step), target / str(step))
+
+
+def assert_continues(expected: Path, out: Path, step: int) -> None:
+    """`out` holds what the uninterrupted run `expected` did after checkpoint `step`, bit for bit:
+    its metrics records, its final model, its eval results and train loss."""
+    assert metrics_records(out) == [r for r in metrics_records(expected) if r["step"] > step]
+    want, got = (load_file(str(d / "model.safetensors")) for d in (expected, out))
+    assert want.keys() == got.keys()
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    for name in ("eval_results.json", "train_results.json"):
+        want, got = (json.loads((d / name).read_text()) for d in (expected, out))
+        assert got.get("eval_loss") == want.get("eval_loss")
+        assert got.get("train_loss") == want.get("train_loss")
+
+
+def set_aside(checkpoints: Path) -> dict[str, Path]:
+    """The damaged checkpoints set aside in `checkpoints`, by the step they were."""
+    found = [p for p in checkpoints.iterdir() if ".damaged-" in p.name]
+    return {p.name.split(".")[0]: p for p in found}
+
+
+def test_a_rerun_skips_damaged_checkpoints_keeps_them_and_continues_exactly(
+    clm_reference, tmp_path, monkeypatch
+):
+    """The newest checkpoint's array file is cut short, the one before has broken JSON: the
+    rerun warns about each, continues from 6 exactly, and keeps both, renamed, where no later
+    run takes them for checkpoints. Its saves never overlap."""
+    import orbax.checkpoint as ocp
+
+    from flax_lm.train import checkpoint
+
+    objective, (argv, expected) = "clm", clm_reference
+    out = tmp_path / "damaged"
+    target = out / "checkpoints"
+    copy_checkpoints(expected, target)
+    damage(target / "10", "truncate")
+    damage(target / "9", "meta")
+    damaged_files = {step: snapshot_files(target / step) for step in ("9", "10")}
+    overlapping = []
+    save = ocp.CheckpointManager.save
+
+    def save_unless_saving(manager, step, *args, **kwargs):
+        overlapping.extend([step] if manager.is_saving_in_progress() else [])
+        return save(manager, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", save_unless_saving)
+
+    stdout, stderr = run_in_process(with_output_dir(argv, out), objective)  # the command, rerun
+    warnings = [line for line in stderr.splitlines() if line.startswith("warning: checkpoint")]
+    assert len(warnings) == 2 and str(target / "10") in warnings[0], stderr[-3000:]
+    assert str(target / "9") in warnings[1]
+    assert stdout.splitlines()[0].startswith(f"resumed from checkpoint {target / '6'} at step 6")
+    assert_continues(expected, out, 6)
+    assert overlapping == []
+    aside = set_aside(target)
+    assert sorted(aside) == ["10", "9"]
+    for step, files in damaged_files.items():  # kept as they were
+        assert snapshot_files(aside[step]) == files
+        assert aside[step].name in next(w for w in warnings if f"/{step} " in w)
+    assert checkpoint.saved_steps(target) == [3, 6, 9, 10]  # what the next rerun chooses from
+
+
+def snapshot_files(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in directory.rglob("*")
+            if p.is_file()}  # fmt: skip
+
+
+def test_a_gs_rerun_skips_damaged_and_uncommitted_checkpoints(mlm_reference, fake_gcs):
+    """In a bucket: 10 lacks its commit marker (orbax's temporary there: skipped as an
+    interrupted save), 9 lost an array file: the rerun continues from 6 exactly."""
+    objective, (argv, expected) = "mlm", mlm_reference
+    argv = with_output_dir(argv, "gs://bucket/run")
+    run = fake_gcs / "bucket" / "run"
+    target = run / "checkpoints"
+    copy_checkpoints(expected, target)
+    (target / "10" / "commit_success.txt").unlink()
+    damage(target / "9", "delete")
+
+    stdout, stderr = run_in_process(argv, objective)
+    (warning,) = [line for line in stderr.splitlines() if line.startswith("warning: checkpoint")]
+    assert "gs://bucket/run/checkpoints/9 " in warning, stderr[-3000:]
+    first = stdout.splitlines()[0]
+    assert first.startswith("resumed from checkpoint gs://bucket/run/checkpoints/6 at step 6")
+    assert "skipped incomplete checkpoints ['10']" in first
+    assert_continues(expected, run, 6)
+    assert sorted(set_aside(target)) == ["9"]
+    assert sorted(p.name for p in target.iterdir() if p.name.isdigit()) == ["10", "3", "6", "9"]
+
+
+def test_gs_checkpoints_are_complete_by_their_commit_marker(clm_reference, fake_gcs):
+    """orbax's rule in a bucket: a step without commit_success.txt is a save that never finished;
+    a run's folder or its checkpoints folder (no marker of their own) are no such thing."""
+    from flax_lm.errors import UserError
+    from flax_lm.train.checkpoint import find_checkpoint, interrupted_saves
+
+    _, expected = clm_reference
+    copy_checkpoints(expected, fake_gcs / "bucket" / "run" / "checkpoints", steps=(6, 10))
+    (fake_gcs / "bucket" / "run" / "checkpoints" / "10" / "commit_success.txt").unlink()
+    for spec in ("gs://bucket/run", "gs://bucket/run/checkpoints", "gs://bucket/run/checkpoints/6"):
+        directory, steps, _ = find_checkpoint(spec, Path("elsewhere"))
+        assert (str(directory), steps) == ("gs://bucket/run/checkpoints", [6]), spec
+    assert [p.name for p in interrupted_saves(directory)] == ["10"]
+    with pytest.raises(UserError, match="incomplete"):
+        find_checkpoint("gs://bucket/run/checkpoints/10", Path("elsewhere"))
+
+
+def test_resuming_from_a_named_damaged_checkpoint_is_an_error(clm_reference, tmp_path, capsys):
+    """--resume_from_checkpoint naming one step: no fallback, one line, nothing changed."""
+    from conftest import training_fails_cleanly
+
+    argv, expected = clm_reference
+    out = tmp_path / "named"
+    copy_checkpoints(expected, out / "checkpoints", steps=(6, 10))
+    damage(out / "checkpoints" / "10", "state")
+    named = out / "checkpoints" / "10"
+    argv = [*with_output_dir(argv, out), "--resume_from_checkpoint", str(named)]
+    training_fails_cleanly(argv, "clm", capsys, out, str(named), "cannot be restored")
+
+
+def test_when_no_checkpoint_restores_one_line_names_each(clm_reference, tmp_path, capsys):
+    from conftest import training_fails_cleanly
+
+    argv, expected = clm_reference
+    out = tmp_path / "none"
+    copy_checkpoints(expected, out / "checkpoints", steps=(3, 6))
+    for step in ("3", "6"):
+        damage(out / "checkpoints" / step, "meta")
+    line = training_fails_cleanly(with_output_dir(argv, out), "clm", capsys, out,
+                                  str(out / "checkpoints"), "tried 6: ", "; 3: ")  # fmt: skip
+    assert "--overwrite_output_dir" in line
+
+
+@pytest.mark.parametrize("error", [errno.ENOSPC, errno.EACCES])  # full; permission lost
+def test_a_failed_metrics_write_ends_in_one_line(error, clm_reference, tmp_path, monkeypatch):
+    """metrics.jsonl cannot be appended to after step 8: one line naming it, the error and
+    checkpoint 6 to continue from; exit 2."""
+    from flax_lm.train import metrics
+
+    argv, _ = clm_reference
+    out = tmp_path / "full"
+    write = metrics.RunLog.write
+
+    def write_until_refused(log, group, record):
+        if record["step"] > 8:
+            raise OSError(error, os.strerror(error), str(out / "metrics.jsonl"))
+        write(log, group, record)
+
+    monkeypatch.setattr(metrics.RunLog, "write", write_until_refused)
+    _, stderr = run_in_process(with_output_dir(argv, out), "clm", status=2)
+    line = assert_one_line_error((2, stderr.splitlines()[-1]), "metrics.jsonl",
+                                 os.strerror(error), "step 6")  # fmt: skip
+    assert str(out / "checkpoints" / "6") in line and "rerun the same command" in line
+
+
+FAULT_DRIVER = """
+import sys
+import orbax.checkpoint as ocp
+from flax_lm.train.cli import main
+
+if sys.argv[1] == "inject":  # no small filesystem to fill: the storage refuses step 9's save
+    save = ocp.CheckpointManager.save
+
+    def refused(manager, step, *args, **kwargs):
+        if step >= 9:
+            raise ValueError("RESOURCE_EXHAUSTED: Error writing: No space left on device")
+        return save(manager, step, *args, **kwargs)
+
+    ocp.CheckpointManager.save = refused
+sys.exit(main(sys.argv[2:], objective="clm"))
+"""
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> Iterator[tuple[Path, bool]]:
+    """(a folder, whether it is a filesystem of its own) with room for the reference run's first
+    two checkpoints and its model, not a third."""
+    with small_filesystem(tmp_path / "disk", "1800k") as mounted:
+        yield tmp_path / "disk", mounted
+
+
+def test_a_full_disk_ends_in_one_line_and_the_rerun_continues(clm_reference, small_disk):
+    """The disk fills during the save of checkpoint 9: exit 2 and one last line naming the
+    path, the error and checkpoint 6 (no traceback, nothing after it); its half-written save is
+    orbax's temporary. Once there is space, the same command continues and ends as the
+    uninterrupted run, bit for bit."""
+    argv, expected = clm_reference
+    disk, mounted = small_disk
+    out = disk / "run"
+    argv = with_output_dir(argv, out)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", **CACHE_EVERY_COMPILE}
+    command = [sys.executable, "-c", FAULT_DRIVER, "fill" if mounted else "inject", *argv]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 2, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "No space left on device" in last, done.stderr[-3000:]
+    assert str(out) in last and "step 6" in last and "rerun the same command" in last
+    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr
+    from flax_lm.train import checkpoint
+
+    assert checkpoint.saved_steps(out / "checkpoints") == [3, 6]
+    if mounted:  # free space
+        subprocess.run(["mount", "-o", "remount,size=16m", str(disk)], check=True)
+    stdout, _ = run_in_process(argv, "clm")  # the same command, rerun
+    assert stdout.splitlines()[0].startswith(f"resumed from checkpoint {out / 'checkpoints' / '6'}")
+    assert_same_run(expected, out)

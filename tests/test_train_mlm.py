@@ -137,10 +137,10 @@ def test_find_checkpoint_forms(mlm_run, tmp_path):
 
     out, _ = mlm_run
     root = out / "checkpoints"
-    assert find_checkpoint("latest", out) == (root, 8)
-    assert find_checkpoint(str(root), out) == (root, 8)
-    assert find_checkpoint(str(out), Path("elsewhere")) == (root, 8)
-    assert find_checkpoint(str(root / "4"), out) == (root, 4)
+    assert find_checkpoint("latest", out) == (root, [8, 4], False)  # newest first
+    assert find_checkpoint(str(root), out) == (root, [8, 4], False)
+    assert find_checkpoint(str(out), Path("elsewhere")) == (root, [8, 4], False)
+    assert find_checkpoint(str(root / "4"), out) == (root, [4], True)  # that step alone
     meta = read_meta(root, 4)
     assert meta["step"] == 4 and meta["objective"] == "mlm" and meta["global_batch_size"] == 8
     assert meta["data"] == {"epoch": 0, "batch_in_epoch": 4}

@@ -3,23 +3,25 @@ arrays, and the run's position (data order, step, sums) and setup as JSON. Nothi
 
 Saving is asynchronous but donation-safe: orbax copies every array to host memory before `save`
 returns (its default synchronous device-to-host transfer), so the next train step may donate
-the state buffers while the files are still being written.
+the state buffers while the files are still being written. A save never overlaps the one before
+it: `save` first waits for that one to finish (and raises its error, if it failed).
 
 A save is atomic: orbax writes `STEP.orbax-checkpoint-tmp-*` and renames it to `STEP` once it
-holds everything, with its commit marker. A crash during a save leaves such a temporary (or
-unmarked) directory behind and never touches the checkpoints before it; resuming skips it.
+holds everything (on gs://, where nothing renames atomically, it writes its commit marker last).
+A crash or a storage fault during a save leaves such a temporary behind and never touches the
+checkpoints before it; which steps are complete is orbax's to say (`saved_steps`).
+
+A complete checkpoint whose files were damaged later (a bad disk, a copy cut short) fails to
+restore with `Unreadable`; a resumed run sets it aside under a new name (`set_aside`), never
+deleting it, and continues from the newest checkpoint that restores.
 """
 
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
-import re
-import sys
 import time
-import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import orbax.checkpoint as ocp
@@ -27,14 +29,13 @@ from etils import epath
 
 from flax_lm.errors import UserError, one_line
 from flax_lm.storage import absolute, location
+from flax_lm.train import orbax_fix  # noqa: F401  (orbax's restore loops end cleanly)
 from flax_lm.train.args import LATEST_CHECKPOINT
 from flax_lm.train.step import TrainState, abstract
 
 CHECKPOINTS_SUBDIR = "checkpoints"
 ITEMS = ("state", "meta")
-COMMIT_MARKER = "commit_success.txt"  # orbax writes it last, into a finished step directory
-RESTORE_ERRORS = (ValueError, OSError, KeyError)  # what orbax raises for damaged files
-STEP_PREFIX = re.compile(r"^(\d+)(\D|$)")
+DAMAGED_SUFFIX = ".damaged-"  # STEP.damaged-TIME: set aside, no longer a step orbax lists
 
 
 def open_manager(
@@ -52,9 +53,49 @@ def open_manager(
 
 
 def save(manager: ocp.CheckpointManager, state: TrainState, meta: dict[str, Any]) -> None:
-    """Start saving `state` and `meta` (JSON) as checkpoint `meta["step"]`."""
+    """Start saving `state` and `meta` (JSON) as checkpoint `meta["step"]`, once the previous
+    save has finished: saves slower than training never pile up."""
+    finish(manager)
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-    manager.save(meta["step"], args=args)
+    try:
+        manager.save(meta["step"], args=args)
+    except Exception as err:  # what the storage or orbax raised, as WriteFailed
+        raise WriteFailed(epath.Path(manager.directory) / str(meta["step"]), err) from None
+
+
+def finish(manager: ocp.CheckpointManager) -> None:
+    """Wait for the save in flight to finish; WriteFailed if it failed (orbax raises a failed
+    save's error once, here; its temporary stays behind, which no run takes for a checkpoint)."""
+    try:
+        manager.wait_until_finished()
+    except Exception as err:
+        raise WriteFailed(None, err) from None
+
+
+@contextlib.contextmanager
+def save_errors_left_to_the_caller() -> Iterator[None]:
+    """Meanwhile orbax's own log records of errors are dropped: it logs a failed save's error
+    (with a traceback, from each of its threads that saw it) before `finish` raises it, which the
+    run then reports in its one error line."""
+    log = logging.getLogger("absl")
+    log.addFilter(not_an_orbax_error)
+    try:
+        yield
+    finally:
+        log.removeFilter(not_an_orbax_error)
+
+
+def not_an_orbax_error(record: logging.LogRecord) -> bool:
+    return record.levelno < logging.ERROR or "/orbax/" not in record.pathname
+
+
+class WriteFailed(Exception):
+    """A checkpoint that could not be written: its path (None: the save in flight) and the
+    storage's error, on one line."""
+
+    def __init__(self, path: epath.Path | None, err: Exception):
+        self.path, self.reason = path, storage_reason(err)
+        super().__init__(f"{path}: {self.reason}")
 
 
 def restore(
@@ -75,83 +116,13 @@ def restore(
     else:
         state = ocp.args.StandardRestore(abstract(like))
     args = ocp.args.Composite(state=state, meta=ocp.args.JsonRestore())
-    with quiet_abandoned_reads():
-        try:
-            restored = manager.restore(step, args=args)
-        except RESTORE_ERRORS as err:
-            step_dir = epath.Path(manager.directory) / str(step)
-            advice = ADVICE_PARAMS_ONLY if params_only else ADVICE_RESUME
-            raise cannot_restore(step_dir, err, advice) from None
-    return (restored.state["params"] if params_only else restored.state), restored.meta
-
-
-ABANDONED_READS_QUIET_S = 0.5  # after a failed restore: this long without a late report
-ABANDONED_READS_MAX_WAIT_S = 5.0
-
-
-@contextlib.contextmanager
-def quiet_abandoned_reads() -> Iterator[None]:
-    """Keep the reads a failed restore abandons from printing tracebacks under its error line.
-
-    When one array of a damaged checkpoint fails to read, orbax closes its event loop while the
-    reads of the other arrays are still in flight: each then reports "Event loop is closed" as
-    an unraisable exception, and asyncio logs the tasks left pending. Inside this context those
-    exceptions are dropped and asyncio's log is silenced. On a failure it waits until the
-    abandoned reads have been quiet for ABANDONED_READS_QUIET_S (at most
-    ABANDONED_READS_MAX_WAIT_S); then, failed or not, the previous hook and log level are back.
-    A read slower than that wait can still end later (on a loaded machine, at exit): after a
-    failure asyncio's log keeps a filter that drops only records about orbax's own tasks."""
-    previous_hook = sys.unraisablehook
-    asyncio_log = logging.getLogger("asyncio")
-    previous_level = asyncio_log.level
-    dropped: list[float] = []
-    sys.unraisablehook = without_closed_loop_errors(previous_hook, dropped)
-    asyncio_log.setLevel(logging.CRITICAL)
     try:
-        yield
-    except BaseException:
-        wait_until_quiet(dropped)
-        asyncio_log.addFilter(drop_orbax_task_reports)
-        raise
-    finally:
-        sys.unraisablehook = previous_hook
-        asyncio_log.setLevel(previous_level)
-
-
-def without_closed_loop_errors(hook: Callable, dropped: list[float]) -> Callable:
-    """`hook` for unraisable exceptions, minus "Event loop is closed" (the time of each one
-    dropped is appended to `dropped`)."""
-
-    def filtered(unraisable) -> None:
-        error = unraisable.exc_value
-        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
-            dropped.append(time.monotonic())
-        else:
-            hook(unraisable)
-
-    return filtered
-
-
-def drop_orbax_task_reports(record: logging.LogRecord) -> bool:
-    """A filter for asyncio's log: False for its reports of orbax's tasks ("Task exception was
-    never retrieved", "Task was destroyed but it is pending"), whose repr or traceback runs
-    through orbax's code; every other record passes."""
-    if "/orbax/" in record.getMessage():
-        return False
-    error = record.exc_info[1] if record.exc_info else None
-    frames = traceback.extract_tb(error.__traceback__) if error is not None else []
-    return not any("/orbax/" in frame.filename for frame in frames)
-
-
-def wait_until_quiet(dropped: list[float]) -> None:
-    """Wait until no abandoned read has reported for ABANDONED_READS_QUIET_S, collecting the
-    tasks they leave pending meanwhile (asyncio logs those when they are collected)."""
-    start = time.monotonic()
-    while time.monotonic() - start < ABANDONED_READS_MAX_WAIT_S:
-        gc.collect()
-        if time.monotonic() - max(dropped, default=start) >= ABANDONED_READS_QUIET_S:
-            return
-        time.sleep(0.05)
+        restored = manager.restore(step, args=args)
+    except Exception as err:  # whatever a damaged file makes orbax or TensorStore raise
+        step_dir = epath.Path(manager.directory) / str(step)
+        advice = ADVICE_PARAMS_ONLY if params_only else ADVICE_RESUME
+        raise Unreadable(step_dir, err, advice) from None
+    return (restored.state["params"] if params_only else restored.state), restored.meta
 
 
 def read_meta(directory: epath.Path, step: int) -> dict[str, Any]:
@@ -159,8 +130,8 @@ def read_meta(directory: epath.Path, step: int) -> dict[str, Any]:
     manager = open_manager(directory, create=False)
     try:
         return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-    except RESTORE_ERRORS as err:
-        raise cannot_restore(directory / str(step), err) from None
+    except Exception as err:  # a damaged or missing JSON file
+        raise Unreadable(directory / str(step), err) from None
     finally:
         manager.close()
 
@@ -169,61 +140,103 @@ ADVICE_RESUME = "resume from an earlier checkpoint of the run"
 ADVICE_PARAMS_ONLY = "give the config of the run that saved it"  # evaluating, exporting
 
 
-def cannot_restore(step_dir: epath.Path, err: Exception, advice: str = ADVICE_RESUME) -> UserError:
-    reason = one_line(err, None).split(" [tensorstore_spec")[0][:300]
-    return UserError(
-        f"checkpoint {step_dir} cannot be restored (damaged, or saved by another model): "
-        f"{reason}; {advice}"
-    )
+class Unreadable(UserError):
+    """A checkpoint that cannot be restored: `step_dir` and, on one line, `reason`."""
+
+    def __init__(self, step_dir: epath.Path, err: Exception, advice: str = ADVICE_RESUME):
+        self.step_dir, self.reason = step_dir, storage_reason(err)
+        super().__init__(
+            f"checkpoint {step_dir} cannot be restored (damaged, or saved by another model): "
+            f"{self.reason}; {advice}"
+        )
 
 
-def find_checkpoint(spec: str, own_checkpoints: epath.Path) -> tuple[epath.Path, int]:
-    """(checkpoints dir, step) named by --resume_from_checkpoint: `latest` (the newest complete one
-    of the run's own checkpoints), a checkpoints dir (its newest complete one), or one step's dir
-    inside it (local or gs://)."""
+def storage_reason(err: BaseException, limit: int = 300) -> str:
+    """What orbax or TensorStore said went wrong, on one line: the innermost error that says more
+    than "see the details", without TensorStore's JSON spec. Longer than `limit`, its status
+    (`RESOURCE_EXHAUSTED`, ...) and its last clause, which holds the system's own words ("No
+    space left on device")."""
+    reasons = []
+    while err is not None:
+        reasons.append(one_line(err, None).split(" [tensorstore_spec")[0])
+        err = err.__cause__ or err.__context__
+    useful = [r for r in reasons if "See full TensorStore details" not in r] or reasons
+    reason = useful[-1]
+    if len(reason) <= limit:
+        return reason
+    status, last = reason.split(":", 1)[0], reason.rsplit('": ', 1)[-1]
+    return f"{status}: ... {last}"[:limit]
+
+
+def find_checkpoint(
+    spec: str, own_checkpoints: epath.Path
+) -> tuple[epath.Path, list[int], bool]:
+    """(checkpoints dir, its steps to try, newest first, whether `spec` named one step) for
+    --resume_from_checkpoint: `latest` (the run's own checkpoints) or a checkpoints dir (each of
+    its complete steps), or one step's dir inside it (that step alone); local or gs://."""
     if spec == LATEST_CHECKPOINT:
         path = own_checkpoints
     else:
         path = location(spec, "--resume_from_checkpoint")
     if not path.is_dir():
         raise UserError(f"no checkpoint to resume from: {path} is not a directory")
-    if STEP_PREFIX.match(path.name) and (path / ITEMS[0]).is_dir():
-        if not is_complete(path):
-            raise UserError(
-                f"checkpoint {path} is incomplete (its save was interrupted): resume from "
-                f"an earlier one in {path.parent}"
-            )
-        return path.parent, int(path.name)
+    if is_step_name(path.name) and ocp.path.step.is_path_temporary(path):
+        raise UserError(
+            f"checkpoint {path} is incomplete (its save was interrupted): resume from "
+            f"an earlier one in {path.parent}"
+        )
+    if path.name.isdigit() and int(path.name) in saved_steps(path.parent):
+        return path.parent, [int(path.name)], True
     for root in (path, path / CHECKPOINTS_SUBDIR):
-        steps = checkpoint_steps(root)
+        steps = saved_steps(root)
         if steps:
-            return root, steps[-1]
+            return root, steps[::-1], False
     raise UserError(f"no checkpoint to resume from: {path} holds no complete saved step")
 
 
-def is_complete(step_dir: epath.Path) -> bool:
-    """A finished save: named by its step alone, with its commit marker and every item."""
-    return (
-        step_dir.name.isdigit()
-        and (step_dir / COMMIT_MARKER).is_file()
-        and all((step_dir / item).is_dir() for item in ITEMS)
-    )
-
-
-def checkpoint_steps(root: epath.Path) -> list[int]:
-    """Steps saved completely under `root`, in increasing order."""
+def saved_steps(root: epath.Path) -> list[int]:
+    """The steps orbax finds complete under `root`, in increasing order (its temporaries, and
+    checkpoints set aside as damaged, are not steps)."""
     if not root.is_dir():
         return []
-    return sorted(int(p.name) for p in root.iterdir() if p.is_dir() and is_complete(p))
+    with open_manager(root, create=False) as manager:
+        return sorted(manager.all_steps())
 
 
 def interrupted_saves(root: epath.Path, after: int = -1) -> list[epath.Path]:
-    """Step directories under `root` (of steps after `after`) whose save never finished."""
+    """orbax's temporaries under `root` (saves that never finished) of steps after `after`."""
     if not root.is_dir():
         return []
-    found = []
-    for path in root.iterdir():
-        match = STEP_PREFIX.match(path.name)
-        if path.is_dir() and match and int(match.group(1)) > after and not is_complete(path):
-            found.append(path)
-    return sorted(found, key=lambda p: (int(STEP_PREFIX.match(p.name).group(1)), p.name))
+    found = [path.get() for path in ocp.path.step.all_temporary_paths(root)]
+    stepped = [(step_of(path), path.name, path) for path in found]
+    return [path for step, _, path in sorted(stepped) if step > after]
+
+
+def is_step_name(name: str) -> bool:
+    """Whether `name` is a step's (STEP, or orbax's temporary for it): on gs://, where any folder
+    without a commit marker counts as a temporary, only such names are asked about."""
+    return name.isdigit() or ocp.path.step.TMP_DIR_SUFFIX in name
+
+
+def step_of(path: epath.Path) -> int:
+    """The step a checkpoint's directory (or its temporary) is named after; -1 for none."""
+    try:
+        return ocp.path.step.step_from_checkpoint_name(path.name)
+    except ValueError:
+        return -1
+
+
+def aside_path(step_dir: epath.Path) -> epath.Path:
+    """Where a damaged checkpoint STEP is set aside: STEP.damaged-TIME (now, UTC), a name orbax
+    lists as no step and deletes as no temporary."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    return step_dir.parent / f"{step_dir.name}{DAMAGED_SUFFIX}{stamp}"
+
+
+def newest_step(root: epath.Path) -> int | None:
+    """The newest complete checkpoint under `root`, or None (also when `root` cannot be read)."""
+    try:
+        steps = saved_steps(root)
+    except Exception:  # a failing storage: the error being reported already says so
+        return None
+    return steps[-1] if steps else None

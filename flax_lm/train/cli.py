@@ -1,6 +1,7 @@
 """`run_clm_flax.py` / `run_mlm_flax.py` (and `flax-lm run-clm` / `run-mlm`): parse, then run.
 
-Exit status: 0 done, 2 bad input (one `error:` line), 1 stopped on a non-finite loss,
+Exit status: 0 done, 2 bad input or a storage fault (one `error:` line, the last; see
+docs/storage.md), 1 stopped on a non-finite loss,
 128 + signal when SIGTERM/SIGINT stopped training (after saving a checkpoint to resume from).
 """
 

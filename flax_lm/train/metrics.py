@@ -20,6 +20,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -106,6 +107,41 @@ def scalar_names(group: str, record: dict[str, Any]) -> dict[str, float]:
     }
 
 
+class EventFile:
+    """A TensorBoard event file in `logdir`, written and flushed in the calling thread. (A
+    tensorboardX SummaryWriter writes from a thread of its own: a full disk ends that thread
+    with a traceback and its next flush waits forever. Here it is an OSError, which the run
+    reports as it reports any failed write.)"""
+
+    def __init__(self, logdir: Path):
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.record_writer import RecordWriter
+
+        logdir.mkdir(parents=True, exist_ok=True)
+        name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}"
+        self.records = RecordWriter(str(logdir / name))
+        self.write([Event(wall_time=time.time(), file_version="brain.Event:2")])
+
+    def add_scalars(self, scalars: dict[str, float], step: int) -> None:
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.summary import scalar
+
+        now = time.time()
+        self.write([Event(wall_time=now, step=step, summary=scalar(name, value))
+                    for name, value in scalars.items()])  # fmt: skip
+
+    def write(self, events: list) -> None:
+        for event in events:
+            self.records.write(event.SerializeToString())
+        self.records.flush()
+
+    def close(self) -> None:
+        try:
+            self.records.flush()
+        finally:
+            self.records.close()
+
+
 class RunLog:
     """Appends train and eval records to metrics.jsonl and TensorBoard, and drives the progress
     bar. `enabled=False` (processes other than the first) makes every call a no-op."""
@@ -132,9 +168,7 @@ class RunLog:
         self.jsonl = (files / METRICS_FILE).open("a", encoding="utf-8") if enabled else None
         self.board = None
         if enabled and tensorboard:
-            from tensorboardX import SummaryWriter
-
-            self.board = SummaryWriter(logdir=str(files / TENSORBOARD_SUBDIR))
+            self.board = EventFile(files / TENSORBOARD_SUBDIR)
         self.bar = tqdm(
             total=total_steps,
             initial=initial_step,
@@ -188,9 +222,7 @@ class RunLog:
         self.jsonl.flush()
         scalars = scalar_names(group, record)
         if self.board is not None:
-            for name, value in scalars.items():
-                self.board.add_scalar(name, value, record["step"])
-            self.board.flush()
+            self.board.add_scalars(scalars, record["step"])
         if self.wandb is not None:
             self.wandb.log(scalars, step=record["step"])
 
@@ -204,8 +236,6 @@ class RunLog:
         if self.staging is None:
             return
         self.jsonl.flush()
-        if self.board is not None:
-            self.board.flush()
         copy_into(self.staging, self.output_dir)
 
     def close(self) -> None:

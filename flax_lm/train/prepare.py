@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,10 +55,17 @@ class Resume:
     interrupted: list[epath.Path]  # newer step dirs whose save never finished (skipped)
     later: list[int] = dataclasses.field(default_factory=list)  # newer complete ones (dropped)
     rerun: bool = False  # found in output_dir by rerunning the command, not named by a flag
+    older: list[int] = dataclasses.field(default_factory=list)  # to try if `step` is damaged
+    pinned: bool = False  # --resume_from_checkpoint named this step: no other is tried
+    damaged: dict[epath.Path, str] = dataclasses.field(default_factory=dict)  # skipped: why
+    aside: dict[epath.Path, epath.Path] = dataclasses.field(default_factory=dict)  # warned
+    # about: the name each damaged step dir is set aside under, once the run holds its lock
 
     def describe(self) -> str:
         """The line a resumed run starts with."""
         notes = [f"dropped later checkpoints {self.later}"] if self.later else []
+        if self.damaged:
+            notes.append(f"skipped damaged checkpoints {[p.name for p in self.damaged]}")
         if self.interrupted:
             skipped = [path.name for path in self.interrupted]
             notes.append(f"skipped incomplete checkpoints {skipped}: their saves were interrupted")
@@ -127,8 +135,6 @@ def load_and_check(cfg: TrainConfig, objective_name: str, num_devices: int) -> P
     cfg = prepared.cfg = resolve_data_shards(prepared.cfg, resume, num_devices)
     if resume is not None:
         check_resume_matches(resume, prepared, objective_name)
-        if jax.process_index() == 0:
-            print(resume.describe(), flush=True)  # the run's first line
     shards = prepared.shard_ids
     raw = load_raw_splits(cfg)
     prepared.splits = tokenize_shards(
@@ -195,22 +201,72 @@ def prepare_model(cfg: TrainConfig, objective_name: str, num_devices: int) -> Pr
 
 def find_resume(cfg: TrainConfig, output_dir: epath.Path) -> Resume | None:
     """The checkpoint named by --resume_from_checkpoint or, when the command is rerun on an
-    output_dir holding complete checkpoints (without --overwrite_output_dir), its newest."""
+    output_dir holding complete checkpoints (without --overwrite_output_dir), its newest. Unless a
+    flag names one step, a checkpoint whose JSON part cannot be read is skipped for the one
+    before it (with a warning); one whose arrays cannot, when the trainer restores it."""
     own_checkpoints = checkpoints_of(cfg)
-    own_steps = checkpoint.checkpoint_steps(own_checkpoints)
+    own_steps = checkpoint.saved_steps(own_checkpoints)
     if cfg.resume_from_checkpoint:
         if not cfg.do_train:
             raise UserError("--resume_from_checkpoint continues training: it needs --do_train")
-        directory, step = checkpoint.find_checkpoint(cfg.resume_from_checkpoint, own_checkpoints)
+        directory, steps, pinned = checkpoint.find_checkpoint(
+            cfg.resume_from_checkpoint, own_checkpoints
+        )
         rerun = False
     else:
         if not (own_steps and cfg.do_train and not cfg.overwrite_output_dir):
             return None
-        directory, step, rerun = own_checkpoints, own_steps[-1], True
-    meta = checkpoint.read_meta(directory, step)
-    later = [s for s in own_steps if s > step]
-    interrupted = checkpoint.interrupted_saves(directory, after=step)
-    return Resume(directory, step, meta, interrupted, later, rerun)
+        directory, steps, pinned, rerun = own_checkpoints, own_steps[::-1], False, True
+    resume = Resume(directory, -1, {}, [], rerun=rerun, older=steps, pinned=pinned)
+    return next_to_try(resume, own_steps)
+
+
+def next_to_try(resume: Resume, own_steps: list[int]) -> Resume:
+    """`resume` moved to the newest of its `older` steps whose JSON part reads; a UserError
+    naming each checkpoint tried when none is left. A checkpoint that cannot be restored is an
+    error when a flag named it; otherwise it is skipped, with one warning line once another one
+    is found, and set aside (Resume.aside) once the run holds its lock."""
+    while resume.older:
+        step, *resume.older = resume.older
+        try:
+            meta = checkpoint.read_meta(resume.directory, step)
+        except checkpoint.Unreadable as err:
+            skip_damaged(resume, err)
+            continue
+        warn_damaged(resume)
+        damaged = {checkpoint.step_of(path) for path in resume.damaged}
+        later = [s for s in own_steps if s > step and s not in damaged]
+        interrupted = checkpoint.interrupted_saves(resume.directory, after=step)
+        return dataclasses.replace(
+            resume, step=step, meta=meta, later=later, interrupted=interrupted
+        )
+    tried = "; ".join(f"{path.name}: {reason}" for path, reason in resume.damaged.items())
+    raise UserError(
+        f"no checkpoint in {resume.directory} can be restored (tried {tried}); they are left as "
+        "they are: add --overwrite_output_dir to start over, or resume from a copy of the run"
+    )
+
+
+def skip_damaged(resume: Resume, err: checkpoint.Unreadable) -> None:
+    """Note a checkpoint that cannot be restored; its error when a flag named it."""
+    if resume.pinned:
+        raise err
+    resume.damaged[err.step_dir] = err.reason
+
+
+def warn_damaged(resume: Resume) -> None:
+    """One warning line for each damaged checkpoint skipped since the last, naming where it will
+    be kept."""
+    for step_dir, reason in resume.damaged.items():
+        if step_dir in resume.aside:
+            continue
+        resume.aside[step_dir] = checkpoint.aside_path(step_dir)
+        if jax.process_index() == 0:
+            print(
+                f"warning: checkpoint {step_dir} cannot be restored ({reason}): skipped, and "
+                f"kept as {resume.aside[step_dir].name}",
+                file=sys.stderr, flush=True,
+            )  # fmt: skip
 
 
 # What a run writes into output_dir before its first checkpoint: a run killed then holds nothing

@@ -30,7 +30,7 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from flax_lm.errors import UserError, one_line
+from flax_lm.errors import UserError, is_write_fault, one_line, os_reason
 from flax_lm.models.hf_io import save_model
 from flax_lm.perf import achieved_flops_per_second, model_flops_per_token
 from flax_lm.storage import save_pretrained
@@ -58,7 +58,15 @@ from flax_lm.train.metrics import (
     write_json,
 )
 from flax_lm.train.optim import warn_about_warmup
-from flax_lm.train.prepare import Prepared, prepare, run_dirs, run_identity
+from flax_lm.train.prepare import (
+    Prepared,
+    check_resume_matches,
+    next_to_try,
+    prepare,
+    run_dirs,
+    run_identity,
+    skip_damaged,
+)
 from flax_lm.train.progress import (
     Progress,
     RecentMetrics,
@@ -129,6 +137,8 @@ class Trainer:
         try:
             self.start_output_dir()  # the first write: everything above only reads
             return self.run_holding_the_lock(params, training)
+        except (checkpoint.WriteFailed, OSError) as err:
+            raise self.cannot_continue(err) from None
         finally:
             for lock in self.locks:
                 lock.release()
@@ -171,6 +181,27 @@ class Trainer:
             print(f"pushed to the Hub: {self.hub.push(step, self.last_checkpoint)}")
         return results
 
+    def cannot_continue(self, err: checkpoint.WriteFailed | OSError) -> Exception:
+        """A storage fault while the run writes (no space, no permission, a refusing bucket) as
+        one line: what failed to be written, and how to go on from the newest complete
+        checkpoint; any other OSError as it is."""
+        if isinstance(err, OSError) and not is_write_fault(err):
+            return err
+        directory = self.prepared.checkpoint_dir
+        if isinstance(err, OSError):
+            path, reason = err.filename or self.prepared.output_dir, os_reason(err)
+        else:  # a save refused at once, or else the one in flight when orbax raised its error
+            path, reason = err.path or self.last_checkpoint or directory, err.reason
+        step = checkpoint.newest_step(directory)
+        if step is None:
+            then = "no checkpoint is complete yet: free space and rerun the same command"
+        else:
+            then = (
+                f"the newest complete checkpoint is {directory / str(step)}: free space and "
+                f"rerun the same command to continue from step {step}"
+            )
+        return UserError(f"cannot write {path}: {reason}; {then}")
+
     # ------------------------------------------------------------------------------ setup
 
     def start_output_dir(self) -> None:
@@ -195,6 +226,8 @@ class Trainer:
         if not self.is_main:
             return
         if self.prepared.resume is not None:
+            for step_dir, aside in self.prepared.resume.aside.items():
+                step_dir.rename(aside)  # damaged: kept, where no later run tries it again
             keep_records_up_to(out / METRICS_FILE, self.prepared.resume.step)
         elif self.cfg.do_train:
             checkpoints = self.prepared.checkpoint_dir
@@ -216,14 +249,32 @@ class Trainer:
         if prepared.resume is None:  # a resumed run's data held a batch: read none of it again
             prepared.train_batches.require_one_batch()
         else:
-            source = checkpoint.open_manager(prepared.resume.directory, create=False)
-            try:
-                state, meta = checkpoint.restore(source, prepared.resume.step, like=state)
-            finally:
-                source.close()
+            state, meta = self.restore_resumed(like=state)
             prepared.train_batches.load_state(meta["data"])
             progress = Progress(**meta.get("progress", {}))
         return Training(state, parts, progress)
+
+    def restore_resumed(self, like: TrainState) -> tuple[TrainState, dict[str, Any]]:
+        """The state and JSON part of the checkpoint to resume, laid out like `like`. One whose
+        arrays cannot be read is skipped for the newest before it that restores (unless a flag
+        named it: see prepare.next_to_try), which must be of the same run setup."""
+        prepared = self.prepared
+        while True:
+            resume = prepared.resume
+            source = checkpoint.open_manager(resume.directory, create=False)
+            try:
+                state, meta = checkpoint.restore(source, resume.step, like=like)
+                break
+            except checkpoint.Unreadable as err:
+                skip_damaged(resume, err)
+                own_steps = checkpoint.saved_steps(prepared.checkpoint_dir)
+                prepared.resume = next_to_try(resume, own_steps)
+                check_resume_matches(prepared.resume, prepared, self.objective_name)
+            finally:
+                source.close()
+        if self.is_main:
+            print(prepared.resume.describe(), flush=True)  # the run's first line
+        return state, meta
 
     # ------------------------------------------------------------------------------ train
 
@@ -233,18 +284,19 @@ class Trainer:
         """Train to total_steps; returns the final state, train results and the last eval."""
         cfg, prepared = self.cfg, self.prepared
         started = time.perf_counter()
-        manager = checkpoint.open_manager(
-            prepared.checkpoint_dir,
-            max_to_keep=cfg.save_total_limit,
-            remove_interrupted_saves=True,
-        )
-        try:
-            if prepared.resume is not None:
-                self.continue_from_checkpoint(manager)
-            state, tokens_per_second, last_eval = self.loop(training, manager, log)
-            manager.wait_until_finished()
-        finally:
-            manager.close()
+        with checkpoint.save_errors_left_to_the_caller():
+            manager = checkpoint.open_manager(
+                prepared.checkpoint_dir,
+                max_to_keep=cfg.save_total_limit,
+                remove_interrupted_saves=True,
+            )
+            try:
+                if prepared.resume is not None:
+                    self.continue_from_checkpoint(manager)
+                state, tokens_per_second, last_eval = self.loop(training, manager, log)
+                checkpoint.finish(manager)
+            finally:
+                manager.close()
         results = {
             "train_loss": training.progress.loss if training.progress.num_targets else None,
             "train_runtime": round(time.perf_counter() - started, 3),
@@ -263,9 +315,8 @@ class Trainer:
         """The resumed run replaces what came after its checkpoint (prepare said so)."""
         resume = self.prepared.resume
         self.last_checkpoint = resume.directory / str(resume.step)
-        for step in manager.all_steps():
-            if step > resume.step:
-                manager.delete(step)
+        for step in resume.later:  # (never a damaged one: they are set aside, not deleted)
+            manager.delete(step)
 
     def loop(self, training: Training, manager, log: RunLog):
         """Steps from the state's step to total_steps; returns (state, steady tokens/s, last
@@ -307,7 +358,7 @@ class Trainer:
                         recent.fetch()  # a non-finite step stops the run here: it is never saved
                         self.save(manager, state, step, batches, progress, log, stopping)
                 if stopping:
-                    manager.wait_until_finished()
+                    checkpoint.finish(manager)
                     raise Interrupted(signals.received, step, self.last_checkpoint)
                 if step < total:
                     batch = next(batches)
@@ -374,7 +425,7 @@ class Trainer:
         """--push_to_hub at a checkpoint; strategies that upload the checkpoint itself wait for
         its save to finish first."""
         if self.cfg.hub_strategy in CHECKPOINTS_UPLOADED:
-            manager.wait_until_finished()
+            checkpoint.finish(manager)
         self.hub.push_in_background(step, self.last_checkpoint)
 
     def save_checkpoint(
