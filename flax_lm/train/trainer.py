@@ -157,10 +157,10 @@ class Trainer:
             wandb_run=wandb_run,
             enabled=self.is_main,
         )
-        log.header({"attention": self.attention.implementation,
-                    "attention_reason": self.attention.reason})
         results: dict[str, Any] = {}
         try:
+            log.header({"attention": self.attention.implementation,
+                        "attention_reason": self.attention.reason})
             step = 0
             if training is not None:
                 state, train_results, last_eval = self.train(training, log)
