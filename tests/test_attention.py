@@ -264,7 +264,6 @@ def test_splash_kernel_equals_the_reference_interpreted(splash_interpreted, caus
     assert not np.asarray(got[1][1][1, SPLASH_LENGTH - 11:], np.float32).any()
 
 
-@pytest.mark.slow  # the interpreter runs the kernels' grids step by step
 def test_a_gpt2_model_on_splash_equals_the_reference(splash_interpreted):
     """Loss and every gradient of a padded batch through a whole model (GPT-2's traced
     per-layer scale included)."""
