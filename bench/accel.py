@@ -16,6 +16,14 @@ ahead-of-time compile and torch's first step; peak device memory is JAX's peak_b
 torch.cuda.max_memory_allocated (None on a CPU). MFU is against the bfloat16 matmul peak measured
 in the same run and against the card's published dense bfloat16 peak (perf.PUBLISHED_BF16_PEAKS).
 A failed measurement (e.g. torch.compile without a compiler) is recorded and the run goes on.
+
+The loss check: flax-lm's step saves its initial model as PyTorch loads it (config.json,
+model.safetensors), its batch and its learning rate of every step; each PyTorch side starts from
+those weights, trains on those token ids (MLM masks included) with that schedule, and records
+its loss at every step as flax-lm does. Both curves go in the results; the run fails when
+flax-lm's loss differs from a PyTorch side's at the first step or the last by more than
+LOSS_TOLERANCE. A fast attention kernel with a wrong mask (future tokens leaking, padding
+ignored) shows there as a loss that falls faster than PyTorch's, not as a speed-up.
 Writes bench/results/<device>.json and prints a table.
 """
 
@@ -52,6 +60,11 @@ ACCEL_CONFIGS: dict[str, tuple[BenchConfig, tuple[int, ...]]] = {
                               "num_attention_heads=2", 32, 4, 4, 1e-3, True), (4,)),
 }
 DEFAULT_CONFIGS = "gpt2-124m,roberta-base"
+# How far flax-lm's loss may be from PyTorch's, relative to PyTorch's, at the first step (same
+# weights, same tokens: only bfloat16 rounding differs, ~3 significant digits per product) and
+# at the last (rounding differences compounded through the updates).
+LOSS_TOLERANCE = {"first": 0.02, "last": 0.05}
+
 def model_config(bench: BenchConfig, dropout: float | None = None):
     """The transformers config both sides build (as profile_step.build_step does)."""
     from flax_lm.config import build_config
@@ -82,18 +95,19 @@ def measure_ours(spec: dict) -> dict:
         scan_layers = choices_for(platform()).scan_layers
     compiled, compile_seconds, state, batch, config = build_step(
         bench, scan_layers=scan_layers, dtype=spec["dtype"], attention=spec["attention"],
-        dropout=spec["dropout"], batch_size=spec["batch_size"])
-    metrics, first_loss = None, None
+        dropout=spec["dropout"], batch_size=spec["batch_size"], save_to=spec.get("peer_dir"))
+    steps = []  # every step's metrics, read back after the timing
     for _ in range(WARMUP_STEPS):
         state, metrics = compiled(state, batch)
-        if first_loss is None:
-            first_loss = float(metrics["loss_sum"] / metrics["num_targets"])
+        steps.append(metrics)
     jax.block_until_ready(metrics)
     started = time.perf_counter()
     for _ in range(spec["steps"]):
         state, metrics = compiled(state, batch)
+        steps.append(metrics)
     jax.block_until_ready(metrics)
     seconds = time.perf_counter() - started
+    losses = [float(m["loss_sum"] / m["num_targets"]) for m in jax.device_get(steps)]
     device = jax.devices()[0]
     stats = device.memory_stats() or {}
     return {
@@ -102,14 +116,28 @@ def measure_ours(spec: dict) -> dict:
         "compile_seconds": compile_seconds,
         "peak_memory_gb": stats["peak_bytes_in_use"] / 1e9 if "peak_bytes_in_use" in stats
         else None,
-        "first_loss": first_loss,
-        "last_loss": float(metrics["loss_sum"] / metrics["num_targets"]),
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+        "losses": losses,
         "attention": choose_attention(platform(), spec["dtype"], spec["attention"]),
         "layers": "scanned" if scan_layers else "unrolled",
         "device_kind": device.device_kind,
         "platform": device.platform,
         "vocab_size": config.vocab_size,
     }
+
+
+def peer_start(peer_dir: str, cls, device):
+    """flax-lm's initial model, batch and learning rates as build_step saved them."""
+    import numpy as np
+    import torch
+    from profile_step import PEER_BATCH
+
+    model = cls.from_pretrained(peer_dir, attn_implementation="sdpa").to(device).train()
+    saved = np.load(Path(peer_dir) / PEER_BATCH)
+    ids, labels = (torch.from_numpy(saved[k].astype(np.int64)).to(device)
+                   for k in ("input_ids", "labels"))
+    return model, ids, labels, saved["learning_rates"].tolist()
 
 
 def torch_batch(bench: BenchConfig, batch_size: int, vocab_size: int, device):
@@ -135,7 +163,14 @@ def measure_torch(spec: dict) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     cls = AutoModelForCausalLM if bench.objective == "clm" else AutoModelForMaskedLM
-    model = cls.from_config(config, attn_implementation="sdpa").to(device).train()
+    rates = None
+    if spec.get("peer_dir"):
+        model, ids, labels, rates = peer_start(spec["peer_dir"], cls, device)
+    else:
+        model = cls.from_config(config, attn_implementation="sdpa").to(device).train()
+        ids, labels = torch_batch(bench, spec["batch_size"], config.vocab_size, device)
+    if bench.objective == "clm":
+        model.loss_type = "ForCausalLM"  # the per-token mean, as flax-lm's
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     optimizer = torch.optim.AdamW(
@@ -145,15 +180,19 @@ def measure_torch(spec: dict) -> dict:
                                        HYPERPARAMETERS["adam_beta2"]),
         eps=HYPERPARAMETERS["adam_epsilon"], fused=True)
     forward = torch.compile(model) if spec["mode"] == "compile" else model
-    ids, labels = torch_batch(bench, spec["batch_size"], config.vocab_size, device)
+    losses = []
 
     def step() -> torch.Tensor:
+        if rates is not None:  # flax-lm's schedule, step by step
+            for group in optimizer.param_groups:
+                group["lr"] = rates[min(len(losses), len(rates) - 1)]
         with torch.autocast(device.type, dtype=torch.bfloat16):
             loss = forward(input_ids=ids, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), HYPERPARAMETERS["max_grad_norm"])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
         return loss.detach()
 
     def synchronize():
@@ -179,6 +218,7 @@ def measure_torch(spec: dict) -> dict:
         else None,
         "first_loss": first_loss,
         "last_loss": float(loss),
+        "losses": [float(x) for x in losses],
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
     }
@@ -258,6 +298,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
         spec = {"name": name, "config": dataclasses.asdict(bench), "batch_size": batch_size,
                 "steps": args.steps, "dtype": args.dtype, "dropout": args.dropout,
                 "attention": args.attn_implementation, "layers": args.layers}
+        spec["peer_dir"] = str(work / f"start-{name}-{batch_size}")
         ours = run_measurement("ours", spec, work)
         device_kind = ours.get("device_kind", results.get("device_kind", "unknown"))
         results.setdefault("device_kind", device_kind)
@@ -274,6 +315,8 @@ def measurement_order(args: argparse.Namespace) -> list[tuple[str, int]]:
     saved after each)."""
     sizes = {name: list(ACCEL_CONFIGS[name][1]) if args.batch_size is None else [args.batch_size]
              for name in args.configs.split(",")}
+    if args.first_batch_only:
+        sizes = {name: s[:1] for name, s in sizes.items()}
     rounds = max(len(s) for s in sizes.values())
     return [(name, s[i]) for i in range(rounds) for name, s in sizes.items() if i < len(s)]
 
@@ -289,9 +332,25 @@ def summarise(name: str, bench: BenchConfig, batch_size: int, ours: dict, peers:
     compiled = sides.get("torch compile", {})
     ratio = (ours["tokens_per_second"] / compiled["tokens_per_second"]
              if "tokens_per_second" in ours and "tokens_per_second" in compiled else None)
+    checks = {f"torch {mode}": loss_check(ours, peer) for mode, peer in peers.items()
+              if "losses" in ours and "losses" in peer}
     return {"config": name, "seq_len": bench.seq_len, "batch_size": batch_size,
             "vocab_size": config.vocab_size, "flops_per_token": flops, "sides": sides,
-            "ratio_vs_torch_compile": ratio}
+            "ratio_vs_torch_compile": ratio, "loss_check": checks}
+
+
+def loss_check(ours: dict, peer: dict) -> dict:
+    """flax-lm's loss against a PyTorch side's at the first and the last step they share, each
+    within LOSS_TOLERANCE (relative to PyTorch's)."""
+    steps = min(len(ours["losses"]), len(peer["losses"]))
+    found: dict = {"steps": steps, "tolerance": LOSS_TOLERANCE}
+    for which, index in (("first", 0), ("last", steps - 1)):
+        a, b = ours["losses"][index], peer["losses"][index]
+        difference = abs(a - b) / abs(b) if math.isfinite(a) and math.isfinite(b) else math.inf
+        found[which] = {"flax-lm": a, "torch": b, "relative_difference": difference}
+    found["ok"] = all(found[w]["relative_difference"] <= LOSS_TOLERANCE[w]
+                      for w in ("first", "last"))
+    return found
 
 
 def markdown(results: dict) -> str:
@@ -324,6 +383,15 @@ def markdown(results: dict) -> str:
         if run["ratio_vs_torch_compile"] is not None:
             lines.append(f"| {run['config']} | {run['batch_size']} | flax-lm / torch compile | "
                          f"{run['ratio_vs_torch_compile']:.2f}× | | | | | |")
+    lines += ["", f"Loss check (relative to PyTorch; tolerance first {LOSS_TOLERANCE['first']:.0%}"
+              f", last {LOSS_TOLERANCE['last']:.0%}):"]
+    for run in results["runs"]:
+        for label, check in run.get("loss_check", {}).items():
+            first, last = check["first"], check["last"]
+            lines.append(
+                f"- {run['config']} b{run['batch_size']} vs {label}: step 1 {first['flax-lm']:.4f}"
+                f" / {first['torch']:.4f}, step {check['steps']} {last['flax-lm']:.4f} / "
+                f"{last['torch']:.4f}: {'ok' if check['ok'] else 'DIFFERS'}")
     lines += ["", f"FLOPs: {perf.FLOPS_FORMULA}.", f"Reproduce: `{results['command']}`"]
     return "\n".join(lines)
 
@@ -341,6 +409,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--configs", default=DEFAULT_CONFIGS,
                         help=f"comma-separated, from: {', '.join(ACCEL_CONFIGS)}")
     parser.add_argument("--batch_size", type=int, help="one batch size (default: per config)")
+    parser.add_argument("--first_batch_only", action="store_true",
+                        help="each config at its first batch size only (gpt2-124m 32)")
     parser.add_argument("--steps", type=int, default=30, help="timed steps per measurement")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
                         help="flax-lm's compute dtype (torch: bfloat16 autocast)")
@@ -382,7 +452,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nresults: {out}")
     failed = [label for r in results["runs"] for label, side in r["sides"].items()
               if "error" in side]
-    return 1 if failed else 0
+    differs = [f"{r['config']} b{r['batch_size']} vs {label}" for r in results["runs"]
+               for label, check in r.get("loss_check", {}).items() if not check["ok"]]
+    if differs:
+        print(f"error: flax-lm's loss differs from PyTorch's beyond the tolerance: "
+              f"{', '.join(differs)}", file=sys.stderr)
+    return 1 if failed or differs else 0
 
 
 def measure_main(kind: str, spec_path: str, out: str) -> int:

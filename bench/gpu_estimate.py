@@ -8,19 +8,21 @@
 For each bench/accel.py config (its shapes, batch sizes and vocabulary, bfloat16, no dropout) and
 layer loop, the train step the training command would run is compiled for the GPU (`flax-lm plan
 --topology` machinery: flax_lm.plan.GPU_TARGETS). XLA's optimized program is then read kernel by
-kernel, loops multiplied by their trip counts, and each kernel is charged
+kernel, loops multiplied by their trip counts, and each kernel launch is charged
 
-    max(bytes it reads and writes / memory bandwidth, matmul FLOPs / matmul peak)
+    max(bytes it reads and writes / (bandwidth x bandwidth share),
+        matmul FLOPs / (published bf16 peak x matmul share),
+        attention FLOPs / (published bf16 peak x attention share),
+        the least time a launch takes)
 
-(a roofline), where a fusion reads only the slices it takes of a larger operand and a
-dynamic-update-slice writes only its update. The sum, times CALIBRATION, is the estimate: the
-ratio of measured to estimated step time for the three flax-lm runs measured on an H200 when
-issue 13 was filed (GPT-2 124M at batch 32 and 64, RoBERTa base at 128: 1.27, 1.24, 1.30), the
-same code compiled here. Launch gaps, imperfect overlap and kernels slower than their roofline
-are what it stands for, so it ranks variants of one step better than it predicts a new one.
-The matmul peak is the published dense bfloat16 peak times MATMUL_EFFICIENCY (an H200 measured
-735 TFLOP/s of its 989 with bench/peak.py). Writes a JSON with every run's estimate, its
-memory (XLA's temporaries) and its heaviest kernels.
+where a fusion reads only the slices it takes of a larger operand and a dynamic-update-slice
+writes only its update; matmul FLOPs count XLA's own dots and cuBLAS calls (their dot dimensions
+are in their backend config), attention FLOPs cuDNN's fused attention. The shares and the launch
+time are not one fitted factor but three sets, RANGES: "low" (time) with the shares an H200
+reached in bench/peak.py and a short launch, "high" with lower shares and a longer launch, and
+"central" between; the estimate is the range, not a point. It ranks variants of one step better
+than it predicts a new one. Writes a JSON with every run's range, its memory (XLA's temporaries)
+and its heaviest kernels.
 """
 
 from __future__ import annotations
@@ -36,8 +38,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
-CALIBRATION = 1.27  # measured / estimated step time on an H200 (see the docstring)
-MATMUL_EFFICIENCY = 735 / 989  # measured / published bf16 matmul peak, H200
+
+@dataclass(frozen=True)
+class Rates:
+    """What share of its published peaks a GPU reaches, and the least time of one launch."""
+
+    bandwidth: float  # of the memory bandwidth
+    matmul: float  # of the dense bf16 peak, in matmuls (XLA's and cuBLAS's)
+    attention: float  # ... in cuDNN's fused attention (head width 64: far from its peak)
+    launch_seconds: float  # a kernel's least time: launch, ramp-up and tail of a tiny kernel
+
+
+# matmul "low": bench/peak.py's 735 of 989 TFLOP/s on an H200; attention: cuDNN's flash kernels
+# at head width 64 run well below large-width rates; a launch: XLA's command buffers cut the
+# launch itself, not a kernel's ramp-up and drain.
+RANGES = {
+    "low": Rates(bandwidth=0.90, matmul=735 / 989, attention=0.45, launch_seconds=1.5e-6),
+    "central": Rates(bandwidth=0.80, matmul=0.68, attention=0.35, launch_seconds=2.5e-6),
+    "high": Rates(bandwidth=0.70, matmul=0.60, attention=0.25, launch_seconds=4e-6),
+}
 DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4,
                "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
 ARRAY = re.compile(r"\b(pred|bf16|[fsu]\d+)\[([\d,]*)\]")
@@ -84,11 +103,16 @@ class Kernel:
     shape: str
     runs: int
     bytes: int
-    flops: float
+    flops: float  # matmul FLOPs (XLA's dots, cuBLAS calls)
     where: str  # the op_name metadata: which part of the model made it
+    attention_flops: float = 0.0  # in a fused attention kernel (cuDNN's)
 
-    def seconds(self, bandwidth: float, peak: float) -> float:
-        return self.runs * max(self.bytes / bandwidth, self.flops / peak)
+    def seconds(self, bandwidth: float, peak: float, rates: Rates) -> float:
+        """All its runs at `rates` of the GPU's `bandwidth` and bf16 `peak`."""
+        return self.runs * max(self.bytes / (bandwidth * rates.bandwidth),
+                               self.flops / (peak * rates.matmul),
+                               self.attention_flops / (peak * rates.attention),
+                               rates.launch_seconds)
 
 
 def parse(hlo: str) -> tuple[dict[str, list[Instruction]], str]:
@@ -118,6 +142,19 @@ def dot_flops(instruction: Instruction, shapes: dict[str, str]) -> float:
     lhs = dimensions(shapes.get(instruction.operands[0], "")) if instruction.operands else []
     contracted = math.prod(lhs[int(i)] for i in contracting.group(1).split(",") if i) \
         if contracting and lhs else 1
+    return 2.0 * math.prod(dimensions(instruction.shape)) * contracted
+
+
+def gemm_flops(instruction: Instruction, shapes: dict[str, str]) -> float:
+    """A cuBLAS call (XLA's "__cublas$gemm", "__cublas$lt$matmul"): 2 x output elements x
+    contracted elements, from the dot dimensions in its backend config. Its output is a tuple
+    (the product, a workspace): the product is the first array."""
+    contracting = re.search(r'"lhs_contracting_dimensions":\s*\[([^\]]*)\]',
+                            instruction.attributes)
+    lhs = dimensions(shapes.get(instruction.operands[0], "")) if instruction.operands else []
+    if not contracting or not lhs:
+        return 0.0
+    contracted = math.prod(lhs[int(i)] for i in re.findall(r"\d+", contracting.group(1)))
     return 2.0 * math.prod(dimensions(instruction.shape)) * contracted
 
 
@@ -177,14 +214,17 @@ class Program:
             flops = self._fusion_flops(called.group(1))
         elif instruction.op == "dot":
             flops = dot_flops(instruction, shapes)
-        elif instruction.op == "custom-call":
+        attention = 0.0
+        if instruction.op == "custom-call":
             target = re.search(r'custom_call_target="([^"]+)"', instruction.attributes)
             name += f" <{target.group(1) if target else '?'}>"
             if target and "fmha" in target.group(1):
-                flops = attention_flops(instruction, shapes)
+                attention = attention_flops(instruction, shapes)
+            elif target and "cublas" in target.group(1):
+                flops = gemm_flops(instruction, shapes)
         where = re.search(r'op_name="([^"]*)"', instruction.attributes)
         return Kernel(name, instruction.op, instruction.shape, runs, moved, flops,
-                      where.group(1) if where else "")
+                      where.group(1) if where else "", attention)
 
     def _fusion_flops(self, computation: str) -> float:
         body = self.computations[computation]
@@ -250,21 +290,21 @@ class Program:
 # ----------------------------------------------------------------------------- the estimate
 
 
-def estimate(hlo: str, bandwidth: float, matmul_peak: float, top: int = 12) -> dict:
-    """The roofline of an optimized HLO module: totals, the calibrated step estimate, and the
-    heaviest kernels."""
-    program = Program(hlo)
-    kernels = program.kernels
-    roofline = sum(k.seconds(bandwidth, matmul_peak) for k in kernels)
-    heaviest = sorted(kernels, key=lambda k: -k.seconds(bandwidth, matmul_peak))[:top]
+def estimate(hlo: str, bandwidth: float, bf16_peak: float, top: int = 12) -> dict:
+    """The step time of an optimized HLO module on a GPU of `bandwidth` and published dense
+    `bf16_peak`, at each of RANGES, with the totals and the heaviest kernels (central)."""
+    kernels = Program(hlo).kernels
+    central = RANGES["central"]
+    heaviest = sorted(kernels, key=lambda k: -k.seconds(bandwidth, bf16_peak, central))[:top]
     return {
         "launches": sum(k.runs for k in kernels),
         "bytes": sum(k.runs * k.bytes for k in kernels),
         "matmul_flops": sum(k.runs * k.flops for k in kernels),
-        "roofline_seconds": roofline,
-        "estimated_step_seconds": roofline * CALIBRATION,
+        "attention_flops": sum(k.runs * k.attention_flops for k in kernels),
+        "step_seconds": {name: sum(k.seconds(bandwidth, bf16_peak, rates) for k in kernels)
+                         for name, rates in RANGES.items()},
         "heaviest": [{"kernel": k.name, "shape": k.shape[:80], "runs": k.runs,
-                      "milliseconds": 1e3 * k.seconds(bandwidth, matmul_peak),
+                      "milliseconds": 1e3 * k.seconds(bandwidth, bf16_peak, central),
                       "where": k.where[-90:]} for k in heaviest],
     }
 
@@ -301,32 +341,33 @@ def run_one(gpu: str, flags: list[str]) -> dict:
     p, mesh, train_step, state, batch = step_to_compile(cfg, objective, target)
     compiled, seconds = compile_train_step(train_step, state, batch, mesh)
     spec = GPU_TARGETS[gpu]
-    result = estimate(compiled.as_text(), spec.memory_bandwidth,
-                      spec.bf16_dense_flops * MATMUL_EFFICIENCY)
+    result = estimate(compiled.as_text(), spec.memory_bandwidth, spec.bf16_dense_flops)
     tokens = p.global_batch_size * p.seq_len
     model_flops = perf.model_flops_per_token(p.model_config, p.seq_len) * tokens
-    step = result["estimated_step_seconds"]
+    steps = result["step_seconds"]
     return {**result, "compile_seconds": seconds, "tokens_per_step": tokens,
-            "estimated_tokens_per_second": tokens / step,
-            "estimated_mfu_published_peak": model_flops / step / spec.bf16_dense_flops,
+            "estimated_tokens_per_second": {k: tokens / v for k, v in steps.items()},
+            "estimated_mfu_published_peak": {k: model_flops / v / spec.bf16_dense_flops
+                                             for k, v in steps.items()},
             "temporaries_bytes": compiled.memory_analysis().temp_size_in_bytes}
 
 
 def table(results: dict) -> str:
     lines = [f"Estimated on {results['gpu']} ({results['device']}), compiled on a machine without "
-             f"it; calibration {CALIBRATION}.", "",
+             "it; tokens/s low-central-high (bench/gpu_estimate.py RANGES).", "",
              "| config | batch | layers | GB moved | matmul TFLOP | kernels | temporaries GiB "
-             "| compile s (no autotuning) | estimated step ms | estimated tokens/s "
-             "| estimated MFU (published peak) |",
+             "| compile s (no autotuning) | step ms (central) | tokens/s (range: high, central, low time) "
+             "| MFU, published peak (central) |",
              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for run in results["runs"]:
+        rate = run["estimated_tokens_per_second"]
         lines.append(
             f"| {run['config']} | {run['batch_size']} | {run['layers']} | {run['bytes'] / 1e9:.1f} "
             f"| {run['matmul_flops'] / 1e12:.2f} | {run['launches']} "
             f"| {run['temporaries_bytes'] / 2**30:.2f} | {run['compile_seconds']:.1f} "
-            f"| {run['estimated_step_seconds'] * 1e3:.1f} "
-            f"| {run['estimated_tokens_per_second']:,.0f} "
-            f"| {run['estimated_mfu_published_peak']:.0%} |")
+            f"| {run['step_seconds']['central'] * 1e3:.1f} "
+            f"| {rate['high']:,.0f} - {rate['central']:,.0f} - {rate['low']:,.0f} "
+            f"| {run['estimated_mfu_published_peak']['central']:.0%} |")
     return "\n".join(lines)
 
 
@@ -349,7 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     if not set(configs) <= set(ACCEL_CONFIGS) or not set(layers) <= {"scanned", "unrolled"}:
         parser.error(f"--configs from {', '.join(ACCEL_CONFIGS)}; --layers scanned, unrolled")
     results = {"gpu": args.gpu, "device": GPU_TARGETS[args.gpu].name,
-               "calibration": CALIBRATION, "matmul_efficiency": MATMUL_EFFICIENCY,
+               "jax": __import__("jax").__version__,
+               "ranges": {name: vars(rates) for name, rates in RANGES.items()},
                "command": "python " + " ".join(["bench/gpu_estimate.py", *(argv or sys.argv[1:])]),
                "runs": []}
     with tempfile.TemporaryDirectory(prefix="flax_lm_gpu_estimate_") as tmp:

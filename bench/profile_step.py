@@ -31,6 +31,7 @@ from flax_lm import perf
 from flax_lm.config import build_config
 from flax_lm.hostmem import reexec_with_huge_pages
 from flax_lm.models import create_model
+from flax_lm.models.hf_io import save_model
 from flax_lm.train import step as train_step_lib
 from flax_lm.train.args import TrainConfig
 from flax_lm.train.objectives import CausalLM, MaskedLM
@@ -40,14 +41,18 @@ RUNTIME_EVENTS = ("ThunkExecutor", "SlinkyThreadPool", "$", "Thunk")  # not oper
 
 
 LAYERS = {"auto": None, "scanned": True, "unrolled": False}  # --layers: scan_layers
+PEER_BATCH = "batch.npz"  # build_step's batch and learning rates, beside the saved model
 
 
 def build_step(bench: BenchConfig, *, scan_layers: bool | None = None, dtype: str = "float32",
-               attention: str = "auto", dropout: float | None = None, batch_size: int | None = None):
+               attention: str = "auto", dropout: float | None = None, batch_size: int | None = None,
+               save_to: Path | None = None):
     """(compiled step, compile seconds, state, device batch, model config) for a bench config:
     the trainer's model, objective, AdamW with clipping and the finite-update guard, compiled once
     with the state donated, on one batch of random token ids (MLM-masked for RoBERTa).
-    scan_layers None: the platform's choice, as the training commands make it."""
+    scan_layers None: the platform's choice, as the training commands make it. `save_to`: write
+    the initial model there as PyTorch loads it (config.json, model.safetensors) and the batch
+    and each step's learning rate as batch.npz, for a peer to start from the same point."""
     overrides = bench.overrides
     if bench.tokenizer_vocab:  # the bench's own tokenizer's vocabulary, without training it
         overrides += f",vocab_size={TOKENIZER_VOCAB}"
@@ -72,6 +77,11 @@ def build_step(bench: BenchConfig, *, scan_layers: bool | None = None, dtype: st
     state = train_step_lib.init_state(params, optimizer, 0, mesh)
     step = train_step_lib.make_train_step(graphdef, objective, optimizer, schedule)
     compiled, seconds = train_step_lib.compile_train_step(step, state, batch, mesh)
+    if save_to is not None:
+        save_model(model, save_to)
+        rates = np.asarray([schedule(i) for i in range(bench.steps)], np.float64)
+        np.savez(Path(save_to) / PEER_BATCH, learning_rates=rates,
+                 **{k: v[0] for k, v in host_batch.items()})
     return compiled, seconds, state, batch, config
 
 

@@ -8,7 +8,10 @@ pay on one; the rest is the same everywhere:
   The CPU takes "reference", which computes causal attention in query blocks against their key
   prefixes: XLA:CPU computes every score of a full matrix, masked or not, so skipping the upper
   triangle is work saved there. NVIDIA GPUs take cuDNN's fused kernel in bfloat16 (causal by
-  `is_causal`), TPUs and the rest XLA's.
+  `is_causal`); TPUs from v4 on Pallas' splash (flash) attention, in float32 and bfloat16, as
+  MaxText and Levanter run it there; TPUs v2 and v3 and the rest XLA's. Where the fast kernel
+  cannot compile or run, or differs from the reference, a training run says so in one line and
+  takes XLA's attention (flax_lm/models/attention.py settle_attention).
 - scan_layers: whether the layers run under one `lax.scan` (`--scan_layers` unset). A scan
   compiles the block once, but JAX fixes what its backward pass reads: every intermediate of
   the block, stacked per layer in memory (float32 LayerNorm terms, the GELU's parts). Unrolled,
@@ -61,14 +64,22 @@ BACKENDS: dict[str, Backend] = {
                    host_huge_pages=True),
     "cuda": Backend("xla", "cudnn", scan_layers=False, fused_loss=True, host_huge_pages=False),
     "rocm": Backend("xla", "xla", scan_layers=False, fused_loss=True, host_huge_pages=False),
-    "tpu": Backend("xla", "xla", scan_layers=True, fused_loss=True, host_huge_pages=False),
+    "tpu": Backend("splash", "splash", scan_layers=True, fused_loss=True,  # v4 and later
+                   host_huge_pages=False),
+    "tpu_v3": Backend("xla", "xla", scan_layers=True, fused_loss=True,  # and v2
+                      host_huge_pages=False),
 }
+BACKENDS["tpu_v2"] = BACKENDS["tpu_v3"]
+# TPU generations before splash attention's (device_kind "TPU v2", "TPU v3"): Mosaic, which
+# compiles Pallas kernels for TPUs, targets v4 and later.
+OLD_TPU_KIND = re.compile(r"TPU v([23])\b")
 OTHER_PLATFORMS = Backend("xla", "xla", scan_layers=True, fused_loss=True, host_huge_pages=False)
 
 
 def choices_for(platform: str) -> Backend:
-    """The choices for `platform` ("cpu", "cuda", "rocm", "tpu"; JAX's "gpu" counts as "cuda",
-    any other platform gets XLA's attention and no host-memory change)."""
+    """The choices for `platform` ("cpu", "cuda", "rocm", "tpu" (v4 and later), "tpu_v3",
+    "tpu_v2"; JAX's "gpu" counts as "cuda", any other platform gets XLA's attention and no
+    host-memory change)."""
     return BACKENDS.get("cuda" if platform == "gpu" else platform, OTHER_PLATFORMS)
 
 
@@ -82,7 +93,11 @@ def platform() -> str:
 
 def device_platform(device: Any) -> str:
     """The platform of a JAX device, as BACKENDS names it: JAX's "gpu" told apart into "cuda"
-    and "rocm" (a compiled-for topology's devices may be of another platform than this process)."""
+    and "rocm", TPUs v2 and v3 into "tpu_v2" and "tpu_v3" (a compiled-for topology's devices may
+    be of another platform than this process)."""
+    if device.platform == "tpu":
+        old = OLD_TPU_KIND.match(str(getattr(device, "device_kind", "")))
+        return f"tpu_v{old.group(1)}" if old else "tpu"
     if device.platform != "gpu":
         return device.platform
     version = str(getattr(getattr(device, "client", None), "platform_version", "")).lower()

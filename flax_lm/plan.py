@@ -60,8 +60,8 @@ COMPILE_ONLY_TPU_ENV = {
     "TPU_WORKER_ID": "0",
 }
 # HBM per chip, as Google's Cloud TPU system-architecture pages publish it, by JAX's device_kind.
-# JAX makes a device of each TensorCore (v2, v3, TPU7x; v4 compiled for a topology) or of the
-# whole chip (megacore: v4 and v5p on their hosts, and single-core chips): tpu_hbm_bytes divides.
+# JAX makes a device of each TensorCore (v2, v3, TPU7x) or of the whole chip (megacore: v4 and
+# v5p, as on their hosts, and single-core chips): tpu_hbm_bytes divides.
 TPU_HBM_PER_CHIP = {
     "TPU v2": 16 * GIB,
     "TPU v3": 32 * GIB,
@@ -103,9 +103,12 @@ def tpu_topology(name: str) -> Target:
         jax.config.update("jax_platforms", "cpu")
     from jax.experimental import topologies
 
+    # A TPU v4 runs as one device per chip (megacore), as jax.make_mesh requires; libtpu's
+    # compile-only topology lists its two cores apart unless told.
+    options = {"chip_config_name": "megacore"} if name.startswith("v4") else {}
     try:
         with environment(COMPILE_ONLY_TPU_ENV):
-            devices = topologies.get_topology_desc(name, "tpu").devices
+            devices = topologies.get_topology_desc(name, "tpu", **options).devices
     except RuntimeError as err:  # JaxRuntimeError is one too
         text = one_line(err, None)
         if "not installed" in text:
@@ -307,6 +310,7 @@ def plan_step(cfg: TrainConfig, objective_name: str, target: Target, *,
               with_flops: bool = True) -> Plan:
     """Compile the train step of `cfg` for `target`'s devices and measure it (`with_flops`:
     also trace its FLOPs, which the variants tried for a suggestion do not need)."""
+    from flax_lm.models import training_attention
     from flax_lm.train.step import compile_train_step
 
     p, mesh, train_step, state, batch = step_to_compile(cfg, objective_name, target)
@@ -316,6 +320,7 @@ def plan_step(cfg: TrainConfig, objective_name: str, target: Target, *,
         "global_batch_size": p.global_batch_size,
         "seq_len": p.seq_len,
         "dtype": cfg.dtype,
+        "attention": training_attention(p.model_config, p.cfg.attn_implementation),
         "remat": cfg.remat,
         "mesh": dict(mesh.shape),
     }
@@ -360,12 +365,13 @@ def refused_for_memory(err: Exception) -> bool:
 def step_to_compile(cfg: TrainConfig, objective_name: str, target: Target):
     """(prepared run, mesh, train step, state shapes, batch shapes) of `cfg` on `target`'s
     devices: what `compile_train_step` compiles, as the training command would."""
-    from flax_lm.train.build import abstract_step
+    from flax_lm.train.build import abstract_step, settle_attention
     from flax_lm.train.prepare import prepare_model
     from flax_lm.train.step import make_mesh
 
     mesh = make_mesh(target.devices, spec=cfg.mesh)
     p = prepare_model(cfg, objective_name, num_devices=mesh.size)
+    p, _ = settle_attention(p, mesh, try_kernel=False)
     return (p, mesh, *abstract_step(p, mesh))
 
 
@@ -492,7 +498,8 @@ def report(plan: Plan, target: Target) -> str:
         f"train step on {target.description} (mesh {mesh})",
         f"  per-device batch {s['per_device_train_batch_size']} x {s['seq_len']} tokens, "
         f"accumulation {s['gradient_accumulation_steps']}, global batch "
-        f"{s['global_batch_size']}, dtype {s['dtype']}, remat {s['remat'] or 'none'}",
+        f"{s['global_batch_size']}, dtype {s['dtype']}, attention {s['attention']}, "
+        f"remat {s['remat'] or 'none'}",
         "  per device:",
     ]
     rows = ["parameters", "optimizer_state", "batch", "temporaries", "program"]

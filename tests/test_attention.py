@@ -1,9 +1,16 @@
-"""Attention implementations against the reference path, and which one each backend gets.
+"""Attention implementations against the reference path, which one each backend gets, and the
+fallback to XLA's where a fast kernel fails.
 
 The "cudnn" path is checked on the CPU by running its very call (is_causal, key lengths, folded
-scale) with implementation="xla"; the kernel itself is checked by the GPU-only test."""
+scale) with implementation="xla"; the kernel itself is checked by the GPU-only test. The "splash"
+kernel runs on the CPU in Pallas' interpreter (the very kernel, its block masks and segment ids);
+tests/test_plan.py compiles it for TPU topologies."""
 
 from __future__ import annotations
+
+import dataclasses
+import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +18,9 @@ import numpy as np
 import pytest
 from flax import nnx
 from test_models import decode_in_steps, dropout_key, gpt2_config, roberta_config
+from test_resume import run_argv, run_in_process
 
+from flax_lm import backend
 from flax_lm.models import attention, create_model
 from flax_lm.models.errors import ModelError
 from flax_lm.models.gpt2 import GPT2LMHeadModel
@@ -109,7 +118,10 @@ def test_attention_dropout_takes_the_reference_path(cudnn_call_on_xla):
     ("gpu", "bfloat16", "auto", "cudnn"),
     ("cuda", "float32", "auto", "xla"),
     ("rocm", "bfloat16", "auto", "xla"),
-    ("tpu", "bfloat16", "auto", "xla"),
+    ("tpu", "bfloat16", "auto", "splash"),  # TPU v4 and later
+    ("tpu", "float32", "auto", "splash"),
+    ("tpu_v3", "bfloat16", "auto", "xla"),
+    ("tpu_v2", "float32", "auto", "xla"),
     ("tpu", "float32", "reference", "reference"),
     ("cuda", "bfloat16", "xla", "xla"),
     ("cpu", "float32", "xla", "xla"),
@@ -122,6 +134,8 @@ def test_the_implementation_is_chosen_by_platform_and_dtype(platform, dtype, req
     ("cpu", "bfloat16", "cudnn", "cpu"),
     ("cuda", "float32", "cudnn", "float32"),
     ("cuda", "bfloat16", "flash", "flash"),
+    ("tpu_v3", "bfloat16", "splash", "v4"),
+    ("cuda", "bfloat16", "splash", "cuda"),
 ])
 def test_impossible_choices_are_user_errors(platform, dtype, requested, named):
     with pytest.raises(ModelError, match=named):
@@ -203,3 +217,132 @@ def test_cudnn_kernel_equals_the_reference_on_a_gpu(causal):
     want = output_and_grads("reference", q, k, v, mask, causal=causal, scale=0.125)
     got = output_and_grads("cudnn", q, k, v, mask, causal=causal, scale=0.125)
     assert_close(got, want, jnp.bfloat16)
+
+
+# ------------------------------------------------------------------------- splash attention
+
+SPLASH_LENGTH = attention.SPLASH_BLOCK  # the shortest sequence the kernel takes
+
+
+@pytest.fixture
+def splash_interpreted(monkeypatch):
+    """The splash kernel as Pallas' interpreter runs it on this CPU."""
+    monkeypatch.setitem(attention.KERNELS, "splash",
+                        functools.partial(attention.splash_attention, interpret=True))
+
+
+def output_and_real_grads(implementation, q, k, v, padding, *, causal, scale=0.25):
+    """Output and q/k/v gradients of a loss on the real (unpadded) positions only: what a
+    model's loss sees. (Splash's padding queries attend padding keys, the reference's attend the
+    real ones: outputs that no loss reads.)"""
+    mask = attention.self_attention_mask(padding, q.shape[1], causal=causal)
+    real = padding.astype(bool)[:, :, None, None]
+
+    def f(q, k, v):
+        y = attention.attend(implementation, q, k, v, mask, scale=scale, causal=causal,
+                             dropout_rate=0.0, dropout_key=None)
+        return jnp.where(real, y, 0)
+
+    @jax.jit
+    def run(q, k, v):
+        out, vjp = jax.vjp(f, q, k, v)
+        return out, vjp(jnp.cos(out.astype(jnp.float32)).astype(out.dtype))
+
+    return run(q, k, v)
+
+
+@pytest.mark.parametrize("causal, dtype", [(True, jnp.float32), (False, jnp.bfloat16)])
+def test_splash_kernel_equals_the_reference_interpreted(splash_interpreted, causal, dtype):
+    """Pallas' splash kernel itself (block masks, segment ids from the key lengths, the scale
+    folded into the queries), forward and gradients, on a full and a right-padded row."""
+    q, k, v, padding = inputs(dtype, length=SPLASH_LENGTH, heads=2, head_dim=16)
+    want = output_and_real_grads("reference", q, k, v, padding, causal=causal)
+    got = output_and_real_grads("splash", q, k, v, padding, causal=causal)
+    assert got[0].dtype == dtype
+    assert_close(got, want, dtype)
+    # the padded row's gradient reaches no padding key: nothing leaks across the padding
+    assert not np.asarray(got[1][1][1, SPLASH_LENGTH - 11:], np.float32).any()
+
+
+def test_a_gpt2_model_on_splash_equals_the_reference(splash_interpreted):
+    """Loss and every gradient of a padded batch through a whole model (GPT-2's traced
+    per-layer scale included)."""
+    config = gpt2_config(n_layer=1, n_positions=SPLASH_LENGTH,
+                         scale_attn_by_inverse_layer_idx=True)
+    ids = np.random.RandomState(2).randint(3, config.vocab_size, (2, SPLASH_LENGTH))
+    mask = np.ones_like(ids)
+    mask[1, 90:] = 0
+    want_loss, want_grads = loss_and_grads(GPT2LMHeadModel(config, attention="reference"), ids,
+                                           mask)
+    loss, grads = loss_and_grads(GPT2LMHeadModel(config, attention="splash"), ids, mask)
+    assert abs(float(loss - want_loss)) <= 1e-5 * abs(float(want_loss))
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------- fallback
+
+GEOMETRY = dict(heads=2, head_dim=16, length=LENGTH, causal=True, dtype=jnp.float32,
+                attn_dropout=0.0)
+
+
+def failing_kernel(*args, **kwargs):
+    raise RuntimeError("CUDNN_STATUS_EXECUTION_FAILED (injected)")
+
+
+def kernel_without_causal_mask(q, k, v, mask, *, scale, causal):
+    """A wrong fast kernel: it lets queries see later tokens (a speed-up and a lower loss)."""
+    return attention.xla_attention(q, k, v, mask._replace(dense=None), scale=scale, causal=False)
+
+
+def test_a_fast_kernel_that_fails_or_errs_gives_way_to_xla(monkeypatch):
+    chosen = attention.attention_choice("cuda", jnp.bfloat16)
+    assert chosen.implementation == "cudnn" and "cuda" in chosen.reason
+    monkeypatch.setitem(attention.KERNELS, "cudnn", failing_kernel)
+    settled = attention.settle_attention(chosen, **GEOMETRY)
+    assert settled.implementation == "xla"
+    assert "cudnn" in settled.reason and "CUDNN_STATUS_EXECUTION_FAILED" in settled.reason
+    monkeypatch.setitem(attention.KERNELS, "cudnn", kernel_without_causal_mask)
+    settled = attention.settle_attention(chosen, **GEOMETRY)
+    assert settled.implementation == "xla" and "differs from the reference" in settled.reason
+    # named by the user: not replaced, one clear error
+    with pytest.raises(ModelError, match="cudnn"):
+        attention.settle_attention(attention.attention_choice("cuda", jnp.bfloat16, "cudnn"),
+                                   **GEOMETRY)
+
+
+def test_a_kernel_that_works_is_kept_and_dropout_says_why_it_is_unfused(monkeypatch):
+    monkeypatch.setattr(attention, "CUDNN_BACKEND", "xla")  # the cuDNN call, run by XLA
+    chosen = attention.attention_choice("cuda", jnp.float32, "auto")._replace(
+        implementation="cudnn")
+    kept = attention.settle_attention(chosen, **{**GEOMETRY, "attn_dropout": 0.1})
+    assert kept.implementation == "cudnn" and "dropout 0.1" in kept.reason
+    assert "reference" in kept.reason
+    # splash takes whole blocks: another length is XLA's, without trying the kernel
+    splash = attention.attention_choice("tpu", jnp.bfloat16)
+    settled = attention.settle_attention(splash, **GEOMETRY, try_kernel=False)
+    assert settled.implementation == "xla" and str(attention.SPLASH_BLOCK) in settled.reason
+    # and the real splash kernel cannot run on a CPU outside the interpreter: a real failure
+    assert attention.kernel_problem("splash", heads=2, head_dim=16, length=SPLASH_LENGTH,
+                                    causal=True, dtype=jnp.float32) is not None
+
+
+def test_a_training_run_whose_fast_kernel_fails_says_so_and_trains_on_xla(
+    code_corpus, tiny_tokenizer_dir, tmp_path, monkeypatch
+):
+    """A CPU made to choose cuDNN's kernel, which fails as a cuDNN/CUDA mismatch would: the run
+    says so in one line, trains with XLA's attention, and its metrics.jsonl header says why."""
+    cpu = dataclasses.replace(backend.BACKENDS["cpu"], attention="cudnn", fused_attention="cudnn")
+    monkeypatch.setitem(backend.BACKENDS, "cpu", cpu)
+    monkeypatch.setitem(attention.KERNELS, "cudnn", failing_kernel)
+    out = tmp_path / "run"
+    argv = [*run_argv("clm", code_corpus, tiny_tokenizer_dir, out, tmp_path / "cache"),
+            "--max_steps", "2", "--save_steps", "2", "--eval_steps", "2"]
+    stdout, _ = run_in_process(argv, "clm")
+    said = [line for line in stdout.splitlines() if line.startswith("attention:")]
+    assert len(said) == 1 and "xla" in said[0] and "CUDNN_STATUS_EXECUTION_FAILED" in said[0]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    header = records[0]["header"]
+    assert header["attention"] == "xla" and "cudnn" in header["attention_reason"]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 2 and all(np.isfinite(losses))

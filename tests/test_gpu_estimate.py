@@ -30,14 +30,15 @@ def test_a_compiled_scan_of_matmuls_counts_every_trip():
     x = jax.ShapeDtypeStruct((ROWS, WIDTH), jnp.float32)
     w = jax.ShapeDtypeStruct((LAYERS, WIDTH, WIDTH), jnp.float32)
     hlo = jax.jit(layers).lower(x, w).compile().as_text()
-    found = gpu_estimate.estimate(hlo, bandwidth=1e12, matmul_peak=1e14)
+    found = gpu_estimate.estimate(hlo, bandwidth=1e12, bf16_peak=1e14)
     assert found["matmul_flops"] == LAYERS * 2 * ROWS * WIDTH * WIDTH
     assert found["launches"] >= LAYERS
     # every layer reads at least its own weights once
     assert found["bytes"] >= LAYERS * WIDTH * WIDTH * 4
-    assert found["roofline_seconds"] > 0
-    assert found["estimated_step_seconds"] == pytest.approx(
-        found["roofline_seconds"] * gpu_estimate.CALIBRATION)
+    # a range, each launch at least its least time
+    low, central, high = (found["step_seconds"][k] for k in ("low", "central", "high"))
+    assert 0 < low < central < high
+    assert low >= found["launches"] * gpu_estimate.RANGES["low"].launch_seconds
 
 
 # A loop of 4 trips whose body writes one row of a stacked [4, 8, 32] buffer in place from a
@@ -128,3 +129,32 @@ def test_kernels_are_charged_what_they_move():
     assert take.bytes == 8 * 32 * 4 + 4 + 8 * 32 * 4
     # the cond: its true branch only, one kernel
     assert (by_name["e"].runs, by_name["e"].bytes) == (1, 2 * 1024 * 4)
+
+
+# cuBLAS calls as XLA:GPU writes them: a batched product (attention's scores, [12, 512, 64] x
+# [12, 64, 512]) and a weight gradient contracting the rows ([16384, 768]^T x [16384, 2304]),
+# each returning (product, workspace).
+CUBLAS_MODULE = """HloModule cublas
+
+ENTRY %main (q: bf16[12,512,64], k: bf16[12,64,512], x: bf16[16384,768], g: bf16[16384,2304]) -> bf16[768,2304] {
+  %q = bf16[12,512,64]{2,1,0} parameter(0)
+  %k = bf16[12,64,512]{2,1,0} parameter(1)
+  %x = bf16[16384,768]{1,0} parameter(2)
+  %g = bf16[16384,2304]{1,0} parameter(3)
+  %scores = (bf16[12,512,512]{2,1,0}, s8[4194304]{0}) custom-call(%q, %k), custom_call_target="__cublas$gemm", backend_config={"gemm_backend_config":{"alpha_real":1,"dot_dimension_numbers":{"lhs_contracting_dimensions":["2"],"rhs_contracting_dimensions":["1"],"lhs_batch_dimensions":["0"],"rhs_batch_dimensions":["0"]}}}
+  %wgrad = (bf16[768,2304]{1,0}, s8[4194304]{0}) custom-call(%x, %g), custom_call_target="__cublas$lt$matmul", backend_config={"gemm_backend_config":{"alpha_real":1,"dot_dimension_numbers":{"lhs_contracting_dimensions":["0"],"rhs_contracting_dimensions":["0"],"lhs_batch_dimensions":[],"rhs_batch_dimensions":[]}}}
+  ROOT %out = bf16[768,2304]{1,0} get-tuple-element(%wgrad), index=0
+}
+"""
+
+
+def test_cublas_calls_are_charged_the_flops_of_their_dot_dimensions():
+    by_name = {k.name.split(" ")[0]: k for k in gpu_estimate.Program(CUBLAS_MODULE).kernels}
+    assert by_name["scores"].flops == 2 * 12 * 512 * 512 * 64
+    assert by_name["wgrad"].flops == 2 * 768 * 2304 * 16384
+    found = gpu_estimate.estimate(CUBLAS_MODULE, bandwidth=4.8e12, bf16_peak=989e12)
+    assert found["matmul_flops"] == 2 * 12 * 512 * 512 * 64 + 2 * 768 * 2304 * 16384
+    # the weight gradient is matmul-bound: its central time is its FLOPs at the matmul share
+    wgrad = by_name["wgrad"].seconds(4.8e12, 989e12, gpu_estimate.RANGES["central"])
+    assert wgrad == pytest.approx(2 * 768 * 2304 * 16384
+                                  / (989e12 * gpu_estimate.RANGES["central"].matmul))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +22,8 @@ from flax_lm.models import create_model, matmul_param_count
 
 REPO = Path(__file__).resolve().parent.parent
 SEQ = 32
+sys.path.insert(0, str(REPO / "bench"))  # bench/accel.py imports its siblings by name
+accel = importlib.import_module("accel")
 
 
 BENCH_SCRIPTS = {  # test -> the script's arguments ({out}: a folder of its own)
@@ -32,6 +36,9 @@ BENCH_SCRIPTS = {  # test -> the script's arguments ({out}: a folder of its own)
     "test_accelerator_bench_harness_on_the_cpu": [
         "bench/accel.py", "--configs", "micro-clm,micro-mlm", "--steps", "2", "--torch_modes",
         "eager", "--peak_sizes", "64", "--out", "{out}/accel.json"],
+    "test_the_gpu_check_is_one_call_that_runs_dry_on_the_cpu": [
+        "-c", "import os, subprocess, sys; os.environ.update(OUT='{out}', WHEELS_DIR='{out}/none');"
+        " sys.exit(subprocess.call(['bash', 'bench/gpu_check.sh', '--dry']))"],
 }  # fmt: skip
 
 
@@ -182,6 +189,18 @@ def test_bench_on_a_missing_accelerator_says_so():
     assert "--device gpu" in done.stderr and "cpu" in done.stderr
 
 
+def test_the_loss_check_fails_beyond_its_tolerance():
+    """A flax-lm curve that falls faster than PyTorch's (a mask leaking future tokens) fails;
+    bfloat16 rounding within the tolerance passes."""
+    peer = {"losses": [9.0, 8.0, 7.0]}
+    close = {"losses": [9.0 * 1.001, 8.0, 7.0 * (1 + accel.LOSS_TOLERANCE["last"] / 2)]}
+    leaking = {"losses": [9.0, 7.0, 5.0]}
+    assert accel.loss_check(close, peer)["ok"]
+    found = accel.loss_check(leaking, peer)
+    assert not found["ok"] and found["last"]["relative_difference"] == pytest.approx(2 / 7)
+    assert not accel.loss_check({"losses": [float("nan"), 8.0, 7.0]}, peer)["ok"]
+
+
 @pytest.mark.slow
 def test_accelerator_bench_harness_on_the_cpu(bench_scripts):
     """bench.py --device gpu's harness (bench/accel.py) with micro models on the CPU: flax-lm's
@@ -189,7 +208,7 @@ def test_accelerator_bench_harness_on_the_cpu(bench_scripts):
     of a random model, and the MFU columns are tokens/s x FLOPs over the peaks."""
     script, folder = bench_scripts["test_accelerator_bench_harness_on_the_cpu"]
     out = folder / "accel.json"
-    done = script.result()
+    done = script.result(timeout=900)  # per config: flax-lm, then PyTorch from its weights
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     results = json.loads(out.read_text())
     assert [run["config"] for run in results["runs"]] == ["micro-clm", "micro-mlm"]
@@ -203,5 +222,43 @@ def test_accelerator_bench_harness_on_the_cpu(bench_scripts):
                 side["tokens_per_second"] * run["flops_per_token"]
                 / results["peak"]["jax"]["bfloat16"])
             assert abs(side["first_loss"] - math.log(8192)) < 0.5
+            assert len(side["losses"]) == 2 + 3  # the timed steps and the warmup's
+        # the loss check: PyTorch started from flax-lm's weights on its tokens and schedule
+        check = run["loss_check"]["torch eager"]
+        assert check["ok"] and check["steps"] == 5
+        assert check["first"]["relative_difference"] < 1e-3  # the same model and tokens
+        assert ours["losses"][-1] < ours["losses"][0]  # and it trained
+        assert check["last"]["relative_difference"] <= accel.LOSS_TOLERANCE["last"]
         assert f"| {run['config']} | 4 | torch eager |" in done.stdout
         assert f"| {run['config']} | 4 | flax-lm (scanned) |" in done.stdout
+        assert f"{run['config']} b4 vs torch eager" in done.stdout
+
+
+def gpu_check_stages() -> dict[str, int]:
+    """The stages bench/gpu_check.sh's header lists, with their expected device seconds."""
+    header = (REPO / "bench" / "gpu_check.sh").read_text().split("\nset -u", 1)[0]
+    return {name: int(seconds) for name, seconds in
+            re.findall(r"^#\s+(\w+)\s+~(\d+) s ", header, re.M)}
+
+
+@pytest.mark.slow
+def test_the_gpu_check_is_one_call_that_runs_dry_on_the_cpu(bench_scripts):
+    """`bash bench/gpu_check.sh --dry`: the default stages (versions, the attention kernel
+    against the reference, flax-lm against torch with the loss check) with micro models on the
+    CPU, results in $OUT. Its header's expected times keep the default call under 7 minutes."""
+    stages = gpu_check_stages()
+    default = ["versions", "attention", "bench"]
+    assert list(stages)[:3] == default and {"eager", "layers", "profile"} <= set(stages)
+    assert sum(stages[name] for name in default) < 7 * 60
+    script, tmp_path = bench_scripts["test_the_gpu_check_is_one_call_that_runs_dry_on_the_cpu"]
+    done = script.result(timeout=1200)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert sorted(summary) == sorted(default)
+    assert all(stage["status"] == 0 for stage in summary.values())
+    assert "jax" in (tmp_path / "versions.txt").read_text()
+    assert " passed" in (tmp_path / "attention.txt").read_text()
+    results = json.loads((tmp_path / "bench.json").read_text())
+    assert [run["config"] for run in results["runs"]] == ["micro-clm", "micro-mlm"]
+    for run in results["runs"]:
+        assert run["loss_check"]["torch eager"]["ok"]

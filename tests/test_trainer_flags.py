@@ -189,6 +189,8 @@ def test_wandb_offline_run_holds_the_logged_metrics(code_corpus, tiny_tokenizer_
     assert config["learning_rate"] == PEAK and config["max_steps"] == 4
     assert config["hub_token"] is None and config["token"] is None
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert "attention" in lines[0].pop("header")  # the run's header: not sent to W&B
+    lines = lines[1:]
     assert sorted(history) == [2, 4] and len(lines) == 3  # train at 2 and 4, eval at 4
     for line in lines:
         group = "eval" if "eval_loss" in line else "train"

@@ -9,7 +9,12 @@ from flax import nnx
 
 from flax_lm.backend import choices_for
 from flax_lm.backend import platform as local_platform
-from flax_lm.models.attention import choose_attention
+from flax_lm.models.attention import (
+    AttentionChoice,
+    attention_choice,
+    choose_attention,
+    settle_attention,
+)
 from flax_lm.models.errors import ModelError
 from flax_lm.models.gpt2 import GPT2LMHeadModel
 from flax_lm.models.layers import NO_DECAY_KINDS, compute_dtype
@@ -20,7 +25,8 @@ SUPPORTED_MODEL_TYPES = tuple(MODEL_CLASSES)
 
 Model = GPT2LMHeadModel | RobertaForMaskedLM
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "create_model", "matmul_param_count", "weight_decay_mask"]
+__all__ = ["SUPPORTED_MODEL_TYPES", "create_model", "matmul_param_count", "settled_attention",
+           "training_attention", "weight_decay_mask"]
 
 
 def model_class(model_type: str | None) -> type[Model]:
@@ -53,6 +59,31 @@ def create_model(config: Any, seed: int = 0, *, dtype: Any = "float32",
     scan_layers = choices.scan_layers if scan_layers is None else scan_layers
     return cls(config, seed, dtype=dtype, scan_layers=scan_layers, remat=remat,
                attention=attention, fused_loss=choices.fused_loss)
+
+
+def settled_attention(config: Any, *, dtype: Any, requested: str, platform: str, length: int,
+                      try_kernel: bool) -> AttentionChoice:
+    """The attention implementation a run of this model takes on `platform`, and why
+    (attention.settle_attention: a fast kernel that fails here gives way to XLA's)."""
+    heads, width = config.num_attention_heads, config.hidden_size
+    is_causal = model_class(getattr(config, "model_type", None)) is GPT2LMHeadModel
+    return settle_attention(attention_choice(platform, compute_dtype(dtype), requested),
+                            heads=heads, head_dim=width // heads, length=length,
+                            causal=is_causal, dtype=compute_dtype(dtype),
+                            attn_dropout=attention_dropout(config), try_kernel=try_kernel)
+
+
+def attention_dropout(config: Any) -> float:
+    """The rate of dropout on the attention probabilities while training."""
+    if model_class(getattr(config, "model_type", None)) is GPT2LMHeadModel:
+        return float(config.attn_pdrop)
+    return float(config.attention_probs_dropout_prob)
+
+
+def training_attention(config: Any, implementation: str) -> str:
+    """The attention a train step computes with `implementation` chosen: the reference path
+    where attention dropout is active (attention.DROPOUT_FALLBACK says why)."""
+    return "reference" if attention_dropout(config) > 0 else implementation
 
 
 def weight_decay_mask(params_state: nnx.State) -> nnx.State:

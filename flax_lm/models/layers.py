@@ -298,11 +298,18 @@ def shard_rows(x: jax.Array) -> jax.Array:
     `jax.set_mesh`); unchanged elsewhere. Without it, FSDP's weights split on their width lead
     XLA to split the activations on the width too: every device computing the whole batch,
     with activation-sized all-reduces, instead of gathering each layer's weights."""
+    spec = rows_spec(x.shape)
+    return x if spec is None else jax.lax.with_sharding_constraint(x, spec)
+
+
+def rows_spec(shape: tuple[int, ...]) -> PartitionSpec | None:
+    """The PartitionSpec of an activation of `shape` split on its rows (its first axis) as the
+    batch is, where the trainer compiles the step with its rules and mesh set; None elsewhere."""
     rules, mesh = get_logical_axis_rules(), jax.sharding.get_abstract_mesh()
     if not rules or mesh.empty:
-        return x
-    axes = (ACTIVATION_BATCH,) + (None,) * (x.ndim - 1)
-    return jax.lax.with_sharding_constraint(x, mesh_spec(axes, x.shape, rules, mesh.shape))
+        return None
+    axes = (ACTIVATION_BATCH,) + (None,) * (len(shape) - 1)
+    return mesh_spec(axes, shape, rules, mesh.shape)
 
 
 def stacked(make_layer: Callable[[jax.Array], nnx.Module], key: jax.Array, num: int) -> nnx.Module:

@@ -4,6 +4,7 @@ step training runs (same model options, optimizer, state layout, batch layout an
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +16,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from flax_lm.backend import device_platform
-from flax_lm.models import create_model
+from flax_lm.models import create_model, settled_attention
+from flax_lm.models.attention import IMPLEMENTATIONS, AttentionChoice
 from flax_lm.models.hf_io import load_model
 from flax_lm.train.args import AUTO, TrainConfig
 from flax_lm.train.data.feed import TRAIN_BATCH_AXIS, split_microbatches
@@ -39,6 +41,28 @@ def model_options(cfg: TrainConfig, mesh: Mesh) -> dict[str, Any]:
     return {"dtype": cfg.dtype, "scan_layers": cfg.scan_layers, "remat": remat,
             "attention": cfg.attn_implementation,
             "platform": device_platform(mesh.devices.flat[0])}
+
+
+def settle_attention(p: Prepared, mesh: Mesh, *,
+                     try_kernel: bool = True) -> tuple[Prepared, AttentionChoice]:
+    """The run with its attention implementation named, and why: the platform's (or the
+    flag's), unless that fast kernel cannot take the run's length or (`try_kernel`: tried on a
+    small input on this machine) fails or errs, then XLA's. Every process takes process 0's: the
+    processes must compile one program. A plan, compiling for devices it need not have, does
+    not try the kernel."""
+    cfg = p.cfg
+    choice = settled_attention(p.model_config, dtype=cfg.dtype, requested=cfg.attn_implementation,
+                               platform=device_platform(mesh.devices.flat[0]), length=p.seq_len,
+                               try_kernel=try_kernel)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        index = IMPLEMENTATIONS.index(choice.implementation)
+        first = IMPLEMENTATIONS[int(multihost_utils.broadcast_one_to_all(np.int32(index)))]
+        if first != choice.implementation:
+            choice = AttentionChoice(first, f"process 0's choice (here: {choice.reason})")
+    named = dataclasses.replace(cfg, attn_implementation=choice.implementation)
+    return dataclasses.replace(p, cfg=named), choice
 
 
 def build_model(p: Prepared, mesh: Mesh) -> nnx.Module:

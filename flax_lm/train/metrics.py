@@ -11,6 +11,8 @@ metrics.jsonl holds one JSON object per line:
          targets predicted right, perplexity exp(loss); grad_norm: mean over those steps, before
          clipping; learning_rate: that of the last step; time: seconds since start)
   eval:  {"step", "eval_loss", "eval_accuracy", "perplexity", "time"}
+  header: {"step", "header": {"attention", "attention_reason"}} (how the run computes, from
+         `step` on: written when a run starts, unless the file's last header says the same)
 Non-finite numbers are written as null, so every line is strict JSON.
 
 Every train and eval record and every checkpoint saved is also a line on stdout; the progress
@@ -215,6 +217,7 @@ class RunLog:
             files = self.staging = Path(tempfile.mkdtemp(prefix="flax-lm-log-"))
             if (output_dir / METRICS_FILE).exists():
                 (files / METRICS_FILE).write_bytes((output_dir / METRICS_FILE).read_bytes())
+        self.initial_step = initial_step
         self.jsonl = (files / METRICS_FILE).open("a", encoding="utf-8") if enabled else None
         self.board = None
         if enabled and tensorboard:
@@ -255,6 +258,21 @@ class RunLog:
     def checkpoint(self, step: int, seconds: float, where: Any) -> None:
         """The line of a checkpoint saved: its step, the seconds the loop waited, where."""
         self.message(f"step {step}: saved checkpoint {where} in {seconds:.2f} s")
+
+    def header(self, fields: dict[str, Any]) -> None:
+        """Say how the run computes, from its first step on: a header record in metrics.jsonl
+        (not in TensorBoard or W&B), unless the last one already says the same."""
+        if not self.enabled:
+            return
+        self.jsonl.flush()
+        last = None
+        with open(self.jsonl.name, encoding="utf-8") as lines:
+            for line in lines:
+                if line.strip() and '"header"' in line:
+                    last = json.loads(line).get("header", last)
+        if last != fields:
+            self.jsonl.write(strict_json({"step": self.initial_step, "header": fields}) + "\n")
+            self.jsonl.flush()
 
     def eval(self, record: dict[str, Any]) -> None:
         self.write("eval", record)

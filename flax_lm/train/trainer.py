@@ -36,7 +36,7 @@ from flax_lm.perf import achieved_flops_per_second, model_flops_per_token, publi
 from flax_lm.storage import save_pretrained
 from flax_lm.train import checkpoint
 from flax_lm.train.args import AUTO, TrainConfig, recorded_config
-from flax_lm.train.build import StepParts, build_params, step_parts
+from flax_lm.train.build import StepParts, build_params, settle_attention, step_parts
 from flax_lm.train.data.batches import eval_batch_count, run_position
 from flax_lm.train.data.feed import (
     PREFETCH_BATCHES,
@@ -139,6 +139,10 @@ class Trainer:
         self.locks: list[RunLock] = []  # of output_dir (and checkpoint_dir), on process 0
 
     def run(self) -> dict[str, Any]:
+        self.prepared, self.attention = settle_attention(self.prepared, self.mesh)
+        self.cfg = self.prepared.cfg
+        if self.is_main:
+            print(f"attention: {self.attention.implementation} ({self.attention.reason})")
         self.graphdef, params = build_params(self.prepared, self.mesh)
         training = self.start_training(params) if self.cfg.do_train else None
         if self.cfg.do_train:
@@ -175,6 +179,8 @@ class Trainer:
         )
         results: dict[str, Any] = {}
         try:
+            log.header({"attention": self.attention.implementation,
+                        "attention_reason": self.attention.reason})
             step = 0
             if training is not None:
                 state, train_results, last_eval = self.train(training, log)
