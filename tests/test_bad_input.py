@@ -163,7 +163,7 @@ def test_the_pipelines_model_dir_needs_no_overwrite(tiny_tokenizer_dir, tmp_path
     """Tokenizer and config made into output_dir, then training into it (the README's layout);
     an output_dir holding what a run killed before its first checkpoint wrote starts over."""
     from flax_lm.train.args import TrainConfig
-    from flax_lm.train.prepare import check_output_dir
+    from flax_lm.train.run_dir import check_output_dir
 
     out = tmp_path / "model"
     shutil.copytree(tiny_tokenizer_dir, out)
