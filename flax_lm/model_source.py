@@ -4,7 +4,7 @@ an output_dir's newest), and its parameters and tokenizer loaded onto a mesh; an
 and planning a run, the model config and tokenizer its flags name (--model_name_or_path,
 --config_name, --tokenizer_name), checked against each other.
 
-A library module, shared by the commands.
+A library module, shared by the commands (export of any checkpoint included).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from flax_lm.config import (
 )
 from flax_lm.errors import UserError
 from flax_lm.hub_models import download_config, download_model, is_hub_id
+from flax_lm.storage import local_run_folder, save_pretrained
 from flax_lm.train.args import SCRIPT_NAMES, TrainConfig
 
 MODEL_TYPES = {"clm": "gpt2", "mlm": "roberta"}  # the model type each training objective trains
@@ -104,6 +105,49 @@ def load_model_and_tokenizer(source: ModelSource, mesh) -> tuple[nnx.GraphDef, n
         with checkpoint.open_manager(directory, create=False) as manager:
             params, _ = checkpoint.restore(manager, step, like, params_only=True)
     return graphdef, jax.device_put(params, state_sharding(mesh, params)), tokenizer
+
+
+def load_saved_model(model_dir: str, model_type: str, command: str):
+    """(model, tokenizer) of a saved `model_type` dir (config.json, model.safetensors, tokenizer)."""
+    with local_run_folder(model_dir, "--model") as local:
+        return load_local_model(local, model_type, command)
+
+
+def load_local_model(model_dir: str, model_type: str, command: str):
+    from flax_lm.models.hf_io import load_model
+
+    if not (Path(model_dir) / "config.json").is_file():
+        raise UserError(f"--model {model_dir} has no config.json (give a saved model directory)")
+    found = load_base_config(model_dir).model_type
+    if found != model_type:
+        other = {"gpt2": "generate", "roberta": "fill-mask"}[found]
+        raise UserError(
+            f"{command} needs a {model_type} model; {model_dir} holds a {found} model "
+            f"(use `flax-lm {other}` for {found})"
+        )
+    return load_model(model_dir), load_tokenizer(model_dir)
+
+
+def export_checkpoint(spec: str, output_dir: Path, config_name: str | None = None,
+                      tokenizer_name: str | None = None) -> str:
+    """Write checkpoint `spec` (a step dir, or a run's output_dir: its newest complete step) to
+    output_dir as config.json, model.safetensors and the tokenizer (what a run writes at its end,
+    for any other step); what was exported."""
+    from flax_lm.models.hf_io import save_model
+    from flax_lm.train.step import make_mesh
+
+    with local_run_folder(spec, "checkpoint", checkpoint=True) as local:
+        source = find_model(local, config_name, tokenizer_name, flag="checkpoint",
+                            prefer_checkpoint=True)
+        if source.checkpoint is None:
+            raise UserError(f"checkpoint {spec} is a saved model, not a checkpoint: nothing to "
+                            "export")
+        graphdef, params, tokenizer = load_model_and_tokenizer(
+            source, make_mesh(jax.devices()[:1])
+        )
+        save_model(nnx.merge(graphdef, params), output_dir)
+        save_pretrained(tokenizer, output_dir)
+        return spec if local != spec else source.describe()
 
 
 # ------------------------------------------------------------------ a training run's model

@@ -12,8 +12,8 @@ import pytest
 import yaml
 from conftest import assert_one_line_error, raises_user_error
 
+from flax_lm.commands.train import main
 from flax_lm.train.args import TrainConfig, parse_config
-from flax_lm.train.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 

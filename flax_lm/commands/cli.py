@@ -12,17 +12,17 @@ from flax_lm.hostmem import MODEL_COMMANDS, reexec_with_huge_pages
 
 # name -> (module with a main(argv) -> int, one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "quickstart": ("flax_lm.quickstart", "run the whole pipeline on a built-in corpus"),
-    "train-tokenizer": ("flax_lm.tokenizer", "train a ByteLevelBPE tokenizer on a corpus"),
-    "create-config": ("flax_lm.config", "save a RoBERTa or GPT-2 config.json"),
-    "run-clm": ("flax_lm.train.cli", "train GPT-2 with causal LM (same flags as run_clm_flax.py)"),
-    "run-mlm": ("flax_lm.train.cli", "train RoBERTa with masked LM (same flags as run_mlm_flax.py)"),
-    "plan": ("flax_lm.plan", "will a run's train step fit its devices (compiled, not run)"),
-    "export": ("flax_lm.export", "write a training checkpoint as a transformers model dir"),
-    "evaluate": ("flax_lm.evaluate", "eval loss, accuracy and perplexity of a saved model"),
-    "generate": ("flax_lm.generate", "generate text with a GPT-2 model"),
-    "fill-mask": ("flax_lm.fill_mask", "predict <mask> tokens with a RoBERTa model"),
-    "plot": ("flax_lm.plot", "plot metrics.jsonl of a training run to a PNG"),
+    "quickstart": ("flax_lm.commands.quickstart", "run the whole pipeline on a built-in corpus"),
+    "train-tokenizer": ("flax_lm.commands.train_tokenizer", "train a ByteLevelBPE tokenizer on a corpus"),
+    "create-config": ("flax_lm.commands.create_config", "save a RoBERTa or GPT-2 config.json"),
+    "run-clm": ("flax_lm.commands.train", "train GPT-2 with causal LM (same flags as run_clm_flax.py)"),
+    "run-mlm": ("flax_lm.commands.train", "train RoBERTa with masked LM (same flags as run_mlm_flax.py)"),
+    "plan": ("flax_lm.commands.plan", "will a run's train step fit its devices (compiled, not run)"),
+    "export": ("flax_lm.commands.export", "write a training checkpoint as a transformers model dir"),
+    "evaluate": ("flax_lm.commands.evaluate", "eval loss, accuracy and perplexity of a saved model"),
+    "generate": ("flax_lm.commands.generate", "generate text with a GPT-2 model"),
+    "fill-mask": ("flax_lm.commands.fill_mask", "predict <mask> tokens with a RoBERTa model"),
+    "plot": ("flax_lm.commands.plot", "plot metrics.jsonl of a training run to a PNG"),
 }
 
 
