@@ -174,7 +174,8 @@ def measure_ours(objective: str, result_path: str, args: list[str]) -> int:
     (the wait for the first batch, made before compilation, is not steady state: left out).
     Like the training commands, it first re-executes itself with huge pages for host memory."""
     reexec_with_huge_pages()
-    from flax_lm.train import cli, trainer
+    from flax_lm.commands import train as cli
+    from flax_lm.train import trainer
     from flax_lm.train.data import feed
 
     class StallRecordingPrefetcher(trainer.Prefetcher):

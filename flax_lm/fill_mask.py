@@ -1,4 +1,4 @@
-"""`flax-lm fill-mask`: the most likely tokens for each <mask> of a text, with a RoBERTa model.
+"""The most likely tokens for each <mask> of a text, with a RoBERTa model (`flax-lm fill-mask`).
 
 Results are those of transformers' `pipeline("fill-mask")` on the exported model: the same
 tokens, the same probabilities (softmax over the vocabulary at each mask), `token_str` and

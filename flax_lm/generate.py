@@ -1,4 +1,4 @@
-"""`flax-lm generate`: text from a GPT-2 model, decoded in JAX with the key-value cache.
+"""Text from a GPT-2 model, decoded in JAX with the key-value cache (for `flax-lm generate`).
 
 The whole generation (prefill of the prompt, then one token per `lax.while_loop` iteration) is one
 compiled program per (batch, prompt length rounded up to PROMPT_BUCKET, max_new_tokens, greedy or

@@ -1,4 +1,4 @@
-"""`flax-lm plot OUTPUT_DIR`: one PNG with the curves of a training run, from its metrics.jsonl."""
+"""One PNG with the curves of a training run, from its metrics.jsonl (for `flax-lm plot`)."""
 
 from __future__ import annotations
 
