@@ -135,10 +135,10 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         self.prepared, self.attention = settle_attention(self.prepared, self.mesh)
         self.cfg = self.prepared.cfg
-        if self.is_main:
-            print(f"attention: {self.attention.implementation} ({self.attention.reason})")
         self.graphdef, params = build_params(self.prepared, self.mesh)
         training = self.start_training(params) if self.cfg.do_train else None
+        if self.is_main:  # after a resumed run's first line, which names its checkpoint
+            print(f"attention: {self.attention.implementation} ({self.attention.reason})")
         if self.cfg.do_train:
             warn_about_warmup(self.cfg, self.prepared.total_steps)
         if self.cfg.push_to_hub and self.is_main:  # fails now, not after training
