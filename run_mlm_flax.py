@@ -6,10 +6,10 @@ import sys
 from pathlib import Path
 
 try:
-    from flax_lm.train.cli import main
+    from flax_lm.commands.train import main
 except ImportError:  # run from a checkout without the package installed
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from flax_lm.train.cli import main
+    from flax_lm.commands.train import main
 
 if __name__ == "__main__":
     sys.exit(main(objective="mlm"))

@@ -5,7 +5,7 @@
                           [--repeats R] [--out bench/results/cpu.json]
 
 For each config, in this order and each in its own process (so peak memory is its own):
-- ours: the real training command (flax_lm.train.cli, as run_clm_flax.py / run_mlm_flax.py run
+- ours: the real training command (flax_lm.commands.train, as run_clm_flax.py / run_mlm_flax.py run
   it) with --max_steps; tokens/s (steady state) and compile seconds are the ones it reports in
   train_results.json; the input stall is the loop's own Prefetcher.wait_seconds;
 - the peer: bench/peer_trainer.py, transformers' Trainer on the same model config, the very same
@@ -174,7 +174,8 @@ def measure_ours(objective: str, result_path: str, args: list[str]) -> int:
     (the wait for the first batch, made before compilation, is not steady state: left out).
     Like the training commands, it first re-executes itself with huge pages for host memory."""
     reexec_with_huge_pages()
-    from flax_lm.train import cli, trainer
+    from flax_lm.commands import train as cli
+    from flax_lm.train import trainer
     from flax_lm.train.data import feed
 
     class StallRecordingPrefetcher(trainer.Prefetcher):
@@ -354,7 +355,7 @@ def compile_study(name: str, work: Path, inputs: dict[str, Path]) -> dict:
         print(f"{name}: compile, {label}", flush=True)
         (work / label).mkdir(parents=True)
         args = cli_args(config, 1, work / label / "out", inputs, extra)
-        run_process([sys.executable, "-m", "flax_lm.cli", f"run-{config.objective}", *args],
+        run_process([sys.executable, "-m", "flax_lm.commands.cli", f"run-{config.objective}", *args],
                     work / label / "log.txt")
         reported = json.loads((work / label / "out" / "train_results.json").read_text())
         seconds[label] = reported["compile_seconds"]

@@ -333,7 +333,8 @@ def step_flags(name: str, batch_size: int, layers: str, tokenizer: Path) -> list
 def run_one(gpu: str, flags: list[str]) -> dict:
     """Compile one step for `gpu` and estimate it."""
     from flax_lm import perf
-    from flax_lm.plan import GPU_TARGETS, gpu_topology, parse_args, step_to_compile
+    from flax_lm.commands.plan import parse_args
+    from flax_lm.plan import GPU_TARGETS, gpu_topology, step_to_compile
     from flax_lm.train.step import compile_train_step
 
     cfg, objective, _ = parse_args(flags)

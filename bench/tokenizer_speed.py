@@ -21,7 +21,7 @@ try:
 except ImportError:  # run from a checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from flax_lm.tokenizer import main as train_tokenizer_main
+from flax_lm.commands.train_tokenizer import main as train_tokenizer_main
 
 
 def stdlib_sources(megabytes: float) -> list[Path]:

@@ -9,7 +9,7 @@ try:
 except ImportError:  # run from a checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from flax_lm.config import main
+from flax_lm.commands.create_config import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,4 +1,4 @@
-"""`flax-lm generate`: text from a GPT-2 model, decoded in JAX with the key-value cache.
+"""Text from a GPT-2 model, decoded in JAX with the key-value cache (for `flax-lm generate`).
 
 The whole generation (prefill of the prompt, then one token per `lax.while_loop` iteration) is one
 compiled program per (batch, prompt length rounded up to PROMPT_BUCKET, max_new_tokens, greedy or
@@ -11,11 +11,7 @@ temperature of 0 is greedy decoding (argmax), which equals transformers' `do_sam
 from __future__ import annotations
 
 import functools
-import json
-import sys
-import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -23,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flax_lm.errors import ArgParser, UserError, report_user_errors
+from flax_lm.errors import UserError
 
 PROMPT_BUCKET = 32  # prompts are left-padded to a multiple of this: fewer shapes to compile
 # generate_ids' settings of what is generated (its other arguments: the model, prompts, ids)
@@ -235,71 +231,3 @@ def complete(model, tokenizer, prompts: str | Sequence[str], **settings) -> tupl
     prompt_tokens = sum(len(p) for p in encoded) * settings.get("num_return_sequences", 1)
     new_tokens = sum(len(s) for s in sequences) - prompt_tokens
     return [tokenizer.decode(ids, skip_special_tokens=True) for ids in sequences], new_tokens
-
-
-def load_saved_model(model_dir: str, model_type: str, command: str):
-    """(model, tokenizer) of a saved `model_type` dir (config.json, model.safetensors, tokenizer)."""
-    from flax_lm.storage import local_run_folder
-
-    with local_run_folder(model_dir, "--model") as local:
-        return load_local_model(local, model_type, command)
-
-
-def load_local_model(model_dir: str, model_type: str, command: str):
-    from flax_lm.config import load_base_config, load_tokenizer
-    from flax_lm.models.hf_io import load_model
-
-    if not (Path(model_dir) / "config.json").is_file():
-        raise UserError(f"--model {model_dir} has no config.json (give a saved model directory)")
-    found = load_base_config(model_dir).model_type
-    if found != model_type:
-        other = {"gpt2": "generate", "roberta": "fill-mask"}[found]
-        raise UserError(
-            f"{command} needs a {model_type} model; {model_dir} holds a {found} model "
-            f"(use `flax-lm {other}` for {found})"
-        )
-    return load_model(model_dir), load_tokenizer(model_dir)
-
-
-def parse_args(argv: list[str] | None):
-    parser = ArgParser(prog="flax-lm generate", description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--model", required=True, help="a saved GPT-2 directory (training output_dir)"
-    )
-    parser.add_argument(
-        "--prompt",
-        required=True,
-        action="append",
-        help="text to continue (repeat the flag for several prompts)",
-    )
-    parser.add_argument("--max_new_tokens", type=int, default=50)
-    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    parser.add_argument("--top_k", type=int, default=None)
-    parser.add_argument("--top_p", type=float, default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num_return_sequences", type=int, default=1)
-    parser.add_argument("--json", action="store_true", help="print a JSON list instead of text")
-    args = parser.parse_args(argv)
-    check_settings(
-        args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.num_return_sequences
-    )
-    return args
-
-
-@report_user_errors
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    model, tokenizer = load_saved_model(args.model, "gpt2", "generate")
-    settings = {name: getattr(args, name) for name in SETTINGS}
-    start = time.perf_counter()
-    texts, new_tokens = complete(model, tokenizer, args.prompt, **settings)
-    seconds = time.perf_counter() - start
-    if args.json:
-        print(json.dumps(texts, ensure_ascii=False, indent=2))
-    elif len(texts) == 1:
-        print(texts[0])
-    else:
-        print("\n".join(f"--- {number} ---\n{text}" for number, text in enumerate(texts, 1)))
-    print(f"[{new_tokens} tokens generated in {seconds:.2f} s, {new_tokens / seconds:,.1f} tokens/s "
-          "including compilation]", file=sys.stderr)  # fmt: skip
-    return 0

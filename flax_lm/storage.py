@@ -138,10 +138,10 @@ def local_run_folder(spec: str, flag: str, *, checkpoint: bool = False) -> Itera
         raise UserError(f"{flag} {spec} is not a directory")
     staging = Path(tempfile.mkdtemp(prefix="flax-lm-run-"))
     try:
-        if checkpoints.STEP_PREFIX.match(path.name) and (path / checkpoints.ITEMS[0]).is_dir():
+        if path.name.isdigit() and (path / checkpoints.ITEMS[0]).is_dir():
             run, step_dir = path.parent.parent, path
         else:
-            steps = checkpoints.checkpoint_steps(path / checkpoints.CHECKPOINTS_SUBDIR)
+            steps = checkpoints.saved_steps(path / checkpoints.CHECKPOINTS_SUBDIR)
             has_model = (path / "model.safetensors").exists()
             newest = path / checkpoints.CHECKPOINTS_SUBDIR / str(steps[-1]) if steps else None
             run, step_dir = path, newest if (checkpoint or not has_model) else None

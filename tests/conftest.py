@@ -135,7 +135,7 @@ def training_fails_cleanly(
 ) -> str:
     """Run the training CLI in-process: it must fail as `assert_one_line_error` says, naming each
     of `must_name`, leaving output_dir as it was (or absent). Returns the error line."""
-    from flax_lm.train.cli import main
+    from flax_lm.commands.train import main
 
     before = snapshot(output_dir) if output_dir.exists() else None
     status = main(argv, objective=objective)

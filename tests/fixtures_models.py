@@ -27,7 +27,7 @@ class TinyRun:
 
 
 def make_config(model_type: str, tokenizer_dir: Path, overrides: str, out: Path) -> Path:
-    from flax_lm.config import main as create_config
+    from flax_lm.commands.create_config import main as create_config
 
     argv = [
         "--model_type",
@@ -48,7 +48,7 @@ def make_config(model_type: str, tokenizer_dir: Path, overrides: str, out: Path)
 def train(
     objective: str, config_dir: Path, tokenizer_dir: Path, corpus, out: Path, data_flags: list[str]
 ) -> Path:
-    from flax_lm.train.cli import main as run
+    from flax_lm.commands.train import main as run
 
     argv = [
         "--output_dir",

@@ -23,7 +23,7 @@ from conftest import (
     training_fails_cleanly,
 )
 
-from flax_lm.train.cli import main
+from flax_lm.commands.train import main
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_MODELS = {
@@ -163,7 +163,7 @@ def test_the_pipelines_model_dir_needs_no_overwrite(tiny_tokenizer_dir, tmp_path
     """Tokenizer and config made into output_dir, then training into it (the README's layout);
     an output_dir holding what a run killed before its first checkpoint wrote starts over."""
     from flax_lm.train.args import TrainConfig
-    from flax_lm.train.prepare import check_output_dir
+    from flax_lm.train.run_dir import check_output_dir
 
     out = tmp_path / "model"
     shutil.copytree(tiny_tokenizer_dir, out)
@@ -379,7 +379,7 @@ def test_a_file_cut_short_is_named_in_one_line(
 ):
     """Half of the file, as an interrupted copy or download leaves it: every command names it in
     one line, exit 2, and nothing is written."""
-    from flax_lm.cli import main as flax_lm
+    from flax_lm.commands.cli import main as flax_lm
 
     _, run, _ = tiny_run
     source = run if command == "export" else saved_models[
@@ -443,7 +443,7 @@ def in_background(request, tmp_path_factory) -> dict[str, tuple[Background, Path
         root = tmp_path_factory.mktemp(f"one_line_{name}")
         env = {**os.environ, "JAX_PLATFORMS": "cpu"}
         if name == "console":
-            command = ["-m", "flax_lm.cli", "run-mlm", "--output_dir", str(root / "out"),
+            command = ["-m", "flax_lm.commands.cli", "run-mlm", "--output_dir", str(root / "out"),
                        "--block_size", "64"]  # fmt: skip
         else:
             code_corpus = request.getfixturevalue("code_corpus")

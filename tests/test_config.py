@@ -11,12 +11,12 @@ import pytest
 from conftest import assert_one_line_error, raises_user_error
 from transformers import AutoConfig, AutoTokenizer, GPT2Config, RobertaConfig
 
+from flax_lm.commands.create_config import main
 from flax_lm.config import (
     CONFIGS_DIR,
     apply_config_overrides,
     build_config,
     load_base_config,
-    main,
     set_dropout,
 )
 

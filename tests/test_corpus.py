@@ -314,8 +314,8 @@ def test_a_loading_script_dataset_is_one_line_naming_the_routes(tmp_path):
 
 def test_commands_asked_for_a_loading_script_print_one_line_and_write_nothing(
         tmp_path, tiny_tokenizer_dir, capsys):
-    from flax_lm.tokenizer import main as train_tokenizer
-    from flax_lm.train.cli import main as train
+    from flax_lm.commands.train import main as train
+    from flax_lm.commands.train_tokenizer import main as train_tokenizer
 
     repo = tmp_path / "oscar"
     write(repo / "oscar.py", "import datasets\n")

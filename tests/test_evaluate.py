@@ -9,7 +9,7 @@ import shutil
 import pytest
 from conftest import assert_one_line_error
 
-from flax_lm.evaluate import main
+from flax_lm.commands.evaluate import main
 
 pytest_plugins = ["fixtures_models"]
 

@@ -13,8 +13,8 @@ from conftest import assert_one_line_error
 from safetensors.numpy import load_file
 from test_resume import TINY_MODELS, checkpoint_arrays
 
-from flax_lm.export import main as export_main
-from flax_lm.train.cli import main as train_main
+from flax_lm.commands.export import main as export_main
+from flax_lm.commands.train import main as train_main
 
 
 @pytest.fixture(scope="module", params=["clm", "mlm"])

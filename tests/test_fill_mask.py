@@ -8,7 +8,8 @@ import pytest
 from conftest import assert_one_line_error
 from transformers import AutoTokenizer, GPT2Config, pipeline
 
-from flax_lm.fill_mask import fill_mask, main
+from flax_lm.commands.fill_mask import main
+from flax_lm.fill_mask import fill_mask
 from flax_lm.models.hf_io import load_model
 
 pytest_plugins = ["fixtures_models"]

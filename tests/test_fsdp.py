@@ -22,7 +22,7 @@ from conftest import CACHE_EVERY_COMPILE
 from safetensors.numpy import load_file
 from test_resume import TINY_MODELS, metrics_records, run_argv
 
-from flax_lm.train.cli import main
+from flax_lm.commands.train import main
 from flax_lm.train.step import make_mesh, parse_mesh
 
 # The tests of the runs on 8 devices (one subprocess training six times): the longest fixture of
@@ -42,7 +42,7 @@ from transformers import GPT2Config
 
 from flax_lm.models import create_model
 from flax_lm.train import checkpoint
-from flax_lm.train.cli import main
+from flax_lm.commands.train import main
 from flax_lm.train.args import TrainConfig, parse_config
 from flax_lm.train.build import build_params, fresh_params, model_shapes
 from flax_lm.train.optim import make_training_optimizer

@@ -18,7 +18,8 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from flax_lm.generate import Sampling, filter_logits, generate, generate_ids, main, next_tokens
+from flax_lm.commands.generate import main
+from flax_lm.generate import Sampling, filter_logits, generate, generate_ids, next_tokens
 from flax_lm.models.hf_io import load_model
 
 pytest_plugins = ["fixtures_models"]

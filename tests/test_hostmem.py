@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from flax_lm import cli
+from flax_lm.commands import cli
 from flax_lm.hostmem import MODEL_COMMANDS, OPT_OUT, TUNABLE, huge_pages_env, huge_pages_set
 
 GLIBC_LINUX = sys.platform == "linux" and platform.libc_ver()[0] == "glibc"

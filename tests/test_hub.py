@@ -18,8 +18,8 @@ from conftest import assert_one_line_error
 from huggingface_hub.utils import filter_repo_objects
 from test_resume import TINY_MODELS
 
+from flax_lm.commands.train import main
 from flax_lm.train import hub
-from flax_lm.train.cli import main
 from flax_lm.train.hub import LAST_CHECKPOINT
 
 TOKEN = "hf_secret_token_of_the_test"

@@ -26,7 +26,7 @@ SIGNAL_AFTER = 3  # process 1 receives the signal when it has run this step
 DRIVER = """
 import os, signal, sys, time
 from flax_lm.train import distributed
-from flax_lm.train.cli import main
+from flax_lm.commands.train import main
 
 signal_after = int(os.environ.get("SIGNAL_AFTER", "0"))
 signum = int(os.environ.get("SIGNAL", signal.SIGTERM))

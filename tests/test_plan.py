@@ -15,6 +15,8 @@ import sys
 import jax
 import pytest
 
+from flax_lm.commands.plan import main as plan
+from flax_lm.commands.train import main as train
 from flax_lm.plan import (
     GPU_TARGETS,
     TPU_HBM_PER_CHIP,
@@ -23,9 +25,7 @@ from flax_lm.plan import (
     refused_for_memory,
     tpu_topology,
 )
-from flax_lm.plan import main as plan
 from flax_lm.train import step, trainer
-from flax_lm.train.cli import main as train
 
 TINY_GPT2 = "n_embd=32,n_layer=2,n_head=2,n_positions=64,vocab_size=512"
 MEMORY_FIELDS = {

@@ -11,7 +11,8 @@ import pytest
 from conftest import assert_one_line_error
 from PIL import Image
 
-from flax_lm.plot import main, read_metrics
+from flax_lm.commands.plot import main
+from flax_lm.plot import read_metrics
 
 pytest_plugins = ["fixtures_models"]
 

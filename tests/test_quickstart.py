@@ -10,7 +10,7 @@ import pytest
 from conftest import assert_one_line_error
 from PIL import Image
 
-from flax_lm.quickstart import (
+from flax_lm.commands.quickstart import (
     CALIBRATION_STEPS,
     PROMPT,
     VALIDATION_EVERY,

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import CACHE_EVERY_COMPILE
 
-from flax_lm.cli import COMMANDS
+from flax_lm.commands.cli import COMMANDS
 from flax_lm.train.args import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -187,7 +187,7 @@ def readme_run(tmp_path_factory, code_corpus) -> tuple[Path, dict[str, Step]]:
     bin_dir = folder / ".bin"
     bin_dir.mkdir()
     flax_lm_command = bin_dir / "flax-lm"  # this checkout's flax-lm, whatever is installed
-    flax_lm_command.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m flax_lm.cli "$@"\n')
+    flax_lm_command.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m flax_lm.commands.cli "$@"\n')
     flax_lm_command.chmod(0o755)
     (folder / "test.txt").write_text(
         "".join(p.read_text(encoding="utf-8") for p in sorted(code_corpus.validation.iterdir())),

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
+from flax_lm.commands.train import main
 from flax_lm.train.args import parse_config
-from flax_lm.train.cli import main
 from flax_lm.train.data.batches import TrainBatches
 from flax_lm.train.data.splits import load_raw_splits
 from flax_lm.train.data.tokenize import tokenize_splits

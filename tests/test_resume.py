@@ -25,7 +25,7 @@ import pytest
 from conftest import CACHE_EVERY_COMPILE, Background, assert_one_line_error, small_filesystem
 from safetensors.numpy import load_file
 
-from flax_lm.train.cli import main
+from flax_lm.commands.train import main
 from flax_lm.train.runlock import LOCK_FILE
 
 TINY_MODELS = {  # dropout stays at gpt2's / roberta-base's 0.1
@@ -48,7 +48,7 @@ DRIVER = """
 import os, sys
 from flax_lm.train import metrics
 from flax_lm.train import runlock
-from flax_lm.train.cli import main
+from flax_lm.commands.train import main
 from flax_lm.train.runlock import LOCK_FILE
 
 signal_after, signum, objective = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
@@ -149,7 +149,7 @@ def in_readme_layout(argv: list[str], objective: str, code_corpus, out: Path) ->
     """The run of `argv` as README "3. Training" lays it out: the tokenizer and the config made
     into `out` by the pipeline's own commands (the same tokenizer and model as the reference
     run's), then trained with `out` as --config_name, --tokenizer_name and --output_dir."""
-    from flax_lm.cli import main as flax_lm
+    from flax_lm.commands.cli import main as flax_lm
 
     overrides = TINY_MODELS[objective][TINY_MODELS[objective].index("--config_overrides") + 1]
     model_type = {"clm": "gpt2", "mlm": "roberta"}[objective]
@@ -391,7 +391,7 @@ def test_a_gs_output_dir_saves_resumes_and_exports(clm_reference, fake_gcs, monk
 
 def test_export_writes_a_checkpoint_to_gs(clm_reference, fake_gcs):
     """`flax-lm export CHECKPOINT --output_dir gs://...`: the run's own final model, there."""
-    from flax_lm.cli import main as flax_lm
+    from flax_lm.commands.cli import main as flax_lm
 
     _, expected = clm_reference
     checkpoint = expected / "checkpoints" / str(STEPS)
@@ -405,7 +405,7 @@ def test_export_writes_a_checkpoint_to_gs(clm_reference, fake_gcs):
 
 
 def test_an_export_to_a_full_disk_ends_in_one_line(clm_reference, tmp_path, monkeypatch, capsys):
-    from flax_lm.cli import main as flax_lm
+    from flax_lm.commands.cli import main as flax_lm
     from flax_lm.models import hf_io
 
     _, expected = clm_reference
@@ -787,7 +787,7 @@ def test_a_failed_metrics_write_ends_in_one_line(error, clm_reference, tmp_path,
 FAULT_DRIVER = """
 import sys
 import orbax.checkpoint as ocp
-from flax_lm.train.cli import main
+from flax_lm.commands.train import main
 
 if sys.argv[1] == "inject":  # no small filesystem to fill: the storage refuses step 9's save
     save = ocp.CheckpointManager.save
@@ -839,7 +839,7 @@ def test_a_full_disk_ends_in_one_line_and_the_rerun_continues(clm_reference, sma
 
 def flax_lm_output(*argv: str) -> str:
     """stdout of `flax-lm ARGV` run in this process, which must succeed."""
-    from flax_lm.cli import main as flax_lm
+    from flax_lm.commands.cli import main as flax_lm
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

@@ -11,8 +11,8 @@ import pytest
 from conftest import assert_one_line_error
 from test_resume import TINY_MODELS
 
+from flax_lm.commands.train import main
 from flax_lm.train.args import SCRIPT_NAMES, mask_secrets, parse_config, secret_flag
-from flax_lm.train.cli import main
 
 TOKENS = {"--hub_token": "hf_HubTokenOfTheSecretsTest0123", "--token": "hf_DataTokenOfTheTest4567"}
 ENV_TOKEN = "hf_EnvironmentTokenOfTheTest89"  # HF_TOKEN: W&B must not record the environment

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import CACHE_EVERY_COMPILE
 
-from flax_lm.train.cli import main
+from flax_lm.commands.train import main
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, SAVE_STEPS, KEEP = 2000, 100, 2

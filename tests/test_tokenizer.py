@@ -12,7 +12,8 @@ import pytest
 from conftest import assert_one_line_error
 from transformers import AutoTokenizer, GPT2Config, RobertaConfig
 
-from flax_lm.tokenizer import SPECIAL_TOKENS, main, train_tokenizer
+from flax_lm.commands.train_tokenizer import main
+from flax_lm.tokenizer import SPECIAL_TOKENS, train_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -12,8 +12,8 @@ import pytest
 import yaml
 from conftest import assert_one_line_error, raises_user_error
 
+from flax_lm.commands.train import main
 from flax_lm.train.args import TrainConfig, parse_config
-from flax_lm.train.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -361,8 +361,7 @@ def test_model_revision_reaches_every_hub_download(monkeypatch):
     """--model_revision is the revision of the Hub config, model and tokenizer a run reads."""
     import transformers
 
-    from flax_lm import hub_models
-    from flax_lm.train import prepare
+    from flax_lm import hub_models, model_source
 
     asked = []
 
@@ -374,8 +373,9 @@ def test_model_revision_reaches_every_hub_download(monkeypatch):
     monkeypatch.setattr(hub_models, "snapshot_download", download)
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", download)
     cfg = parse_config([*BASE, "--config_name", "someone/gpt", "--model_revision", "v2"], "clm")
-    for load in (lambda: prepare.config_source(cfg, None, "clm"), lambda: prepare.tokenizer_of(cfg),
-                 lambda: prepare.pretrained_model_dir(
+    for load in (lambda: model_source.config_source(cfg, None, "clm"),
+                 lambda: model_source.tokenizer_of(cfg),
+                 lambda: model_source.pretrained_model_dir(
                      dataclasses.replace(cfg, model_name_or_path="someone/gpt"))):  # fmt: skip
         with raises_user_error("someone/gpt"):
             load()

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import Background
 
-from flax_lm.train.cli import main
+from flax_lm.commands.train import main
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_GPT2 = (

@@ -22,10 +22,10 @@ import zstandard
 from conftest import CACHE_EVERY_COMPILE, assert_one_line_error, stdlib_modules
 from test_corpus_sources import oscar_record
 
+from flax_lm.commands.train import main
 from flax_lm.console import duration, progress_line
 from flax_lm.models import output as output_module
 from flax_lm.models.output import IGNORE_INDEX, OutputLayer, cross_entropy_sums
-from flax_lm.train.cli import main
 from flax_lm.train.metrics import train_line
 from flax_lm.train.objectives import CausalLM, summed_output_terms
 

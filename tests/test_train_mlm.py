@@ -14,7 +14,7 @@ import pytest
 from conftest import raises_user_error
 from safetensors.numpy import load_file
 
-from flax_lm.train.cli import main
+from flax_lm.commands.train import main
 
 TINY_ROBERTA = (
     "hidden_size=64,num_hidden_layers=2,num_attention_heads=4,intermediate_size=128,"

@@ -97,8 +97,8 @@ def test_a_step_that_does_not_fit_ends_the_run_with_what_would(code_corpus, tiny
                                                               tmp_path, monkeypatch, capsys):
     """XLA refusing the train step at its first compile: the run ends with exit 2 and one
     error line naming a setting that fits (compiled to check), not the allocator's report."""
+    from flax_lm.commands.train import main
     from flax_lm.train import trainer
-    from flax_lm.train.cli import main
 
     compiles = []
 

@@ -9,7 +9,7 @@ try:
 except ImportError:  # run from a checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from flax_lm.tokenizer import main
+from flax_lm.commands.train_tokenizer import main
 
 if __name__ == "__main__":
     sys.exit(main())

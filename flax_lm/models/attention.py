@@ -281,12 +281,12 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMa
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
     batch, length, heads, _ = q.shape
-    kernel = splash_kernel(length, heads, causal, interpret)
     lengths = mask.key_lengths
     if lengths is None:
         lengths = jnp.full((batch,), length, jnp.int32)
 
     def run(q, k, v, lengths):
+        kernel = splash_kernel(length, heads, causal, interpret)
         segments = (jnp.arange(length)[None] < lengths[:, None]).astype(jnp.int32)
         heads_first = [t.swapaxes(1, 2) for t in (q * jnp.asarray(scale, q.dtype), k, v)]
         out = jax.vmap(kernel)(*heads_first, segment_ids=splash.SegmentIds(segments, segments))
@@ -300,17 +300,17 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMa
                          check_vma=False)(q, k, v, lengths)
 
 
-@functools.lru_cache(maxsize=16)
 def splash_kernel(length: int, heads: int, causal: bool, interpret: bool) -> Callable:
-    """The splash kernel over [heads, length, head_dim] for one row (its block masks are built
-    on the host once per shape)."""
+    """The splash kernel over [heads, length, head_dim] for one row. Made inside the trace that
+    calls it: its block masks are computed on the host and enter that program as its constants
+    (made eagerly instead, they would run on the devices in use, which under `flax-lm plan` are
+    a TPU topology's that compile but never run)."""
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
     block = splash.BlockSizes(*(SPLASH_BLOCK,) * 3, *(SPLASH_BLOCK,) * 5)
     one = splash.CausalMask((length, length)) if causal else splash.FullMask((length, length))
-    with jax.ensure_compile_time_eval():  # constants, not the tracers of the first caller
-        return splash.make_splash_mha(splash.MultiHeadMask([one] * heads), block_sizes=block,
-                                      head_shards=1, q_seq_shards=1, interpret=interpret)
+    return splash.make_splash_mha(splash.MultiHeadMask([one] * heads), block_sizes=block,
+                                  head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
 # The fast implementations by name, each (q, k, v, mask, *, scale, causal) -> output.

@@ -21,10 +21,9 @@ from flax_lm.corpus import load_text_dataset
 from flax_lm.train.args import TrainConfig
 from flax_lm.train.data.feed import PREFETCH_BATCHES, eval_host_batches
 from flax_lm.train.data.prefetch import Prefetcher
-from flax_lm.train.data.tokenize import tokenize_splits
+from flax_lm.train.data.tokenize import resolve_sequence_length, tokenize_splits
 from flax_lm.train.metrics import perplexity
 from flax_lm.train.objectives import make_objective
-from flax_lm.train.prepare import resolve_sequence_length
 from flax_lm.train.step import compile_eval_step, make_eval_step, make_put, process_rows
 
 

@@ -59,15 +59,7 @@ from flax_lm.train.metrics import (
     write_json,
 )
 from flax_lm.train.optim import warn_about_warmup
-from flax_lm.train.prepare import (
-    Prepared,
-    check_resume_matches,
-    next_to_try,
-    prepare,
-    run_dirs,
-    run_identity,
-    skip_damaged,
-)
+from flax_lm.train.prepare import Prepared, prepare
 from flax_lm.train.profile import StepHook, StepProfiler, closing_all
 from flax_lm.train.progress import (
     Progress,
@@ -75,6 +67,7 @@ from flax_lm.train.progress import (
     Throughput,
     train_record,
 )
+from flax_lm.train.run_dir import next_to_try, run_dirs, skip_damaged
 from flax_lm.train.runlock import LOCK_FILE, RunLock
 from flax_lm.train.step import (
     TrainState,
@@ -91,7 +84,8 @@ def run(cfg: TrainConfig, objective_name: str) -> dict[str, Any]:
     mesh = make_mesh(spec=cfg.mesh)
     prepared = prepare(cfg, objective_name, num_devices=mesh.size)
     if prepared.cfg.do_train:
-        prepared.cfg = resolve_remat(prepared.cfg, objective_name, mesh)
+        remat = resolve_remat(prepared.cfg, objective_name, mesh)
+        prepared = dataclasses.replace(prepared, cfg=remat)
     return Trainer(prepared, mesh, objective_name).run()
 
 
@@ -141,10 +135,10 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         self.prepared, self.attention = settle_attention(self.prepared, self.mesh)
         self.cfg = self.prepared.cfg
-        if self.is_main:
-            print(f"attention: {self.attention.implementation} ({self.attention.reason})")
         self.graphdef, params = build_params(self.prepared, self.mesh)
         training = self.start_training(params) if self.cfg.do_train else None
+        if self.is_main:  # after a resumed run's first line, which names its checkpoint
+            print(f"attention: {self.attention.implementation} ({self.attention.reason})")
         if self.cfg.do_train:
             warn_about_warmup(self.cfg, self.prepared.total_steps)
         if self.cfg.push_to_hub and self.is_main:  # fails now, not after training
@@ -277,23 +271,23 @@ class Trainer:
     def restore_resumed(self, like: TrainState) -> tuple[TrainState, dict[str, Any]]:
         """The state and JSON part of the checkpoint to resume, laid out like `like`. One whose
         arrays cannot be read is skipped for the newest before it that restores (unless a flag
-        named it: see prepare.next_to_try), which must be of the same run setup."""
-        prepared = self.prepared
+        named it: see run_dir.next_to_try), which must be of the same run setup."""
         while True:
-            resume = prepared.resume
+            resume = self.prepared.resume
             source = checkpoint.open_manager(resume.directory, create=False)
             try:
                 state, meta = checkpoint.restore(source, resume.step, like=like)
                 break
             except checkpoint.Unreadable as err:
                 skip_damaged(resume, err)
-                own_steps = checkpoint.saved_steps(prepared.checkpoint_dir)
-                prepared.resume = next_to_try(resume, own_steps)
-                check_resume_matches(prepared.resume, prepared, self.objective_name)
+                own_steps = checkpoint.saved_steps(self.prepared.checkpoint_dir)
+                resume = next_to_try(resume, own_steps)
+                self.prepared.check_resume_matches(resume)
+                self.prepared = dataclasses.replace(self.prepared, resume=resume)
             finally:
                 source.close()
         if self.is_main:
-            print(prepared.resume.describe(), flush=True)  # the run's first line
+            print(self.prepared.resume.describe(), flush=True)  # the run's first line
         return state, meta
 
     # ------------------------------------------------------------------------------ train
@@ -508,7 +502,7 @@ class Trainer:
             "step": step,
             "data": run_position(batches.state()),
             "progress": dataclasses.asdict(progress),  # a copy: later steps change progress
-            **run_identity(self.prepared, self.objective_name),
+            **self.prepared.identity(),
             "train_config": recorded_config(self.cfg),
         }
         checkpoint.save(manager, state, meta)

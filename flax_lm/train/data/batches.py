@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from datasets import Dataset
@@ -13,6 +14,9 @@ from flax_lm.errors import UserError
 from flax_lm.train.data.shards import every_process
 from flax_lm.train.data.splits import Split
 from flax_lm.train.data.stream import Batch, StreamExamples, decode_examples, encode_examples
+
+if TYPE_CHECKING:  # the data package follows the training flags; it never imports training
+    from flax_lm.train.args import TrainConfig
 
 SHUFFLE_BUFFER = 10_000  # streaming: examples in the shuffle buffers (of all data shards)
 
@@ -274,3 +278,16 @@ def _padded(batch: Batch, batch_size: int) -> Batch:
     }
     padded["example_weight"] = (np.arange(batch_size) < rows).astype(np.float32)
     return padded
+
+
+def total_train_steps(cfg: TrainConfig, batches: TrainBatches) -> int:
+    """--max_steps, or the steps of --num_train_epochs over `batches`."""
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    total = math.floor(batches.steps_per_epoch * cfg.num_train_epochs)
+    if total == 0:
+        raise UserError(
+            f"{cfg.num_train_epochs} epochs of {batches.steps_per_epoch} steps is no step: "
+            "raise --num_train_epochs or give --max_steps"
+        )
+    return total

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
@@ -14,6 +15,9 @@ from jax.experimental import multihost_utils
 from flax_lm.errors import UserError
 from flax_lm.train.data.splits import Split
 from flax_lm.train.data.tokenize import tokenize_splits
+
+if TYPE_CHECKING:  # the data package follows the training flags; it never imports training
+    from flax_lm.train.args import TrainConfig
 
 
 def shards_of_process(num_shards: int) -> range:
@@ -70,3 +74,19 @@ def every_process(value: Any) -> list[Any]:
 def shard_lengths(shards: list[Dataset]) -> list[int]:
     """The number of examples in every data shard of the run (every process's), in shard order."""
     return [n for lengths in every_process([len(shard) for shard in shards]) for n in lengths]
+
+
+def resolve_data_shards(cfg: TrainConfig, recorded: int | None, num_devices: int) -> TrainConfig:
+    """--data_shards, by default the resumed checkpoint's (`recorded`) or the number of processes;
+    every microbatch and eval batch must take equal rows from each shard."""
+    shards = cfg.data_shards or recorded or jax.process_count()
+    used = {"per_device_train_batch_size": cfg.do_train, "per_device_eval_batch_size": cfg.do_eval}
+    for flag in (flag for flag, needed in used.items() if needed):
+        rows = getattr(cfg, flag) * num_devices
+        if rows % shards:
+            raise UserError(
+                f"--data_shards {shards} must divide the {rows} rows of a batch "
+                f"(--{flag} {getattr(cfg, flag)} x {num_devices} devices)"
+            )
+    shards_of_process(shards)  # a count the processes can share
+    return dataclasses.replace(cfg, data_shards=shards)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from datasets import Dataset, Features, IterableDataset, List, Value, concatenate_datasets
@@ -12,6 +13,11 @@ from flax_lm.errors import UserError
 from flax_lm.train.data.packing import document_blocks
 from flax_lm.train.data.splits import Split, batched_map
 from flax_lm.train.data.stream import StreamExamples
+
+if TYPE_CHECKING:  # the data package follows the training flags; it never imports training
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
+
+    from flax_lm.train.args import TrainConfig
 
 PACK_DOCUMENTS = 1_000  # map-style: documents tokenized and cut into blocks together
 # map-style: runs of PACK_DOCUMENTS in one `map` batch, whose blocks go to the cache as one
@@ -213,3 +219,33 @@ def _too_small_message(
         f"{sum(map(len, tokens))} tokens, and one block of {flag}={length} needs {length}; add "
         f"text or lower --{flag}"
     )
+
+
+MAX_DEFAULT_LENGTH = 1024  # default block_size / max_seq_length cap, as in HF's scripts
+
+
+def position_limit(objective_name: str, config: PretrainedConfig) -> tuple[int, str]:
+    """(the longest sequence the model has positions for, how that was computed)."""
+    if objective_name == "clm":
+        return config.n_positions, "n_positions"
+    pad = config.pad_token_id or 0  # RoBERTa positions start after the padding index
+    limit = config.max_position_embeddings - pad - 1
+    return limit, f"max_position_embeddings - pad_token_id - 1 = {limit}"
+
+
+def resolve_sequence_length(
+    cfg: TrainConfig,
+    objective_name: str,
+    config: PretrainedConfig,
+    tokenizer: PreTrainedTokenizerBase,
+) -> TrainConfig:
+    """block_size (CLM) or max_seq_length (MLM): checked against the model's positions; by default
+    min(1024, the tokenizer's model_max_length, the model's limit) like HF's scripts."""
+    flag = "block_size" if objective_name == "clm" else "max_seq_length"
+    limit, limit_text = position_limit(objective_name, config)
+    length = getattr(cfg, flag)
+    if length is None:
+        length = min(MAX_DEFAULT_LENGTH, tokenizer.model_max_length, limit)
+    elif length > limit:
+        raise UserError(f"--{flag} {length} is longer than the model allows ({limit_text})")
+    return dataclasses.replace(cfg, **{flag: length})

@@ -11,34 +11,10 @@ config and tokenizer come from the run's output_dir (next to `checkpoints/`) or 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
-
-import jax
-from flax import nnx
 
 from flax_lm.errors import ArgParser, UserError, is_write_fault, os_reason, report_user_errors
-from flax_lm.model_source import find_model, load_model_and_tokenizer
-from flax_lm.models.hf_io import save_model
-from flax_lm.storage import check_output_dir, local_run_folder, location, save_pretrained
-from flax_lm.train.step import make_mesh
-
-
-def export_checkpoint(spec: str, output_dir: Path, config_name: str | None = None,
-                      tokenizer_name: str | None = None) -> str:
-    """Write checkpoint `spec` (a step dir, or a run's output_dir: its newest complete step) to
-    output_dir as config.json, model.safetensors and the tokenizer; what was exported."""
-    with local_run_folder(spec, "checkpoint", checkpoint=True) as local:
-        source = find_model(local, config_name, tokenizer_name, flag="checkpoint",
-                            prefer_checkpoint=True)
-        if source.checkpoint is None:
-            raise UserError(f"checkpoint {spec} is a saved model, not a checkpoint: nothing to "
-                            "export")
-        graphdef, params, tokenizer = load_model_and_tokenizer(
-            source, make_mesh(jax.devices()[:1])
-        )
-        save_model(nnx.merge(graphdef, params), output_dir)
-        save_pretrained(tokenizer, output_dir)
-        return spec if local != spec else source.describe()
+from flax_lm.model_source import export_checkpoint
+from flax_lm.storage import check_output_dir, location
 
 
 def parse_args(argv: list[str] | None):

@@ -10,19 +10,19 @@ from flax_lm.backend import skip_unused_tpu_plugin
 from flax_lm.errors import EXIT_USAGE
 from flax_lm.hostmem import MODEL_COMMANDS, reexec_with_huge_pages
 
-# name -> (module with a main(argv) -> int, one-line description)
+# name -> (module of flax_lm.commands with a main(argv) -> int, one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "quickstart": ("flax_lm.quickstart", "run the whole pipeline on a built-in corpus"),
-    "train-tokenizer": ("flax_lm.tokenizer", "train a ByteLevelBPE tokenizer on a corpus"),
-    "create-config": ("flax_lm.config", "save a RoBERTa or GPT-2 config.json"),
-    "run-clm": ("flax_lm.train.cli", "train GPT-2 with causal LM (same flags as run_clm_flax.py)"),
-    "run-mlm": ("flax_lm.train.cli", "train RoBERTa with masked LM (same flags as run_mlm_flax.py)"),
-    "plan": ("flax_lm.plan", "will a run's train step fit its devices (compiled, not run)"),
-    "export": ("flax_lm.export", "write a training checkpoint as a transformers model dir"),
-    "evaluate": ("flax_lm.evaluate", "eval loss, accuracy and perplexity of a saved model"),
-    "generate": ("flax_lm.generate", "generate text with a GPT-2 model"),
-    "fill-mask": ("flax_lm.fill_mask", "predict <mask> tokens with a RoBERTa model"),
-    "plot": ("flax_lm.plot", "plot metrics.jsonl of a training run to a PNG"),
+    "quickstart": ("quickstart", "run the whole pipeline on a built-in corpus"),
+    "train-tokenizer": ("train_tokenizer", "train a ByteLevelBPE tokenizer on a corpus"),
+    "create-config": ("create_config", "save a RoBERTa or GPT-2 config.json"),
+    "run-clm": ("train", "train GPT-2 with causal LM (same flags as run_clm_flax.py)"),
+    "run-mlm": ("train", "train RoBERTa with masked LM (same flags as run_mlm_flax.py)"),
+    "plan": ("plan", "will a run's train step fit its devices (compiled, not run)"),
+    "export": ("export", "write a training checkpoint as a transformers model dir"),
+    "evaluate": ("evaluate", "eval loss, accuracy and perplexity of a saved model"),
+    "generate": ("generate", "generate text with a GPT-2 model"),
+    "fill-mask": ("fill_mask", "predict <mask> tokens with a RoBERTa model"),
+    "plot": ("plot", "plot metrics.jsonl of a training run to a PNG"),
 }
 
 
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         skip_unused_tpu_plugin(os.environ)
         if name in MODEL_COMMANDS:
             reexec_with_huge_pages()
-    module = importlib.import_module(COMMANDS[name][0])
+    module = importlib.import_module(f"flax_lm.commands.{COMMANDS[name][0]}")
     if name in ("run-clm", "run-mlm"):
         return module.main(rest, objective=name.split("-")[1])
     return module.main(rest)

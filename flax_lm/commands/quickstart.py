@@ -138,7 +138,7 @@ def train_flags(layout: Layout, block_size: int, seed: int) -> list[str]:
 
 
 def run_clm(argv: list[str]) -> None:
-    from flax_lm.train.cli import main as run
+    from flax_lm.commands.train import main as run
 
     status = run(argv, objective="clm")
     if status != 0:
@@ -199,7 +199,8 @@ def untrained_eval(layout: Layout, block_size: int, seed: int) -> dict:
 
 def complete(model_dir: Path, prompt: str, seed: int) -> str:
     """The prompt continued by the trained model (at most COMPLETION_TOKENS new tokens)."""
-    from flax_lm.generate import generate, load_saved_model
+    from flax_lm.generate import generate
+    from flax_lm.model_source import load_saved_model
 
     model, tokenizer = load_saved_model(str(model_dir), "gpt2", "quickstart")
     room = model.config.n_positions - len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
