@@ -136,7 +136,8 @@ def test_two_thousand_steps_keep_disk_and_memory_bounded_then_resume(
         assert main(more, objective="clm") == 0, log.getvalue()[-3000:]
     assert f"resumed from checkpoint {checkpoints / str(STEPS)} at step {STEPS}" in log.getvalue()
     assert sorted(int(p.name) for p in checkpoints.iterdir()) == [STEPS, MORE_STEPS]
-    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [record["step"] for record in records if "header" not in record]
     assert steps == list(range(LOG_STEPS, MORE_STEPS + 1, LOG_STEPS))
     results = json.loads((out / "train_results.json").read_text())
     assert results["train_steps"] == MORE_STEPS
