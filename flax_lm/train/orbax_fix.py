@@ -8,17 +8,21 @@ closed loop ("Exception ignored ... RuntimeError: Event loop is closed") and asy
 tasks it destroys ("Task was destroyed but it is pending!"), after the run's own error line and
 as late as exit. tests/test_checkpoint_restore.py reproduces it with orbax alone.
 
-The fix does what `asyncio.run` does before closing its loop, and only when the coroutine failed:
-cancel the tasks still pending on that loop and let them end. (orbax avoids `asyncio.run` for
-its teardown's iteration over asyncio's global task set, which other threads change; here that
-happens only after a failure, and if the set keeps changing the tasks are left as orbax leaves
-them.) It replaces orbax's function once, on import; if a later orbax renames it, the fix is
-skipped and that test says so.
+The fix, only when the coroutine failed: before the loop closes, let the tasks still pending on
+it end as they would (each read finishes or fails on its own), so that every TensorStore
+callback has reached the loop while it still runs. Cancelling them is not enough: a cancelled
+read's TensorStore future still calls back into the loop when its thread gets to it, which may
+be after the close. Reads still running after a grace period are cancelled, as a last resort.
+(orbax avoids `asyncio.run` for its teardown's iteration over asyncio's global task set, which
+other threads change; here that happens only after a failure, and if the set keeps changing the
+tasks are left as orbax leaves them.) It replaces orbax's function once, on import; if a later
+orbax renames it, the fix is skipped and that test says so.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Coroutine
 from typing import Any
 
@@ -29,30 +33,50 @@ ORBAX_LOOP_RUNNER = "_run_sync_via_new_loop"  # orbax's function that closes its
 
 def run_on_a_new_loop(coro: Coroutine[Any, Any, Any]) -> Any:
     """`coro` run to completion on a new event loop, as orbax runs it; if it fails, the tasks it
-    leaves pending are cancelled and awaited before the loop closes."""
+    leaves pending end before the loop closes."""
     loop = asyncio.new_event_loop()
     try:
         asyncio.set_event_loop(loop)
         try:
             return loop.run_until_complete(coro)
         except BaseException:
-            cancel_pending_tasks(loop)
+            finish_pending_tasks(loop)
             raise
     finally:
         asyncio.set_event_loop(None)
         loop.close()
 
 
-def cancel_pending_tasks(loop: asyncio.AbstractEventLoop) -> None:
-    """Cancel the tasks left on `loop` (the reads a failed gather abandoned) and wait for them."""
-    try:
-        pending = asyncio.all_tasks(loop)
-    except RuntimeError:  # other threads kept changing asyncio's task set: leave them, as orbax
+def finish_pending_tasks(loop: asyncio.AbstractEventLoop, grace_seconds: float = 120.0) -> None:
+    """Run `loop` until no task is left on it (the reads a failed gather abandoned, and those they
+    start); tasks still running after `grace_seconds` are cancelled and awaited. Their failures
+    are the damage the restore's own error already reports: asyncio is told not to report them
+    again as never retrieved."""
+    loop.set_exception_handler(not_the_abandoned_reads)
+    deadline = time.monotonic() + grace_seconds
+    while True:
+        try:
+            pending = asyncio.all_tasks(loop)
+        except RuntimeError:  # other threads kept changing asyncio's task set: leave them, as orbax
+            return
+        if not pending:
+            break
+        left = deadline - time.monotonic()
+        if left <= 0:
+            for task in pending:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            break
+        loop.run_until_complete(asyncio.wait(pending, timeout=left))
+    loop.run_until_complete(asyncio.sleep(0))  # callbacks posted as the last reads ended
+
+
+def not_the_abandoned_reads(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """The loop's exception handler after a failed restore: a task's exception that nobody
+    retrieved is one of the abandoned reads; anything else is reported as asyncio would."""
+    if isinstance(context.get("future"), asyncio.Task) and "exception" in context:
         return
-    for task in pending:
-        task.cancel()
-    if pending:
-        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+    loop.default_exception_handler(context)
 
 
 def install() -> bool:
