@@ -13,6 +13,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # ask for true float32 matmuls (JAX runs them as TF32 on NVIDIA GPUs by default; CPUs are
 # unaffected). Set in the environment, so the training commands the tests start get it too.
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+# XLA's CPU compiler without LLVM's costly optimisation passes: the tests' tiny programs take far
+# longer to compile than to run, and every comparison in the suite is between programs compiled
+# with the same flags (the commands the tests start inherit them; host_devices keeps them).
+# Benchmarks (bench/) compile as users do.
+os.environ["XLA_FLAGS"] = " ".join([
+    "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true",
+    os.environ.get("XLA_FLAGS", ""),
+]).strip()  # fmt: skip
 
 import contextlib
 import hashlib
@@ -35,6 +43,14 @@ from fsspec.utils import stringify_path
 from flax_lm.models.output import OutputLayer
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The modules with long end-to-end tests (marked slow) first, in their order: spread over
+    workers a module at a time (pyproject.toml's addopts), the short modules then fill the end
+    instead of one long module running alone."""
+    slow = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.nodeid.split("::")[0] not in slow)  # a stable sort
 
 
 @pytest.fixture(scope="session")
@@ -152,6 +168,11 @@ def training_fails_cleanly(
 # those over a second (a tiny model's initializer, eval step and the eager ops of a checkpoint
 # save compile in less, but add up to seconds in every process), and the later one loads them.
 CACHE_EVERY_COMPILE = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+
+
+def host_devices(count: int) -> dict[str, str]:
+    """The environment of a command that sees `count` CPU devices, with the suite's XLA flags."""
+    return {"XLA_FLAGS": f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count={count}"}
 
 
 class Background:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CACHE_EVERY_COMPILE
+from conftest import CACHE_EVERY_COMPILE, host_devices
 from safetensors.numpy import load_file
 from test_resume import TINY_MODELS, metrics_records, run_argv
 
@@ -150,7 +150,7 @@ def fsdp_runs(code_corpus, tiny_tokenizer_dir, tmp_path_factory):
     # every program cached: the resumed runs load all of theirs (the step, the eval step, the
     # initializer) from the runs on the same meshes before them instead of compiling them again
     env = {**os.environ, "JAX_PLATFORMS": "cpu", **CACHE_EVERY_COMPILE,
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}  # fmt: skip
+           **host_devices(8)}  # fmt: skip
     command = [sys.executable, "-c", DRIVER, json.dumps(runs), str(RESUME_STEP),
                json.dumps(TINY_CONFIGS), str(saved.parent), str(report)]  # fmt: skip
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)

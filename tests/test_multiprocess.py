@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import CACHE_EVERY_COMPILE, Background
+from conftest import CACHE_EVERY_COMPILE, Background, host_devices
 from test_fsdp import assert_close_runs
 from test_resume import TINY_MODELS, assert_same_run
 
@@ -97,7 +97,7 @@ def launch(argv: list[str], processes: int, folder: Path,
     return finish(start(argv, processes, folder, envs))
 
 
-TWO_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+TWO_DEVICES = host_devices(2)
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +171,7 @@ def test_two_processes_of_four_devices_shard_like_one_process_of_eight(tmp_path,
     writes the whole model although it holds half of every parameter."""
     argv = [*train_argv(code_corpus, tiny_tokenizer_dir, tmp_path / "two", tmp_path / "cache"),
             "--per_device_train_batch_size", "1", "--mesh", "fsdp=8"]  # fmt: skip
-    four, eight = ({"XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"} for n in (4, 8))
+    four, eight = host_devices(4), host_devices(8)
     both = [*start(argv, 2, tmp_path / "logs_two", [four, four]),  # started together
             *start([*with_output_dir(argv, tmp_path / "one"), "--data_shards", "2"], 1,
                    tmp_path / "logs_one", [eight])]  # fmt: skip

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import host_devices
 from flax import nnx
 from transformers import GPT2Config
 
@@ -205,7 +206,7 @@ print("same on data=2,fsdp=4")
 def test_the_chunked_loss_is_the_same_with_fsdp_on_eight_devices():
     """The chunk loop's gradient carry of the (FSDP-sharded) table, and the batch split over
     both mesh axes, give one device's loss and gradients."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = {**os.environ, **host_devices(8)}
     done = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

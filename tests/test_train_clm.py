@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import Background
+from conftest import Background, host_devices
 
 from flax_lm.commands.train import main
 
@@ -189,8 +189,7 @@ def eight_devices(request, tmp_path_factory) -> tuple[Background, Path] | None:
     argv = clm_argv(request.getfixturevalue("code_corpus"),
                     request.getfixturevalue("tiny_tokenizer_dir"), root / "sharded",
                     request.getfixturevalue("jax_cache"))  # fmt: skip
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-           "JAX_PLATFORMS": "cpu"}  # fmt: skip
+    env = {**os.environ, **host_devices(8), "JAX_PLATFORMS": "cpu"}
     script_argv = [*argv, "--per_device_train_batch_size", "1", "--per_device_eval_batch_size", "2"]
     command = [sys.executable, str(REPO / "run_clm_flax.py"), *script_argv]
     process = Background(command, root / "logs", cwd=root, env=env)
