@@ -13,14 +13,28 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # ask for true float32 matmuls (JAX runs them as TF32 on NVIDIA GPUs by default; CPUs are
 # unaffected). Set in the environment, so the training commands the tests start get it too.
 os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
-# XLA's CPU compiler without LLVM's costly optimisation passes: the tests' tiny programs take far
-# longer to compile than to run, and every comparison in the suite is between programs compiled
-# with the same flags (the commands the tests start inherit them; host_devices keeps them).
-# Benchmarks (bench/) compile as users do.
-os.environ["XLA_FLAGS"] = " ".join([
-    "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true",
-    os.environ.get("XLA_FLAGS", ""),
-]).strip()  # fmt: skip
+# XLA's CPU compiler without LLVM's costly optimisation passes, with its older and quicker fusion
+# emitters: the tests' tiny programs take far longer to compile than to run, and every comparison
+# in the suite is between programs compiled with the same flags (the commands the tests start
+# inherit them; host_devices keeps them). Benchmark figures (docs/performance.md) are measured
+# without them. XLA ends the process on a flag it does not know, so those a later XLA may drop are
+# tried first, once (xdist's workers inherit the result).
+if "FLAX_LM_TEST_XLA_FLAGS" not in os.environ:
+    import subprocess as _subprocess
+    import sys as _sys
+
+    for _flags in (
+        "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+        " --xla_cpu_use_fusion_emitters=false",
+        "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true",
+        "",
+    ):
+        _env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": _flags}
+        _probe = [_sys.executable, "-c", "import jax; jax.devices()"]
+        if not _flags or _subprocess.run(_probe, env=_env, capture_output=True).returncode == 0:
+            break
+    os.environ["FLAX_LM_TEST_XLA_FLAGS"] = _flags
+    os.environ["XLA_FLAGS"] = f"{_flags} {os.environ.get('XLA_FLAGS', '')}".strip()
 
 import contextlib
 import hashlib
@@ -43,6 +57,12 @@ from fsspec.utils import stringify_path
 from flax_lm.models.output import OutputLayer
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
+    """`-n auto` (pyproject.toml): a worker per core on the CPU (xdist's default); on an
+    accelerator, no workers: the tests run in this one process, which holds the device."""
+    return None if os.environ["JAX_PLATFORMS"] == "cpu" else 0
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
