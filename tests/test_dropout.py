@@ -84,6 +84,7 @@ def test_dropout_zeroes_dropped_values_and_rescales_kept_ones():
     np.testing.assert_array_equal(dropout(x, 0.25, None), x)  # eval: identity
 
 
+@pytest.mark.slow
 def test_mask_is_the_same_sharded_over_eight_devices():
     """Data parallelism must not change dropout: the mask of a batch split over 8 devices equals
     the mask computed on one."""

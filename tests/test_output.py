@@ -203,6 +203,7 @@ print("same on data=2,fsdp=4")
 """
 
 
+@pytest.mark.slow
 def test_the_chunked_loss_is_the_same_with_fsdp_on_eight_devices():
     """The chunk loop's gradient carry of the (FSDP-sharded) table, and the batch split over
     both mesh axes, give one device's loss and gradients."""

@@ -166,6 +166,7 @@ def test_bench_smoke(bench_scripts):
     assert "| micro-clm | 32×4 |" in done.stdout
 
 
+@pytest.mark.slow
 def test_profile_step_splits_a_traced_step_into_matmuls_and_the_rest(bench_scripts):
     """bench/profile_step.py traces one real train step of the micro model and attributes time
     to its XLA operations: the model's matmuls are found and the trace is kept."""

@@ -113,6 +113,7 @@ def all_reduced_elements(hlo: str) -> list[int]:
     return sizes
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed: pip install -e '.[tpu]'")
 @pytest.mark.parametrize("topology", ["v5e:2x2", "v4:2x2x1"])
 def test_splash_attention_compiles_for_tpu_v4_and_later(tiny_tokenizer_dir, monkeypatch,

@@ -176,6 +176,20 @@ class Step:
         )
 
 
+def folder_env(folder: Path, code_corpus) -> dict[str, str]:
+    """The environment of the README's commands in `folder`: this checkout's flax-lm first on
+    PATH, the local corpus that stands in for the Hub dataset."""
+    return {
+        **os.environ,
+        "PATH": os.pathsep.join(
+            [str(folder / ".bin"), str(Path(sys.executable).parent), os.environ["PATH"]]
+        ),
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        "CORPUS": str(code_corpus.train),
+        **CACHE_EVERY_COMPILE,
+    }
+
+
 @pytest.fixture(scope="module")
 def readme_run(tmp_path_factory, code_corpus) -> tuple[Path, dict[str, Step]]:
     """The README's pipeline run once, command after command, in one folder; the training command
@@ -193,13 +207,7 @@ def readme_run(tmp_path_factory, code_corpus) -> tuple[Path, dict[str, Step]]:
         "".join(p.read_text(encoding="utf-8") for p in sorted(code_corpus.validation.iterdir())),
         encoding="utf-8",
     )
-    env = {
-        **os.environ,
-        "PATH": os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), os.environ["PATH"]]),
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-        "CORPUS": str(code_corpus.train),
-        **CACHE_EVERY_COMPILE,
-    }
+    env = folder_env(folder, code_corpus)
     assignments, commands = pipeline_commands()
     steps: dict[str, Step] = {}
     for command in commands:
@@ -269,3 +277,47 @@ def test_readme_commands_that_use_the_model(readme_run):
     exported = folder / "exported"
     assert (exported / "model.safetensors").is_file()
     assert json.loads((exported / "config.json").read_text())["n_layer"] == 2
+
+
+# --- flax-lm plan, as the README writes it --------------------------------------------------------
+TOPOLOGY_NEEDS = {  # the compiler each of the plan section's topologies needs on this CPU
+    "v3-8": ("libtpu", "libtpu is not installed: pip install -e '.[tpu]'"),
+    "h100:8": ("jax_cuda12_plugin", "JAX's CUDA plugin is not installed: pip install -e '.[cuda]'"),
+}
+
+
+def plan_commands() -> dict[str, str]:
+    """The `flax-lm plan` commands of the README's plan section by topology, continuation lines
+    joined, comments dropped."""
+    section = README.split("\n## Will it fit? (`flax-lm plan`)\n", 1)[1].split("\n## ", 1)[0]
+    commands = {}
+    for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.sub(r"\s+", " ", without_comment(line)).strip()
+            if line.startswith("flax-lm plan"):
+                commands[re.findall(r"--topology[= ](\S+)", line)[0]] = line
+    return commands
+
+
+def test_the_readme_plan_section_is_what_the_test_below_runs():
+    assert sorted(plan_commands()) == sorted(TOPOLOGY_NEEDS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("topology", sorted(TOPOLOGY_NEEDS))
+def test_readme_plan_commands_compile_the_pipelines_model(readme_run, code_corpus, topology):
+    """Each plan command as written, after the pipeline in its folder ($MODEL_DIR holds the tiny
+    GPT-2 the pipeline made), with short blocks added: the recipe's step compiles for that
+    topology on this CPU and fits (exit 0)."""
+    module, reason = TOPOLOGY_NEEDS[topology]
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(reason)
+    folder, _ = readme_run
+    assignments, _ = pipeline_commands()
+    command = f"{plan_commands()[topology]} --block_size 32"
+    done = subprocess.run(
+        ["bash", "-c", "\n".join([*assignments, command])], cwd=folder,
+        env=folder_env(folder, code_corpus), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, f"{command}\n{done.stdout[-2000:]}{done.stderr[-3000:]}"
+    assert "fits" in done.stdout and "does not fit" not in done.stdout, done.stdout[-2000:]

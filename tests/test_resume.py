@@ -810,6 +810,7 @@ def small_disk(tmp_path) -> Iterator[tuple[Path, bool]]:
         yield tmp_path / "disk", mounted
 
 
+@pytest.mark.slow
 def test_a_full_disk_ends_in_one_line_and_the_rerun_continues(clm_reference, small_disk):
     """The disk fills during the save of checkpoint 9: exit 2 and one last line naming the
     path, the error and checkpoint 6 (no traceback, nothing after it); its half-written save is
