@@ -480,6 +480,7 @@ def test_an_unreachable_hub_is_one_line(in_background):
     assert not (root / "out").exists()
 
 
+@pytest.mark.slow
 def test_resuming_a_damaged_checkpoint_prints_exactly_one_line(copied_run):
     """Named by --resume_from_checkpoint, a damaged checkpoint is an error (a rerun would go on
     from the one before): one line, and nothing after it as the process exits."""

@@ -52,6 +52,7 @@ def test_minutes_become_steps():
     assert steps_in(0.01, 1.0) == CALIBRATION_STEPS  # never fewer than the measured run
 
 
+@pytest.mark.slow
 def test_mini_quickstart_learns_and_exports(mini_run):
     status, out, printed = mini_run
     assert status == 0
@@ -83,6 +84,7 @@ def test_mini_quickstart_learns_and_exports(mini_run):
         assert image.size[0] > 800
 
 
+@pytest.mark.slow
 def test_rerun_needs_overwrite(mini_run, capsys):
     _, out, _ = mini_run
     before = sorted(p.name for p in out.iterdir())
