@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import CACHE_EVERY_COMPILE
+from test_plan import HAS_CUDA_PLUGIN, HAS_LIBTPU
 
 from flax_lm.commands.cli import COMMANDS
 from flax_lm.train.args import TrainConfig
@@ -106,10 +107,15 @@ ASSIGNMENT = re.compile(r"^[A-Z_]+=\S+$")
 
 
 def pipeline_commands() -> tuple[list[str], list[str]]:
-    """The variable assignments and the commands of the README's pipeline, in order: each bash
-    block between "## The pipeline" and the next section, continuation lines joined, comments
+    """The variable assignments and the commands of the README's pipeline, in order."""
+    return section_commands("The pipeline")
+
+
+def section_commands(heading: str) -> tuple[list[str], list[str]]:
+    """The variable assignments and the commands of the README section `heading`, in order: each
+    bash block between "## heading" and the next section, continuation lines joined, comments
     dropped."""
-    section = README.split("\n## The pipeline\n", 1)[1].split("\n## ", 1)[0]
+    section = README.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
     assignments, commands = [], []
     for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S):
         for line in block.replace("\\\n", " ").splitlines():
@@ -280,23 +286,17 @@ def test_readme_commands_that_use_the_model(readme_run):
 
 
 # --- flax-lm plan, as the README writes it --------------------------------------------------------
-TOPOLOGY_NEEDS = {  # the compiler each of the plan section's topologies needs on this CPU
-    "v3-8": ("libtpu", "libtpu is not installed: pip install -e '.[tpu]'"),
-    "h100:8": ("jax_cuda12_plugin", "JAX's CUDA plugin is not installed: pip install -e '.[cuda]'"),
+TOPOLOGY_NEEDS = {  # whether this CPU has the compiler of each of the plan section's topologies
+    "v3-8": (HAS_LIBTPU, "libtpu is not installed: pip install -e '.[tpu]'"),
+    "h100:8": (HAS_CUDA_PLUGIN, "JAX's CUDA plugin is not installed: pip install -e '.[cuda]'"),
 }
 
 
 def plan_commands() -> dict[str, str]:
-    """The `flax-lm plan` commands of the README's plan section by topology, continuation lines
-    joined, comments dropped."""
-    section = README.split("\n## Will it fit? (`flax-lm plan`)\n", 1)[1].split("\n## ", 1)[0]
-    commands = {}
-    for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S):
-        for line in block.replace("\\\n", " ").splitlines():
-            line = re.sub(r"\s+", " ", without_comment(line)).strip()
-            if line.startswith("flax-lm plan"):
-                commands[re.findall(r"--topology[= ](\S+)", line)[0]] = line
-    return commands
+    """The `flax-lm plan` commands of the README's plan section, by topology."""
+    _, commands = section_commands("Will it fit? (`flax-lm plan`)")
+    return {re.findall(r"--topology[= ](\S+)", command)[0]: command
+            for command in commands if command.startswith("flax-lm plan")}  # fmt: skip
 
 
 def test_the_readme_plan_section_is_what_the_test_below_runs():
@@ -309,8 +309,8 @@ def test_readme_plan_commands_compile_the_pipelines_model(readme_run, code_corpu
     """Each plan command as written, after the pipeline in its folder ($MODEL_DIR holds the tiny
     GPT-2 the pipeline made), with short blocks added: the recipe's step compiles for that
     topology on this CPU and fits (exit 0)."""
-    module, reason = TOPOLOGY_NEEDS[topology]
-    if importlib.util.find_spec(module) is None:
+    compiler, reason = TOPOLOGY_NEEDS[topology]
+    if not compiler:
         pytest.skip(reason)
     folder, _ = readme_run
     assignments, _ = pipeline_commands()
